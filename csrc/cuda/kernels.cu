@@ -1,0 +1,119 @@
+#include "kernels.cuh"
+
+namespace fgsgd {
+namespace cuda {
+namespace {
+
+enum class Op { kProj, kRetr, kProjx, kNorms, kStep, kSqnorm, kSlotProjx, kRescale };
+
+template <Op OP, class S, class T>
+__global__ void __launch_bounds__(kThreads) unary_kernel(S s, UnaryArgs<T> a) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < a.n; i += int64_t(gridDim.x) * blockDim.x) {
+    if constexpr (OP == Op::kProj) proj_at(s, a, i);
+    if constexpr (OP == Op::kRetr) retr_at(s, a, i);
+    if constexpr (OP == Op::kProjx) projx_at(s, a, i);
+    if constexpr (OP == Op::kNorms) norms_at(s, a, i);
+  }
+}
+
+// Launch metadata: up to kSlotsPerLaunch tensors and the first block of each.
+template <class T>
+struct SlotTable {
+  TensorSlot<T> slot[kSlotsPerLaunch];
+  int64_t block_start[kSlotsPerLaunch + 1];
+  int count;
+};
+
+template <class T>
+struct Extra {
+  StepHParams<T> h;
+  T weight_decay;
+};
+
+// One thread per component; the block's tensor is found by a scan that is uniform across the block.
+template <Op OP, class S, class T>
+__global__ void __launch_bounds__(kThreads) slot_kernel(S s, const SlotTable<T> table, const Extra<T> x) {
+  const int64_t b = blockIdx.x;
+  int t = 0;
+  while (t + 1 < table.count && b >= table.block_start[t + 1]) ++t;
+  const TensorSlot<T>& slot = table.slot[t];
+  const int64_t i = (b - table.block_start[t]) * kThreads + threadIdx.x;
+  if (i >= slot.n) return;
+  if constexpr (OP == Op::kStep) step_at(s, slot, x.h, i);
+  if constexpr (OP == Op::kSqnorm) sqnorm_at(s, slot, x.weight_decay, i);
+  if constexpr (OP == Op::kSlotProjx) projx_slot_at(s, slot, i);
+  if constexpr (OP == Op::kRescale) rescale_slot_at(s, slot, i);
+}
+
+template <Op OP, class T>
+cudaError_t launch_unary(const UnaryArgs<T>& a, int A, int B, cudaStream_t stream) {
+  if (a.n == 0) return cudaSuccess;
+  int64_t blocks = (a.n + kThreads - 1) / kThreads;
+  if (blocks > 65535LL * 32) blocks = 65535LL * 32;  // grid-stride loop covers the rest
+  with_shape(A, B, [&](auto s) { unary_kernel<OP><<<unsigned(blocks), kThreads, 0, stream>>>(s, a); });
+  return cudaGetLastError();
+}
+
+template <Op OP, class T>
+cudaError_t launch_slots(const TensorSlot<T>* slots, int count, int A, int B, const Extra<T>& x, cudaStream_t stream) {
+  for (int first = 0; first < count; first += kSlotsPerLaunch) {
+    SlotTable<T> table;
+    table.count = 0;
+    table.block_start[0] = 0;
+    for (int k = first; k < count && table.count < kSlotsPerLaunch; ++k) {
+      const int c = table.count++;
+      table.slot[c] = slots[k];
+      table.block_start[c + 1] = table.block_start[c] + (slots[k].n + kThreads - 1) / kThreads;
+    }
+    const int64_t blocks = table.block_start[table.count];
+    if (blocks == 0) continue;
+    with_shape(A, B, [&](auto s) { slot_kernel<OP><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x); });
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+template <class T>
+cudaError_t proj(const UnaryArgs<T>& a, int A, int B, cudaStream_t stream) { return launch_unary<Op::kProj>(a, A, B, stream); }
+template <class T>
+cudaError_t retr(const UnaryArgs<T>& a, int A, int B, cudaStream_t stream) { return launch_unary<Op::kRetr>(a, A, B, stream); }
+template <class T>
+cudaError_t projx(const UnaryArgs<T>& a, int A, int B, cudaStream_t stream) { return launch_unary<Op::kProjx>(a, A, B, stream); }
+template <class T>
+cudaError_t norms(const UnaryArgs<T>& a, int A, int B, cudaStream_t stream) { return launch_unary<Op::kNorms>(a, A, B, stream); }
+
+template <class T>
+cudaError_t multi_step(const TensorSlot<T>* slots, int count, int A, int B, const StepHParams<T>& h, cudaStream_t stream) {
+  return launch_slots<Op::kStep>(slots, count, A, B, Extra<T>{h, T(0)}, stream);
+}
+template <class T>
+cudaError_t multi_sqnorm(const TensorSlot<T>* slots, int count, int A, int B, T wd, cudaStream_t stream) {
+  return launch_slots<Op::kSqnorm>(slots, count, A, B, Extra<T>{StepHParams<T>{}, wd}, stream);
+}
+template <class T>
+cudaError_t multi_projx(const TensorSlot<T>* slots, int count, int A, int B, cudaStream_t stream) {
+  return launch_slots<Op::kSlotProjx>(slots, count, A, B, Extra<T>{StepHParams<T>{}, T(0)}, stream);
+}
+template <class T>
+cudaError_t multi_rescale(const TensorSlot<T>* slots, int count, int A, int B, cudaStream_t stream) {
+  return launch_slots<Op::kRescale>(slots, count, A, B, Extra<T>{StepHParams<T>{}, T(0)}, stream);
+}
+
+#define FGSGD_INSTANTIATE(T)                                                                                    \
+  template cudaError_t proj<T>(const UnaryArgs<T>&, int, int, cudaStream_t);                                   \
+  template cudaError_t retr<T>(const UnaryArgs<T>&, int, int, cudaStream_t);                                   \
+  template cudaError_t projx<T>(const UnaryArgs<T>&, int, int, cudaStream_t);                                  \
+  template cudaError_t norms<T>(const UnaryArgs<T>&, int, int, cudaStream_t);                                  \
+  template cudaError_t multi_step<T>(const TensorSlot<T>*, int, int, int, const StepHParams<T>&, cudaStream_t); \
+  template cudaError_t multi_sqnorm<T>(const TensorSlot<T>*, int, int, int, T, cudaStream_t);                   \
+  template cudaError_t multi_projx<T>(const TensorSlot<T>*, int, int, int, cudaStream_t);                       \
+  template cudaError_t multi_rescale<T>(const TensorSlot<T>*, int, int, int, cudaStream_t);
+FGSGD_INSTANTIATE(float)
+FGSGD_INSTANTIATE(double)
+#undef FGSGD_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace fgsgd

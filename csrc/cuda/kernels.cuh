@@ -1,0 +1,31 @@
+// CUDA kernels over the shared math of csrc/fgsgd. Plain CUDA C++: raw pointers and a stream,
+// no torch headers, so this compiles with nvcc alone (`nvcc -c -std=c++17 -arch=sm_90`).
+#pragma once
+#include <cuda_runtime.h>
+
+#include "../fgsgd/batched.h"
+
+namespace fgsgd {
+namespace cuda {
+
+// Tensors per launch: the slot table travels as a kernel argument and must stay under 4 KiB.
+constexpr int kSlotsPerLaunch = 40;
+constexpr int kThreads = 128;
+
+template <class T> cudaError_t proj(const UnaryArgs<T>& a, int A, int B, cudaStream_t stream);
+template <class T> cudaError_t retr(const UnaryArgs<T>& a, int A, int B, cudaStream_t stream);
+template <class T> cudaError_t projx(const UnaryArgs<T>& a, int A, int B, cudaStream_t stream);
+template <class T> cudaError_t norms(const UnaryArgs<T>& a, int A, int B, cudaStream_t stream);
+
+// Multi-tensor ops: `count` slots of one shape, ceil(count / kSlotsPerLaunch) launches.
+template <class T>
+cudaError_t multi_step(const TensorSlot<T>* slots, int count, int A, int B, const StepHParams<T>& h, cudaStream_t stream);
+template <class T>
+cudaError_t multi_sqnorm(const TensorSlot<T>* slots, int count, int A, int B, T weight_decay, cudaStream_t stream);
+template <class T>
+cudaError_t multi_projx(const TensorSlot<T>* slots, int count, int A, int B, cudaStream_t stream);
+template <class T>
+cudaError_t multi_rescale(const TensorSlot<T>* slots, int count, int A, int B, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fgsgd

@@ -1,0 +1,125 @@
+// Batched forms of the component operators: argument records with raw pointers, and one
+// function per op that does component `i`. The CPU backend calls them from at::parallel_for,
+// the CUDA backend from one thread per component; neither repeats any math.
+#pragma once
+#include "step.h"
+
+namespace fgsgd {
+
+// Elementwise (single-tensor) ops on x of shape (N, A, B).
+template <class T>
+struct UnaryArgs {  // proj, retr: out_i = op(x_i, u_i); projx: out_i = op(x_i)
+  const T* x;
+  const T* u;
+  T* out;
+  int64_t n;
+  int code;
+};
+
+template <class S, class T>
+FGSGD_HD void proj_at(const S& s, const UnaryArgs<T>& a, int64_t i) {
+  const int64_t off = i * s.size();
+  T x[S::kCap], u[S::kCap];
+  load(s, a.x + off, x);
+  load(s, a.u + off, u);
+  proj(s, a.code, x, u, u);
+  store(s, u, a.out + off);
+}
+
+template <class S, class T>
+FGSGD_HD void retr_at(const S& s, const UnaryArgs<T>& a, int64_t i) {
+  const int64_t off = i * s.size();
+  T x[S::kCap], v[S::kCap], y[S::kCap];
+  load(s, a.x + off, x);
+  load(s, a.u + off, v);
+  retr(s, a.code, x, v, y);
+  store(s, y, a.out + off);
+}
+
+template <class S, class T>
+FGSGD_HD void projx_at(const S& s, const UnaryArgs<T>& a, int64_t i) {
+  const int64_t off = i * s.size();
+  T x[S::kCap];
+  load(s, a.x + off, x);
+  projx_inplace(s, a.code, x);
+  store(s, x, a.out + off);
+}
+
+template <class S, class T>
+FGSGD_HD void norms_at(const S& s, const UnaryArgs<T>& a, int64_t i) {
+  T x[S::kCap];
+  load(s, a.x + i * s.size(), x);
+  norms(s, x, a.out + 3 * i, a.out + 3 * i + 1, a.out + 3 * i + 2);
+}
+
+// One tensor of a multi-tensor launch: N components of one shape, their codes (uint8), and the
+// optional rescale R (per component), group index (int32, per component) and group step size
+// s_g (per group). A null optional pointer means 1 (R, s_g).
+template <class T>
+struct TensorSlot {
+  T* p;
+  const T* g;
+  T* m;
+  const uint8_t* codes;
+  const T* rescale;
+  const int32_t* group_index;
+  const T* group_scale;
+  T* out;  // tangent_sqnorm: N outputs
+  int64_t n;
+};
+
+template <class T>
+FGSGD_HD T rescale_at(const TensorSlot<T>& t, int64_t i) {
+  return t.rescale ? t.rescale[i] : T(1);
+}
+
+template <class T>
+FGSGD_HD T step_scale_at(const TensorSlot<T>& t, int64_t i) {
+  return t.group_scale ? t.group_scale[t.group_index[i]] : T(1);
+}
+
+template <class S, class T>
+FGSGD_HD void step_at(const S& s, const TensorSlot<T>& t, const StepHParams<T>& h, int64_t i) {
+  const int64_t off = i * s.size();
+  T p[S::kCap], g[S::kCap], m[S::kCap];
+  load(s, t.p + off, p);
+  load(s, t.g + off, g);
+  const bool use_m = h.momentum != T(0);
+  if (use_m && !h.first_step) load(s, t.m + off, m);
+  component_step(s, int(t.codes[i]), p, g, m, rescale_at(t, i), step_scale_at(t, i), h);
+  store(s, p, t.p + off);
+  if (use_m) store(s, m, t.m + off);
+}
+
+template <class S, class T>
+FGSGD_HD void sqnorm_at(const S& s, const TensorSlot<T>& t, T wd, int64_t i) {
+  const int64_t off = i * s.size();
+  T p[S::kCap], g[S::kCap];
+  load(s, t.p + off, p);
+  load(s, t.g + off, g);
+  const int code = int(t.codes[i]);
+  t.out[i] = tangent_sqnorm(s, code, p, g, rescale_at(t, i), manifold_of(code) == kManEuclidean ? wd : T(0));
+}
+
+// p ← R·projx(p/R) in place (moving a weight onto its manifolds, and `stabilize`).
+template <class S, class T>
+FGSGD_HD void projx_slot_at(const S& s, const TensorSlot<T>& t, int64_t i) {
+  const int64_t off = i * s.size();
+  const T r = rescale_at(t, i), inv_r = T(1) / r;
+  T x[S::kCap];
+  load(s, t.p + off, x);
+  for (int k = 0; k < s.size(); ++k) x[k] *= inv_r;
+  projx_inplace(s, int(t.codes[i]), x);
+  for (int k = 0; k < s.size(); ++k) x[k] *= r;
+  store(s, x, t.p + off);
+}
+
+// p ← ratio·p per component (a new rescale R_new = ratio·R_old).
+template <class S, class T>
+FGSGD_HD void rescale_slot_at(const S& s, const TensorSlot<T>& t, int64_t i) {
+  const int64_t off = i * s.size();
+  const T f = t.rescale[i];
+  for (int k = 0; k < s.size(); ++k) t.p[off + k] *= f;
+}
+
+}  // namespace fgsgd

@@ -1,0 +1,207 @@
+// The manifold operators of DESIGN.md §1 on one component ω ∈ R^{A×B} (row-major, local memory).
+// Every function takes the component code (codes.h); `out` may alias the tangent/vector input
+// (never ω itself), so callers can project in place.
+#pragma once
+#include "codes.h"
+#include "small_linalg.h"
+
+namespace fgsgd {
+
+// Π_ω(U): the tangent projection.
+template <class S, class T>
+FGSGD_HD void proj(const S& s, int code, const T* w, const T* u, T* out) {
+  const int A = s.rows(), B = s.cols(), n = s.size();
+  switch (manifold_of(code)) {
+    case kManSphere: {  // U − ⟨ω,U⟩ω
+      const T a = dot(s, w, u);
+#pragma unroll
+      for (int i = 0; i < n; ++i) out[i] = u[i] - a * w[i];
+      break;
+    }
+    case kManOblique: {  // per column j: U_j − (ω_jᵀU_j) ω_j
+      T a[S::kCap];
+#pragma unroll
+      for (int j = 0; j < B; ++j) a[j] = col_dot(s, w, u, j);
+#pragma unroll
+      for (int i = 0; i < n; ++i) out[i] = u[i] - a[i % B] * w[i];
+      break;
+    }
+    case kManStiefel: {  // U − ω sym(ωᵀU)
+      T m[S::kCap];  // B×B <= A×B
+#pragma unroll
+      for (int p = 0; p < B; ++p)
+#pragma unroll
+        for (int q = 0; q < B; ++q) {
+          T acc = T(0);
+#pragma unroll
+          for (int r = 0; r < A; ++r) acc += w[r * B + p] * u[r * B + q];
+          m[p * B + q] = acc;
+        }
+#pragma unroll
+      for (int p = 0; p < B; ++p)
+#pragma unroll
+        for (int q = p; q < B; ++q) {
+          const T v = T(0.5) * (m[p * B + q] + m[q * B + p]);
+          m[p * B + q] = v;
+          m[q * B + p] = v;
+        }
+#pragma unroll
+      for (int r = 0; r < A; ++r)
+#pragma unroll
+        for (int q = 0; q < B; ++q) {
+          T acc = T(0);
+#pragma unroll
+          for (int p = 0; p < B; ++p) acc += w[r * B + p] * m[p * B + q];
+          out[r * B + q] = u[r * B + q] - acc;
+        }
+      break;
+    }
+    default:
+#pragma unroll
+      for (int i = 0; i < n; ++i) out[i] = u[i];
+  }
+}
+
+// Scale every column of y to unit norm.
+template <class S, class T>
+FGSGD_HD void normalize_columns(const S& s, T* y) {
+  const int B = s.cols(), n = s.size();
+  T inv[S::kCap];
+#pragma unroll
+  for (int j = 0; j < B; ++j) inv[j] = T(1) / sqrt_(col_dot(s, y, y, j));
+#pragma unroll
+  for (int i = 0; i < n; ++i) y[i] *= inv[i % B];
+}
+
+// Y = (I − W/2)⁻¹ (I + W/2) ω, W = P V ωᵀ − ω (P V)ᵀ, P = I − ωωᵀ/2 (A <= kMaxCayleyRows).
+template <class S, class T>
+FGSGD_HD void cayley(const S& s, const T* w, const T* v, T* out) {
+  const int A = s.rows(), B = s.cols();
+  T wtv[S::kCap], pv[S::kCap], M[kMaxCayleyRows * kMaxCayleyRows];
+  for (int p = 0; p < B; ++p)
+    for (int q = 0; q < B; ++q) {
+      T acc = T(0);
+      for (int r = 0; r < A; ++r) acc += w[r * B + p] * v[r * B + q];
+      wtv[p * B + q] = acc;
+    }
+  for (int r = 0; r < A; ++r)
+    for (int q = 0; q < B; ++q) {
+      T acc = T(0);
+      for (int p = 0; p < B; ++p) acc += w[r * B + p] * wtv[p * B + q];
+      pv[r * B + q] = v[r * B + q] - T(0.5) * acc;
+    }
+  for (int i = 0; i < A; ++i)  // M = I − W/2, W_ij = Σ_q pv_iq ω_jq − ω_iq pv_jq
+    for (int j = 0; j < A; ++j) {
+      T acc = T(0);
+      for (int q = 0; q < B; ++q) acc += pv[i * B + q] * w[j * B + q] - w[i * B + q] * pv[j * B + q];
+      M[i * A + j] = (i == j ? T(1) : T(0)) - T(0.5) * acc;
+    }
+  for (int i = 0; i < A; ++i)  // rhs = (I + W/2) ω = 2ω − M ω
+    for (int q = 0; q < B; ++q) {
+      T acc = T(0);
+      for (int j = 0; j < A; ++j) acc += M[i * A + j] * w[j * B + q];
+      out[i * B + q] = T(2) * w[i * B + q] - acc;
+    }
+  solve_inplace(M, out, A, B);
+}
+
+// out = Retr_ω(V).
+template <class S, class T>
+FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
+  const int B = s.cols(), n = s.size();
+  switch (code) {
+    case kSphereNormalize:
+    case kObliqueNormalize:
+    case kStiefelQR:
+    case kEuclidean:
+#pragma unroll
+      for (int i = 0; i < n; ++i) out[i] = w[i] + v[i];
+      if (code == kSphereNormalize) {
+        const T inv = T(1) / sqrt_(dot(s, out, out));
+#pragma unroll
+        for (int i = 0; i < n; ++i) out[i] *= inv;
+      } else if (code == kObliqueNormalize) {
+        normalize_columns(s, out);
+      } else if (code == kStiefelQR) {
+        qr_q_inplace(s, out);
+      }
+      break;
+    case kSphereExp: {  // cos‖V‖ ω + sin‖V‖ V/‖V‖
+      const T t = sqrt_(dot(s, v, v));
+      const T c = cos_(t), sc = sinc_(t);
+#pragma unroll
+      for (int i = 0; i < n; ++i) out[i] = c * w[i] + sc * v[i];
+      break;
+    }
+    case kObliqueExp: {  // the same per column
+      T c[S::kCap], sc[S::kCap];
+#pragma unroll
+      for (int j = 0; j < B; ++j) {
+        const T t = sqrt_(col_dot(s, v, v, j));
+        c[j] = cos_(t);
+        sc[j] = sinc_(t);
+      }
+#pragma unroll
+      for (int i = 0; i < n; ++i) out[i] = c[i % B] * w[i] + sc[i % B] * v[i];
+      break;
+    }
+    case kStiefelCayley:
+      cayley(s, w, v, out);
+      break;
+    default:  // unknown codes are rejected by the callers; never leave `out` unwritten
+#pragma unroll
+      for (int i = 0; i < n; ++i) out[i] = w[i];
+  }
+}
+
+// x ← the exact projection onto the manifold (stiefel: the Q factor of QR, diag(R) > 0).
+template <class S, class T>
+FGSGD_HD void projx_inplace(const S& s, int code, T* x) {
+  const int n = s.size();
+  switch (manifold_of(code)) {
+    case kManSphere: {
+      const T inv = T(1) / sqrt_(dot(s, x, x));
+#pragma unroll
+      for (int i = 0; i < n; ++i) x[i] *= inv;
+      break;
+    }
+    case kManOblique:
+      normalize_columns(s, x);
+      break;
+    case kManStiefel:
+      qr_q_inplace(s, x);
+      break;
+    default:
+      break;
+  }
+}
+
+// Frobenius, spectral and ℓ2→1 (sum of row norms) norms of x.
+template <class S, class T>
+FGSGD_HD void norms(const S& s, const T* x, T* fro, T* spectral, T* l21) {
+  const int A = s.rows(), B = s.cols();
+  *fro = sqrt_(dot(s, x, x));
+  T acc = T(0);
+  for (int r = 0; r < A; ++r) {
+    T row = T(0);
+    for (int q = 0; q < B; ++q) row += x[r * B + q] * x[r * B + q];
+    acc += sqrt_(row);
+  }
+  *l21 = acc;
+  T gram[S::kCap];  // xᵀx, B×B <= A×B when A >= B; for A < B use x xᵀ (A×A)
+  const bool tall = A >= B;
+  const int m = tall ? B : A;
+  for (int p = 0; p < m; ++p)
+    for (int q = 0; q < m; ++q) {
+      T g = T(0);
+      if (tall)
+        for (int r = 0; r < A; ++r) g += x[r * B + p] * x[r * B + q];
+      else
+        for (int c = 0; c < B; ++c) g += x[p * B + c] * x[q * B + c];
+      gram[p * m + q] = g;
+    }
+  const T top = sym_max_eig(gram, m);
+  *spectral = sqrt_(top > T(0) ? top : T(0));
+}
+
+}  // namespace fgsgd

@@ -1,0 +1,240 @@
+// The torch-facing implementation of every op, written once and instantiated for each device
+// backend (CPU in ops.cpp, CUDA in ops_cuda.cpp). Checks name the argument and the problem.
+#pragma once
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "fgsgd/batched.h"
+
+namespace fgsgd {
+namespace ops {
+
+using at::Tensor;
+using at::TensorList;
+
+inline std::string shape_str(const Tensor& t) {
+  std::string s = "(";
+  for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
+  return s + (t.dim() == 1 ? ",)" : ")");
+}
+
+// x must be (N, A, B), contiguous, float32/float64, A*B <= 64.
+inline void check_components(const Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 3, "fgsgd: ", name, " must have shape (N, A, B), got ", shape_str(x));
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "fgsgd: ", name,
+              " must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), "fgsgd: ", name, " must be contiguous");
+  TORCH_CHECK(!x.is_sparse(), "fgsgd: ", name, " must be dense, got a sparse tensor");
+  TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(1) * x.size(2) <= kMaxElems, "fgsgd: ", name,
+              " components must have 1 <= A*B <= ", kMaxElems, ", got ", x.size(1), "x", x.size(2));
+}
+
+inline void check_like(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.sizes() == ref.sizes(), "fgsgd: ", name, " has shape ", shape_str(t), " but ", ref_name, " has shape ",
+              shape_str(ref));
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fgsgd: ", name, " has dtype ", t.scalar_type(), " but ", ref_name,
+              " has dtype ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "fgsgd: ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device());
+  TORCH_CHECK(t.is_contiguous(), "fgsgd: ", name, " must be contiguous");
+  TORCH_CHECK(!t.is_sparse(), "fgsgd: ", name, " must be dense, got a sparse tensor");
+}
+
+inline void check_vector(const Tensor& t, int64_t n, at::ScalarType dtype, const Tensor& ref, const std::string& name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fgsgd: ", name, " must have shape (", n, ",), got ", shape_str(t));
+  TORCH_CHECK(t.scalar_type() == dtype, "fgsgd: ", name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "fgsgd: ", name, " is on ", t.device(), " but the parameters are on ",
+              ref.device());
+  TORCH_CHECK(t.is_contiguous(), "fgsgd: ", name, " must be contiguous");
+}
+
+inline void check_code(int64_t code, const Tensor& x) {
+  TORCH_CHECK(code >= 0 && code < kNumCodes, "fgsgd: code must be in [0, ", kNumCodes - 1, "], got ", code);
+  const int64_t A = x.size(1), B = x.size(2);
+  if (manifold_of(int(code)) == kManStiefel)
+    TORCH_CHECK(A >= B, "fgsgd: the stiefel manifold needs components with A >= B, got ", A, "x", B);
+  if (code == kStiefelCayley)
+    TORCH_CHECK(A <= kMaxCayleyRows, "fgsgd: the cayley retraction supports A <= ", kMaxCayleyRows, ", got A = ", A);
+}
+
+template <class T>
+UnaryArgs<T> unary_args(const Tensor& x, const Tensor* u, Tensor& out, int64_t code) {
+  return UnaryArgs<T>{x.data_ptr<T>(), u ? u->data_ptr<T>() : nullptr, out.data_ptr<T>(), x.size(0), int(code)};
+}
+
+#define FGSGD_FLOATING(dtype, ...)                                    \
+  [&] {                                                               \
+    if ((dtype) == at::kDouble) {                                     \
+      using T = double;                                               \
+      return __VA_ARGS__();                                           \
+    }                                                                 \
+    using T = float;                                                  \
+    return __VA_ARGS__();                                             \
+  }()
+
+template <class Backend>
+Tensor proj(const Tensor& x, const Tensor& u, int64_t code) {
+  check_components(x, "x");
+  check_like(u, x, "u", "x");
+  check_code(code, x);
+  Tensor out = at::empty_like(x);
+  FGSGD_FLOATING(x.scalar_type(), [&] { Backend::proj(unary_args<T>(x, &u, out, code), x); });
+  return out;
+}
+
+template <class Backend>
+Tensor retr(const Tensor& x, const Tensor& v, int64_t code) {
+  check_components(x, "x");
+  check_like(v, x, "v", "x");
+  check_code(code, x);
+  Tensor out = at::empty_like(x);
+  FGSGD_FLOATING(x.scalar_type(), [&] { Backend::retr(unary_args<T>(x, &v, out, code), x); });
+  return out;
+}
+
+template <class Backend>
+Tensor projx(const Tensor& x, int64_t code) {
+  check_components(x, "x");
+  check_code(code, x);
+  Tensor out = at::empty_like(x);
+  FGSGD_FLOATING(x.scalar_type(), [&] { Backend::projx(unary_args<T>(x, nullptr, out, code), x); });
+  return out;
+}
+
+template <class Backend>
+Tensor norms(const Tensor& x) {
+  check_components(x, "x");
+  Tensor out = at::empty({x.size(0), 3}, x.options());
+  FGSGD_FLOATING(x.scalar_type(), [&] { Backend::norms(unary_args<T>(x, nullptr, out, 0), x); });
+  return out;
+}
+
+// Optional per-tensor lists are either empty (value 1 / unused) or one entry per parameter.
+inline void check_list_len(TensorList l, size_t n, const char* name) {
+  TORCH_CHECK(l.empty() || l.size() == n, "fgsgd: ", name, " must be empty or hold one tensor per parameter (", n,
+              "), got ", l.size());
+}
+
+inline std::string at_(const char* name, size_t k) { return std::string(name) + "[" + std::to_string(k) + "]"; }
+
+// Validates the parameter lists shared by the multi-tensor ops and builds the slots.
+template <class T>
+std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, TensorList momenta, TensorList codes,
+                                      TensorList rescale, TensorList group_index, TensorList group_scale) {
+  const size_t n = params.size();
+  check_list_len(grads, n, "grads");
+  check_list_len(momenta, n, "momentum_buffers");
+  check_list_len(codes, n, "codes");
+  check_list_len(rescale, n, "rescale");
+  check_list_len(group_index, n, "group_index");
+  check_list_len(group_scale, n, "group_scale");
+  TORCH_CHECK(group_index.size() == group_scale.size(), "fgsgd: group_index and group_scale must both be given or both be empty");
+  TORCH_CHECK(codes.size() == n, "fgsgd: codes must hold one tensor per parameter");
+  std::vector<TensorSlot<T>> slots(n);
+  for (size_t k = 0; k < n; ++k) {
+    const Tensor& p = params[k];
+    check_components(p, at_("params", k).c_str());
+    if (k > 0) {
+      TORCH_CHECK(p.size(1) == params[0].size(1) && p.size(2) == params[0].size(2), "fgsgd: ", at_("params", k),
+                  " has components of shape ", p.size(1), "x", p.size(2), " but params[0] has ", params[0].size(1),
+                  "x", params[0].size(2), "; one call takes one component shape");
+      TORCH_CHECK(p.scalar_type() == params[0].scalar_type() && p.device() == params[0].device(), "fgsgd: ",
+                  at_("params", k), " differs in dtype or device from params[0]");
+    }
+    const int64_t N = p.size(0);
+    TensorSlot<T>& s = slots[k];
+    s = TensorSlot<T>{p.data_ptr<T>(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, N};
+    if (!grads.empty()) {
+      check_like(grads[k], p, at_("grads", k).c_str(), at_("params", k).c_str());
+      s.g = grads[k].data_ptr<T>();
+    }
+    if (!momenta.empty()) {
+      check_like(momenta[k], p, at_("momentum_buffers", k).c_str(), at_("params", k).c_str());
+      s.m = momenta[k].data_ptr<T>();
+    }
+    check_vector(codes[k], N, at::kByte, p, at_("codes", k));
+    s.codes = codes[k].data_ptr<uint8_t>();
+    if (!rescale.empty()) {
+      check_vector(rescale[k], N, p.scalar_type(), p, at_("rescale", k));
+      s.rescale = rescale[k].data_ptr<T>();
+    }
+    if (!group_index.empty()) {
+      check_vector(group_index[k], N, at::kInt, p, at_("group_index", k));
+      const Tensor& gs = group_scale[k];
+      TORCH_CHECK(gs.dim() == 1 && gs.scalar_type() == p.scalar_type() && gs.device() == p.device() && gs.is_contiguous(),
+                  "fgsgd: ", at_("group_scale", k), " must be a contiguous 1-D tensor of the parameters' dtype and device");
+      s.group_index = group_index[k].data_ptr<int32_t>();
+      s.group_scale = gs.data_ptr<T>();
+    }
+  }
+  return slots;
+}
+
+template <class Backend>
+void step_(TensorList params, TensorList grads, TensorList momenta, TensorList codes, TensorList rescale,
+           TensorList group_index, TensorList group_scale, double lr, double momentum, double dampening, bool nesterov,
+           double weight_decay, bool first_step, bool stabilize) {
+  if (params.empty()) return;
+  TORCH_CHECK(grads.size() == params.size(), "fgsgd: step_ needs one gradient per parameter");
+  TORCH_CHECK(momentum == 0 || momenta.size() == params.size(),
+              "fgsgd: momentum != 0 needs one momentum buffer per parameter");
+  TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0), "fgsgd: nesterov needs momentum > 0 and dampening = 0");
+  FGSGD_FLOATING(params[0].scalar_type(), [&] {
+    auto slots = make_slots<T>(params, grads, momentum == 0 ? TensorList() : momenta, codes, rescale, group_index,
+                               group_scale);
+    StepHParams<T> h{T(lr), T(momentum), T(dampening), T(weight_decay), nesterov, first_step, stabilize};
+    Backend::step(slots, params[0], h);
+  });
+}
+
+template <class Backend>
+Tensor tangent_sqnorm(TensorList params, TensorList grads, TensorList codes, TensorList rescale, double weight_decay) {
+  TORCH_CHECK(!params.empty(), "fgsgd: tangent_sqnorm needs at least one parameter");
+  TORCH_CHECK(grads.size() == params.size(), "fgsgd: tangent_sqnorm needs one gradient per parameter");
+  int64_t total = 0;
+  for (const Tensor& p : params) total += p.dim() == 3 ? p.size(0) : 0;
+  Tensor out = at::empty({total}, params[0].options());
+  FGSGD_FLOATING(params[0].scalar_type(), [&] {
+    auto slots = make_slots<T>(params, grads, {}, codes, rescale, {}, {});
+    T* o = out.data_ptr<T>();
+    for (auto& s : slots) { s.out = o; o += s.n; }
+    Backend::sqnorm(slots, params[0], T(weight_decay));
+  });
+  return out;
+}
+
+template <class Backend>
+void projx_(TensorList params, TensorList codes, TensorList rescale) {
+  if (params.empty()) return;
+  FGSGD_FLOATING(params[0].scalar_type(), [&] {
+    Backend::projx_slots(make_slots<T>(params, {}, {}, codes, rescale, {}, {}), params[0]);
+  });
+}
+
+template <class Backend>
+void rescale_(TensorList params, TensorList codes, TensorList ratio) {
+  if (params.empty()) return;
+  TORCH_CHECK(ratio.size() == params.size(), "fgsgd: rescale_ needs one ratio tensor per parameter");
+  FGSGD_FLOATING(params[0].scalar_type(), [&] {
+    Backend::rescale_slots(make_slots<T>(params, {}, {}, codes, ratio, {}, {}), params[0]);
+  });
+}
+
+// Registers every op of one device backend under `m`.
+template <class Backend>
+void register_impls(torch::Library& m) {
+  m.impl("proj", &proj<Backend>);
+  m.impl("retr", &retr<Backend>);
+  m.impl("projx", &projx<Backend>);
+  m.impl("norms", &norms<Backend>);
+  m.impl("step_", &step_<Backend>);
+  m.impl("tangent_sqnorm", &tangent_sqnorm<Backend>);
+  m.impl("projx_", &projx_<Backend>);
+  m.impl("rescale_", &rescale_<Backend>);
+}
+
+}  // namespace ops
+}  // namespace fgsgd

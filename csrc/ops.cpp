@@ -1,0 +1,68 @@
+// Registration of every fgsgd op (schemas) and its CPU implementation.
+//
+// Schemas (all tensors contiguous; components are (N, A, B) with A*B <= 64; float32 or float64):
+//   proj(x, u, code) -> Π_x(u)                      retr(x, v, code) -> Retr_x(v)
+//   projx(x, code)   -> exact projection of x       norms(x) -> (N, 3) [Frobenius, spectral, ℓ2→1]
+//   step_(params, grads, momentum_buffers, codes, rescale, group_index, group_scale, lr, momentum,
+//         dampening, nesterov, weight_decay, first_step, stabilize)
+//       the fused FG-SGD step (DESIGN.md §1 steps 1, 3, 4, 5) of many tensors of one component shape, in
+//       place. codes: uint8 (N,) per tensor (fgsgd_cuda/codes.py); rescale R: (N,) or an empty list (R = 1);
+//       group_index int32 (N,) with group_scale (G,): the group step size s_g, or both empty (s_g = 1).
+//   tangent_sqnorm(params, grads, codes, rescale, weight_decay) -> ‖Π_ω(R·g)‖² of every component,
+//       concatenated over the tensors (the input of the group step size, step 2).
+//   projx_(params, codes, rescale): p ← R·projx(p/R) in place.
+//   rescale_(params, codes, ratio): p ← ratio·p per component, in place (a new rescale R).
+#include "op_impl.h"
+#include "cpu/kernels.h"
+
+namespace fgsgd {
+namespace ops {
+
+struct CpuBackend {
+  template <class T> static void proj(const UnaryArgs<T>& a, const Tensor& x) { cpu::proj(a, int(x.size(1)), int(x.size(2))); }
+  template <class T> static void retr(const UnaryArgs<T>& a, const Tensor& x) { cpu::retr(a, int(x.size(1)), int(x.size(2))); }
+  template <class T> static void projx(const UnaryArgs<T>& a, const Tensor& x) { cpu::projx(a, int(x.size(1)), int(x.size(2))); }
+  template <class T> static void norms(const UnaryArgs<T>& a, const Tensor& x) { cpu::norms(a, int(x.size(1)), int(x.size(2))); }
+  template <class T> static void step(const std::vector<TensorSlot<T>>& s, const Tensor& p0, const StepHParams<T>& h) {
+    cpu::multi_step(s, int(p0.size(1)), int(p0.size(2)), h);
+  }
+  template <class T> static void sqnorm(const std::vector<TensorSlot<T>>& s, const Tensor& p0, T wd) {
+    cpu::multi_sqnorm(s, int(p0.size(1)), int(p0.size(2)), wd);
+  }
+  template <class T> static void projx_slots(const std::vector<TensorSlot<T>>& s, const Tensor& p0) {
+    cpu::multi_projx(s, int(p0.size(1)), int(p0.size(2)));
+  }
+  template <class T> static void rescale_slots(const std::vector<TensorSlot<T>>& s, const Tensor& p0) {
+    cpu::multi_rescale(s, int(p0.size(1)), int(p0.size(2)));
+  }
+};
+
+}  // namespace ops
+}  // namespace fgsgd
+
+TORCH_LIBRARY(fgsgd, m) {
+  m.def("proj(Tensor x, Tensor u, int code) -> Tensor");
+  m.def("retr(Tensor x, Tensor v, int code) -> Tensor");
+  m.def("projx(Tensor x, int code) -> Tensor");
+  m.def("norms(Tensor x) -> Tensor");
+  m.def(
+      "step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor[] codes, Tensor[] rescale, "
+      "Tensor[] group_index, Tensor[] group_scale, float lr, float momentum, float dampening, bool nesterov, "
+      "float weight_decay, bool first_step, bool stabilize) -> ()");
+  m.def("tangent_sqnorm(Tensor[] params, Tensor[] grads, Tensor[] codes, Tensor[] rescale, float weight_decay) -> Tensor");
+  m.def("projx_(Tensor(a!)[] params, Tensor[] codes, Tensor[] rescale) -> ()");
+  m.def("rescale_(Tensor(a!)[] params, Tensor[] codes, Tensor[] ratio) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fgsgd, CPU, m) { fgsgd::ops::register_impls<fgsgd::ops::CpuBackend>(m); }
+
+// The Python module fgsgd_cuda._C: importing it registers the ops above; `with_cuda` says whether
+// this build has the CUDA kernels.
+#include <torch/extension.h>
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef FGSGD_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

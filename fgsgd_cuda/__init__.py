@@ -1,0 +1,19 @@
+"""fgsgd_cuda: Fine-grained SGD (FG-SGD) on products of weight manifolds, with fused kernels.
+
+See README.md and DESIGN.md §1 for the method. The pure-torch reference of every operator lives
+in :mod:`fgsgd_cuda.manifolds` and :mod:`fgsgd_cuda.reference`; :mod:`fgsgd_cuda.ops` runs them on
+the compiled CPU/CUDA kernels, Triton or torch (:mod:`fgsgd_cuda.dispatch`).
+"""
+from . import _ext
+from . import codes, manifolds, reference, dispatch, ops
+from .manifolds import Euclidean, Oblique, Sphere, Stiefel, manifold
+
+if _ext.HAS_CPU_KERNELS:
+    from . import _fake
+
+    _fake.register()
+
+__version__ = "0.1.0"
+
+__all__ = ["codes", "manifolds", "reference", "dispatch", "ops", "manifold", "Sphere", "Oblique", "Stiefel",
+           "Euclidean"]

@@ -1,0 +1,40 @@
+"""The ``cpu`` and ``cuda`` backends: the ops of the compiled extension (``torch.ops.fgsgd``)."""
+from __future__ import annotations
+
+import torch
+
+
+class CompiledBackend:
+    def __init__(self, name: str):
+        self.name = name
+
+    @property
+    def _ops(self):
+        return torch.ops.fgsgd
+
+    def proj(self, x, u, code):
+        return self._ops.proj(x, u, int(code))
+
+    def retr(self, x, v, code):
+        return self._ops.retr(x, v, int(code))
+
+    def projx(self, x, code):
+        return self._ops.projx(x, int(code))
+
+    def norms(self, x):
+        return self._ops.norms(x)
+
+    def step_(self, params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening,
+              nesterov, weight_decay, first_step, stabilize):
+        self._ops.step_(params, grads, momenta if momentum else [], codes, rescale, group_index, group_scale,
+                        float(lr), float(momentum), float(dampening), bool(nesterov), float(weight_decay),
+                        bool(first_step), bool(stabilize))
+
+    def tangent_sqnorm(self, params, grads, codes, rescale, weight_decay):
+        return self._ops.tangent_sqnorm(params, grads, codes, rescale, float(weight_decay))
+
+    def projx_(self, params, codes, rescale):
+        self._ops.projx_(params, codes, rescale)
+
+    def rescale_(self, params, codes, ratio):
+        self._ops.rescale_(params, codes, ratio)

@@ -1,0 +1,52 @@
+"""The ``torch`` backend: the reference of :mod:`fgsgd_cuda.reference` run in the tensors' own dtype.
+
+Slow (a loop over tensors and codes in Python) but available everywhere; also the fallback when the
+compiled extension is missing.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import manifolds as _m
+from .. import reference as _ref
+
+
+class TorchBackend:
+    name = "torch"
+
+    def proj(self, x, u, code):
+        return _m.from_code(code).proj(x, u)
+
+    def retr(self, x, v, code):
+        return _m.from_code(code).retr(x, v)
+
+    def projx(self, x, code):
+        return _m.from_code(code).projx(x)
+
+    def norms(self, x):
+        return _m.norms(x)
+
+    def step_(self, params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening,
+              nesterov, weight_decay, first_step, stabilize):
+        for k, p in enumerate(params):
+            s = group_scale[k][group_index[k].long()] if group_scale else None
+            r = rescale[k] if rescale else None
+            m = momenta[k] if momentum else None
+            p_new, m_new = _ref.step(p, grads[k], m, codes[k], r, s, lr=lr, momentum=momentum,
+                                     dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+                                     first_step=first_step, stabilize=stabilize)
+            p.copy_(p_new)
+            if m is not None:
+                m.copy_(m_new)
+
+    def tangent_sqnorm(self, params, grads, codes, rescale, weight_decay):
+        return torch.cat([_ref.tangent_sqnorm(p, grads[k], codes[k], rescale[k] if rescale else None, weight_decay)
+                          for k, p in enumerate(params)])
+
+    def projx_(self, params, codes, rescale):
+        for k, p in enumerate(params):
+            p.copy_(_ref.projx(p, codes[k], rescale[k] if rescale else None))
+
+    def rescale_(self, params, codes, ratio):
+        for k, p in enumerate(params):
+            p.mul_(ratio[k].reshape(-1, 1, 1))

@@ -1,0 +1,69 @@
+"""Input checks shared by every backend: errors name the argument and what is wrong."""
+from __future__ import annotations
+
+import torch
+
+from . import codes as _codes
+
+MAX_ELEMS = 64          # A*B of one component (csrc/fgsgd/config.h)
+MAX_CAYLEY_ROWS = 8     # the Cayley retraction solves an A×A system
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def components(x: torch.Tensor, name: str, *, contiguous: bool = True) -> None:
+    """x must be a dense float32/float64 tensor of shape (N, A, B) with A*B <= 64."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
+    if x.is_sparse:
+        raise ValueError(f"{name}: sparse tensors are not supported; got layout {x.layout}")
+    if x.dim() != 3:
+        raise ValueError(f"{name}: expected shape (N, A, B), got {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {x.dtype}")
+    a, b = x.shape[1], x.shape[2]
+    if a < 1 or b < 1 or a * b > MAX_ELEMS:
+        raise ValueError(f"{name}: components must have 1 <= A*B <= {MAX_ELEMS}, got {a}x{b}")
+    if contiguous and not x.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous (call .contiguous() first)")
+
+
+def like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
+    """t must match ref in shape, dtype and device, and be dense and contiguous."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if t.is_sparse:
+        raise ValueError(f"{name}: sparse tensors are not supported; got layout {t.layout}")
+    if t.shape != ref.shape:
+        raise ValueError(f"{name}: has shape {tuple(t.shape)} but {ref_name} has shape {tuple(ref.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name}: has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name}: is on {t.device} but {ref_name} is on {ref.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous (call .contiguous() first)")
+
+
+def code_for_shape(code: int, a: int, b: int, name: str = "code") -> None:
+    """The manifold of ``code`` must accept A×B components."""
+    if not 0 <= int(code) < len(_codes.ALL_CODES):
+        raise ValueError(f"{name}: must be in [0, {len(_codes.ALL_CODES) - 1}], got {code}")
+    man = _codes.manifold_of(code)
+    if man == "stiefel" and a < b:
+        raise ValueError(f"{name}: the stiefel manifold needs components with A >= B, got {a}x{b}")
+    if code == _codes.STIEFEL_CAYLEY and a > MAX_CAYLEY_ROWS:
+        raise ValueError(f"{name}: the cayley retraction supports A <= {MAX_CAYLEY_ROWS}, got A = {a}")
+
+
+def codes_tensor(codes: torch.Tensor, n: int, a: int, b: int, device, name: str = "codes") -> None:
+    """A uint8 (N,) tensor of valid codes for A×B components (reads the values: construction time only)."""
+    if codes.dtype != torch.uint8 or codes.shape != (n,):
+        raise ValueError(f"{name}: expected a uint8 tensor of shape ({n},), got {codes.dtype} {tuple(codes.shape)}")
+    if codes.device != device:
+        raise ValueError(f"{name}: is on {codes.device} but the parameter is on {device}")
+    for code in torch.unique(codes).tolist():
+        code_for_shape(code, a, b, name)
+
+
+def finite(t: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: contains non-finite values (inf or nan)")

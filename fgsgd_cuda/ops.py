@@ -1,0 +1,141 @@
+"""The FG-SGD ops with input checks, on any backend (``backend="auto"|"cpu"|"cuda"|"triton"|"torch"``).
+
+Single-tensor ops take components ``x`` of shape (N, A, B). Multi-tensor ops take lists of such
+tensors of one component shape, dtype and device, and do all of them in one kernel launch (or a
+small constant number); see csrc/ops.cpp for the schemas of the compiled ops behind them.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import checks, dispatch
+
+Tensors = Sequence[torch.Tensor]
+
+
+def _unary(x, u, code, backend, op):
+    checks.components(x, "x")
+    if u is not None:
+        checks.like(u, x, "u" if op == "proj" else "v", "x")
+    checks.code_for_shape(code, x.shape[1], x.shape[2])
+    impl = dispatch.get(backend, x.device)
+    return getattr(impl, op)(x, u, code) if u is not None else impl.projx(x, code)
+
+
+def proj(x: torch.Tensor, u: torch.Tensor, code: int, backend: str = "auto") -> torch.Tensor:
+    """Π_x(u): the tangent projection of u at x for the manifold of ``code``."""
+    return _unary(x, u, code, backend, "proj")
+
+
+def retr(x: torch.Tensor, v: torch.Tensor, code: int, backend: str = "auto") -> torch.Tensor:
+    """Retr_x(v) with the manifold and retraction of ``code``."""
+    return _unary(x, v, code, backend, "retr")
+
+
+def transp(x_new: torch.Tensor, v: torch.Tensor, code: int, backend: str = "auto") -> torch.Tensor:
+    """Vector transport to x_new by projection (DESIGN.md §1 step 4)."""
+    return proj(x_new, v, code, backend)
+
+
+def projx(x: torch.Tensor, code: int, backend: str = "auto") -> torch.Tensor:
+    """The exact projection of x onto the manifold of ``code`` (stiefel: Q of QR, diag(R) > 0)."""
+    return _unary(x, None, code, backend, "projx")
+
+
+def norms(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """(N, 3): Frobenius, spectral and ℓ2→1 norm of every component."""
+    checks.components(x, "x")
+    return dispatch.get(backend, x.device).norms(x)
+
+
+def check_lists(params: Tensors, grads: Tensors | None, momenta: Tensors | None, codes: Tensors,
+                rescale: Tensors | None = None, group_index: Tensors | None = None,
+                group_scale: Tensors | None = None) -> None:
+    """The per-tensor checks of the multi-tensor ops (cheap: shapes, dtypes and devices only)."""
+    n = len(params)
+    for name, lst in (("grads", grads), ("momentum_buffers", momenta), ("codes", codes), ("rescale", rescale),
+                      ("group_index", group_index), ("group_scale", group_scale)):
+        if lst is not None and len(lst) not in ((n,) if name in ("grads", "codes") else (0, n)):
+            raise ValueError(f"{name}: expected one tensor per parameter ({n}), got {len(lst)}")
+    if bool(group_index) != bool(group_scale):
+        raise ValueError("group_index and group_scale must both be given or both be empty")
+    for k, p in enumerate(params):
+        checks.components(p, f"params[{k}]")
+        if k and (p.shape[1:] != params[0].shape[1:] or p.dtype != params[0].dtype or p.device != params[0].device):
+            raise ValueError(f"params[{k}]: one call takes one component shape, dtype and device; got "
+                             f"{tuple(p.shape[1:])} {p.dtype} {p.device} after {tuple(params[0].shape[1:])} "
+                             f"{params[0].dtype} {params[0].device}")
+        if grads is not None:
+            checks.like(grads[k], p, f"grads[{k}]", f"params[{k}]")
+        if momenta:
+            checks.like(momenta[k], p, f"momentum_buffers[{k}]", f"params[{k}]")
+        c = codes[k]
+        if c.dtype != torch.uint8 or c.shape != (p.shape[0],) or c.device != p.device:
+            raise ValueError(f"codes[{k}]: expected a uint8 tensor of shape ({p.shape[0]},) on {p.device}, got "
+                             f"{c.dtype} {tuple(c.shape)} on {c.device}")
+        if rescale:
+            r = rescale[k]
+            if r.shape != (p.shape[0],) or r.dtype != p.dtype or r.device != p.device:
+                raise ValueError(f"rescale[{k}]: expected shape ({p.shape[0]},) {p.dtype} on {p.device}, got "
+                                 f"{tuple(r.shape)} {r.dtype} on {r.device}")
+        if group_index:
+            gi = group_index[k]
+            if gi.shape != (p.shape[0],) or gi.dtype != torch.int32 or gi.device != p.device:
+                raise ValueError(f"group_index[{k}]: expected an int32 tensor of shape ({p.shape[0]},) on "
+                                 f"{p.device}, got {gi.dtype} {tuple(gi.shape)} on {gi.device}")
+            gs = group_scale[k]
+            if gs.dim() != 1 or gs.dtype != p.dtype or gs.device != p.device:
+                raise ValueError(f"group_scale[{k}]: expected a 1-D {p.dtype} tensor on {p.device}")
+
+
+def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Tensors, *, lr: float,
+          momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+          first_step: bool = False, stabilize: bool = False, rescale: Tensors = (), group_index: Tensors = (),
+          group_scale: Tensors = (), backend: str = "auto") -> None:
+    """The fused FG-SGD step (DESIGN.md §1 steps 1, 3, 4, 5) of many tensors, in place.
+
+    ``group_scale[k][group_index[k][i]]`` is the group step size s_g of component i of tensor k
+    (both empty: s_g = 1); ``rescale[k]`` is R per component (empty: R = 1). With ``first_step`` the
+    momentum buffers are written, not read (m = s_g·ξ).
+    """
+    if not params:
+        return
+    check_lists(params, grads, momentum_buffers if momentum else None, codes, rescale, group_index, group_scale)
+    if momentum and len(momentum_buffers) != len(params):
+        raise ValueError(f"momentum_buffers: momentum={momentum} needs one buffer per parameter ({len(params)}), "
+                         f"got {len(momentum_buffers)}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("nesterov: needs momentum > 0 and dampening = 0")
+    dispatch.get(backend, params[0].device).step_(
+        list(params), list(grads), list(momentum_buffers), list(codes), list(rescale), list(group_index),
+        list(group_scale), lr, momentum, dampening, nesterov, weight_decay, first_step, stabilize)
+
+
+def tangent_sqnorm(params: Tensors, grads: Tensors, codes: Tensors, *, rescale: Tensors = (),
+                   weight_decay: float = 0.0, backend: str = "auto") -> torch.Tensor:
+    """‖Π_ω(R·g)‖_F² of every component, concatenated over the tensors (step 2's input)."""
+    if not params:
+        raise ValueError("params: needs at least one tensor")
+    check_lists(params, grads, None, codes, rescale)
+    return dispatch.get(backend, params[0].device).tangent_sqnorm(
+        list(params), list(grads), list(codes), list(rescale), weight_decay)
+
+
+def projx_(params: Tensors, codes: Tensors, *, rescale: Tensors = (), backend: str = "auto") -> None:
+    """p ← R·projx(p/R) in place: every component moved exactly onto its manifold."""
+    if not params:
+        return
+    check_lists(params, None, None, codes, rescale)
+    dispatch.get(backend, params[0].device).projx_(list(params), list(codes), list(rescale))
+
+
+def rescale_(params: Tensors, codes: Tensors, ratio: Tensors, *, backend: str = "auto") -> None:
+    """p ← ratio·p per component in place (applies a new rescale R_new = ratio·R_old)."""
+    if not params:
+        return
+    check_lists(params, None, None, codes, ratio)
+    if len(ratio) != len(params):
+        raise ValueError(f"ratio: expected one tensor per parameter ({len(params)}), got {len(ratio)}")
+    dispatch.get(backend, params[0].device).rescale_(list(params), list(codes), list(ratio))

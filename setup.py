@@ -1,0 +1,38 @@
+"""Builds fgsgd_cuda._C: the CPU kernels always, the CUDA kernels when torch has CUDA and nvcc exists.
+
+Environment: FGSGD_NO_CUDA=1 never builds the CUDA kernels (no GPU needs to be visible to build
+them, only a CUDA build of torch and nvcc), TORCH_CUDA_ARCH_LIST picks the GPU
+architectures (default "8.0;9.0"), MAX_JOBS limits the parallel compile jobs.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    if os.environ.get("FGSGD_NO_CUDA") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def extension():
+    cxx = ["-O3", "-std=c++17"]
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    include = [os.path.join(HERE, "csrc")]
+    if want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += ["csrc/ops_cuda.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
+        return CUDAExtension(
+            "fgsgd_cuda._C", sources, include_dirs=include,
+            define_macros=[("FGSGD_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]})
+    return CppExtension("fgsgd_cuda._C", sources, include_dirs=include, extra_compile_args={"cxx": cxx})
+
+
+setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
