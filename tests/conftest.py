@@ -1,0 +1,78 @@
+"""Shared test helpers: random inputs on the manifolds (never zeros) and the error measure.
+
+Every kernel test compares a backend against the float64 reference of fgsgd_cuda.manifolds /
+fgsgd_cuda.reference on inputs made here.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fgsgd_cuda import _ext, codes as C, manifolds as M, reference as R
+
+SHAPES = [(3, 3), (1, 1), (5, 5), (7, 7), (3, 2)]          # component shapes (A, B) every backend must handle
+SIZES = [1, 7, 1000, 1237]                                 # N: 1237 is a multiple of no block size
+FP32_RTOL = 1e-5
+
+
+def codes_for(a: int, b: int) -> list[int]:
+    """The codes valid for A×B components (stiefel needs A >= B, cayley A <= 8)."""
+    out = []
+    for code in C.ALL_CODES:
+        if C.manifold_of(code) == "stiefel" and a < b:
+            continue
+        if code == C.STIEFEL_CAYLEY and a > 8:
+            continue
+        out.append(code)
+    return out
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖got − ref‖ / ‖ref‖ in float64."""
+    ref = ref.double()
+    return float((got.double() - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def make_gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_points(n, a, b, codes, gen, dtype=torch.float64) -> torch.Tensor:
+    """N components, each on the manifold of its code (a tensor of codes, or one int)."""
+    codes = torch.full((n,), int(codes), dtype=torch.uint8) if isinstance(codes, int) else codes
+    x = torch.randn(n, a, b, generator=gen, dtype=torch.float64)
+    return R.projx(x, codes).to(dtype).contiguous()
+
+
+def random_tangents(x, codes, gen, scale=1.0) -> torch.Tensor:
+    """A random tangent vector at every component of x."""
+    codes = torch.full((x.shape[0],), int(codes), dtype=torch.uint8) if isinstance(codes, int) else codes
+    u = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype)
+    out = torch.empty_like(x)
+    for code in torch.unique(codes).tolist():
+        mask = codes == code
+        out[mask] = M.from_code(code).proj(x[mask], u[mask])
+    return (scale * out).contiguous()
+
+
+def random_codes(n, a, b, gen) -> torch.Tensor:
+    allowed = torch.tensor(codes_for(a, b), dtype=torch.uint8)
+    return allowed[torch.randint(len(allowed), (n,), generator=gen)]
+
+
+requires_cpu_kernels = pytest.mark.skipif(not _ext.HAS_CPU_KERNELS,
+                                          reason=f"fgsgd_cuda._C is not built: {_ext.LOAD_ERROR}")
+requires_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _ext.HAS_CUDA_KERNELS),
+                                   reason="needs a CUDA GPU and fgsgd_cuda._C built with CUDA")
+
+
+def compiled_backends() -> list:
+    """The compiled backends to test here: cpu always, cuda where a GPU and a CUDA build exist."""
+    out = [pytest.param("cpu", "cpu", marks=requires_cpu_kernels)]
+    out.append(pytest.param("cuda", "cuda", marks=requires_cuda))
+    return out
+
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
