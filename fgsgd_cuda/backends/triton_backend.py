@@ -1,0 +1,43 @@
+"""The ``triton`` backend: the generated Triton kernels of :mod:`fgsgd_cuda.triton_kernels`.
+
+Same methods and semantics as :class:`fgsgd_cuda.backends.torch_ref.TorchBackend`; the inputs are
+checked by :mod:`fgsgd_cuda.ops` before they get here.
+"""
+from __future__ import annotations
+
+from ..triton_kernels import launch as _k
+
+
+class TritonBackend:
+    name = "triton"
+
+    def proj(self, x, u, code):
+        return _k.proj(x, u, code)
+
+    def retr(self, x, v, code):
+        return _k.retr(x, v, code)
+
+    def projx(self, x, code):
+        return _k.projx(x, code)
+
+    def norms(self, x):
+        return _k.norms(x)
+
+    def step_(self, params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening,
+              nesterov, weight_decay, first_step, stabilize):
+        if not params:
+            return
+        _k.step_(list(params), list(grads), list(momenta), list(codes), list(rescale), list(group_index),
+                 list(group_scale), float(lr), float(momentum), float(dampening), bool(nesterov),
+                 float(weight_decay), bool(first_step), bool(stabilize))
+
+    def tangent_sqnorm(self, params, grads, codes, rescale, weight_decay):
+        return _k.tangent_sqnorm(list(params), list(grads), list(codes), list(rescale), float(weight_decay))
+
+    def projx_(self, params, codes, rescale):
+        if params:
+            _k.projx_(list(params), list(codes), list(rescale))
+
+    def rescale_(self, params, codes, ratio):
+        if params:
+            _k.rescale_(list(params), list(codes), list(ratio))

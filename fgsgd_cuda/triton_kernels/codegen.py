@@ -1,0 +1,574 @@
+"""Source generation of the Triton kernels: straight-line code for one component shape A×B.
+
+Triton has no per-thread arrays, so the component math of csrc/fgsgd (``Fixed<A, B>``: every loop
+over rows and columns unrolled) is written out here as Python source: every element of a component
+is its own register vector of ``BLOCK`` values (one value per component of the block), and every
+loop of the C++ code is unrolled at generation time. The generated kernels use only core Triton
+(``load``/``store``/``where``/``sqrt``/``sin``/``cos``/``abs``/``maximum``/``program_id``/``arange``/
+``.to``), which Triton 3.6 and 3.9, compiled and interpreted, all accept.
+
+The algorithms mirror csrc/fgsgd exactly: QR by modified Gram-Schmidt applied twice, Cayley by
+Gaussian elimination with partial pivoting, sinc with a Taylor branch for t <= 1e-4, the spectral
+norm as the square root of the largest eigenvalue of the Gram matrix by cyclic Jacobi rotations
+(a fixed number of sweeps here, enough for the sizes allowed; see ``jacobi_sweeps``).
+
+A component's code (fgsgd_cuda.codes) is either known when the source is generated (single-tensor
+ops: only that manifold's code is emitted) or read per component at run time (multi-tensor ops:
+every manifold's branch is computed and the result chosen with ``tl.where``; the tangent projection
+of all four manifolds shares one B×B product ωᵀU, see ``Math.proj``).
+
+This module only builds strings; it does not import triton.
+"""
+from __future__ import annotations
+
+from .. import codes as C
+
+MAX_CAYLEY_ROWS = 8     # the Cayley retraction solves an A×A system (checks.MAX_CAYLEY_ROWS)
+SINC_SMALL = 1e-4       # sinc(t) = 1 − t²/6 below this (csrc/fgsgd/small_linalg.h)
+NUM_HYPER = 4           # lr, momentum, dampening, weight_decay (float64 bits at the head of the table)
+ROW = 10                # int64 entries per tensor in the pointer table (see kernel_prologue_multi)
+TL_DTYPE = {"fp32": "tl.float32", "fp64": "tl.float64"}
+
+
+def jacobi_sweeps(m: int, dtype: str) -> int:
+    """Cyclic Jacobi sweeps for an m×m symmetric matrix: converges quadratically, so a handful suffices."""
+    if m <= 1:
+        return 0
+    if m == 2:
+        return 1  # one rotation diagonalizes a 2×2 matrix exactly
+    base = 4 if m <= 3 else 5 if m <= 5 else 6
+    return base + (2 if dtype == "fp64" else 0)
+
+
+class Src:
+    """Lines of a function body and fresh SSA-style names."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.count = 0
+        self.depth = 1
+
+    def let(self, expr: str, hint: str = "t") -> str:
+        name = f"{hint}{self.count}"
+        self.count += 1
+        self.raw(f"{name} = {expr}")
+        return name
+
+    def raw(self, line: str) -> None:
+        self.lines.append("    " * self.depth + line)
+
+    def guarded(self, mask: str, defaults, body):
+        """Values computed by ``body()`` only in blocks where some component has ``mask``.
+
+        Emits ``if <any lane of mask>:`` (a block-uniform branch), with the results pre-set to
+        ``defaults`` for blocks that skip it. Names created inside the branch must not be used after
+        it except through the returned names (Triton yields only variables defined before the if).
+        """
+        outs = [self.let(d, "g") for d in defaults]
+        self.raw(f"if tl.max({mask}.to(tl.int32), axis=0) > 0:")
+        self.depth += 1
+        vals = body()
+        for o, v in zip(outs, vals):
+            self.raw(f"{o} = {v}")
+        self.depth -= 1
+        return outs
+
+
+def _sum(terms) -> str:
+    terms = list(terms)
+    return " + ".join(terms) if terms else "0.0"
+
+
+class Math:
+    """The manifold operators of csrc/fgsgd/manifold.h on one A×B component held as a list of names.
+
+    ``code`` is an int (static: only that manifold is emitted) or None (dynamic: the kernel has an
+    int32 tensor ``code`` and every branch is computed, then selected).
+    """
+
+    _MASKS = {
+        "euc": "code == 0",
+        "sph": "(code == 1) | (code == 2)",
+        "obl": "(code == 3) | (code == 4)",
+        "sti": "code >= 5",
+        "exp": "(code == 2) | (code == 4)",
+        "nrm": "(code == 1) | (code == 3)",
+        "qr": "code == 5",
+        "cay": "code == 6",
+    }
+
+    def __init__(self, src: Src, a: int, b: int, code: int | None, dtype: str = "fp32"):
+        self.s, self.A, self.B, self.code, self.dtype = src, a, b, code, dtype
+        self._masks: dict[str, str] = {}
+        if code is None:  # all masks up front: a name first made inside a guarded branch is local to it
+            for name in self._MASKS:
+                self.mask(name)
+
+    @property
+    def dynamic(self) -> bool:
+        return self.code is None
+
+    @property
+    def stiefel_possible(self) -> bool:
+        return self.A >= self.B
+
+    @property
+    def cayley_possible(self) -> bool:
+        return self.A >= self.B and self.A <= MAX_CAYLEY_ROWS
+
+    def mask(self, name: str) -> str:
+        if name not in self._masks:
+            self._masks[name] = self.s.let(self._MASKS[name], "is_")
+        return self._masks[name]
+
+    def man(self) -> str:
+        return C.manifold_of(self.code)
+
+    # -- small building blocks -------------------------------------------------------------------
+    def ix(self, r: int, c: int) -> int:
+        return r * self.B + c
+
+    def col_sq(self, x) -> list[str]:
+        return [self.s.let(_sum(f"{x[self.ix(r, j)]} * {x[self.ix(r, j)]}" for r in range(self.A))) for j in range(self.B)]
+
+    def total(self, cols) -> str:
+        return cols[0] if len(cols) == 1 else self.s.let(_sum(cols))
+
+    def sinc(self, t: str) -> str:
+        small = self.s.let(f"{t} > {SINC_SMALL}")
+        return self.s.let(f"tl.where({small}, tl.sin({t}) / tl.where({small}, {t}, 1.0), 1.0 - {t} * {t} / 6.0)")
+
+    def gram_t(self, x, u, diagonal_only: bool = False) -> dict:
+        """xᵀu (B×B) as {(p, q): name}; only its diagonal with ``diagonal_only``."""
+        A, B = self.A, self.B
+        return {(p, q): self.s.let(_sum(f"{x[self.ix(r, p)]} * {u[self.ix(r, q)]}" for r in range(A)))
+                for p in range(B) for q in range(B) if p == q or not diagonal_only}
+
+    def minus_x_times(self, u, x, S) -> list[str]:
+        """u − x·S for a B×B matrix S given as {(p, q): name or None (zero)}."""
+        A, B = self.A, self.B
+        out = []
+        for r in range(A):
+            for q in range(B):
+                terms = [f"{x[self.ix(r, p)]} * {S[p, q]}" for p in range(B) if S.get((p, q)) is not None]
+                out.append(self.s.let(f"{u[self.ix(r, q)]} - ({_sum(terms)})") if terms else u[self.ix(r, q)])
+        return out
+
+    # -- Π_x(u) -----------------------------------------------------------------------------------
+    def proj(self, x, u) -> list[str]:
+        A, B = self.A, self.B
+        if not self.dynamic:
+            man = self.man()
+            if man == "euclidean":
+                return list(u)
+            if man == "sphere":  # u − ⟨x,u⟩x
+                a = self.s.let(_sum(f"{x[i]} * {u[i]}" for i in range(A * B)))
+                return [self.s.let(f"{u[i]} - {a} * {x[i]}") for i in range(A * B)]
+            if man == "oblique":  # per column j: u_j − (x_jᵀu_j) x_j
+                a = [self.s.let(_sum(f"{x[self.ix(r, j)]} * {u[self.ix(r, j)]}" for r in range(A))) for j in range(B)]
+                return [self.s.let(f"{u[i]} - {a[i % B]} * {x[i]}") for i in range(A * B)]
+            M = self.gram_t(x, u)  # stiefel: u − x·sym(xᵀu)
+            S = {}
+            for p in range(B):
+                S[p, p] = M[p, p]
+                for q in range(p + 1, B):
+                    S[p, q] = S[q, p] = self.s.let(f"0.5 * ({M[p, q]} + {M[q, p]})")
+            return self.minus_x_times(u, x, S)
+        # Every manifold's projection is u − x·S with S from M = xᵀu: sphere S = tr(M)·I (tr(M) = ⟨x,u⟩),
+        # oblique S = diag(M), stiefel S = sym(M), euclidean S = 0 (no stiefel when A < B: diagonal only).
+        M = self.gram_t(x, u, diagonal_only=not self.stiefel_possible)
+        euc = self.mask("euc")
+        S = {}
+        if B == 1:  # all three manifolds agree
+            S[0, 0] = self.s.let(f"tl.where({euc}, 0.0, {M[0, 0]})")
+        else:
+            sph, sti = self.mask("sph"), self.mask("sti")
+            tr = self.s.let(_sum(M[q, q] for q in range(B)))
+            for p in range(B):
+                S[p, p] = self.s.let(f"tl.where({sph}, {tr}, tl.where({euc}, 0.0, {M[p, p]}))")
+                if self.stiefel_possible:
+                    for q in range(p + 1, B):
+                        S[p, q] = S[q, p] = self.s.let(f"tl.where({sti}, 0.5 * ({M[p, q]} + {M[q, p]}), 0.0)")
+        return self.minus_x_times(u, x, S)
+
+    # -- Q of QR (modified Gram-Schmidt, twice) ------------------------------------------------------
+    def qr_q(self, x) -> list[str]:
+        A, B = self.A, self.B
+        x = list(x)
+        for j in range(B):
+            for _ in range(2):
+                for k in range(j):
+                    r = self.s.let(_sum(f"{x[self.ix(i, k)]} * {x[self.ix(i, j)]}" for i in range(A)))
+                    for i in range(A):
+                        x[self.ix(i, j)] = self.s.let(f"{x[self.ix(i, j)]} - {r} * {x[self.ix(i, k)]}")
+            inv = self.s.let(f"1.0 / tl.sqrt({_sum(f'{x[self.ix(i, j)]} * {x[self.ix(i, j)]}' for i in range(A))})")
+            for i in range(A):
+                x[self.ix(i, j)] = self.s.let(f"{x[self.ix(i, j)]} * {inv}")
+        return x
+
+    # -- Gaussian elimination with partial pivoting (csrc solve_inplace) ----------------------------
+    def solve(self, M, R, n: int, b: int):
+        """Y with M Y = R for n×n M and n×b R given as lists of rows of names."""
+        M = [list(row) for row in M]
+        R = [list(row) for row in R]
+        invs = {}
+        for c in range(n):
+            if c < n - 1:
+                best = self.s.let(f"tl.abs({M[c][c]})")
+                piv = str(c)
+                for r in range(c + 1, n):
+                    a = self.s.let(f"tl.abs({M[r][c]})")
+                    better = self.s.let(f"{a} > {best}")
+                    best = self.s.let(f"tl.where({better}, {a}, {best})")
+                    piv = self.s.let(f"tl.where({better}, {r}, {piv})")
+                sel = {r: self.s.let(f"{piv} == {r}") for r in range(c + 1, n)}
+                for mat, cols in ((M, range(c, n)), (R, range(b))):
+                    for k in cols:
+                        old = mat[c][k]
+                        new = old
+                        for r in range(c + 1, n):
+                            new = self.s.let(f"tl.where({sel[r]}, {mat[r][k]}, {new})")
+                        for r in range(c + 1, n):
+                            mat[r][k] = self.s.let(f"tl.where({sel[r]}, {old}, {mat[r][k]})")
+                        mat[c][k] = new
+            invs[c] = self.s.let(f"1.0 / {M[c][c]}")
+            for r in range(c + 1, n):
+                f = self.s.let(f"{M[r][c]} * {invs[c]}")
+                for k in range(c + 1, n):
+                    M[r][k] = self.s.let(f"{M[r][k]} - {f} * {M[c][k]}")
+                for k in range(b):
+                    R[r][k] = self.s.let(f"{R[r][k]} - {f} * {R[c][k]}")
+        for c in reversed(range(n)):
+            for k in range(b):
+                terms = [f"{M[c][j]} * {R[j][k]}" for j in range(c + 1, n)]
+                acc = f"({R[c][k]} - ({_sum(terms)}))" if terms else R[c][k]
+                R[c][k] = self.s.let(f"{acc} * {invs[c]}")
+        return R
+
+    def cayley(self, w, v) -> list[str]:
+        """Y = (I − W/2)⁻¹(I + W/2)ω, W = P V ωᵀ − ω (P V)ᵀ, P = I − ωωᵀ/2 (csrc cayley)."""
+        A, B = self.A, self.B
+        wtv = self.gram_t(w, v)
+        pv = [self.s.let(f"{v[self.ix(r, q)]} - 0.5 * ({_sum(f'{w[self.ix(r, p)]} * {wtv[p, q]}' for p in range(B))})")
+              for r in range(A) for q in range(B)]
+        # M = I − W/2; W is skew-symmetric, so M_ii = 1 and M_ji = 2δ − M_ij.
+        M = [["1.0"] * A for _ in range(A)]
+        for i in range(A):
+            for j in range(i + 1, A):
+                wij = _sum(f"{pv[self.ix(i, q)]} * {w[self.ix(j, q)]} - {w[self.ix(i, q)]} * {pv[self.ix(j, q)]}"
+                           for q in range(B))
+                M[i][j] = self.s.let(f"-0.5 * ({wij})")
+                M[j][i] = self.s.let(f"-{M[i][j]}")
+        # rhs = (I + W/2) ω = 2ω − M ω = ω − (M − I) ω
+        R = [[self.s.let(f"{w[self.ix(i, q)]} - ({_sum(f'{M[i][j]} * {w[self.ix(j, q)]}' for j in range(A) if j != i)})")
+              if A > 1 else w[self.ix(i, q)] for q in range(B)] for i in range(A)]
+        Y = self.solve(M, R, A, B)
+        return [Y[r][q] for r in range(A) for q in range(B)]
+
+    # -- Retr_w(v) ----------------------------------------------------------------------------------
+    def retr(self, w, v) -> list[str]:
+        A, B, n = self.A, self.B, self.A * self.B
+        if not self.dynamic:
+            code = self.code
+            if code == C.STIEFEL_CAYLEY:
+                return self.cayley(w, v)
+            if code in (C.SPHERE_EXP, C.OBLIQUE_EXP):
+                cols = self.col_sq(v)
+                if code == C.SPHERE_EXP:
+                    t = self.s.let(f"tl.sqrt({self.total(cols)})")
+                    ts = [t] * B
+                else:
+                    ts = [self.s.let(f"tl.sqrt({c})") for c in cols]
+                cs = {t: (self.s.let(f"tl.cos({t})"), self.sinc(t)) for t in dict.fromkeys(ts)}
+                return [self.s.let(f"{cs[ts[i % B]][0]} * {w[i]} + {cs[ts[i % B]][1]} * {v[i]}") for i in range(n)]
+            y = [self.s.let(f"{w[i]} + {v[i]}") for i in range(n)]
+            return self.projx(y, code)
+        y = [self.s.let(f"{w[i]} + {v[i]}") for i in range(n)]
+        # normalize: sphere by the Frobenius norm, oblique per column (one scale per column either way)
+        sph, exp, nrm = self.mask("sph"), self.mask("exp"), self.mask("nrm")
+        inv = [self.s.let(f"1.0 / tl.sqrt({c})") for c in self.per_column_sq(y, sph)]
+        out = [self.s.let(f"tl.where({nrm}, {y[i]} * {inv[i % B]}, {y[i]})") for i in range(n)]
+        # The exp, QR and Cayley retractions are computed only in blocks that hold such a component.
+
+        def exp_branch():
+            ts = [self.s.let(f"tl.sqrt({c})") for c in self.per_column_sq(v, sph)]
+            cos = [self.s.let(f"tl.cos({t})") for t in ts]
+            sinc = [self.sinc(t) for t in ts]
+            return [self.s.let(f"tl.where({exp}, {cos[i % B]} * {w[i]} + {sinc[i % B]} * {v[i]}, {out[i]})")
+                    for i in range(n)]
+
+        out = self.s.guarded(exp, out, exp_branch)
+        if self.stiefel_possible:
+            qr = self.mask("qr")
+            base = out
+            out = self.s.guarded(qr, base, lambda: [self.s.let(f"tl.where({qr}, {q}, {o})")
+                                                    for q, o in zip(self.qr_q(y), base)])
+        if self.cayley_possible:
+            cay = self.mask("cay")
+            base = out
+            out = self.s.guarded(cay, base, lambda: [self.s.let(f"tl.where({cay}, {c}, {o})")
+                                                     for c, o in zip(self.cayley(w, v), base)])
+        return out
+
+    def per_column_sq(self, x, sph: str) -> list[str]:
+        """Per column: the squared Frobenius norm where the component is a sphere, else the column's own."""
+        cols = self.col_sq(x)
+        if self.B == 1:
+            return cols
+        tot = self.total(cols)
+        return [self.s.let(f"tl.where({sph}, {tot}, {c})") for c in cols]
+
+    # -- projx: the exact projection onto the manifold ----------------------------------------------
+    def projx(self, x, code: int | None = None) -> list[str]:
+        """``code`` overrides the static code (retr uses it for the normalize/qr retractions)."""
+        A, B, n = self.A, self.B, self.A * self.B
+        code = self.code if code is None else code
+        if code is not None:
+            man = C.manifold_of(code)
+            if man == "euclidean":
+                return list(x)
+            if man == "stiefel":
+                return self.qr_q(x)
+            cols = self.col_sq(x)
+            if man == "sphere":
+                inv = self.s.let(f"1.0 / tl.sqrt({self.total(cols)})")
+                return [self.s.let(f"{x[i]} * {inv}") for i in range(n)]
+            inv = [self.s.let(f"1.0 / tl.sqrt({c})") for c in cols]
+            return [self.s.let(f"{x[i]} * {inv[i % B]}") for i in range(n)]
+        inv = [self.s.let(f"1.0 / tl.sqrt({c})") for c in self.per_column_sq(x, self.mask("sph"))]
+        euc = self.mask("euc")
+        out = [self.s.let(f"tl.where({euc}, {x[i]}, {x[i]} * {inv[i % B]})") for i in range(n)]
+        if self.stiefel_possible:
+            sti = self.mask("sti")
+            base = out
+            out = self.s.guarded(sti, base, lambda: [self.s.let(f"tl.where({sti}, {q}, {o})")
+                                                     for q, o in zip(self.qr_q(x), base)])
+        return out
+
+    # -- norms ----------------------------------------------------------------------------------------
+    def norms(self, x):
+        """(Frobenius, spectral, ℓ2→1) of x."""
+        A, B = self.A, self.B
+        fro = self.s.let(f"tl.sqrt({_sum(f'{x[i]} * {x[i]}' for i in range(A * B))})")
+        rows = [self.s.let(f"tl.sqrt({_sum(f'{x[self.ix(r, q)]} * {x[self.ix(r, q)]}' for q in range(B))})")
+                for r in range(A)]
+        l21 = self.s.let(_sum(rows))
+        tall = A >= B
+        m = B if tall else A
+        G = [[None] * m for _ in range(m)]
+        for p in range(m):
+            for q in range(p, m):
+                if tall:
+                    g = _sum(f"{x[self.ix(r, p)]} * {x[self.ix(r, q)]}" for r in range(A))
+                else:
+                    g = _sum(f"{x[self.ix(p, c)]} * {x[self.ix(q, c)]}" for c in range(B))
+                G[p][q] = G[q][p] = self.s.let(g)
+        top = self.max_eig(G, m)
+        spec = self.s.let(f"tl.sqrt(tl.maximum({top}, 0.0))")
+        return fro, spec, l21
+
+    def max_eig(self, G, m: int) -> str:
+        """Largest eigenvalue of a symmetric m×m matrix by cyclic Jacobi sweeps (csrc sym_max_eig)."""
+        G = [list(row) for row in G]
+        for _ in range(jacobi_sweeps(m, self.dtype)):
+            for p in range(m):
+                for q in range(p + 1, m):
+                    apq = G[p][q]
+                    zero = self.s.let(f"{apq} == 0.0")
+                    theta = self.s.let(f"({G[q][q]} - {G[p][p]}) / (2.0 * tl.where({zero}, 1.0, {apq}))")
+                    t = self.s.let(f"tl.where({zero}, 0.0, tl.where({theta} >= 0.0, 1.0, -1.0) / "
+                                   f"(tl.abs({theta}) + tl.sqrt({theta} * {theta} + 1.0)))")
+                    c = self.s.let(f"1.0 / tl.sqrt({t} * {t} + 1.0)")
+                    sn = self.s.let(f"{t} * {c}")
+                    for k in range(m):
+                        if k in (p, q):
+                            continue
+                        gkp, gkq = G[k][p], G[k][q]
+                        G[k][p] = G[p][k] = self.s.let(f"{c} * {gkp} - {sn} * {gkq}")
+                        G[k][q] = G[q][k] = self.s.let(f"{sn} * {gkp} + {c} * {gkq}")
+                    gpp, gqq = G[p][p], G[q][q]
+                    G[p][p] = self.s.let(f"{gpp} - {t} * {apq}")
+                    G[q][q] = self.s.let(f"{gqq} + {t} * {apq}")
+                    G[p][q] = G[q][p] = "0.0"
+        best = G[0][0]
+        for p in range(1, m):
+            best = self.s.let(f"tl.maximum({best}, {G[p][p]})")
+        return best
+
+
+# -- kernels ----------------------------------------------------------------------------------------
+
+def _loads(src: Src, ptr: str, n: int, hint: str, other: str = "0.0") -> list[str]:
+    return [src.let(f"tl.load({ptr} + base + {i}, mask=mask, other={other})", hint) for i in range(n)]
+
+
+def _stores(src: Src, ptr: str, vals) -> None:
+    for i, v in enumerate(vals):
+        src.raw(f"tl.store({ptr} + base + {i}, {v}, mask=mask)")
+
+
+def _function(name: str, args: str, body: Src) -> str:
+    return "\n".join([f"def {name}({args}):"] + body.lines) + "\n"
+
+
+def _prologue_multi(src: Src, ab: int, dtype: str, log_tensors: int, hyper: bool) -> dict:
+    """Find this program's tensor in the pointer table and its block of components.
+
+    The table ``meta`` (int64) holds: NUM_HYPER float64 hyper-parameters (as bits); 2**log_tensors
+    first-block indices (one per tensor, padded with a huge value; non-decreasing), searched
+    bit by bit for the last tensor whose first block is <= program_id; then ROW entries per tensor:
+    data pointers of p, g, m, codes, rescale, group_index, group_scale, out, then N and the first
+    block index.
+    """
+    tl_dt = TL_DTYPE[dtype]
+    src.raw("pid = tl.program_id(0)")
+    src.raw("pos = pid * 0")
+    for bit in reversed(range(log_tensors)):
+        cand = src.let(f"pos + {1 << bit}")
+        first = src.let(f"tl.load(meta + {NUM_HYPER} + {cand})")
+        src.raw(f"pos = tl.where({first} <= pid, {cand}, pos)")
+    src.raw(f"row = meta + {NUM_HYPER + (1 << log_tensors)} + pos * {ROW}")
+    ptr = {}
+    for k, (name, ty) in enumerate((("p", tl_dt), ("g", tl_dt), ("m", tl_dt), ("codes", "tl.uint8"),
+                                    ("rescale", tl_dt), ("gidx", "tl.int32"), ("gscale", tl_dt), ("out", tl_dt))):
+        ptr[name] = f"{name}_ptr"
+        src.raw(f"{name}_ptr = tl.load(row + {k}).to(tl.pointer_type({ty}))")
+    src.raw("n = tl.load(row + 8)")
+    src.raw("offs = (pid - tl.load(row + 9)) * BLOCK + tl.arange(0, BLOCK)")
+    src.raw("mask = offs < n")
+    src.raw(f"base = offs * {ab}")
+    if hyper:
+        for k, name in enumerate(("lr", "mom", "damp", "wd")):
+            src.raw(f"{name} = tl.load(meta + {k}).to(tl.float64, bitcast=True).to({tl_dt})")
+    src.raw("code = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)")
+    return ptr
+
+
+def _tangent(src: Src, math: Math, p, g, rescale: bool, wd: bool):
+    """Step 1: ω = p/R, ξ = Π_ω(R·(g + wd·p)) (weight decay on euclidean components only)."""
+    n = math.A * math.B
+    if rescale:
+        r = src.let("tl.load(rescale_ptr + offs, mask=mask, other=1.0)", "r")
+        inv_r = src.let(f"1.0 / {r}")
+        w = [src.let(f"{p[i]} * {inv_r}", "w") for i in range(n)]
+    else:
+        r, w = None, list(p)
+    if wd:
+        wde = src.let(f"tl.where({math.mask('euc')}, wd, 0.0)")
+        g = [src.let(f"{g[i]} + {wde} * {p[i]}") for i in range(n)]
+    xi = [src.let(f"{r} * {g[i]}") for i in range(n)] if rescale else list(g)
+    return r, w, math.proj(w, xi)
+
+
+def kernel_name(op: str, a: int, b: int, dtype: str, tag: str = "") -> str:
+    return f"fgsgd_{op}_{a}x{b}_{dtype}{('_' + tag) if tag else ''}"
+
+
+def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, rescale, group, weight_decay,
+                log_tensors):
+    """The fused FG-SGD step (reference.step) over all tensors of a call: read p, g, m once, write p, m once."""
+    flags = "".join(ch if on else "_" for ch, on in zip("mfnsrgw", (momentum, first_step, nesterov, stabilize,
+                                                                     rescale, group, weight_decay)))
+    name = kernel_name("step", a, b, dtype, f"{flags}_L{log_tensors}")
+    n = a * b
+    src = Src()
+    _prologue_multi(src, n, dtype, log_tensors, hyper=True)
+    math = Math(src, a, b, None, dtype)
+    p = _loads(src, "p_ptr", n, "p")
+    g = _loads(src, "g_ptr", n, "g")
+    r, w, xi = _tangent(src, math, p, g, rescale, weight_decay)
+    if group:
+        gi = src.let("tl.load(gidx_ptr + offs, mask=mask, other=0)")
+        sg = src.let(f"tl.load(gscale_ptr + {gi}, mask=mask, other=1.0)", "sg")
+        xi = [src.let(f"{sg} * {x}") for x in xi]
+    if momentum:
+        if first_step:
+            buf = list(xi)
+        else:
+            m = _loads(src, "m_ptr", n, "m")
+            omd = src.let("1.0 - damp")
+            buf = [src.let(f"mom * {m[i]} + {omd} * {xi[i]}", "buf") for i in range(n)]
+        d = [src.let(f"-lr * ({xi[i]} + mom * {buf[i]})" if nesterov else f"-lr * {buf[i]}", "d") for i in range(n)]
+    else:
+        buf = None
+        d = [src.let(f"-lr * {x}", "d") for x in xi]
+    y = math.retr(w, d)
+    if stabilize:
+        y = math.projx(y)
+    if momentum:
+        _stores(src, "m_ptr", math.proj(y, buf))
+    _stores(src, "p_ptr", [src.let(f"{r} * {v}") for v in y] if rescale else y)
+    return name, _function(name, "meta, BLOCK: tl.constexpr", src)
+
+
+def sqnorm_source(a, b, dtype, *, rescale, weight_decay, log_tensors):
+    """‖ξ‖_F² per component, written to the tensor's slice of the concatenated output."""
+    name = kernel_name("sqnorm", a, b, dtype, f"{'r' if rescale else '_'}{'w' if weight_decay else '_'}_L{log_tensors}")
+    n = a * b
+    src = Src()
+    _prologue_multi(src, n, dtype, log_tensors, hyper=weight_decay)
+    math = Math(src, a, b, None, dtype)
+    p = _loads(src, "p_ptr", n, "p")
+    g = _loads(src, "g_ptr", n, "g")
+    _, _, xi = _tangent(src, math, p, g, rescale, weight_decay)
+    sq = src.let(_sum(f"{x} * {x}" for x in xi))
+    src.raw(f"tl.store(out_ptr + offs, {sq}, mask=mask)")
+    return name, _function(name, "meta, BLOCK: tl.constexpr", src)
+
+
+def projx_multi_source(a, b, dtype, *, rescale, log_tensors):
+    """p ← R·projx(p/R) in place."""
+    name = kernel_name("projxm", a, b, dtype, f"{'r' if rescale else '_'}_L{log_tensors}")
+    n = a * b
+    src = Src()
+    _prologue_multi(src, n, dtype, log_tensors, hyper=False)
+    math = Math(src, a, b, None, dtype)
+    p = _loads(src, "p_ptr", n, "p")
+    if rescale:
+        r = src.let("tl.load(rescale_ptr + offs, mask=mask, other=1.0)", "r")
+        inv_r = src.let(f"1.0 / {r}")
+        p = [src.let(f"{v} * {inv_r}") for v in p]
+    y = math.projx(p)
+    _stores(src, "p_ptr", [src.let(f"{v} * {r}") for v in y] if rescale else y)
+    return name, _function(name, "meta, BLOCK: tl.constexpr", src)
+
+
+def rescale_multi_source(a, b, dtype, *, log_tensors):
+    """p ← ratio·p per component in place (ratio in the table's rescale column)."""
+    name = kernel_name("rescalem", a, b, dtype, f"L{log_tensors}")
+    n = a * b
+    src = Src()
+    _prologue_multi(src, n, dtype, log_tensors, hyper=False)
+    p = _loads(src, "p_ptr", n, "p")
+    r = src.let("tl.load(rescale_ptr + offs, mask=mask, other=1.0)", "r")
+    _stores(src, "p_ptr", [src.let(f"{r} * {v}") for v in p])
+    return name, _function(name, "meta, BLOCK: tl.constexpr", src)
+
+
+def _prologue_single(src: Src, ab: int) -> None:
+    src.raw("offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)")
+    src.raw("mask = offs < n")
+    src.raw(f"base = offs * {ab}")
+
+
+def unary_source(op, a, b, dtype, code=None):
+    """Single-tensor ops with the code fixed in the source: proj(x, u), retr(x, v), projx(x), norms(x)."""
+    name = kernel_name(op, a, b, dtype, "" if code is None else f"c{int(code)}")
+    n = a * b
+    src = Src()
+    _prologue_single(src, n)
+    # norms do not depend on a code: a static one keeps the kernel free of per-component masks
+    math = Math(src, a, b, C.EUCLIDEAN if code is None else int(code), dtype)
+    x = _loads(src, "x_ptr", n, "x")
+    if op == "norms":
+        fro, spec, l21 = math.norms(x)
+        for k, v in enumerate((fro, spec, l21)):
+            src.raw(f"tl.store(out_ptr + offs * 3 + {k}, {v}, mask=mask)")
+        return name, _function(name, "x_ptr, out_ptr, n, BLOCK: tl.constexpr", src)
+    if op == "projx":
+        _stores(src, "out_ptr", math.projx(x))
+        return name, _function(name, "x_ptr, out_ptr, n, BLOCK: tl.constexpr", src)
+    u = _loads(src, "u_ptr", n, "u")
+    out = math.proj(x, u) if op == "proj" else math.retr(x, u)
+    _stores(src, "out_ptr", out)
+    return name, _function(name, "x_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr", src)

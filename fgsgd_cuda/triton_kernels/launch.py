@@ -1,0 +1,206 @@
+"""Building, caching and launching the generated Triton kernels (see the package docstring)."""
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import linecache
+import math
+import struct
+
+import torch
+import triton
+import triton.language as tl  # noqa: F401  (the generated sources use it)
+
+from . import codegen as _cg
+from . import interpreting
+
+_GENERATED_MODULE = "fgsgd_cuda.triton_kernels._generated"
+_BIG = 1 << 62                     # padding of the first-block column of the pointer table
+_TABLE_CACHE_SIZE = 64
+_table_cache: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+
+# Components per program and warps per program by A*B: one component per thread (the per-thread
+# register footprint grows with A*B, so larger components get smaller programs); 1×1 components
+# are plain elementwise work and take several per thread. Tests may lower BLOCK_OVERRIDE to get
+# many programs (masked tails, the pointer-table search) from a few components.
+BLOCK_OVERRIDE: int | None = None
+
+
+def config(ab: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for components of A*B elements."""
+    if ab == 1:
+        block, warps = 512, 4
+    elif ab <= 9:
+        block, warps = 128, 4
+    elif ab <= 25:
+        block, warps = 64, 2
+    else:
+        block, warps = 32, 1
+    return (BLOCK_OVERRIDE or block), warps
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "fp32"
+    if dtype == torch.float64:
+        return "fp64"
+    raise TypeError(f"triton backend: expected float32 or float64 tensors, got {dtype}")
+
+
+@functools.lru_cache(maxsize=None)
+def _jit(name: str, body: str):
+    """A triton.jit function from generated source; the source is registered with linecache so that
+    inspect.getsource (used by both the Triton compiler and its interpreter) finds it."""
+    code = "import triton\nimport triton.language as tl\n\n\n@triton.jit\n" + body
+    filename = f"<{_GENERATED_MODULE}.{name}>"
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    namespace = {"__name__": _GENERATED_MODULE}
+    exec(compile(code, filename, "exec"), namespace)  # noqa: S102  (our own generated source)
+    return namespace[name]
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(kind: str, a: int, b: int, dtype: str, **flags):
+    """The jit function of one op, component shape, dtype and set of flags (generated once)."""
+    gen = {"step": _cg.step_source, "sqnorm": _cg.sqnorm_source, "projxm": _cg.projx_multi_source,
+           "rescalem": _cg.rescale_multi_source}.get(kind)
+    if gen is not None:
+        name, body = gen(a, b, dtype, **flags)
+    else:
+        name, body = _cg.unary_source(kind, a, b, dtype, **flags)
+    return _jit(name, body)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The interpreter runs the kernels with numpy: masked-off lanes and the branches of the codes a
+    component does not have may divide by zero there, harmlessly (tl.where drops them)."""
+    if interpreting():
+        import numpy as np
+        with np.errstate(all="ignore"):
+            yield
+    else:
+        yield
+
+
+def _double_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _table(rows, block: int, device, hyper=None):
+    """The int64 pointer table of a multi-tensor launch; returns (table, log2 size of the search, blocks).
+
+    rows: (p, g, m, codes, rescale, group_index, group_scale, out, n) per tensor with n > 0, pointers as
+    ints (0: absent). Cached by content on CUDA, so steady-state steps make no host-to-device copy.
+    """
+    t = len(rows)
+    log_t = max(0, math.ceil(math.log2(t))) if t > 1 else 0
+    firsts, total = [], 0
+    for r in rows:
+        firsts.append(total)
+        total += triton.cdiv(r[8], block)
+    firsts += [_BIG] * ((1 << log_t) - t)
+    vals = [_double_bits(v) for v in (hyper or (0.0, 0.0, 0.0, 0.0))] + firsts
+    for r, first in zip(rows, firsts):
+        vals += list(r) + [first]
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.tensor(vals, dtype=torch.int64), log_t, total
+    key = (str(device), tuple(vals))
+    tab = _table_cache.get(key)
+    if tab is None:
+        tab = torch.tensor(vals, dtype=torch.int64).to(device)
+        _table_cache[key] = tab
+        while len(_table_cache) > _TABLE_CACHE_SIZE:
+            _table_cache.popitem(last=False)
+    else:
+        _table_cache.move_to_end(key)
+    return tab, log_t, total
+
+
+def _ptr(t) -> int:
+    return t.data_ptr() if t is not None else 0
+
+
+def _run(kind, params, rows, hyper=None, **flags):
+    a, b = params[0].shape[1], params[0].shape[2]
+    block, warps = config(a * b)
+    rows = [r for r in rows if r[8] > 0]
+    if not rows:
+        return
+    tab, log_t, total = _table(rows, block, params[0].device, hyper)
+    fn = kernel(kind, a, b, _dtype_name(params[0].dtype), log_tensors=log_t, **flags)
+    with _quiet():
+        fn[(total,)](tab, BLOCK=block, num_warps=warps)
+
+
+# -- the multi-tensor ops (one launch per call; a call has one component shape) ----------------------
+
+def step_(params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening, nesterov,
+          weight_decay, first_step, stabilize):
+    use_m = momentum != 0
+    rows = []
+    for k, p in enumerate(params):
+        rows.append((p.data_ptr(), grads[k].data_ptr(), momenta[k].data_ptr() if use_m else 0, codes[k].data_ptr(),
+                     _ptr(rescale[k]) if rescale else 0, _ptr(group_index[k]) if group_index else 0,
+                     _ptr(group_scale[k]) if group_scale else 0, 0, p.shape[0]))
+    _run("step", params, rows, (lr, momentum, dampening, weight_decay), momentum=use_m,
+         first_step=bool(first_step) and use_m, nesterov=bool(nesterov) and use_m, stabilize=bool(stabilize),
+         rescale=bool(rescale), group=bool(group_index), weight_decay=weight_decay != 0)
+
+
+def tangent_sqnorm(params, grads, codes, rescale, weight_decay):
+    total = sum(p.shape[0] for p in params)
+    out = torch.empty(total, dtype=params[0].dtype, device=params[0].device)
+    rows, off = [], 0
+    for k, p in enumerate(params):
+        rows.append((p.data_ptr(), grads[k].data_ptr(), 0, codes[k].data_ptr(), _ptr(rescale[k]) if rescale else 0,
+                     0, 0, out.data_ptr() + off * out.element_size(), p.shape[0]))
+        off += p.shape[0]
+    _run("sqnorm", params, rows, (0.0, 0.0, 0.0, weight_decay), rescale=bool(rescale),
+         weight_decay=weight_decay != 0)
+    return out
+
+
+def projx_(params, codes, rescale):
+    rows = [(p.data_ptr(), 0, 0, codes[k].data_ptr(), _ptr(rescale[k]) if rescale else 0, 0, 0, 0, p.shape[0])
+            for k, p in enumerate(params)]
+    _run("projxm", params, rows, rescale=bool(rescale))
+
+
+def rescale_(params, codes, ratio):
+    rows = [(p.data_ptr(), 0, 0, codes[k].data_ptr(), ratio[k].data_ptr(), 0, 0, 0, p.shape[0])
+            for k, p in enumerate(params)]
+    _run("rescalem", params, rows)
+
+
+# -- single-tensor ops (the code is fixed in the kernel's source) ------------------------------------
+
+def _unary(op, x, u=None, code=None):
+    n, a, b = x.shape
+    out = torch.empty((n, 3) if op == "norms" else x.shape, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
+    block, warps = config(a * b)
+    fn = kernel(op, a, b, _dtype_name(x.dtype), code=None if code is None else int(code))
+    args = (x, out, n) if u is None else (x, u, out, n)
+    with _quiet():
+        fn[(triton.cdiv(n, block),)](*args, BLOCK=block, num_warps=warps)
+    return out
+
+
+def proj(x, u, code):
+    return _unary("proj", x, u, code)
+
+
+def retr(x, v, code):
+    return _unary("retr", x, v, code)
+
+
+def projx(x, code):
+    return _unary("projx", x, None, code)
+
+
+def norms(x):
+    return _unary("norms", x)

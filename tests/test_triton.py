@@ -1,0 +1,358 @@
+"""The Triton backend against the float64 reference (fgsgd_cuda.manifolds / fgsgd_cuda.reference).
+
+Run on a machine without a GPU with the Triton interpreter (the variable must be set before triton
+is imported, so it is set for the whole pytest process):
+
+    TRITON_INTERPRET=1 PYTHONPATH=. pytest tests/test_triton.py
+
+Without TRITON_INTERPRET=1 these tests run on CUDA tensors when a GPU is present, and skip
+otherwise. Sizes are small because the interpreter is slow; default block sizes are lowered in
+some tests (BLOCK_OVERRIDE) so that a few components still make many programs and masked tails.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FP32_RTOL, SHAPES, codes_for, make_gen, random_points, random_tangents, rel_err
+from fgsgd_cuda import codes as C, dispatch, manifolds as M, ops, reference as R
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+from fgsgd_cuda import triton_kernels  # noqa: E402
+from fgsgd_cuda.triton_kernels import launch  # noqa: E402
+
+if triton_kernels.interpreting():
+    DEVICES = ["cpu"]
+elif torch.cuda.is_available():
+    DEVICES = ["cuda"]
+else:
+    DEVICES = []
+
+pytestmark = pytest.mark.skipif(
+    not DEVICES, reason="the Triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 in the environment "
+                        "(TRITON_INTERPRET=1 pytest tests/test_triton.py) to run on CPU tensors")
+
+FP64_RTOL = 1e-10
+ATOL_TAIL = 0.0
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Four components per program: many programs and masked tails from a few components."""
+    monkeypatch.setattr(launch, "BLOCK_OVERRIDE", 4)
+
+
+def spread_codes(n, a, b, gen) -> torch.Tensor:
+    """Every code valid for A×B components, each at least once when n >= their number, in random order."""
+    allowed = torch.tensor(codes_for(a, b), dtype=torch.uint8)
+    return allowed[torch.randperm(n, generator=gen) % len(allowed)]
+
+
+def make_batch(sizes, a, b, gen, *, codes=None):
+    """Float64 inputs of a multi-tensor call: ω = w on the manifold of its code, p = R·ω, g, m tangent at ω,
+    R, group index and group step size per tensor; none of them zero."""
+    out = {k: [] for k in ("w", "p", "g", "m", "codes", "rescale", "gidx", "gscale")}
+    for n in sizes:
+        c = spread_codes(n, a, b, gen) if codes is None else torch.full((n,), codes, dtype=torch.uint8)
+        w = random_points(n, a, b, c, gen)
+        r = 0.5 + torch.rand(n, generator=gen, dtype=torch.float64)
+        ng = 3
+        out["w"].append(w)
+        out["p"].append((w * r.view(-1, 1, 1)).contiguous())
+        out["g"].append(torch.randn(w.shape, generator=gen, dtype=torch.float64))
+        out["m"].append(random_tangents(w, c, gen))
+        out["codes"].append(c)
+        out["rescale"].append(r)
+        out["gidx"].append(torch.randint(ng, (n,), generator=gen, dtype=torch.int32))
+        out["gscale"].append(0.3 + torch.rand(ng, generator=gen, dtype=torch.float64))
+    return out
+
+
+def to(ts, dtype, device):
+    """Tensors in the kernel's dtype (floats only) on the device; the reference then uses them in float64."""
+    return [t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype).contiguous() for t in ts]
+
+
+def run_step_check(batch, device, dtype, *, lr, momentum, dampening, nesterov, weight_decay, first_step, stabilize,
+                   use_rescale, use_groups, rtol):
+    n_t = len(batch["p"])
+    p, g, m = (to(batch[k], dtype, device) for k in ("p" if use_rescale else "w", "g", "m"))
+    codes = to(batch["codes"], dtype, device)
+    rescale = to(batch["rescale"], dtype, device) if use_rescale else []
+    gidx = to(batch["gidx"], dtype, device) if use_groups else []
+    gscale = to(batch["gscale"], dtype, device) if use_groups else []
+    hp = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+              first_step=first_step, stabilize=stabilize)
+    ref = []
+    for k in range(n_t):  # the reference on the very values the kernel reads, in float64
+        s = gscale[k].double().cpu()[gidx[k].long().cpu()] if use_groups else None
+        ref.append(R.step(p[k].double().cpu(), g[k].double().cpu(), m[k].double().cpu(), codes[k].cpu(),
+                          rescale[k].double().cpu() if use_rescale else None, s, **hp))
+    ops.step_(p, g, m, codes, rescale=rescale, group_index=gidx, group_scale=gscale, backend="triton", **hp)
+    for k in range(n_t):
+        p_ref, m_ref = ref[k]
+        assert rel_err(p[k].cpu(), p_ref) <= rtol, f"params[{k}]"
+        if momentum:
+            assert rel_err(m[k].cpu(), m_ref) <= rtol, f"momentum_buffers[{k}]"
+    return p, codes, rescale
+
+
+# -- availability and dispatch ------------------------------------------------------------------------
+
+def test_available_and_dispatch(device):
+    assert triton_kernels.available(device)
+    assert dispatch.resolve("triton", device) == "triton"
+    assert type(dispatch.get("triton", device)).__name__ == "TritonBackend"
+    assert not triton_kernels.available("meta")
+    assert triton_kernels.available("cpu") == triton_kernels.interpreting()
+
+
+# -- single-tensor ops ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("a,b", SHAPES)
+def test_proj_retr_projx(device, a, b):
+    """Every code of every shape; 37 components (7×7: two programs, the second one masked)."""
+    gen = make_gen(100 * a + b)
+    for code in codes_for(a, b):
+        man = M.from_code(code)
+        x = random_points(37, a, b, code, gen).float().to(device)
+        u = torch.randn(x.shape, generator=gen).to(device)
+        v = random_tangents(x.double().cpu(), code, gen, scale=0.4).float().to(device)
+        y = (x + 0.3 * u).contiguous()
+        xd, ud, vd, yd = (t.double().cpu() for t in (x, u, v, y))
+        assert rel_err(ops.proj(x, u, code, backend="triton").cpu(), man.proj(xd, ud)) <= FP32_RTOL, f"proj {code}"
+        assert rel_err(ops.retr(x, v, code, backend="triton").cpu(), man.retr(xd, vd)) <= FP32_RTOL, f"retr {code}"
+        assert rel_err(ops.projx(y, code, backend="triton").cpu(), man.projx(yd)) <= FP32_RTOL, f"projx {code}"
+
+
+@pytest.mark.parametrize("a,b", SHAPES + [(2, 3), (8, 8), (4, 16)])
+def test_norms(device, a, b):
+    gen = make_gen(7 * a + b)
+    x = torch.randn(37, a, b, generator=gen).to(device)
+    got = ops.norms(x, backend="triton").cpu()
+    ref = M.norms(x.double().cpu())
+    assert got.shape == (37, 3) and got.dtype == x.dtype
+    for k, what in enumerate(("frobenius", "spectral", "l21")):
+        assert rel_err(got[:, k], ref[:, k]) <= FP32_RTOL, what
+        assert float(((got[:, k].double() - ref[:, k]).abs() / ref[:, k]).max()) <= 10 * FP32_RTOL, what
+
+
+def test_retr_small_and_zero_steps(device):
+    """The exp retractions' small-t branch (sinc Taylor series) and a zero tangent (t = 0)."""
+    gen = make_gen(5)
+    for code in (C.SPHERE_EXP, C.OBLIQUE_EXP):
+        x = random_points(7, 3, 3, code, gen).float().to(device)
+        for scale in (1e-6, 1e-3, 0.0):
+            v = (random_tangents(x.double().cpu(), code, gen) * scale).float().to(device)
+            got = ops.retr(x, v, code, backend="triton").cpu()
+            assert torch.isfinite(got).all()
+            assert rel_err(got, M.from_code(code).retr(x.double().cpu(), v.double().cpu())) <= FP32_RTOL
+
+
+def test_single_ops_float64(device):
+    gen = make_gen(6)
+    for code in (C.SPHERE_EXP, C.OBLIQUE_NORMALIZE, C.STIEFEL_QR, C.STIEFEL_CAYLEY):
+        man = M.from_code(code)
+        x = random_points(7, 5, 5, code, gen).to(device)
+        v = random_tangents(x.cpu(), code, gen, scale=0.5).to(device)
+        assert rel_err(ops.retr(x, v, code, backend="triton").cpu(), man.retr(x.cpu(), v.cpu())) <= FP64_RTOL
+        assert rel_err(ops.proj(x, v * 3 + x, code, backend="triton").cpu(),
+                       man.proj(x.cpu(), (v * 3 + x).cpu())) <= FP64_RTOL
+    x = torch.randn(7, 5, 4, generator=gen, dtype=torch.float64).to(device)
+    assert rel_err(ops.norms(x, backend="triton").cpu(), M.norms(x.cpu())) <= FP64_RTOL
+
+
+# -- the fused step ------------------------------------------------------------------------------------
+
+# (momentum, dampening, nesterov, weight_decay, first_step, stabilize, rescale, groups)
+STEP_CASES_FULL = [
+    (0.0, 0.0, False, 0.0, False, False, False, False),   # plain: R = 1, s_g = 1
+    (0.9, 0.0, False, 0.0, True, False, True, True),      # first step: m written, not read
+    (0.9, 0.1, False, 0.01, False, True, True, True),     # dampening, weight decay, stabilize
+    (0.9, 0.0, True, 0.0, False, False, False, True),     # nesterov
+    (0.0, 0.0, False, 0.05, False, True, True, False),    # no momentum, weight decay, stabilize
+]
+STEP_CASES_SHORT = [STEP_CASES_FULL[2], STEP_CASES_FULL[3]]
+
+
+def _step_cases():
+    for a, b in SHAPES:
+        for case in (STEP_CASES_FULL if (a, b) == (3, 3) else STEP_CASES_SHORT):
+            yield pytest.param(a, b, *case, id=f"{a}x{b}-" + "-".join(map(str, case)))
+
+
+@pytest.mark.parametrize("a,b,momentum,dampening,nesterov,wd,first,stabilize,use_rescale,use_groups", _step_cases())
+def test_step_mixed_codes(device, a, b, momentum, dampening, nesterov, wd, first, stabilize, use_rescale, use_groups):
+    """Three tensors of one call (N = 7, 37, 1), every code of the shape mixed inside each tensor."""
+    gen = make_gen(1000 * a + 10 * b + int(100 * momentum) + 2 * nesterov + first)
+    batch = make_batch([7, 37, 1], a, b, gen)
+    p, codes, rescale = run_step_check(batch, device, torch.float32, lr=0.1, momentum=momentum,
+                                       dampening=dampening, nesterov=nesterov, weight_decay=wd, first_step=first,
+                                       stabilize=stabilize, use_rescale=use_rescale, use_groups=use_groups,
+                                       rtol=FP32_RTOL)
+    # Table 1 after the step: every manifold component (ω = p/R) is on its manifold.
+    for k in range(len(p)):
+        w = p[k].double().cpu() / (rescale[k].double().cpu().view(-1, 1, 1) if use_rescale else 1.0)
+        for i in range(w.shape[0]):
+            man = C.manifold_of(int(codes[k][i]))
+            nrm = M.norms(w[i:i + 1])[0]
+            for name, want in M.table1_norms(man, b).items():
+                got = float(nrm[0] if name == "frobenius" else nrm[1])
+                assert abs(got - want) <= FP32_RTOL * max(1.0, want), (man, name, got, want)
+
+
+def test_step_many_programs(device, small_blocks):
+    """Blocks of 4 components: 2 + 10 + 2 + 3 programs over five tensors (one empty), so the pointer-table
+    search (padded to 8 entries) and the masked tails are both exercised; components outside the
+    tensors' storage are never written."""
+    gen = make_gen(11)
+    sizes = [7, 37, 0, 5, 9]
+    batch = make_batch(sizes, 3, 3, gen)
+    hp = dict(lr=0.05, momentum=0.8, dampening=0.0, nesterov=False, weight_decay=0.02, first_step=False,
+              stabilize=False)
+    # each tensor is the front of a larger buffer whose tail must stay untouched
+    bufs = {key: [] for key in ("p", "m")}
+    views = {key: [] for key in ("p", "m")}
+    for key in ("p", "m"):
+        for t in batch[key]:
+            buf = torch.randn(t.shape[0] + 3, 3, 3, generator=gen).to(device)
+            buf[:t.shape[0]] = t.float().to(device)
+            bufs[key].append(buf)
+            views[key].append(buf[:t.shape[0]])
+    tails = [[b[-3:].clone() for b in bufs[key]] for key in ("p", "m")]
+    g = to(batch["g"], torch.float32, device)
+    codes = to(batch["codes"], torch.float32, device)
+    rescale = to(batch["rescale"], torch.float32, device)
+    gidx = to(batch["gidx"], torch.float32, device)
+    gscale = to(batch["gscale"], torch.float32, device)
+    ref = []
+    for k in range(len(sizes)):
+        s = gscale[k].double().cpu()[gidx[k].long().cpu()]
+        ref.append(R.step(views["p"][k].double().cpu(), g[k].double().cpu(), views["m"][k].double().cpu(),
+                          codes[k].cpu(), rescale[k].double().cpu(), s, **hp))
+    ops.step_(views["p"], g, views["m"], codes, rescale=rescale, group_index=gidx, group_scale=gscale,
+              backend="triton", **hp)
+    for k, n in enumerate(sizes):
+        if n:
+            assert rel_err(views["p"][k].cpu(), ref[k][0]) <= FP32_RTOL, f"params[{k}]"
+            assert rel_err(views["m"][k].cpu(), ref[k][1]) <= FP32_RTOL, f"momentum_buffers[{k}]"
+        for j, key in enumerate(("p", "m")):
+            assert torch.equal(bufs[key][k][-3:], tails[j][k]), f"{key}[{k}]: wrote past the end"
+
+
+@pytest.mark.parametrize("a,b", [(3, 3), (5, 5)])
+def test_step_float64(device, a, b):
+    """float64 in, float64 arithmetic: hyper-parameters must reach the kernel unrounded."""
+    gen = make_gen(21 + a)
+    batch = make_batch([7, 5], a, b, gen)
+    run_step_check(batch, device, torch.float64, lr=0.1, momentum=0.9, dampening=0.1, nesterov=False,
+                   weight_decay=0.01, first_step=False, stabilize=True, use_rescale=True, use_groups=True,
+                   rtol=FP64_RTOL)
+
+
+@pytest.mark.parametrize("a,b", [(2, 3), (16, 1)])
+def test_step_wide_and_row_shapes(device, a, b):
+    """A < B (no stiefel) and a row view n×1 (sphere/oblique only)."""
+    gen = make_gen(31 + a)
+    batch = make_batch([7, 9], a, b, gen)
+    run_step_check(batch, device, torch.float32, lr=0.1, momentum=0.9, dampening=0.0, nesterov=True,
+                   weight_decay=0.01, first_step=False, stabilize=True, use_rescale=True, use_groups=False,
+                   rtol=FP32_RTOL)
+
+
+def test_step_one_code_per_tensor(device):
+    """Each tensor all one manifold (the common layout), several steps in a row, momentum carried."""
+    gen = make_gen(41)
+    for code in C.ALL_CODES:
+        batch = make_batch([7], 3, 3, gen, codes=code)
+        p = to(batch["p"], torch.float32, "cpu")[0]
+        m = to(batch["m"], torch.float32, "cpu")[0]
+        pd, md = p.double(), m.double()
+        c = batch["codes"][0]
+        pt, mt = p.to(device), m.to(device)
+        for it in range(3):
+            g = torch.randn(p.shape, generator=gen)
+            pd, md = R.step(pd, g.double(), md, c, None, None, lr=0.1, momentum=0.9, first_step=it == 0)
+            ops.step_([pt], [g.to(device)], [mt], [c.to(device)], lr=0.1, momentum=0.9, first_step=it == 0,
+                      backend="triton")
+        assert rel_err(pt.cpu(), pd) <= FP32_RTOL, code
+        assert rel_err(mt.cpu(), md) <= FP32_RTOL, code
+
+
+# -- the other multi-tensor ops ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("a,b", SHAPES)
+def test_tangent_sqnorm(device, a, b):
+    gen = make_gen(51 + a * b)
+    batch = make_batch([7, 37], a, b, gen)
+    p, g = to(batch["p"], torch.float32, device), to(batch["g"], torch.float32, device)
+    codes, rescale = to(batch["codes"], torch.float32, device), to(batch["rescale"], torch.float32, device)
+    for use_rescale, wd in ((False, 0.0), (True, 0.1)):
+        got = ops.tangent_sqnorm(p, g, codes, rescale=rescale if use_rescale else (), weight_decay=wd,
+                                 backend="triton").cpu()
+        ref = torch.cat([R.tangent_sqnorm(p[k].double().cpu(), g[k].double().cpu(), codes[k].cpu(),
+                                          rescale[k].double().cpu() if use_rescale else None, wd)
+                         for k in range(len(p))])
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        assert rel_err(got, ref) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("a,b", SHAPES)
+def test_projx_(device, a, b, small_blocks):
+    gen = make_gen(61 + a * b)
+    batch = make_batch([7, 13], a, b, gen)
+    codes, rescale = to(batch["codes"], torch.float32, device), to(batch["rescale"], torch.float32, device)
+    for use_rescale in (False, True):
+        p = [(t + 0.2 * torch.randn(t.shape, generator=gen, dtype=torch.float64)).float().to(device)
+             for t in batch["p"]]
+        ref = [R.projx(p[k].double().cpu(), codes[k].cpu(), rescale[k].double().cpu() if use_rescale else None)
+               for k in range(len(p))]
+        ops.projx_(p, codes, rescale=rescale if use_rescale else (), backend="triton")
+        for k in range(len(p)):
+            assert rel_err(p[k].cpu(), ref[k]) <= FP32_RTOL
+
+
+def test_rescale_(device, small_blocks):
+    gen = make_gen(71)
+    for a, b in SHAPES:
+        batch = make_batch([7, 13], a, b, gen)
+        p = to(batch["p"], torch.float32, device)
+        codes = to(batch["codes"], torch.float32, device)
+        ratio = [(0.5 + torch.rand(t.shape[0], generator=gen)).to(device) for t in p]
+        ref = [p[k].double().cpu() * ratio[k].double().cpu().view(-1, 1, 1) for k in range(len(p))]
+        ops.rescale_(p, codes, ratio, backend="triton")
+        for k in range(len(p)):
+            assert rel_err(p[k].cpu(), ref[k]) <= FP32_RTOL
+
+
+def test_pointer_table_is_one_launch_per_call(device, monkeypatch):
+    """A call over many tensors is one kernel launch (the pointer table), whatever their number."""
+    grids = []
+    real = launch.kernel
+
+    class Counting:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return self.fn[grid]
+
+    monkeypatch.setattr(launch, "kernel", lambda *args, **kwargs: Counting(real(*args, **kwargs)))
+    gen = make_gen(81)
+    sizes = [3, 130, 5, 1, 2, 9]
+    batch = make_batch(sizes, 3, 3, gen)
+    p, g = to(batch["p"], torch.float32, device), to(batch["g"], torch.float32, device)
+    codes = to(batch["codes"], torch.float32, device)
+    ref = [R.step(p[k].double().cpu(), g[k].double().cpu(), None, codes[k].cpu(), lr=0.1)[0] for k in range(6)]
+    ops.step_(p, g, [], codes, lr=0.1, backend="triton")
+    block = launch.config(9)[0]
+    assert grids == [(sum(-(-n // block) for n in sizes),)]
+    for k in range(6):
+        assert rel_err(p[k].cpu(), ref[k]) <= FP32_RTOL
