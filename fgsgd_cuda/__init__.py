@@ -7,6 +7,9 @@ the compiled CPU/CUDA kernels, Triton or torch (:mod:`fgsgd_cuda.dispatch`).
 from . import _ext
 from . import codes, manifolds, reference, dispatch, ops
 from .manifolds import Euclidean, Oblique, Sphere, Stiefel, manifold
+from .grouping import Grouping, make_grouping
+from .optimizer import FGSGD
+from .param_groups import param_groups
 
 if _ext.HAS_CPU_KERNELS:
     from . import _fake
@@ -15,5 +18,5 @@ if _ext.HAS_CPU_KERNELS:
 
 __version__ = "0.1.0"
 
-__all__ = ["codes", "manifolds", "reference", "dispatch", "ops", "manifold", "Sphere", "Oblique", "Stiefel",
+__all__ = ["FGSGD", "param_groups", "Grouping", "make_grouping", "codes", "manifolds", "reference", "dispatch", "ops", "manifold", "Sphere", "Oblique", "Stiefel",
            "Euclidean"]

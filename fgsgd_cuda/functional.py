@@ -1,0 +1,83 @@
+"""The functional FG-SGD step of a parameter group (DESIGN.md §1, Algorithm 1), with the one dispatch point.
+
+Manifold parameters are batched by component shape (and by whether their momentum buffer is new,
+whether this step re-projects, whether they carry a rescale R), and each batch is one call of the
+chosen backend's multi-tensor ops: a whole network costs a handful of launches, whatever its depth.
+Parameters whose components have more than 64 entries (e.g. a long "row" component) go to the
+pure-torch backend.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from . import checks, dispatch
+
+
+def component_view(t: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The (N, A, B) view of a weight (or its gradient / momentum) whose components are A×B."""
+    return t.view(-1, shape[0], shape[1])
+
+
+def group_step_sizes(impl, ps, gs, codes, rescale, group_index, num_groups, *, weight_decay, group_clip, cache):
+    """s_g = 1 / max(1, ‖ξ_g‖/c) for every group of every tensor (step 2), one list entry per tensor.
+
+    ‖ξ_g‖² is summed in float64 over the members of each group sorted by group (a deterministic
+    segmented sum: the same bits on every run and every DDP rank).
+    """
+    sq = impl.tangent_sqnorm(ps, gs, codes, rescale, weight_decay)
+    key = tuple(t.data_ptr() for t in group_index)
+    if key not in cache:
+        offsets = torch.tensor([0] + num_groups[:-1]).cumsum(0).tolist()
+        gid = torch.cat([gi.long() + off for gi, off in zip(group_index, offsets)])
+        perm = torch.argsort(gid, stable=True)
+        ends = torch.bincount(gid, minlength=sum(num_groups)).cumsum(0) - 1
+        cache[key] = (perm, ends)
+    perm, ends = cache[key]
+    csum = sq[perm].double().cumsum(0)[ends]
+    total = torch.diff(csum, prepend=csum.new_zeros(1))
+    scale = (1.0 / torch.clamp(total.sqrt() / group_clip, min=1.0)).to(ps[0].dtype)
+    return list(scale.split(num_groups))
+
+
+def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, weight_decay, group_clip,
+                  stabilize, backend, cache):
+    """One step of the manifold parameters of a group; ``states`` are the optimizer's per-parameter states.
+
+    Every state holds ``shape`` (A, B), ``codes`` (N,) uint8, ``group_index`` (N,) int32,
+    ``num_groups``, ``step`` and optionally ``rescale`` (N,) and ``momentum_buffer``.
+    """
+    batches = defaultdict(list)
+    for k, (p, st) in enumerate(zip(params, states)):
+        a, b = st["shape"]
+        first = momentum != 0 and st.get("momentum_buffer") is None
+        stab = bool(stabilize) and (st["step"] + 1) % int(stabilize) == 0
+        name = backend if a * b <= checks.MAX_ELEMS else "torch"
+        batches[(a, b, first, stab, st.get("rescale") is not None, name)].append(k)
+    new_buffers = {}
+    for (a, b, first, stab, has_r, name), idx in batches.items():
+        impl = dispatch.get(name, params[idx[0]].device)
+        shape = (a, b)
+        ps = [component_view(params[k], shape) for k in idx]
+        gs = [component_view(grads[k].contiguous(), shape) for k in idx]
+        if momentum != 0:
+            for k in idx:
+                if first:
+                    new_buffers[k] = torch.empty_like(params[k])
+            ms = [component_view(new_buffers[k] if first else states[k]["momentum_buffer"], shape) for k in idx]
+        else:
+            ms = []
+        codes = [states[k]["codes"] for k in idx]
+        rescale = [states[k]["rescale"] for k in idx] if has_r else []
+        gidx, gscale = [], []
+        if group_clip is not None:
+            gidx = [states[k]["group_index"] for k in idx]
+            gscale = group_step_sizes(impl, ps, gs, codes, rescale, gidx, [states[k]["num_groups"] for k in idx],
+                                      weight_decay=weight_decay, group_clip=group_clip, cache=cache)
+        impl.step_(ps, gs, ms, codes, rescale, gidx, gscale, lr, momentum, dampening, nesterov, weight_decay,
+                   first, stab)
+    for k, buf in new_buffers.items():
+        states[k]["momentum_buffer"] = buf
+    for st in states:
+        st["step"] += 1

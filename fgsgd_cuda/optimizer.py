@@ -1,0 +1,262 @@
+"""``FGSGD``: a drop-in ``torch.optim.Optimizer`` for fine-grained SGD on products of weight manifolds.
+
+A thin class over :func:`fgsgd_cuda.functional.manifold_step` (manifold groups) and
+``torch.optim.sgd.sgd`` (Euclidean groups), in the style of ``torch/optim/sgd.py``.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.optim.optimizer import Optimizer
+from torch.optim.sgd import sgd
+
+from . import checks, dispatch, ops
+from . import codes as _codes
+from .functional import component_view, manifold_step
+from .grouping import make_grouping
+
+MANIFOLD_DEFAULTS = dict(
+    manifolds=None,          # None or []: a Euclidean group (plain SGD); else the kinds given to the groups
+    assign="round_robin",    # how kinds are given to groups: "round_robin" | "random"
+    collection="PIO",        # "PI" | "PO" | "PIO"
+    group_size=16,           # components per group (balanced), unless num_groups is given
+    num_groups=None,         # groups per run (per output channel for PI, input channel for PO, weight for PIO)
+    selection="random",      # membership: "random" (seeded, without replacement) | "deterministic"
+    seed=0,
+    retraction=None,         # per kind, e.g. {"stiefel": "cayley", "sphere": "exp"}; defaults normalize / qr
+    group_clip=None,         # c of the group step size s_g = 1/max(1, ‖ξ_g‖/c); None: s_g = 1
+    stabilize=50,            # re-project onto the manifolds every `stabilize` steps (0 / None: never)
+    backend="auto",          # "auto" | "cpu" | "cuda" | "triton" | "torch"
+    check_finite=True,       # refuse a step whose gradients hold inf/nan (one host sync per step)
+    foreach=None,            # Euclidean groups: passed to torch.optim.sgd
+    fused=None,
+)
+
+
+class FGSGD(Optimizer):
+    r"""Fine-grained SGD (Ozay, NeurIPS 2019, Algorithm 1) on products of sphere, oblique, Stiefel and
+    Euclidean manifolds, and plain SGD on everything else.
+
+    Every parameter of a group whose ``manifolds`` is a non-empty list is split into components: a
+    4-D weight (O, I, kh, kw) with a kernel larger than 1×1 into its O·I filters (kh×kw matrices),
+    any other weight into its O rows (an n×1 matrix each: sphere and oblique only). The components
+    of each parameter are grouped (``collection``, ``group_size`` / ``num_groups``, ``selection``,
+    ``seed``) and every group gets one manifold kind from ``manifolds`` (``assign``, ``retraction``).
+    At construction every component is moved onto its manifold; every step then runs DESIGN.md §1:
+    ξ = Π_ω(R·g), group step size s_g (``group_clip``), momentum with transport by projection,
+    nesterov, dampening, retraction, rescale p = R·ω, re-projection every ``stabilize`` steps.
+
+    Groups with ``manifolds=None`` behave exactly as :class:`torch.optim.SGD`. Weight decay on a
+    group with a non-Euclidean manifold is an error (those norms are fixed).
+
+    Use :func:`fgsgd_cuda.param_groups` to split a model: ``FGSGD(param_groups(model), lr=0.1,
+    momentum=0.9)``. Construct the optimizer before loading a checkpoint into the model, then load the
+    optimizer's state: resuming is then exact.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0, *, init_projx: bool = True, **manifold_options):
+        unknown = set(manifold_options) - set(MANIFOLD_DEFAULTS)
+        if unknown:
+            raise TypeError(f"FGSGD got unknown options {sorted(unknown)}; known: {sorted(MANIFOLD_DEFAULTS)}")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                        weight_decay=weight_decay, maximize=False, **{**MANIFOLD_DEFAULTS, **manifold_options})
+        self._init_projx = init_projx
+        self._group_cache: dict = {}
+        super().__init__(params, defaults)
+
+    # ---------------------------------------------------------------- construction
+    def add_param_group(self, param_group: dict) -> None:
+        unknown = set(param_group) - set(self.defaults) - {"params"}
+        if unknown:
+            raise TypeError(f"param group: unknown options {sorted(unknown)}; known: {sorted(self.defaults)}")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_hyperparameters(group)
+            if group["manifolds"]:
+                self._init_manifold_group(group, len(self.param_groups) - 1)
+        except Exception:
+            self.param_groups.pop()
+            for p in group["params"]:
+                self.state.pop(p, None)
+            raise
+
+    @staticmethod
+    def _check_hyperparameters(group: dict) -> None:
+        for key in ("lr", "momentum", "dampening", "weight_decay"):
+            v = group[key]
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or v != v:
+                raise ValueError(f"{key}: must be a non-negative number, got {v!r}")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("nesterov: needs momentum > 0 and dampening = 0")
+        if group["backend"] not in dispatch.BACKENDS:
+            raise ValueError(f"backend: unknown backend {group['backend']!r}; expected one of {dispatch.BACKENDS}")
+        if not group["manifolds"]:
+            return
+        if isinstance(group["manifolds"], str):
+            group["manifolds"] = [group["manifolds"]]
+        group["manifolds"] = list(group["manifolds"])
+        curved = [m for m in group["manifolds"] if m != "euclidean"]
+        if group["weight_decay"] != 0 and curved:
+            raise ValueError(
+                f"weight_decay: {group['weight_decay']} on a manifold group ({curved}) is meaningless (the norms of "
+                "its components are fixed); set weight_decay=0 there and put weight decay on the Euclidean group")
+        clip = group["group_clip"]
+        if clip is not None and (not isinstance(clip, (int, float)) or not clip > 0):
+            raise ValueError(f"group_clip: must be a positive number or None, got {clip!r}")
+        stab = group["stabilize"]
+        if stab is not None and (not isinstance(stab, int) or isinstance(stab, bool) or stab < 0):
+            raise ValueError(f"stabilize: must be a non-negative integer or None, got {stab!r}")
+
+    @staticmethod
+    def _component_layout(p: torch.Tensor, name: str) -> tuple[int, int, tuple[int, int], bool]:
+        """(O, I, (A, B), is_row_view): the grid of components of p, their shape, and whether they are rows."""
+        if p.dim() == 4 and (p.shape[2] > 1 or p.shape[3] > 1):
+            return p.shape[0], p.shape[1], (p.shape[2], p.shape[3]), False
+        if p.dim() < 2:
+            raise ValueError(f"{name}: a manifold parameter needs at least 2 dimensions (a weight), got shape "
+                             f"{tuple(p.shape)}; put biases and norm parameters in a Euclidean group")
+        return p.shape[0], 1, (p.numel() // p.shape[0], 1), True
+
+    def _init_manifold_group(self, group: dict, gi: int) -> None:
+        kinds = group["manifolds"]
+        views, codes, rescale = [], [], []
+        for j, p in enumerate(group["params"]):
+            name = f"param_groups[{gi}]['params'][{j}]"
+            if p.dtype not in checks.FLOAT_DTYPES:
+                raise TypeError(f"{name}: manifold parameters must be float32 or float64, got {p.dtype}")
+            if not p.is_contiguous():
+                raise ValueError(f"{name}: manifold parameters must be contiguous (channels_last weights are not "
+                                 "supported)")
+            out_ch, in_ch, shape, is_row = self._component_layout(p, name)
+            if is_row and "stiefel" in kinds:
+                raise ValueError(f"{name}: the row view (1×1 convs, linear weights) supports sphere, oblique and "
+                                 f"euclidean only, got manifolds={kinds}")
+            grouping = make_grouping(out_ch, in_ch, manifolds=kinds, assign=group["assign"],
+                                     collection=group["collection"], group_size=group["group_size"],
+                                     num_groups=group["num_groups"], selection=group["selection"],
+                                     seed=int(group["seed"]) + 7919 * j, retraction=group["retraction"])
+            for code in torch.unique(grouping.group_codes).tolist():
+                checks.code_for_shape(code, shape[0], shape[1], f"{name} ({_codes.manifold_of(code)})")
+            checks.finite(p.detach(), name)
+            state = self.state[p]
+            state.update(shape=shape, codes=grouping.codes.to(p.device), group_index=grouping.group_index.to(p.device),
+                         group_codes=grouping.group_codes.to(p.device), num_groups=grouping.num_groups, step=0,
+                         rescale=None)
+            views.append(component_view(p.detach(), shape))
+            codes.append(state["codes"])
+        if self._init_projx:
+            with torch.no_grad():
+                self._projx_views(views, codes, [], group["backend"])
+
+    def _projx_views(self, views, codes, rescale, backend) -> None:
+        by_shape: dict = {}
+        for k, v in enumerate(views):
+            by_shape.setdefault((tuple(v.shape[1:]), v.device), []).append(k)
+        for (shape, device), idx in by_shape.items():
+            name = backend if shape[0] * shape[1] <= checks.MAX_ELEMS else "torch"
+            ops.projx_([views[k] for k in idx], [codes[k] for k in idx],
+                       rescale=[rescale[k] for k in idx] if rescale else (), backend=name)
+
+    # ---------------------------------------------------------------- access for the library's tools
+    def manifold_params(self) -> Iterator[tuple[dict, torch.Tensor, dict]]:
+        """(group, parameter, state) of every manifold parameter."""
+        for group in self.param_groups:
+            if group["manifolds"]:
+                for p in group["params"]:
+                    yield group, p, self.state[p]
+
+    def components(self, p: torch.Tensor) -> torch.Tensor:
+        """The (N, A, B) component view of a manifold parameter."""
+        return component_view(p, self.state[p]["shape"])
+
+    def rescale(self, p: torch.Tensor) -> torch.Tensor:
+        """R of every component of p (ones when never rescaled)."""
+        st = self.state[p]
+        r = st.get("rescale")
+        return torch.ones(st["codes"].numel(), dtype=p.dtype, device=p.device) if r is None else r
+
+    @torch.no_grad()
+    def set_rescale(self, new_rescale: dict) -> None:
+        """Applies new scales R (DESIGN.md §1 "Rescaling"): p ← (R_new/R_old)·p, one launch per shape.
+
+        ``new_rescale`` maps manifold parameters to (N,) tensors of positive finite scales.
+        """
+        groups = {}
+        for p, r_new in new_rescale.items():
+            st = self.state.get(p)
+            if not st or "codes" not in st:
+                raise ValueError("set_rescale: every key must be a manifold parameter of this optimizer")
+            n = st["codes"].numel()
+            r_new = torch.as_tensor(r_new).to(device=p.device, dtype=p.dtype).reshape(-1)
+            if r_new.numel() != n:
+                raise ValueError(f"set_rescale: expected {n} scales for a parameter of shape {tuple(p.shape)}, "
+                                 f"got {r_new.numel()}")
+            if not bool(torch.isfinite(r_new).all()) or not bool((r_new > 0).all()):
+                raise ValueError("set_rescale: scales must be finite and positive")
+            ratio = (r_new / self.rescale(p)).contiguous()
+            backend = next(g["backend"] for g in self.param_groups if any(q is p for q in g["params"]))
+            groups.setdefault((st["shape"], p.device, backend), []).append((p, st, r_new, ratio))
+        for (shape, _, backend), items in groups.items():
+            name = backend if shape[0] * shape[1] <= checks.MAX_ELEMS else "torch"
+            ops.rescale_([component_view(p, shape) for p, *_ in items], [st["codes"] for _, st, _, _ in items],
+                         [ratio for *_, ratio in items], backend=name)
+            for _, st, r_new, _ in items:
+                st["rescale"] = r_new.contiguous()
+
+    # ---------------------------------------------------------------- the step
+    def _gather(self):
+        work, finite_checks = [], []
+        for gi, group in enumerate(self.param_groups):
+            params, grads = [], []
+            for j, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"param_groups[{gi}]['params'][{j}]: FGSGD does not support sparse gradients")
+                params.append(p)
+                grads.append(p.grad)
+            if group["check_finite"] and grads:
+                finite_checks.append((gi, group, params, grads))
+            work.append((group, params, grads))
+        return work, finite_checks
+
+    @staticmethod
+    def _check_finite(finite_checks) -> None:
+        norms = [n for _, _, _, grads in finite_checks for n in torch._foreach_norm(grads)]
+        if norms and not bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all()):
+            for gi, group, params, grads in finite_checks:
+                for p, g in zip(params, grads):
+                    if not bool(torch.isfinite(g).all()):
+                        j = next(k for k, q in enumerate(group["params"]) if q is p)
+                        raise ValueError(f"param_groups[{gi}]['params'][{j}]: the gradient holds inf or nan; the step "
+                                         "was not taken (use torch.amp.GradScaler, or check_finite=False to allow it)")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs one optimization step (nothing is changed when it raises)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work, finite_checks = self._gather()
+        self._check_finite(finite_checks)
+        for group, params, grads in work:
+            if not params:
+                continue
+            if group["manifolds"]:
+                manifold_step(params, grads, [self.state[p] for p in params], lr=group["lr"],
+                              momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
+                              weight_decay=group["weight_decay"], group_clip=group["group_clip"],
+                              stabilize=group["stabilize"], backend=group["backend"], cache=self._group_cache)
+            else:
+                bufs = [self.state[p].get("momentum_buffer") for p in params]
+                sgd(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                    lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"], maximize=False,
+                    foreach=group["foreach"], fused=group["fused"])
+                if group["momentum"] != 0:
+                    for p, buf in zip(params, bufs):
+                        self.state[p]["momentum_buffer"] = buf
+        return loss

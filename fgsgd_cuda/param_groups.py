@@ -1,0 +1,51 @@
+"""Splitting a model's parameters into manifold groups and a Euclidean group for :class:`FGSGD`."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DEFAULT_MANIFOLDS = ("sphere", "oblique", "stiefel")
+DEFAULT_ROW_MANIFOLDS = ("sphere", "oblique")
+
+
+def _is_filter_weight(module: nn.Module, p: torch.Tensor) -> bool:
+    return isinstance(module, nn.Conv2d) and p is module.weight and (p.shape[2] > 1 or p.shape[3] > 1)
+
+
+def _is_row_weight(module: nn.Module, p: torch.Tensor) -> bool:
+    return ((isinstance(module, nn.Conv2d) and p is module.weight and p.shape[2] == p.shape[3] == 1)
+            or (isinstance(module, nn.Linear) and p is module.weight))
+
+
+def param_groups(model: nn.Module, *, manifolds=DEFAULT_MANIFOLDS, row_view: bool = False,
+                 row_manifolds=DEFAULT_ROW_MANIFOLDS, weight_decay: float = 0.0, **options) -> list[dict]:
+    """Param groups for ``FGSGD(param_groups(model), lr=..., momentum=...)``.
+
+    - every k×k ``nn.Conv2d`` weight with k > 1 goes to a manifold group with ``manifolds``;
+    - with ``row_view=True``, 1×1 conv and ``nn.Linear`` weights go to a second manifold group with
+      ``row_manifolds`` (each output channel's weight vector is one component);
+    - everything else that requires grad (biases, norm layers, the rest) goes to a Euclidean group,
+      which also gets ``weight_decay``.
+    ``options`` (collection, group_size, selection, seed, retraction, group_clip, ...) apply to the
+    manifold groups.
+    """
+    filters, rows, seen = [], [], set()
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            if _is_filter_weight(module, p):
+                filters.append(p)
+                seen.add(id(p))
+            elif row_view and _is_row_weight(module, p):
+                rows.append(p)
+                seen.add(id(p))
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    groups = []
+    if filters:
+        groups.append({"params": filters, "manifolds": list(manifolds), **options})
+    if rows:
+        groups.append({"params": rows, "manifolds": list(row_manifolds), **options})
+    if rest:
+        groups.append({"params": rest, "manifolds": None, "weight_decay": weight_decay})
+    return groups
