@@ -5,11 +5,18 @@ is imported, so it is set for the whole pytest process):
 
     TRITON_INTERPRET=1 PYTHONPATH=. pytest tests/test_triton.py
 
-Without TRITON_INTERPRET=1 these tests run on CUDA tensors when a GPU is present, and skip
-otherwise. Sizes are small because the interpreter is slow; default block sizes are lowered in
+Without TRITON_INTERPRET=1 these tests run on CUDA tensors when a GPU is present; without either, a
+plain ``pytest tests`` skips them and ``test_suite_under_triton_interpreter`` reruns this file in a
+subprocess with TRITON_INTERPRET=1 (so the plain suite still checks the kernels). Sizes are small because the interpreter is slow; default block sizes are lowered in
 some tests (BLOCK_OVERRIDE) so that a few components still make many programs and masked tails.
 """
 from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,15 +36,13 @@ elif torch.cuda.is_available():
 else:
     DEVICES = []
 
-pytestmark = pytest.mark.skipif(
-    not DEVICES, reason="the Triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 in the environment "
-                        "(TRITON_INTERPRET=1 pytest tests/test_triton.py) to run on CPU tensors")
+NO_DEVICE = ("the Triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 in the environment to run on CPU "
+             "tensors (test_suite_under_triton_interpreter reruns this file so)")
 
 FP64_RTOL = 1e-10
-ATOL_TAIL = 0.0
 
 
-@pytest.fixture(params=DEVICES)
+@pytest.fixture(params=DEVICES or [pytest.param(None, marks=pytest.mark.skip(reason=NO_DEVICE))])
 def device(request):
     return torch.device(request.param)
 
@@ -356,3 +361,61 @@ def test_pointer_table_is_one_launch_per_call(device, monkeypatch):
     assert grids == [(sum(-(-n // block) for n in sizes),)]
     for k in range(6):
         assert rel_err(p[k].cpu(), ref[k]) <= FP32_RTOL
+
+
+# -- the optimizer on the Triton backend -----------------------------------------------------------------
+
+def _reference_backend() -> str:
+    from fgsgd_cuda import _ext
+    return "cpu" if _ext.HAS_CPU_KERNELS else "torch"
+
+
+def _trajectory(backend, device, kind, retraction, *, nesterov, steps=4):
+    from fgsgd_cuda.optimizer import FGSGD
+    gen = make_gen(91)
+    shapes = [(4, 3, 3, 3), (2, 4, 3, 3)] + ([] if kind == "stiefel" else [(3, 16)])  # + a row view (16×1)
+    ws = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+    opt = FGSGD([{"params": ws, "manifolds": [kind], "retraction": {kind: retraction}}], lr=0.05, momentum=0.9,
+                dampening=0.0 if nesterov else 0.1, nesterov=nesterov, group_clip=1.5, stabilize=3, group_size=4,
+                backend=backend)
+    out = []
+    for it in range(steps):
+        for w in ws:
+            w.grad = torch.randn(w.shape, generator=gen).to(device)
+        opt.step()
+        if it == 1:  # new scales R: rescale_, then steps with R
+            opt.set_rescale({w: 0.5 + torch.rand(opt.components(w).shape[0], generator=gen) for w in ws})
+        out.append([w.detach().cpu().clone() for w in ws] +
+                   [opt.state[w]["momentum_buffer"].detach().cpu().clone() for w in ws])
+    return out
+
+
+@pytest.mark.parametrize("kind,retraction", [(C.manifold_of(c), C.retraction_of(c)) for c in C.ALL_CODES])
+def test_optimizer_trajectory_matches_cpu(device, kind, retraction):
+    """FGSGD with backend="triton" follows backend="cpu" (or "torch" without the compiled extension) step by
+    step: init projection, group step sizes (tangent_sqnorm), momentum, stabilize, set_rescale."""
+    nesterov = retraction in ("exp", "cayley")
+    ref = _trajectory(_reference_backend(), "cpu", kind, retraction, nesterov=nesterov)
+    got = _trajectory("triton", device, kind, retraction, nesterov=nesterov)
+    for it, (r_step, g_step) in enumerate(zip(ref, got)):
+        for k, (r, g) in enumerate(zip(r_step, g_step)):
+            assert rel_err(g, r) <= 2 * FP32_RTOL, f"step {it}, tensor {k}"
+
+
+# -- a plain `pytest tests` on a machine without a GPU -----------------------------------------------------
+
+@pytest.mark.skipif(bool(DEVICES), reason="the tests of this file run directly in this process")
+def test_suite_under_triton_interpreter():
+    """Reruns this file with TRITON_INTERPRET=1 (it must be set before triton is imported, hence the
+    subprocess), against the same fgsgd_cuda package as this process."""
+    import fgsgd_cuda
+    root = Path(fgsgd_cuda.__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p",
+                           "no:cacheprovider"], cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    tail = proc.stdout.strip().splitlines()[-1:] or [""]
+    print(f"under TRITON_INTERPRET=1: {tail[0]}")
+    assert proc.returncode == 0, proc.stdout[-10000:] + proc.stderr[-3000:]
+    skipped = re.search(r"(\d+) skipped", tail[0])
+    assert re.search(r"\d+ passed", tail[0]) and (not skipped or skipped.group(1) == "1"), tail[0]  # 1: this test
