@@ -26,7 +26,7 @@ from .. import codes as C
 MAX_CAYLEY_ROWS = 8     # the Cayley retraction solves an A×A system (checks.MAX_CAYLEY_ROWS)
 SINC_SMALL = 1e-4       # sinc(t) = 1 − t²/6 below this (csrc/fgsgd/small_linalg.h)
 NUM_HYPER = 4           # lr, momentum, dampening, weight_decay (float64 bits at the head of the table)
-ROW = 10                # int64 entries per tensor in the pointer table (see kernel_prologue_multi)
+ROW = 10                # int64 entries per tensor in the pointer table (see _prologue_multi)
 TL_DTYPE = {"fp32": "tl.float32", "fp64": "tl.float64"}
 
 
@@ -397,28 +397,74 @@ class Math:
 
 
 # -- kernels ----------------------------------------------------------------------------------------
+#
+# Compile time. Triton's coalescing pass (TritonGPUCoalesce) computes, for every load and store whose
+# pointer is computed by an op, the transitive def-use slice of that access (mlir::getSlice), which
+# here spans the whole unrolled kernel: its cost grows like (number of accesses) × (kernel size)², i.e.
+# minutes for 5×5 components and far longer for 7×7. It skips accesses whose pointer is a block
+# argument. So every kernel keeps one pointer tensor per element and array as a value carried by a
+# `for` loop (a runtime trip count of one: each program still does one block of components), and
+# loads and stores use those block arguments directly. The only access left with a computed pointer
+# is the gather of the group step size s_g (one slice per kernel, and only with groups).
 
-def _loads(src: Src, ptr: str, n: int, hint: str, other: str = "0.0") -> list[str]:
-    return [src.let(f"tl.load({ptr} + base + {i}, mask=mask, other={other})", hint) for i in range(n)]
+class Frame:
+    """Pointer tensors carried by the kernel's loop, and the masked loads and stores through them."""
 
+    def __init__(self, src: Src, ab: int):
+        self.src, self.ab = src, ab
+        self.ptrs: dict[str, list[str]] = {}
+        self.advance: list[tuple[str, str]] = []
 
-def _stores(src: Src, ptr: str, vals) -> None:
-    for i, v in enumerate(vals):
-        src.raw(f"tl.store({ptr} + base + {i}, {v}, mask=mask)")
+    def elements(self, key: str, base: str) -> None:
+        """One pointer tensor per element of the components of array ``base`` (a scalar pointer)."""
+        names = [f"{key}_q{e}" for e in range(self.ab)]
+        for e, nm in enumerate(names):
+            self.src.raw(f"{nm} = {base} + offs * {self.ab} + {e}")
+            self.advance.append((nm, f"BLOCK * {self.ab}"))
+        self.ptrs[key] = names
+
+    def per_component(self, key: str, base: str, stride: int = 1, count: int = 1) -> None:
+        """``count`` pointer tensors to entries ``stride·i + k`` of array ``base`` (k < count)."""
+        names = [f"{key}_q{k}" for k in range(count)]
+        for k, nm in enumerate(names):
+            self.src.raw(f"{nm} = {base} + offs * {stride} + {k}" if stride != 1 or k else f"{nm} = {base} + offs")
+            self.advance.append((nm, f"BLOCK * {stride}"))
+        self.ptrs[key] = names
+
+    def begin(self, start: str) -> None:
+        # one iteration, unknown to Triton; LLVM sees at most one and drops the loop (so the carried
+        # pointers fold back into one base plus constant offsets, as in straight-line code)
+        self.src.raw(f"iters = (n > {start}).to(tl.int32)")
+        self.src.raw("for _it in range(0, iters):")
+        self.src.depth += 1
+        self.src.raw("mask = offs < n")
+
+    def end(self) -> None:
+        for nm, step in self.advance:
+            self.src.raw(f"{nm} = {nm} + {step}")
+        self.src.raw("offs = offs + BLOCK")
+        self.src.depth -= 1
+
+    def load(self, key: str, hint: str, other: str = "0.0") -> list[str]:
+        return [self.src.let(f"tl.load({nm}, mask=mask, other={other})", hint) for nm in self.ptrs[key]]
+
+    def store(self, key: str, vals) -> None:
+        for nm, v in zip(self.ptrs[key], vals):
+            self.src.raw(f"tl.store({nm}, {v}, mask=mask)")
 
 
 def _function(name: str, args: str, body: Src) -> str:
     return "\n".join([f"def {name}({args}):"] + body.lines) + "\n"
 
 
-def _prologue_multi(src: Src, ab: int, dtype: str, log_tensors: int, hyper: bool) -> dict:
+def _prologue_multi(src: Src, dtype: str, log_tensors: int, hyper: bool) -> None:
     """Find this program's tensor in the pointer table and its block of components.
 
     The table ``meta`` (int64) holds: NUM_HYPER float64 hyper-parameters (as bits); 2**log_tensors
     first-block indices (one per tensor, padded with a huge value; non-decreasing), searched
     bit by bit for the last tensor whose first block is <= program_id; then ROW entries per tensor:
     data pointers of p, g, m, codes, rescale, group_index, group_scale, out, then N and the first
-    block index.
+    block index. Defines the scalar pointers ``<name>_ptr``, ``n``, ``start`` and ``offs``.
     """
     tl_dt = TL_DTYPE[dtype]
     src.raw("pid = tl.program_id(0)")
@@ -428,27 +474,22 @@ def _prologue_multi(src: Src, ab: int, dtype: str, log_tensors: int, hyper: bool
         first = src.let(f"tl.load(meta + {NUM_HYPER} + {cand})")
         src.raw(f"pos = tl.where({first} <= pid, {cand}, pos)")
     src.raw(f"row = meta + {NUM_HYPER + (1 << log_tensors)} + pos * {ROW}")
-    ptr = {}
     for k, (name, ty) in enumerate((("p", tl_dt), ("g", tl_dt), ("m", tl_dt), ("codes", "tl.uint8"),
                                     ("rescale", tl_dt), ("gidx", "tl.int32"), ("gscale", tl_dt), ("out", tl_dt))):
-        ptr[name] = f"{name}_ptr"
         src.raw(f"{name}_ptr = tl.load(row + {k}).to(tl.pointer_type({ty}))")
     src.raw("n = tl.load(row + 8)")
-    src.raw("offs = (pid - tl.load(row + 9)) * BLOCK + tl.arange(0, BLOCK)")
-    src.raw("mask = offs < n")
-    src.raw(f"base = offs * {ab}")
+    src.raw("start = (pid - tl.load(row + 9)) * BLOCK")
+    src.raw("offs = start + tl.arange(0, BLOCK)")
     if hyper:
         for k, name in enumerate(("lr", "mom", "damp", "wd")):
             src.raw(f"{name} = tl.load(meta + {k}).to(tl.float64, bitcast=True).to({tl_dt})")
-    src.raw("code = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)")
-    return ptr
 
 
-def _tangent(src: Src, math: Math, p, g, rescale: bool, wd: bool):
+def _tangent(src: Src, frame: Frame, math: Math, p, g, rescale: bool, wd: bool):
     """Step 1: ω = p/R, ξ = Π_ω(R·(g + wd·p)) (weight decay on euclidean components only)."""
     n = math.A * math.B
     if rescale:
-        r = src.let("tl.load(rescale_ptr + offs, mask=mask, other=1.0)", "r")
+        r = frame.load("r", "r", "1.0")[0]
         inv_r = src.let(f"1.0 / {r}")
         w = [src.let(f"{p[i]} * {inv_r}", "w") for i in range(n)]
     else:
@@ -458,6 +499,10 @@ def _tangent(src: Src, math: Math, p, g, rescale: bool, wd: bool):
         g = [src.let(f"{g[i]} + {wde} * {p[i]}") for i in range(n)]
     xi = [src.let(f"{r} * {g[i]}") for i in range(n)] if rescale else list(g)
     return r, w, math.proj(w, xi)
+
+
+def _load_codes(src: Src, frame: Frame) -> None:
+    src.raw(f"code = tl.load({frame.ptrs['c'][0]}, mask=mask, other=0).to(tl.int32)")
 
 
 def kernel_name(op: str, a: int, b: int, dtype: str, tag: str = "") -> str:
@@ -472,20 +517,32 @@ def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, resca
     name = kernel_name("step", a, b, dtype, f"{flags}_L{log_tensors}")
     n = a * b
     src = Src()
-    _prologue_multi(src, n, dtype, log_tensors, hyper=True)
-    math = Math(src, a, b, None, dtype)
-    p = _loads(src, "p_ptr", n, "p")
-    g = _loads(src, "g_ptr", n, "g")
-    r, w, xi = _tangent(src, math, p, g, rescale, weight_decay)
+    _prologue_multi(src, dtype, log_tensors, hyper=True)
+    frame = Frame(src, n)
+    frame.elements("p", "p_ptr")
+    frame.elements("g", "g_ptr")
+    if momentum:
+        frame.elements("m", "m_ptr")
+    frame.per_component("c", "codes_ptr")
+    if rescale:
+        frame.per_component("r", "rescale_ptr")
     if group:
-        gi = src.let("tl.load(gidx_ptr + offs, mask=mask, other=0)")
+        frame.per_component("gi", "gidx_ptr")
+    frame.begin("start")
+    _load_codes(src, frame)
+    math = Math(src, a, b, None, dtype)
+    p = frame.load("p", "p")
+    g = frame.load("g", "g")
+    r, w, xi = _tangent(src, frame, math, p, g, rescale, weight_decay)
+    if group:
+        gi = frame.load("gi", "gi", "0")[0]
         sg = src.let(f"tl.load(gscale_ptr + {gi}, mask=mask, other=1.0)", "sg")
         xi = [src.let(f"{sg} * {x}") for x in xi]
     if momentum:
         if first_step:
             buf = list(xi)
         else:
-            m = _loads(src, "m_ptr", n, "m")
+            m = frame.load("m", "m")
             omd = src.let("1.0 - damp")
             buf = [src.let(f"mom * {m[i]} + {omd} * {xi[i]}", "buf") for i in range(n)]
         d = [src.let(f"-lr * ({xi[i]} + mom * {buf[i]})" if nesterov else f"-lr * {buf[i]}", "d") for i in range(n)]
@@ -496,8 +553,9 @@ def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, resca
     if stabilize:
         y = math.projx(y)
     if momentum:
-        _stores(src, "m_ptr", math.proj(y, buf))
-    _stores(src, "p_ptr", [src.let(f"{r} * {v}") for v in y] if rescale else y)
+        frame.store("m", math.proj(y, buf))
+    frame.store("p", [src.let(f"{r} * {v}") for v in y] if rescale else y)
+    frame.end()
     return name, _function(name, "meta, BLOCK: tl.constexpr", src)
 
 
@@ -506,13 +564,22 @@ def sqnorm_source(a, b, dtype, *, rescale, weight_decay, log_tensors):
     name = kernel_name("sqnorm", a, b, dtype, f"{'r' if rescale else '_'}{'w' if weight_decay else '_'}_L{log_tensors}")
     n = a * b
     src = Src()
-    _prologue_multi(src, n, dtype, log_tensors, hyper=weight_decay)
+    _prologue_multi(src, dtype, log_tensors, hyper=weight_decay)
+    frame = Frame(src, n)
+    frame.elements("p", "p_ptr")
+    frame.elements("g", "g_ptr")
+    frame.per_component("c", "codes_ptr")
+    frame.per_component("o", "out_ptr")
+    if rescale:
+        frame.per_component("r", "rescale_ptr")
+    frame.begin("start")
+    _load_codes(src, frame)
     math = Math(src, a, b, None, dtype)
-    p = _loads(src, "p_ptr", n, "p")
-    g = _loads(src, "g_ptr", n, "g")
-    _, _, xi = _tangent(src, math, p, g, rescale, weight_decay)
-    sq = src.let(_sum(f"{x} * {x}" for x in xi))
-    src.raw(f"tl.store(out_ptr + offs, {sq}, mask=mask)")
+    p = frame.load("p", "p")
+    g = frame.load("g", "g")
+    _, _, xi = _tangent(src, frame, math, p, g, rescale, weight_decay)
+    frame.store("o", [src.let(_sum(f"{x} * {x}" for x in xi))])
+    frame.end()
     return name, _function(name, "meta, BLOCK: tl.constexpr", src)
 
 
@@ -521,15 +588,23 @@ def projx_multi_source(a, b, dtype, *, rescale, log_tensors):
     name = kernel_name("projxm", a, b, dtype, f"{'r' if rescale else '_'}_L{log_tensors}")
     n = a * b
     src = Src()
-    _prologue_multi(src, n, dtype, log_tensors, hyper=False)
-    math = Math(src, a, b, None, dtype)
-    p = _loads(src, "p_ptr", n, "p")
+    _prologue_multi(src, dtype, log_tensors, hyper=False)
+    frame = Frame(src, n)
+    frame.elements("p", "p_ptr")
+    frame.per_component("c", "codes_ptr")
     if rescale:
-        r = src.let("tl.load(rescale_ptr + offs, mask=mask, other=1.0)", "r")
+        frame.per_component("r", "rescale_ptr")
+    frame.begin("start")
+    _load_codes(src, frame)
+    math = Math(src, a, b, None, dtype)
+    p = frame.load("p", "p")
+    if rescale:
+        r = frame.load("r", "r", "1.0")[0]
         inv_r = src.let(f"1.0 / {r}")
         p = [src.let(f"{v} * {inv_r}") for v in p]
     y = math.projx(p)
-    _stores(src, "p_ptr", [src.let(f"{v} * {r}") for v in y] if rescale else y)
+    frame.store("p", [src.let(f"{v} * {r}") for v in y] if rescale else y)
+    frame.end()
     return name, _function(name, "meta, BLOCK: tl.constexpr", src)
 
 
@@ -538,17 +613,16 @@ def rescale_multi_source(a, b, dtype, *, log_tensors):
     name = kernel_name("rescalem", a, b, dtype, f"L{log_tensors}")
     n = a * b
     src = Src()
-    _prologue_multi(src, n, dtype, log_tensors, hyper=False)
-    p = _loads(src, "p_ptr", n, "p")
-    r = src.let("tl.load(rescale_ptr + offs, mask=mask, other=1.0)", "r")
-    _stores(src, "p_ptr", [src.let(f"{r} * {v}") for v in p])
+    _prologue_multi(src, dtype, log_tensors, hyper=False)
+    frame = Frame(src, n)
+    frame.elements("p", "p_ptr")
+    frame.per_component("r", "rescale_ptr")
+    frame.begin("start")
+    p = frame.load("p", "p")
+    r = frame.load("r", "r", "1.0")[0]
+    frame.store("p", [src.let(f"{r} * {v}") for v in p])
+    frame.end()
     return name, _function(name, "meta, BLOCK: tl.constexpr", src)
-
-
-def _prologue_single(src: Src, ab: int) -> None:
-    src.raw("offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)")
-    src.raw("mask = offs < n")
-    src.raw(f"base = offs * {ab}")
 
 
 def unary_source(op, a, b, dtype, code=None):
@@ -556,19 +630,28 @@ def unary_source(op, a, b, dtype, code=None):
     name = kernel_name(op, a, b, dtype, "" if code is None else f"c{int(code)}")
     n = a * b
     src = Src()
-    _prologue_single(src, n)
+    src.raw("start = tl.program_id(0).to(tl.int64) * BLOCK")
+    src.raw("offs = start + tl.arange(0, BLOCK)")
+    frame = Frame(src, n)
+    frame.elements("x", "x_ptr")
+    if op in ("proj", "retr"):
+        frame.elements("u", "u_ptr")
+    if op == "norms":
+        frame.per_component("o", "out_ptr", stride=3, count=3)
+    else:
+        frame.elements("o", "out_ptr")
+    frame.begin("start")
     # norms do not depend on a code: a static one keeps the kernel free of per-component masks
     math = Math(src, a, b, C.EUCLIDEAN if code is None else int(code), dtype)
-    x = _loads(src, "x_ptr", n, "x")
+    x = frame.load("x", "x")
     if op == "norms":
-        fro, spec, l21 = math.norms(x)
-        for k, v in enumerate((fro, spec, l21)):
-            src.raw(f"tl.store(out_ptr + offs * 3 + {k}, {v}, mask=mask)")
-        return name, _function(name, "x_ptr, out_ptr, n, BLOCK: tl.constexpr", src)
-    if op == "projx":
-        _stores(src, "out_ptr", math.projx(x))
-        return name, _function(name, "x_ptr, out_ptr, n, BLOCK: tl.constexpr", src)
-    u = _loads(src, "u_ptr", n, "u")
-    out = math.proj(x, u) if op == "proj" else math.retr(x, u)
-    _stores(src, "out_ptr", out)
-    return name, _function(name, "x_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr", src)
+        frame.store("o", math.norms(x))
+    elif op == "projx":
+        frame.store("o", math.projx(x))
+    else:
+        u = frame.load("u", "u")
+        frame.store("o", math.proj(x, u) if op == "proj" else math.retr(x, u))
+    frame.end()
+    args = "x_ptr, out_ptr, n, BLOCK: tl.constexpr" if op in ("norms", "projx") else \
+        "x_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr"
+    return name, _function(name, args, src)

@@ -132,7 +132,7 @@ def _run(kind, params, rows, hyper=None, **flags):
     tab, log_t, total = _table(rows, block, params[0].device, hyper)
     fn = kernel(kind, a, b, _dtype_name(params[0].dtype), log_tensors=log_t, **flags)
     with _quiet():
-        fn[(total,)](tab, BLOCK=block, num_warps=warps)
+        fn[(total,)](tab, BLOCK=block, num_warps=warps, num_stages=1)
 
 
 # -- the multi-tensor ops (one launch per call; a call has one component shape) ----------------------
@@ -186,7 +186,7 @@ def _unary(op, x, u=None, code=None):
     fn = kernel(op, a, b, _dtype_name(x.dtype), code=None if code is None else int(code))
     args = (x, out, n) if u is None else (x, u, out, n)
     with _quiet():
-        fn[(triton.cdiv(n, block),)](*args, BLOCK=block, num_warps=warps)
+        fn[(triton.cdiv(n, block),)](*args, BLOCK=block, num_warps=warps, num_stages=1)
     return out
 
 
