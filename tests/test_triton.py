@@ -1,14 +1,15 @@
 """The Triton backend against the float64 reference (fgsgd_cuda.manifolds / fgsgd_cuda.reference).
 
-Run on a machine without a GPU with the Triton interpreter (the variable must be set before triton
-is imported, so it is set for the whole pytest process):
+How it runs:
+- ``pytest tests`` (no GPU, TRITON_INTERPRET unset): the kernel tests skip here, and
+  ``test_suite_under_triton_interpreter`` reruns this file in a subprocess with TRITON_INTERPRET=1
+  (it must be set before triton is imported); ``test_kernels_compile_for_sm90`` compiles
+  representative kernels with the real Triton compiler for sm_90, which needs no GPU.
+- ``TRITON_INTERPRET=1 pytest tests/test_triton.py``: the kernel tests directly, on CPU tensors.
+- on a machine with a GPU: the kernel tests on CUDA tensors.
 
-    TRITON_INTERPRET=1 PYTHONPATH=. pytest tests/test_triton.py
-
-Without TRITON_INTERPRET=1 these tests run on CUDA tensors when a GPU is present; without either, a
-plain ``pytest tests`` skips them and ``test_suite_under_triton_interpreter`` reruns this file in a
-subprocess with TRITON_INTERPRET=1 (so the plain suite still checks the kernels). Sizes are small because the interpreter is slow; default block sizes are lowered in
-some tests (BLOCK_OVERRIDE) so that a few components still make many programs and masked tails.
+Sizes are small because the interpreter is slow; default block sizes are lowered in some tests
+(BLOCK_OVERRIDE) so that a few components still make many programs and masked tails.
 """
 from __future__ import annotations
 
@@ -400,6 +401,46 @@ def test_optimizer_trajectory_matches_cpu(device, kind, retraction):
     for it, (r_step, g_step) in enumerate(zip(ref, got)):
         for k, (r, g) in enumerate(zip(r_step, g_step)):
             assert rel_err(g, r) <= 2 * FP32_RTOL, f"step {it}, tensor {k}"
+
+
+# -- compiled (not interpreted) Triton, without a GPU ---------------------------------------------------
+
+COMPILE_CASES = [
+    ("step", 3, 3, "fp32", dict(momentum=True, first_step=False, nesterov=True, stabilize=True, rescale=True,
+                                group=True, weight_decay=True, log_tensors=3)),
+    ("step", 3, 2, "fp64", dict(momentum=True, first_step=True, nesterov=False, stabilize=False, rescale=False,
+                                group=False, weight_decay=False, log_tensors=0)),
+    ("sqnorm", 5, 5, "fp32", dict(rescale=True, weight_decay=True, log_tensors=1)),
+    ("projxm", 1, 1, "fp32", dict(rescale=True, log_tensors=2)),
+    ("rescalem", 7, 7, "fp32", dict(log_tensors=1)),
+    ("retr", 3, 3, "fp32", dict(code=C.STIEFEL_CAYLEY)),
+    ("proj", 3, 3, "fp32", dict(code=C.OBLIQUE_EXP)),
+    ("norms", 4, 2, "fp32", dict(code=None)),
+]
+
+
+@pytest.mark.skipif(triton_kernels.interpreting(), reason="compiling needs a process without TRITON_INTERPRET=1 "
+                    "(the plain `pytest tests` run does it)")
+@pytest.mark.parametrize("kind,a,b,dtype,flags", COMPILE_CASES, ids=[f"{c[0]}-{c[1]}x{c[2]}-{c[3]}" for c in COMPILE_CASES])
+def test_kernels_compile_for_sm90(kind, a, b, dtype, flags):
+    """The interpreter accepts any Python; this compiles representative generated kernels with the real
+    Triton compiler for sm_90 (no GPU needed), so compiled-mode errors show up on CPU-only machines."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from triton.runtime.jit import JITFunction
+        fn = launch.kernel(kind, a, b, dtype, **flags)
+        fn = fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
+        ptr = "*" + dtype
+        sig = {"meta": "*i64"} if kind in ("step", "sqnorm", "projxm", "rescalem") else (
+            {"x_ptr": ptr, "out_ptr": ptr, "n": "i32"} if kind in ("norms", "projx") else
+            {"x_ptr": ptr, "u_ptr": ptr, "out_ptr": ptr, "n": "i32"})
+        src = ASTSource(fn=fn, signature={**sig, "BLOCK": "constexpr"}, constexprs={"BLOCK": launch.config(a * b)[0]})
+        target = GPUTarget("cuda", 90, 32)
+    except Exception as exc:  # another Triton's API: this check is for CI's Triton
+        pytest.skip(f"cannot set up an offline compile with this Triton: {type(exc).__name__}: {exc}")
+    compiled = triton.compile(src, target=target, options={"num_warps": launch.config(a * b)[1], "num_stages": 1})
+    assert ".entry" in compiled.asm["ptx"]
 
 
 # -- a plain `pytest tests` on a machine without a GPU -----------------------------------------------------

@@ -92,7 +92,8 @@ def _table(rows, block: int, device, hyper=None):
     """The int64 pointer table of a multi-tensor launch; returns (table, log2 size of the search, blocks).
 
     rows: (p, g, m, codes, rescale, group_index, group_scale, out, n) per tensor with n > 0, pointers as
-    ints (0: absent). Cached by content on CUDA, so steady-state steps make no host-to-device copy.
+    ints (0: absent). Cached by content on CUDA, so steady-state steps make no host-to-device copy (and,
+    after one eager step, a step with unchanged tensors and hyper-parameters can be captured in a CUDA graph).
     """
     t = len(rows)
     log_t = max(0, math.ceil(math.log2(t))) if t > 1 else 0
@@ -107,7 +108,8 @@ def _table(rows, block: int, device, hyper=None):
     device = torch.device(device)
     if device.type != "cuda":
         return torch.tensor(vals, dtype=torch.int64), log_t, total
-    key = (str(device), tuple(vals))
+    # per stream: a table is first used on the stream that copied it there
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream, tuple(vals))
     tab = _table_cache.get(key)
     if tab is None:
         tab = torch.tensor(vals, dtype=torch.int64).to(device)
