@@ -454,9 +454,9 @@ def test_suite_under_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join([str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     proc = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p",
-                           "no:cacheprovider"], cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+                           "no:cacheprovider", "-k", "not compile_for_sm90 and not under_triton_interpreter"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=1800)
     tail = proc.stdout.strip().splitlines()[-1:] or [""]
     print(f"under TRITON_INTERPRET=1: {tail[0]}")
     assert proc.returncode == 0, proc.stdout[-10000:] + proc.stderr[-3000:]
-    skipped = re.search(r"(\d+) skipped", tail[0])
-    assert re.search(r"\d+ passed", tail[0]) and (not skipped or skipped.group(1) == "1"), tail[0]  # 1: this test
+    assert re.search(r"\d+ passed", tail[0]) and "skipped" not in tail[0], tail[0]
