@@ -339,15 +339,23 @@ def make_cases(device, backends, *, geoopt_reason, support, stabilize, retractio
 # Measurement
 # --------------------------------------------------------------------------------------------------
 class Timer:
-    def __init__(self, device):
+    """One call's time. GPU: CUDA events (synchronised before and after). CPU: ``time.perf_counter``
+    (``clock="wall"``, the default) or ``time.process_time`` (``clock="cpu"``: the CPU time of this
+    process, all its threads; with one thread it leaves out the time the OS gave to other processes,
+    which makes it the steadier clock on a shared, oversubscribed machine). Both CPU clocks are kept."""
+
+    def __init__(self, device, clock: str = "wall"):
         self.cuda = torch.device(device).type == "cuda"
+        self.clock = "cuda-events" if self.cuda else clock
+        self.cpu_times: list[float] = []          # process_time of every call (CPU devices)
+        self.wall_times: list[float] = []
 
     def sync(self):
         if self.cuda:
             torch.cuda.synchronize()
 
     def time(self, fn) -> float:
-        """Seconds for one call of fn (CUDA events on GPU, synchronised before and after)."""
+        """Seconds for one call of fn, by the chosen clock."""
         if self.cuda:
             torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -356,9 +364,17 @@ class Timer:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        return time.perf_counter() - t0
+        t1, c1 = time.perf_counter(), time.process_time()
+        self.wall_times.append(t1 - t0)
+        self.cpu_times.append(c1 - c0)
+        return c1 - c0 if self.clock == "cpu" else t1 - t0
+
+    def timed(self, fn) -> tuple[float, float | None, float | None]:
+        """(seconds by the chosen clock, wall seconds, process CPU seconds); the last two None on GPU."""
+        t = self.time(fn)
+        return (t, None, None) if self.cuda else (t, self.wall_times[-1], self.cpu_times[-1])
 
 
 def copy_bandwidth(device, timer: Timer, repeats: int, nbytes: int) -> dict:
@@ -366,14 +382,17 @@ def copy_bandwidth(device, timer: Timer, repeats: int, nbytes: int) -> dict:
     n = nbytes // 4
     src = torch.randn(n, device=device)
     dst = torch.randn(n, device=device)
-    out = {"bytes": n * 4}
+    out = {"bytes": n * 4, "clock": timer.clock}
     for name, fn, moved in (("copy", lambda: dst.copy_(src), 2), ("add", lambda: dst.add_(src), 3)):
         for _ in range(3):
             fn()
-        ts = [timer.time(fn) for _ in range(max(repeats, 5))]
-        t = statistics.median(ts)
+        ts = [timer.timed(fn) for _ in range(max(repeats, 5))]
+        t = statistics.median(x for x, _, _ in ts)
         out[f"{name}_median_s"] = t
         out[f"{name}_GBps"] = moved * n * 4 / t / 1e9
+        if not timer.cuda:
+            out[f"{name}_median_wall_s"] = statistics.median(w for _, w, _ in ts)
+            out[f"{name}_median_cpu_s"] = statistics.median(p for _, _, p in ts)
     del src, dst
     return out
 
@@ -470,10 +489,17 @@ def run_model(ps: ParamSet, cases: list[Case], device, args, timer: Timer, log) 
         c.result["init_s"] = time.perf_counter() - t0
         return step, opt, tensors
 
-    def finish(c: Case, step, opt, tensors, times):
+    def finish(c: Case, step, opt, tensors, timed):
+        times = [t for t, _, _ in timed]
+        c.result["clock"] = timer.clock
         c.result["times_s"] = times
         c.result["median_s"] = statistics.median(times)
         c.result["min_s"] = min(times)
+        if not timer.cuda:
+            c.result["wall_times_s"] = [w for _, w, _ in timed]
+            c.result["cpu_times_s"] = [p for _, _, p in timed]
+            c.result["median_wall_s"] = statistics.median(c.result["wall_times_s"])
+            c.result["median_cpu_s"] = statistics.median(c.result["cpu_times_s"])
         c.result["repeats"] = len(times)
         sb = state_bytes(opt)
         c.result.update(sb)
@@ -506,10 +532,10 @@ def run_model(ps: ParamSet, cases: list[Case], device, args, timer: Timer, log) 
     for r in range(args.repeats):
         order = runnable[r % len(runnable):] + runnable[:r % len(runnable)] if runnable else []
         for c in order if args.interleave else []:
-            times[c.name].append(timer.time(live[c.name][0]))
+            times[c.name].append(timer.timed(live[c.name][0]))
     if not args.interleave:
         for c in runnable:
-            times[c.name] = [timer.time(live[c.name][0]) for _ in range(args.repeats)]
+            times[c.name] = [timer.timed(live[c.name][0]) for _ in range(args.repeats)]
     for c in runnable:
         finish(c, *live[c.name], times[c.name])
     live.clear()
@@ -521,7 +547,7 @@ def run_model(ps: ParamSet, cases: list[Case], device, args, timer: Timer, log) 
             step, opt, tensors = setup(c)
             for _ in range(args.slow_warmup):
                 step()
-            ts = [timer.time(step) for _ in range(args.slow_repeats)]
+            ts = [timer.timed(step) for _ in range(args.slow_repeats)]
             finish(c, step, opt, tensors, ts)
         except Exception as exc:  # noqa: BLE001
             c.skip = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
@@ -602,8 +628,12 @@ def environment(device, args) -> dict:
         root = HERE.parent
         env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                            timeout=10).stdout.strip()
-        env["git_dirty_tracked"] = bool(subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root,
-                                                       capture_output=True, text=True, timeout=10).stdout.strip())
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root, capture_output=True, text=True,
+                               timeout=10).stdout.split("\n")
+        env["git_modified_tracked_files"] = [line[3:] for line in dirty if line.strip()]
+        so = next(Path(fgsgd_cuda.__file__).parent.glob("_C*.so"), None)
+        if so is not None:
+            env["fgsgd_C_so_mtime"] = datetime.datetime.fromtimestamp(so.stat().st_mtime).isoformat()
     except Exception:  # noqa: BLE001
         pass
     try:
@@ -617,18 +647,22 @@ def fmt(x, spec, empty="-"):
     return empty if x is None else format(x, spec)
 
 
-def table(model: dict) -> str:
-    rows = [("case", "median ms", "x base", "x fused", "x foreach", "GB/s", "% copy", "state B/p", "ops/step")]
+def table(model: dict, clock: str) -> str:
+    """The per-case table; ratios and GB/s by ``clock``; on CPU both the wall and the CPU-time medians."""
+    cpu = clock != "cuda-events"
+    rows = [("case", *(("wall ms", "cpu ms") if cpu else ("median ms",)), "x base", "x fused", "x foreach", "GB/s",
+             "% copy", "state B/p", "ops/step")]
     for c in model["cases"]:
-        r = c
         if c.get("skipped"):
-            rows.append((c["name"], "skipped", "", "", "", "", "", "", ""))
+            rows.append((c["name"], "skipped", *[""] * (len(rows[0]) - 2)))
             continue
         la = c.get("launches", {})
         ops = la.get("cuda_kernels", la.get("ops"))
-        rows.append((c["name"], f"{r['median_s'] * 1e3:.2f}", fmt(r.get("ratio_to_baseline"), ".2f"),
-                     fmt(r.get("ratio_to_sgd_fused"), ".2f"), fmt(r.get("ratio_to_sgd_foreach"), ".2f"),
-                     f"{r['GBps']:.1f}", f"{100 * r['fraction_of_copy_bw']:.0f}", f"{r['state_bytes_per_param']:.2f}",
+        times = (f"{c['median_wall_s'] * 1e3:.2f}", f"{c['median_cpu_s'] * 1e3:.2f}") if cpu else \
+            (f"{c['median_s'] * 1e3:.2f}",)
+        rows.append((c["name"], *times, fmt(c.get("ratio_to_baseline"), ".2f"),
+                     fmt(c.get("ratio_to_sgd_fused"), ".2f"), fmt(c.get("ratio_to_sgd_foreach"), ".2f"),
+                     f"{c['GBps']:.2f}", f"{100 * c['fraction_of_copy_bw']:.0f}", f"{c['state_bytes_per_param']:.2f}",
                      fmt(ops, "d")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
@@ -734,6 +768,10 @@ def parse_args(argv=None):
     ap.add_argument("--no-count", action="store_true", help="skip the ops / kernels-per-step count")
     ap.add_argument("--stabilize", type=int, default=50, help="FGSGD re-projection period (its default)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="CPU devices: time by time.perf_counter (wall, default) or time.process_time (cpu: the "
+                         "process's CPU time; steadier on an oversubscribed machine, best with --threads 1). Both "
+                         "are recorded in the JSON")
     ap.add_argument("--copy-mib", type=int, default=None, help="size of the copy-bandwidth tensor (default 1024 "
                                                                "GPU, 256 CPU)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (channels / 8), few repeats: a smoke run")
@@ -776,7 +814,7 @@ def main(argv=None) -> dict:
     env = environment(device, args)
     support = sgd_support(device)
     geoopt_reason = "--no-geoopt" if args.no_geoopt else geoopt_available()
-    timer = Timer(device)
+    timer = Timer(device, args.clock)
     log(f"device: {env['device_name']} ({device}), torch {env['torch']}, {env['torch_threads']} threads, "
         f"python {env['python']}, triton {env['triton']}, geoopt {env['geoopt']}")
     for v, why in support.items():
@@ -785,8 +823,8 @@ def main(argv=None) -> dict:
     if geoopt_reason:
         log(f"geoopt skipped: {geoopt_reason}")
     bw = copy_bandwidth(device, timer, args.repeats, copy_mib * 2 ** 20)
-    log(f"copy bandwidth: {bw['copy_GBps']:.1f} GB/s (dst.copy_(src), {copy_mib} MiB, read + write); "
-        f"add_: {bw['add_GBps']:.1f} GB/s")
+    log(f"copy bandwidth: {bw['copy_GBps']:.2f} GB/s (dst.copy_(src), {copy_mib} MiB, read + write, "
+        f"{timer.clock} clock); add_: {bw['add_GBps']:.2f} GB/s")
 
     report = {"environment": env, "settings": {
         "lr": LR, "momentum": MOMENTUM, "dtype": "float32", "bytes_per_param": BYTES_PER_PARAM,
@@ -798,7 +836,8 @@ def main(argv=None) -> dict:
                   "manifold_params": "every k×k conv weight with k > 1; the rest (BN, 1×1 convs, fc) in the "
                                      "Euclidean group"},
         "backends": backends, "sgd_support": support, "geoopt": geoopt_reason or "run",
-        "timer": "CUDA events, synchronised around every step" if cuda else "time.perf_counter",
+        "timer": "CUDA events, synchronised around every step" if cuda else
+                 {"wall": "time.perf_counter", "cpu": "time.process_time"}[args.clock],
     }, "bandwidth": bw, "models": {}}
     t_start = time.perf_counter()
     for m in models:
@@ -832,7 +871,8 @@ def main(argv=None) -> dict:
             model["cases"].append(entry)
         report["models"][m] = model
         log(f"baseline: {baseline}; {model['seconds']:.0f} s")
-        log(table(model))
+        log(f"ratios, GB/s and % copy by the {timer.clock} clock")
+        log(table(model, timer.clock))
         del ps, cases
         gc.collect()
     report["seconds"] = time.perf_counter() - t_start
