@@ -148,6 +148,12 @@ class FGSGD(Optimizer):
             for code in torch.unique(grouping.group_codes).tolist():
                 checks.code_for_shape(code, shape[0], shape[1], f"{name} ({_codes.manifold_of(code)})")
             checks.finite(p.detach(), name)
+            curved = grouping.codes != _codes.EUCLIDEAN
+            zero_cols = (component_view(p.detach(), shape).norm(dim=-2) == 0).any(-1).cpu() & curved
+            if bool(zero_cols.any()):
+                raise ValueError(f"{name}: {int(zero_cols.sum())} components have an all-zero column (or are all "
+                                 "zero) and cannot be moved onto the sphere/oblique/stiefel manifolds; initialise the "
+                                 "weight randomly (e.g. the default nn.init) before building the optimizer")
             state = self.state[p]
             state.update(shape=shape, codes=grouping.codes.to(p.device), group_index=grouping.group_index.to(p.device),
                          group_codes=grouping.group_codes.to(p.device), num_groups=grouping.num_groups, step=0,

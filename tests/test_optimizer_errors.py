@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from fgsgd_cuda import FGSGD
+from fgsgd_cuda import FGSGD, param_groups
 
 
 def model(seed=0) -> nn.ModuleDict:
@@ -165,3 +165,13 @@ def test_good_configuration_after_the_checks():
                 lr=0.1, momentum=0.9)
     assert len(opt.param_groups) == 4
     assert opt.state[m.wide.weight]["shape"] == (1, 3) and opt.state[m.fc.weight]["shape"] == (8, 1)
+
+
+def test_all_zero_filters_are_rejected_and_nothing_changes():
+    conv = torch.nn.Conv2d(2, 3, 3)
+    with torch.no_grad():
+        conv.weight[1, 0].zero_()          # one all-zero 3×3 filter among random ones
+    before = conv.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"params'\]\[0\].*1 components have an all-zero column"):
+        FGSGD(param_groups(conv, manifolds=["sphere"]), lr=0.1)
+    assert torch.equal(conv.weight, before)
