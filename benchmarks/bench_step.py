@@ -32,8 +32,7 @@ Usage::
 """
 from __future__ import annotations
 
-# torch must be imported before fgsgd_cuda: fgsgd_cuda._C links against libc10.so, which is only
-# found once torch is loaded (importing fgsgd_cuda first silently falls back to the torch backend).
+# torch first: older fgsgd_cuda builds could not load fgsgd_cuda._C (libc10.so) when imported before torch.
 import torch
 
 import argparse
@@ -731,8 +730,11 @@ def plot(report: dict, path: Path, log) -> Path | None:
     baselines = sorted({report["models"][m]["baseline"] for m in models})
     ax.set_xlabel(f"step time / {', '.join(baselines)} (log scale; lower is better)")
     env = report["environment"]
-    ax.set_title(f"One optimizer step, fp32, momentum 0.9 — {env['device_name']} ({env['torch_threads']} threads), "
-                 f"torch {env['torch']}, {env['date'][:10]}", fontsize=9)
+    clock = report["settings"].get("timer", "")
+    where = env["device_name"] if env["device"].startswith("cuda") else \
+        f"{env['device_name']} (torch threads={env['torch_threads']})"
+    ax.set_title(f"One optimizer step, fp32, momentum 0.9 — {where}, torch {env['torch']}, {env['date'][:10]}; "
+                 f"timed by {clock}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(axis="x", which="both", alpha=0.3)
     fig.tight_layout()
@@ -780,12 +782,19 @@ def parse_args(argv=None):
     ap.add_argument("--filters-only", action="store_true",
                     help="the parameter set is only the k×k conv filters (the manifold part, no Euclidean group)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--replot", metavar="JSON", default=None,
+                    help="only redraw the plot of an earlier run's JSON (next to it, .png) and exit")
     ap.add_argument("--no-geoopt", action="store_true")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.replot:
+        path = Path(args.replot)
+        png = plot(json.loads(path.read_text()), path.with_suffix(".png"), print)
+        print(f"wrote {png}")
+        return {}
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
