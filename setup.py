@@ -31,7 +31,7 @@ def extension():
         return CUDAExtension(
             "fgsgd_cuda._C", sources, include_dirs=include,
             define_macros=[("FGSGD_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]})
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]})
     return CppExtension("fgsgd_cuda._C", sources, include_dirs=include, extra_compile_args={"cxx": cxx})
 
 

@@ -21,18 +21,26 @@ inline std::string shape_str(const Tensor& t) {
   return s + (t.dim() == 1 ? ",)" : ")");
 }
 
+// Checked first: sparse tensors have no strides (is_contiguous() would throw a message that names
+// no argument), and they reach these kernels through the SparseCPU/SparseCUDA registrations.
+inline void check_dense(const Tensor& t, const std::string& name) {
+  TORCH_CHECK(t.layout() == at::kStrided, "fgsgd: ", name, " must be dense, got a sparse tensor (layout ",
+              t.layout(), ")");
+}
+
 // x must be (N, A, B), contiguous, float32/float64, A*B <= 64.
 inline void check_components(const Tensor& x, const char* name) {
+  check_dense(x, name);
   TORCH_CHECK(x.dim() == 3, "fgsgd: ", name, " must have shape (N, A, B), got ", shape_str(x));
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "fgsgd: ", name,
               " must be float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(x.is_contiguous(), "fgsgd: ", name, " must be contiguous");
-  TORCH_CHECK(!x.is_sparse(), "fgsgd: ", name, " must be dense, got a sparse tensor");
   TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(1) * x.size(2) <= kMaxElems, "fgsgd: ", name,
               " components must have 1 <= A*B <= ", kMaxElems, ", got ", x.size(1), "x", x.size(2));
 }
 
 inline void check_like(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
+  check_dense(t, name);
   TORCH_CHECK(t.sizes() == ref.sizes(), "fgsgd: ", name, " has shape ", shape_str(t), " but ", ref_name, " has shape ",
               shape_str(ref));
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fgsgd: ", name, " has dtype ", t.scalar_type(), " but ", ref_name,
@@ -40,10 +48,10 @@ inline void check_like(const Tensor& t, const Tensor& ref, const char* name, con
   TORCH_CHECK(t.device() == ref.device(), "fgsgd: ", name, " is on ", t.device(), " but ", ref_name, " is on ",
               ref.device());
   TORCH_CHECK(t.is_contiguous(), "fgsgd: ", name, " must be contiguous");
-  TORCH_CHECK(!t.is_sparse(), "fgsgd: ", name, " must be dense, got a sparse tensor");
 }
 
 inline void check_vector(const Tensor& t, int64_t n, at::ScalarType dtype, const Tensor& ref, const std::string& name) {
+  check_dense(t, name);
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fgsgd: ", name, " must have shape (", n, ",), got ", shape_str(t));
   TORCH_CHECK(t.scalar_type() == dtype, "fgsgd: ", name, " must have dtype ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.device() == ref.device(), "fgsgd: ", name, " is on ", t.device(), " but the parameters are on ",
@@ -55,9 +63,11 @@ inline void check_code(int64_t code, const Tensor& x) {
   TORCH_CHECK(code >= 0 && code < kNumCodes, "fgsgd: code must be in [0, ", kNumCodes - 1, "], got ", code);
   const int64_t A = x.size(1), B = x.size(2);
   if (manifold_of(int(code)) == kManStiefel)
-    TORCH_CHECK(A >= B, "fgsgd: the stiefel manifold needs components with A >= B, got ", A, "x", B);
+    TORCH_CHECK(A >= B, "fgsgd: code ", code, " selects the stiefel manifold, which needs components with A >= B, got ",
+                A, "x", B);
   if (code == kStiefelCayley)
-    TORCH_CHECK(A <= kMaxCayleyRows, "fgsgd: the cayley retraction supports A <= ", kMaxCayleyRows, ", got A = ", A);
+    TORCH_CHECK(A <= kMaxCayleyRows, "fgsgd: code ", code, " selects the cayley retraction, which supports A <= ",
+                kMaxCayleyRows, ", got A = ", A);
 }
 
 template <class T>
@@ -123,12 +133,13 @@ inline std::string at_(const char* name, size_t k) { return std::string(name) + 
 // Validates the parameter lists shared by the multi-tensor ops and builds the slots.
 template <class T>
 std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, TensorList momenta, TensorList codes,
-                                      TensorList rescale, TensorList group_index, TensorList group_scale) {
+                                      TensorList rescale, TensorList group_index, TensorList group_scale,
+                                      const char* rescale_name = "rescale") {
   const size_t n = params.size();
   check_list_len(grads, n, "grads");
   check_list_len(momenta, n, "momentum_buffers");
   check_list_len(codes, n, "codes");
-  check_list_len(rescale, n, "rescale");
+  check_list_len(rescale, n, rescale_name);
   check_list_len(group_index, n, "group_index");
   check_list_len(group_scale, n, "group_scale");
   TORCH_CHECK(group_index.size() == group_scale.size(), "fgsgd: group_index and group_scale must both be given or both be empty");
@@ -158,12 +169,13 @@ std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, Tenso
     check_vector(codes[k], N, at::kByte, p, at_("codes", k));
     s.codes = codes[k].data_ptr<uint8_t>();
     if (!rescale.empty()) {
-      check_vector(rescale[k], N, p.scalar_type(), p, at_("rescale", k));
+      check_vector(rescale[k], N, p.scalar_type(), p, at_(rescale_name, k));
       s.rescale = rescale[k].data_ptr<T>();
     }
     if (!group_index.empty()) {
       check_vector(group_index[k], N, at::kInt, p, at_("group_index", k));
       const Tensor& gs = group_scale[k];
+      check_dense(gs, at_("group_scale", k));
       TORCH_CHECK(gs.dim() == 1 && gs.scalar_type() == p.scalar_type() && gs.device() == p.device() && gs.is_contiguous(),
                   "fgsgd: ", at_("group_scale", k), " must be a contiguous 1-D tensor of the parameters' dtype and device");
       s.group_index = group_index[k].data_ptr<int32_t>();
@@ -178,9 +190,10 @@ void step_(TensorList params, TensorList grads, TensorList momenta, TensorList c
            TensorList group_index, TensorList group_scale, double lr, double momentum, double dampening, bool nesterov,
            double weight_decay, bool first_step, bool stabilize) {
   if (params.empty()) return;
-  TORCH_CHECK(grads.size() == params.size(), "fgsgd: step_ needs one gradient per parameter");
-  TORCH_CHECK(momentum == 0 || momenta.size() == params.size(),
-              "fgsgd: momentum != 0 needs one momentum buffer per parameter");
+  TORCH_CHECK(grads.size() == params.size(), "fgsgd: grads must hold one tensor per parameter (", params.size(),
+              "), got ", grads.size());
+  TORCH_CHECK(momentum == 0 || momenta.size() == params.size(), "fgsgd: momentum_buffers must hold one tensor per "
+              "parameter (", params.size(), ") when momentum != 0, got ", momenta.size());
   TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0), "fgsgd: nesterov needs momentum > 0 and dampening = 0");
   FGSGD_FLOATING(params[0].scalar_type(), [&] {
     auto slots = make_slots<T>(params, grads, momentum == 0 ? TensorList() : momenta, codes, rescale, group_index,
@@ -192,8 +205,9 @@ void step_(TensorList params, TensorList grads, TensorList momenta, TensorList c
 
 template <class Backend>
 Tensor tangent_sqnorm(TensorList params, TensorList grads, TensorList codes, TensorList rescale, double weight_decay) {
-  TORCH_CHECK(!params.empty(), "fgsgd: tangent_sqnorm needs at least one parameter");
-  TORCH_CHECK(grads.size() == params.size(), "fgsgd: tangent_sqnorm needs one gradient per parameter");
+  TORCH_CHECK(!params.empty(), "fgsgd: params must hold at least one tensor (tangent_sqnorm)");
+  TORCH_CHECK(grads.size() == params.size(), "fgsgd: grads must hold one tensor per parameter (", params.size(),
+              "), got ", grads.size());
   int64_t total = 0;
   for (const Tensor& p : params) total += p.dim() == 3 ? p.size(0) : 0;
   Tensor out = at::empty({total}, params[0].options());
@@ -217,9 +231,10 @@ void projx_(TensorList params, TensorList codes, TensorList rescale) {
 template <class Backend>
 void rescale_(TensorList params, TensorList codes, TensorList ratio) {
   if (params.empty()) return;
-  TORCH_CHECK(ratio.size() == params.size(), "fgsgd: rescale_ needs one ratio tensor per parameter");
+  TORCH_CHECK(ratio.size() == params.size(), "fgsgd: ratio must hold one tensor per parameter (", params.size(),
+              "), got ", ratio.size());
   FGSGD_FLOATING(params[0].scalar_type(), [&] {
-    Backend::rescale_slots(make_slots<T>(params, {}, {}, codes, ratio, {}, {}), params[0]);
+    Backend::rescale_slots(make_slots<T>(params, {}, {}, codes, ratio, {}, {}, "ratio"), params[0]);
   });
 }
 

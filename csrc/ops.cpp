@@ -55,6 +55,8 @@ TORCH_LIBRARY(fgsgd, m) {
 }
 
 TORCH_LIBRARY_IMPL(fgsgd, CPU, m) { fgsgd::ops::register_impls<fgsgd::ops::CpuBackend>(m); }
+// Sparse inputs dispatch to SparseCPU: the same implementation, whose checks reject them by name.
+TORCH_LIBRARY_IMPL(fgsgd, SparseCPU, m) { fgsgd::ops::register_impls<fgsgd::ops::CpuBackend>(m); }
 
 // The Python module fgsgd_cuda._C: importing it registers the ops above; `with_cuda` says whether
 // this build has the CUDA kernels.

@@ -45,3 +45,5 @@ struct CudaBackend {
 }  // namespace fgsgd
 
 TORCH_LIBRARY_IMPL(fgsgd, CUDA, m) { fgsgd::ops::register_impls<fgsgd::ops::CudaBackend>(m); }
+// Sparse inputs dispatch to SparseCUDA: the same implementation, whose checks reject them by name.
+TORCH_LIBRARY_IMPL(fgsgd, SparseCUDA, m) { fgsgd::ops::register_impls<fgsgd::ops::CudaBackend>(m); }

@@ -10,6 +10,7 @@ from .manifolds import Euclidean, Oblique, Sphere, Stiefel, manifold
 from .grouping import Grouping, make_grouping
 from .optimizer import FGSGD
 from .param_groups import param_groups
+from .renorm import Renormalizer
 
 if _ext.HAS_CPU_KERNELS:
     from . import _fake
@@ -18,5 +19,5 @@ if _ext.HAS_CPU_KERNELS:
 
 __version__ = "0.1.0"
 
-__all__ = ["FGSGD", "param_groups", "Grouping", "make_grouping", "codes", "manifolds", "reference", "dispatch", "ops", "manifold", "Sphere", "Oblique", "Stiefel",
+__all__ = ["FGSGD", "param_groups", "Renormalizer", "Grouping", "make_grouping", "codes", "manifolds", "reference", "dispatch", "ops", "manifold", "Sphere", "Oblique", "Stiefel",
            "Euclidean"]

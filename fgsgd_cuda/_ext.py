@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch  # noqa: F401  (loads libc10/libtorch, which fgsgd_cuda._C links against)
+
 _C = None
 LOAD_ERROR: str | None = None
 try:

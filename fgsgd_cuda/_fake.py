@@ -1,7 +1,25 @@
-"""Fake (meta) kernels of the compiled ops, so torch.compile and FakeTensor tracing see their shapes."""
+"""Fake (meta) kernels of the compiled ops, so torch.compile and FakeTensor tracing see their shapes.
+
+They run the same argument checks as :mod:`fgsgd_cuda.ops`: the dispatcher also sends a call that
+mixes meta and real tensors here (the Meta key wins), which must fail by name, not return garbage.
+"""
 from __future__ import annotations
 
 import torch
+
+from . import checks
+
+
+def _unary(x, u, code, u_name):
+    checks.components(x, "x")
+    if u is not None:
+        checks.like(u, x, u_name, "x")
+    checks.code_for_shape(code, x.shape[1], x.shape[2])
+
+
+def _lists(params, grads, momenta, codes, rescale=None, group_index=None, group_scale=None, rescale_name="rescale"):
+    from .ops import check_lists
+    check_lists(params, grads, momenta, codes, rescale, group_index, group_scale, rescale_name=rescale_name)
 
 
 def register() -> None:
@@ -9,33 +27,51 @@ def register() -> None:
 
     @torch.library.register_fake(lib + "proj")
     def _proj(x, u, code):
+        _unary(x, u, code, "u")
         return torch.empty_like(x)
 
     @torch.library.register_fake(lib + "retr")
     def _retr(x, v, code):
+        _unary(x, v, code, "v")
         return torch.empty_like(x)
 
     @torch.library.register_fake(lib + "projx")
     def _projx(x, code):
+        _unary(x, None, code, "")
         return torch.empty_like(x)
 
     @torch.library.register_fake(lib + "norms")
     def _norms(x):
+        checks.components(x, "x")
         return x.new_empty((x.shape[0], 3))
 
     @torch.library.register_fake(lib + "tangent_sqnorm")
     def _sqnorm(params, grads, codes, rescale, weight_decay):
+        if not params:
+            raise ValueError("params: needs at least one tensor")
+        _lists(params, grads, None, codes, rescale)
         return params[0].new_empty((sum(p.shape[0] for p in params),))
 
     @torch.library.register_fake(lib + "step_")
     def _step(params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening,
               nesterov, weight_decay, first_step, stabilize):
+        if params:
+            if momentum and len(momenta) != len(params):
+                raise ValueError(f"momentum_buffers: momentum={momentum} needs one buffer per parameter "
+                                 f"({len(params)}), got {len(momenta)}")
+            _lists(params, grads, momenta if momentum else None, codes, rescale, group_index, group_scale)
         return None
 
     @torch.library.register_fake(lib + "projx_")
     def _projx_(params, codes, rescale):
+        if params:
+            _lists(params, None, None, codes, rescale)
         return None
 
     @torch.library.register_fake(lib + "rescale_")
     def _rescale_(params, codes, ratio):
+        if params:
+            if len(ratio) != len(params):
+                raise ValueError(f"ratio: expected one tensor per parameter ({len(params)}), got {len(ratio)}")
+            _lists(params, None, None, codes, ratio, rescale_name="ratio")
         return None

@@ -64,11 +64,13 @@ OPTIMIZERS = {
 }
 
 
-def make_optimizer(name, model, lr, momentum):
+def make_optimizer(name, model, lr, momentum, manifold_lr):
+    """SGD, or FGSGD with ``manifold_lr`` on the manifold groups (unit-norm filters take steps on a
+    different scale than free weights) and ``lr`` on the Euclidean rest."""
     kinds = OPTIMIZERS[name]
     if kinds is None:
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    return FGSGD(param_groups(model, manifolds=kinds, collection="PIO", group_size=8, seed=0),
+    return FGSGD(param_groups(model, manifolds=kinds, collection="PIO", group_size=8, seed=0, lr=manifold_lr),
                  lr=lr, momentum=momentum, check_finite=False)
 
 
@@ -77,11 +79,11 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_one(name, seed, data, device, epochs, batch_size, lr, momentum, progress):
+def run_one(name, seed, data, device, epochs, batch_size, lr, momentum, manifold_lr, progress):
     torch.manual_seed(seed)
     (x_train, y_train), (x_test, y_test) = data
     model = SmallCNN().to(device)
-    opt = make_optimizer(name, model, lr, momentum)
+    opt = make_optimizer(name, model, lr, momentum, manifold_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
     gen = torch.Generator().manual_seed(seed)
     step_time, steps = 0.0, 0
@@ -138,6 +140,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--manifold-lr", type=float, default=5.0, help="lr of FG-SGD's manifold groups")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -148,7 +151,7 @@ def main(argv=None):
     results = {}
     for name in OPTIMIZERS:
         results[name] = [run_one(name, seed, data, device, args.epochs, args.batch_size, args.lr, args.momentum,
-                                 progress) for seed in range(args.seeds)]
+                                 args.manifold_lr, progress) for seed in range(args.seeds)]
     progress.close()
     sgd_time = statistics.mean(t for _, t in results["SGD"])
     width = max(len(n) for n in OPTIMIZERS)

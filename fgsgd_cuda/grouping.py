@@ -75,9 +75,10 @@ def check_options(manifolds, assign, collection, group_size, num_groups, selecti
     for name in manifolds:
         _codes.code_of(name, (retraction or {}).get(name))
     if retraction:
-        for name in retraction:
+        for name, retr in retraction.items():
             if name not in _codes.RETRACTIONS:
                 raise ValueError(f"retraction: unknown manifold {name!r} in {retraction}")
+            _codes.code_of(name, retr)
     if assign not in ASSIGNMENTS:
         raise ValueError(f"assign: expected one of {ASSIGNMENTS}, got {assign!r}")
     if collection not in COLLECTIONS:

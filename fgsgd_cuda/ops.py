@@ -52,10 +52,12 @@ def norms(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
 
 def check_lists(params: Tensors, grads: Tensors | None, momenta: Tensors | None, codes: Tensors,
                 rescale: Tensors | None = None, group_index: Tensors | None = None,
-                group_scale: Tensors | None = None) -> None:
-    """The per-tensor checks of the multi-tensor ops (cheap: shapes, dtypes and devices only)."""
+                group_scale: Tensors | None = None, *, rescale_name: str = "rescale") -> None:
+    """The per-tensor checks of the multi-tensor ops (cheap: shapes, dtypes and devices only).
+
+    ``rescale_name`` names the per-component scale list in errors (``ratio`` for :func:`rescale_`)."""
     n = len(params)
-    for name, lst in (("grads", grads), ("momentum_buffers", momenta), ("codes", codes), ("rescale", rescale),
+    for name, lst in (("grads", grads), ("momentum_buffers", momenta), ("codes", codes), (rescale_name, rescale),
                       ("group_index", group_index), ("group_scale", group_scale)):
         if lst is not None and len(lst) not in ((n,) if name in ("grads", "codes") else (0, n)):
             raise ValueError(f"{name}: expected one tensor per parameter ({n}), got {len(lst)}")
@@ -78,7 +80,7 @@ def check_lists(params: Tensors, grads: Tensors | None, momenta: Tensors | None,
         if rescale:
             r = rescale[k]
             if r.shape != (p.shape[0],) or r.dtype != p.dtype or r.device != p.device:
-                raise ValueError(f"rescale[{k}]: expected shape ({p.shape[0]},) {p.dtype} on {p.device}, got "
+                raise ValueError(f"{rescale_name}[{k}]: expected shape ({p.shape[0]},) {p.dtype} on {p.device}, got "
                                  f"{tuple(r.shape)} {r.dtype} on {r.device}")
         if group_index:
             gi = group_index[k]
@@ -135,7 +137,7 @@ def rescale_(params: Tensors, codes: Tensors, ratio: Tensors, *, backend: str = 
     """p ← ratio·p per component in place (applies a new rescale R_new = ratio·R_old)."""
     if not params:
         return
-    check_lists(params, None, None, codes, ratio)
     if len(ratio) != len(params):
         raise ValueError(f"ratio: expected one tensor per parameter ({len(params)}), got {len(ratio)}")
+    check_lists(params, None, None, codes, ratio, rescale_name="ratio")
     dispatch.get(backend, params[0].device).rescale_(list(params), list(codes), list(ratio))

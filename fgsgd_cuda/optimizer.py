@@ -11,7 +11,7 @@ import torch
 from torch.optim.optimizer import Optimizer
 from torch.optim.sgd import sgd
 
-from . import checks, dispatch, ops
+from . import checks, dispatch
 from . import codes as _codes
 from .functional import component_view, manifold_step
 from .grouping import make_grouping
@@ -64,7 +64,13 @@ class FGSGD(Optimizer):
                         weight_decay=weight_decay, maximize=False, **{**MANIFOLD_DEFAULTS, **manifold_options})
         self._init_projx = init_projx
         self._group_cache: dict = {}
+        # the initial projections wait until every group is checked: a bad group leaves the weights alone
+        self._pending_projx: list | None = []
         super().__init__(params, defaults)
+        pending, self._pending_projx = self._pending_projx, None
+        with torch.no_grad():
+            for args in pending:
+                self._projx_views(*args)
 
     # ---------------------------------------------------------------- construction
     def add_param_group(self, param_group: dict) -> None:
@@ -131,6 +137,7 @@ class FGSGD(Optimizer):
                 raise ValueError(f"{name}: manifold parameters must be contiguous (channels_last weights are not "
                                  "supported)")
             out_ch, in_ch, shape, is_row = self._component_layout(p, name)
+            dispatch.get(group["backend"] if shape[0] * shape[1] <= checks.MAX_ELEMS else "torch", p.device)
             if is_row and "stiefel" in kinds:
                 raise ValueError(f"{name}: the row view (1×1 convs, linear weights) supports sphere, oblique and "
                                  f"euclidean only, got manifolds={kinds}")
@@ -141,6 +148,12 @@ class FGSGD(Optimizer):
             for code in torch.unique(grouping.group_codes).tolist():
                 checks.code_for_shape(code, shape[0], shape[1], f"{name} ({_codes.manifold_of(code)})")
             checks.finite(p.detach(), name)
+            curved = grouping.codes != _codes.EUCLIDEAN
+            zero_cols = (component_view(p.detach(), shape).norm(dim=-2) == 0).any(-1).cpu() & curved
+            if bool(zero_cols.any()):
+                raise ValueError(f"{name}: {int(zero_cols.sum())} components have an all-zero column (or are all "
+                                 "zero) and cannot be moved onto the sphere/oblique/stiefel manifolds; initialise the "
+                                 "weight randomly (e.g. the default nn.init) before building the optimizer")
             state = self.state[p]
             state.update(shape=shape, codes=grouping.codes.to(p.device), group_index=grouping.group_index.to(p.device),
                          group_codes=grouping.group_codes.to(p.device), num_groups=grouping.num_groups, step=0,
@@ -148,8 +161,11 @@ class FGSGD(Optimizer):
             views.append(component_view(p.detach(), shape))
             codes.append(state["codes"])
         if self._init_projx:
-            with torch.no_grad():
-                self._projx_views(views, codes, [], group["backend"])
+            if self._pending_projx is not None:
+                self._pending_projx.append((views, codes, [], group["backend"]))
+            else:
+                with torch.no_grad():
+                    self._projx_views(views, codes, [], group["backend"])
 
     def _projx_views(self, views, codes, rescale, backend) -> None:
         by_shape: dict = {}
@@ -157,8 +173,23 @@ class FGSGD(Optimizer):
             by_shape.setdefault((tuple(v.shape[1:]), v.device), []).append(k)
         for (shape, device), idx in by_shape.items():
             name = backend if shape[0] * shape[1] <= checks.MAX_ELEMS else "torch"
-            ops.projx_([views[k] for k in idx], [codes[k] for k in idx],
-                       rescale=[rescale[k] for k in idx] if rescale else (), backend=name)
+            # the backend directly, as manifold_step does: ops.projx_ refuses components of more than 64
+            # entries, which go to the torch backend here (long rows of the row view)
+            dispatch.get(name, device).projx_([views[k] for k in idx], [codes[k] for k in idx],
+                                              [rescale[k] for k in idx] if rescale else [])
+
+    def load_state_dict(self, state_dict) -> None:
+        # torch casts every tensor of a parameter's state to the parameter's dtype: keep the grouping's
+        # integer tensors (codes, group_index, group_codes) as they were saved
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        ints = {i: {k: v for k, v in state_dict["state"].get(i, {}).items()
+                    if isinstance(v, torch.Tensor) and not v.is_floating_point()} for i in saved_ids}
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params):
+            for k, v in ints[i].items():
+                self.state[p][k] = v.to(device=p.device).clone()
+        self._group_cache.clear()  # keyed by the addresses of the old group_index tensors
 
     # ---------------------------------------------------------------- access for the library's tools
     def manifold_params(self) -> Iterator[tuple[dict, torch.Tensor, dict]]:
@@ -199,10 +230,10 @@ class FGSGD(Optimizer):
             ratio = (r_new / self.rescale(p)).contiguous()
             backend = next(g["backend"] for g in self.param_groups if any(q is p for q in g["params"]))
             groups.setdefault((st["shape"], p.device, backend), []).append((p, st, r_new, ratio))
-        for (shape, _, backend), items in groups.items():
+        for (shape, device, backend), items in groups.items():
             name = backend if shape[0] * shape[1] <= checks.MAX_ELEMS else "torch"
-            ops.rescale_([component_view(p, shape) for p, *_ in items], [st["codes"] for _, st, _, _ in items],
-                         [ratio for *_, ratio in items], backend=name)
+            dispatch.get(name, device).rescale_([component_view(p, shape) for p, *_ in items],
+                                                [st["codes"] for _, st, _, _ in items], [ratio for *_, ratio in items])
             for _, st, r_new, _ in items:
                 st["rescale"] = r_new.contiguous()
 

@@ -1,0 +1,118 @@
+"""FGSGD under DistributedDataParallel: two gloo processes on CPU, different data per rank, random selection.
+
+After several steps the weights are bitwise identical on both ranks and on the manifolds (the grouping is
+seeded, the all-reduced gradients are identical, the step is deterministic).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from torch import nn
+
+from fgsgd_cuda import FGSGD, codes as C, manifolds as M, param_groups
+
+WORLD = 2
+STEPS = 6
+
+
+def worker(rank: int, world: int, store_path: str, out: str) -> None:
+    """One rank: a small CNN in DDP, FGSGD with random selection, its own data; saves its final weights."""
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(1234 + rank)   # different initial weights per rank: DDP broadcasts rank 0's
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(8, 6, (3, 2)), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = FGSGD(param_groups(model, row_view=True, group_size=3, selection="random", seed=7, group_clip=1.0,
+                                 stabilize=4, weight_decay=1e-3),
+                    lr=0.1, momentum=0.9, nesterov=True)
+        gen = torch.Generator().manual_seed(100 + rank)   # different data per rank
+        losses = []
+        for _ in range(STEPS):
+            x = torch.randn(8, 3, 8, 8, generator=gen)
+            y = torch.randint(0, 4, (8,), generator=gen)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(ddp(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        codes = {n: opt.state[p]["codes"].clone() for n, p in model.named_parameters() if "codes" in opt.state[p]}
+        torch.save({"params": params, "codes": codes, "losses": losses}, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _entry(rank, world, store_path, out_dir):
+    try:
+        worker(rank, world, store_path, os.path.join(out_dir, f"r{rank}.pt"))
+    except BaseException:  # pragma: no cover - reported by the parent
+        import traceback
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def gloo_missing() -> str | None:
+    if not dist.is_available():
+        return "torch.distributed is not available in this build"
+    if not dist.is_gloo_available():
+        return "the gloo backend of torch.distributed is not available"
+    return None
+
+
+@pytest.mark.skipif(gloo_missing() is not None, reason=str(gloo_missing()))
+def test_ddp_two_ranks_identical_weights_on_the_manifolds(tmp_path):
+    # fork: the children inherit the imported torch and fgsgd_cuda (spawning two fresh interpreters costs more
+    # than the whole test); each child sets one intra-op thread before any work
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    FGSGD([nn.Parameter(torch.ones(2, 2))], lr=0.1)  # imports what torch.optim imports lazily, once, before forking
+    store = str(tmp_path / "store")
+    procs = [ctx.Process(target=_entry, args=(r, WORLD, store, str(tmp_path))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=120)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    for r, p in enumerate(procs):
+        err = tmp_path / f"error{r}.txt"
+        why = err.read_text() if err.exists() else ""
+        assert p.exitcode == 0, f"rank {r} failed (exit code {p.exitcode}):\n{why}"
+    res = [torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in range(WORLD)]
+    # each rank saw different data
+    assert res[0]["losses"] != res[1]["losses"]
+    # identical weights and grouping on both ranks
+    for name, p0 in res[0]["params"].items():
+        assert torch.equal(p0, res[1]["params"][name]), f"{name} differs between the ranks"
+    for name, c0 in res[0]["codes"].items():
+        assert torch.equal(c0, res[1]["codes"][name])
+    # on the manifolds (Table 1), and the manifold weights are a mix of kinds
+    params, codes = res[0]["params"], res[0]["codes"]
+    assert set(codes) == {"0.weight", "2.weight", "4.weight", "7.weight"}
+    for name, c in codes.items():
+        p = params[name]
+        shape = (p.shape[2], p.shape[3]) if p.dim() == 4 and p.shape[2] * p.shape[3] > 1 else (p[0].numel(), 1)
+        w = p.reshape(-1, *shape).double()
+        assert len(torch.unique(c)) >= 2, name
+        for code in torch.unique(c).tolist():
+            x = w[c == code]
+            kind = C.manifold_of(code)
+            fro, spectral, _ = M.norms(x).unbind(-1)
+            table = M.table1_norms(kind, shape[1])
+            assert float((fro - table["frobenius"]).abs().max()) < 1e-5, (name, kind)
+            if kind == "stiefel":
+                assert float((spectral - 1).abs().max()) < 1e-5, name
+            if kind == "oblique":
+                assert float((x.norm(dim=-2) - 1).abs().max()) < 1e-5, name

@@ -1,0 +1,244 @@
+"""FGSGD keeps the torch.optim contract: Euclidean groups are torch.optim.SGD bit for bit, zero_grad,
+step(closure), parameters without gradients, GradScaler, sparse and non-finite gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_gen
+from fgsgd_cuda import FGSGD, param_groups
+
+
+def small_cnn(seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+
+
+def batch(seed=0, n=4):
+    gen = make_gen(seed)
+    return torch.randn(n, 3, 8, 8, generator=gen), torch.randint(0, 5, (n,), generator=gen)
+
+
+def loss_of(model, x, y):
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def snapshot(params, opt):
+    """A deep copy of the parameters and the optimizer's state (for 'nothing changed' checks)."""
+    def copy(v):
+        if isinstance(v, torch.Tensor):
+            return v.detach().clone()
+        if isinstance(v, dict):
+            return {k: copy(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(copy(x) for x in v)
+        return v
+    return [p.detach().clone() for p in params], {id(p): copy(dict(opt.state[p])) for p in params if p in opt.state}
+
+
+def assert_same(a, b):
+    def same(x, y):
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+        return x == y
+    (pa, sa), (pb, sb) = a, b
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb)), "a parameter changed"
+    assert sa.keys() == sb.keys(), "the optimizer's state gained or lost entries"
+    assert all(same(sa[k], sb[k]) for k in sa), "the optimizer's state changed"
+
+
+# ------------------------------------------------------------------------------------------------ SGD
+SGD_HYPER = [dict(), dict(momentum=0.9), dict(momentum=0.9, weight_decay=1e-2), dict(momentum=0.9, nesterov=True),
+             dict(momentum=0.8, dampening=0.5, weight_decay=5e-3), dict(weight_decay=0.1),
+             dict(momentum=0.9, nesterov=True, weight_decay=1e-3)]
+
+
+@pytest.mark.parametrize("hyper", SGD_HYPER, ids=lambda h: "-".join(f"{k}{v}" for k, v in h.items()) or "plain")
+def test_euclidean_groups_are_sgd_bitwise(hyper):
+    """A whole model in Euclidean groups, and the Euclidean group beside manifold groups, run side by side
+    with torch.optim.SGD on a copy: bitwise equal weights and momentum buffers after every step."""
+    m_fg, m_sgd = small_cnn(1), small_cnn(1)
+    m_mix, m_mix_sgd = small_cnn(1), small_cnn(1)
+    opt_fg = FGSGD(m_fg.parameters(), lr=0.05, **hyper)                                   # manifolds=None
+    opt_sgd = torch.optim.SGD(m_sgd.parameters(), lr=0.05, **hyper)
+    groups = param_groups(m_mix, weight_decay=hyper.get("weight_decay", 0.0), group_size=4)
+    hyper_no_wd = {k: v for k, v in hyper.items() if k != "weight_decay"}
+    opt_mix = FGSGD(groups, lr=0.05, **hyper_no_wd)
+    euclid = groups[-1]["params"]
+    assert groups[-1]["manifolds"] is None and len(euclid) > 4
+    euclid_sgd = [dict(m_mix_sgd.named_parameters())[n] for n, p in m_mix.named_parameters()
+                  if any(p is q for q in euclid)]
+    opt_mix_sgd = torch.optim.SGD(euclid_sgd, lr=0.05, **hyper)
+    for t in range(4):
+        x, y = batch(t)
+        for model, opt in ((m_fg, opt_fg), (m_sgd, opt_sgd), (m_mix, opt_mix), (m_mix_sgd, opt_mix_sgd)):
+            opt.zero_grad()
+            loss_of(model, x, y).backward()
+        # the manifold weights of the mixed model differ, so feed its gradients to the SGD copy
+        for p, q in zip(euclid, euclid_sgd):
+            q.grad = p.grad.clone()
+        for opt in (opt_fg, opt_sgd, opt_mix, opt_mix_sgd):
+            opt.step()
+        for (name, p), q in zip(m_fg.named_parameters(), m_sgd.parameters()):
+            assert torch.equal(p, q), f"step {t}: {name} differs from torch.optim.SGD"
+            if hyper.get("momentum"):
+                assert torch.equal(opt_fg.state[p]["momentum_buffer"], opt_sgd.state[q]["momentum_buffer"])
+        for p, q in zip(euclid, euclid_sgd):
+            assert torch.equal(p, q), f"step {t}: a Euclidean parameter beside manifold groups differs from SGD"
+    assert not torch.equal(m_fg[0].weight, small_cnn(1)[0].weight)
+
+
+# ------------------------------------------------------------------------------------------------ contract
+def test_zero_grad_and_closure():
+    model = small_cnn(2)
+    opt = FGSGD(param_groups(model, group_size=4), lr=0.1, momentum=0.9)
+    x, y = batch(0)
+    calls = []
+
+    def closure():
+        assert torch.is_grad_enabled()
+        calls.append(1)
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
+    before = model[0].weight.detach().clone()
+    loss = opt.step(closure)
+    assert len(calls) == 1 and isinstance(loss, torch.Tensor)
+    assert not torch.equal(before, model[0].weight)
+    assert opt.step() is None
+    assert all(p.grad is not None for p in model.parameters())
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_closure_loss_is_before_the_step():
+    model = small_cnn(3)
+    opt = FGSGD(param_groups(model, group_size=4), lr=0.1)
+    x, y = batch(1)
+    expected = loss_of(model, x, y).detach()  # after the initial projection, before the step
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
+    got = opt.step(closure)
+    assert torch.equal(got.detach(), expected)
+    assert not torch.equal(loss_of(model, x, y).detach(), expected)
+
+
+def test_params_without_grad_are_skipped():
+    model = small_cnn(4)
+    opt = FGSGD(param_groups(model, group_size=4), lr=0.1, momentum=0.9)
+    x, y = batch(2)
+    loss_of(model, x, y).backward()
+    frozen = [model[3].weight, model[3].bias]            # a manifold weight and a Euclidean bias
+    for p in frozen:
+        p.grad = None
+    before = [p.detach().clone() for p in frozen]
+    opt.step()
+    for p, b in zip(frozen, before):
+        assert torch.equal(p, b)
+    st = opt.state[model[3].weight]
+    assert st["step"] == 0 and st.get("momentum_buffer") is None
+    assert model[3].bias not in opt.state
+    assert opt.state[model[0].weight]["step"] == 1 and opt.state[model[0].bias]["momentum_buffer"] is not None
+    # a later step with its gradient starts its momentum (first step) while the others continue
+    loss_of(model, x, y).backward()
+    opt.step()
+    assert st["step"] == 1 and st["momentum_buffer"] is not None
+    assert opt.state[model[0].weight]["step"] == 2
+
+
+def make_scaler():
+    try:
+        return torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    except (TypeError, RuntimeError, AttributeError) as exc:  # pragma: no cover - older torch
+        pytest.skip(f"torch.amp.GradScaler('cpu') is not supported here: {exc}")
+
+
+def test_grad_scaler_skips_inf_and_matches_unscaled_step():
+    model, ref = small_cnn(5), small_cnn(5)
+    opt = FGSGD(param_groups(model, group_size=4, group_clip=1.0), lr=0.1, momentum=0.9)
+    opt_ref = FGSGD(param_groups(ref, group_size=4, group_clip=1.0), lr=0.1, momentum=0.9)
+    scaler = make_scaler()
+    params = list(model.parameters())
+    for t in range(3):
+        x, y = batch(10 + t)
+        opt.zero_grad()
+        scaler.scale(loss_of(model, x, y)).backward()
+        opt_ref.zero_grad()
+        loss_of(ref, x, y).backward()
+        if t == 1:  # an overflow: the scaler must skip the step
+            params[3].grad.view(-1)[5] = float("inf")
+            before = snapshot(params, opt)
+            scale = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            assert_same(snapshot(params, opt), before)
+            assert scaler.get_scale() < scale
+            continue
+        scaler.step(opt)
+        scaler.update()
+        opt_ref.step()
+        for p, q in zip(params, ref.parameters()):  # unscaling by a power of two is exact
+            assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+    assert opt.state[params[0]]["step"] == 2
+
+
+def test_sparse_gradients_are_rejected():
+    emb = nn.Embedding(10, 4, sparse=True)
+    conv = nn.Conv2d(2, 3, 3)
+    opt = FGSGD([{"params": [conv.weight], "manifolds": ["sphere"]}, {"params": [emb.weight, conv.bias]}],
+                lr=0.1, momentum=0.9)
+    conv.weight.grad = torch.randn_like(conv.weight)
+    conv.bias.grad = torch.randn_like(conv.bias)
+    emb(torch.tensor([1, 2, 3])).sum().backward()
+    assert emb.weight.grad.is_sparse
+    params = [conv.weight, emb.weight, conv.bias]
+    before = snapshot(params, opt)
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[0\].*sparse"):
+        opt.step()
+    assert_same(snapshot(params, opt), before)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_gradients(bad):
+    model = small_cnn(6)
+    opt = FGSGD(param_groups(model, group_size=4), lr=0.1, momentum=0.9)
+    params = list(model.parameters())
+    x, y = batch(3)
+    loss_of(model, x, y).backward()
+    opt.step()
+    opt.zero_grad()
+    loss_of(model, x, y).backward()
+    model[3].weight.grad.view(-1)[7] = bad
+    before = snapshot(params, opt)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\].*inf or nan"):
+        opt.step()
+    assert_same(snapshot(params, opt), before)
+    # a non-finite Euclidean gradient too
+    model[3].weight.grad.view(-1)[7] = 0.5
+    model[1].bias.grad[0] = bad
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[\d+\].*inf or nan"):
+        opt.step()
+    assert_same(snapshot(params, opt), before)
+    # check_finite=False: the step is taken
+    for g in opt.param_groups:
+        g["check_finite"] = False
+    model[3].weight.grad.view(-1)[7] = bad
+    opt.step()
+    assert opt.state[model[3].weight]["step"] == 2
+    assert not torch.isfinite(model[1].bias).all()

@@ -1,0 +1,156 @@
+"""Checkpoint and resume: N steps, save, a fresh model and optimizer, load both, M more steps must give the
+bitwise same weights as N + M steps without stopping; the grouping comes from the checkpoint."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_gen
+from fgsgd_cuda import FGSGD, param_groups
+
+N, M = 4, 5
+
+
+def cnn(seed) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, (3, 2)),
+                         nn.Conv2d(6, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+
+
+def make_optimizer(model, seed, sched=True):
+    groups = param_groups(model, row_view=True, weight_decay=1e-3, group_size=3, group_clip=1.0, stabilize=3,
+                          seed=seed, manifolds=("sphere", "oblique", "stiefel", "euclidean"),
+                          retraction={"stiefel": "cayley", "sphere": "exp"})
+    opt = FGSGD(groups, lr=0.1, momentum=0.9, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5) if sched else None
+    return opt, scheduler
+
+
+def train(model, opt, scheduler, steps, start):
+    for t in range(start, start + steps):
+        gen = make_gen(100 + t)
+        x, y = torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 5, (4,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        scheduler.step()
+
+
+def save(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def load(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def roundtrip(obj):
+    return load(save(obj))
+
+
+def grouping(opt):
+    return [(opt.state[p]["codes"].clone(), opt.state[p]["group_index"].clone()) for _, p, _ in opt.manifold_params()]
+
+
+def test_resume_is_bitwise_identical():
+    # straight through
+    straight = cnn(0)
+    opt_s, sched_s = make_optimizer(straight, seed=1)
+    train(straight, opt_s, sched_s, N + M, 0)
+
+    # N steps, checkpoint
+    first = cnn(0)
+    opt_a, sched_a = make_optimizer(first, seed=1)
+    train(first, opt_a, sched_a, N, 0)
+    ckpt = roundtrip({"model": first.state_dict(), "opt": opt_a.state_dict(), "sched": sched_a.state_dict()})
+    saved_grouping = grouping(opt_a)
+
+    # a fresh model (another init) and optimizer (another seed: another grouping), then load both
+    fresh = cnn(123)
+    opt_b, sched_b = make_optimizer(fresh, seed=99)
+    assert any(not torch.equal(a[1], b[1]) for a, b in zip(saved_grouping, grouping(opt_b)))
+    fresh.load_state_dict(ckpt["model"])
+    opt_b.load_state_dict(ckpt["opt"])
+    sched_b.load_state_dict(ckpt["sched"])
+    # the grouping (and its dtypes) comes from the checkpoint
+    for (c, g), (c2, g2) in zip(saved_grouping, grouping(opt_b)):
+        assert c2.dtype == torch.uint8 and g2.dtype == torch.int32
+        assert torch.equal(c, c2) and torch.equal(g, g2)
+    assert all(g["seed"] == 1 for g in opt_b.param_groups[:2])
+    train(fresh, opt_b, sched_b, M, N)
+
+    for (name, p), q in zip(straight.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), f"{name}: resumed training differs from training straight through"
+    for (name, b), b2 in zip(straight.named_buffers(), fresh.buffers()):
+        assert torch.equal(b, b2), name
+    for p, q in zip(straight.parameters(), fresh.parameters()):
+        s, s2 = opt_s.state[p], opt_b.state[q]
+        assert torch.equal(s["momentum_buffer"], s2["momentum_buffer"])
+        assert s.get("step") == s2.get("step")
+    assert opt_s.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"] < 0.1
+    # and the run is not trivially constant
+    assert not torch.equal(straight[0].weight, first[0].weight)
+
+
+def test_load_state_dict_into_a_stepped_optimizer_with_another_grouping():
+    """Loading over an optimizer that already stepped with another grouping (its cached group sums must go)."""
+    straight = cnn(0)
+    opt_s, sched_s = make_optimizer(straight, seed=1)
+    train(straight, opt_s, sched_s, N + M, 0)
+
+    first = cnn(0)
+    opt_a, sched_a = make_optimizer(first, seed=1)
+    train(first, opt_a, sched_a, N, 0)
+    data = save({"model": first.state_dict(), "opt": opt_a.state_dict(), "sched": sched_a.state_dict()})
+
+    other = cnn(7)
+    opt_b, sched_b = make_optimizer(other, seed=42)
+    for _ in range(3):  # several loads: stale cache entries keyed by freed addresses must not be reused
+        train(other, opt_b, sched_b, 2, 50)
+        # (a fresh copy each time: like torch.optim.SGD, load_state_dict keeps the checkpoint's float tensors)
+        ckpt = load(data)
+        other.load_state_dict(ckpt["model"])
+        opt_b.load_state_dict(ckpt["opt"])
+        sched_b.load_state_dict(ckpt["sched"])
+    train(other, opt_b, sched_b, M, N)
+    for (name, p), q in zip(straight.named_parameters(), other.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_state_dict_is_loadable_with_weights_only_and_complete():
+    model = cnn(0)
+    opt, sched = make_optimizer(model, seed=1)
+    train(model, opt, sched, 2, 0)
+    sd = opt.state_dict()
+    loaded = roundtrip(sd)
+    conv = model[0].weight
+    pid = next(i for i, p in enumerate(q for g in opt.param_groups for q in g["params"]) if p is conv)
+    st = loaded["state"][pid]
+    for key in ("codes", "group_index", "group_codes", "num_groups", "step", "shape", "momentum_buffer"):
+        assert key in st, key
+    assert st["codes"].dtype == torch.uint8 and st["group_index"].dtype == torch.int32
+
+
+@pytest.mark.parametrize("dtype", [torch.float64])
+def test_resume_float64_params(dtype):
+    """float64 parameters: the integer grouping tensors must not be cast to float64 either."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3).to(dtype)
+    opt = FGSGD([conv.weight], lr=0.1, momentum=0.9, manifolds=["sphere", "stiefel"], group_clip=1.0, group_size=2)
+    conv.weight.grad = torch.randn_like(conv.weight)
+    opt.step()
+    sd = roundtrip(opt.state_dict())
+    opt2 = FGSGD([conv.weight], lr=0.1, momentum=0.9, manifolds=["sphere", "stiefel"], group_clip=1.0, group_size=2,
+                 init_projx=False)
+    opt2.load_state_dict(sd)
+    st = opt2.state[conv.weight]
+    assert st["codes"].dtype == torch.uint8 and st["group_index"].dtype == torch.int32
+    assert st["momentum_buffer"].dtype == dtype
+    opt2.step()  # runs
+    assert st["step"] == 2
