@@ -15,7 +15,9 @@ norm as the square root of the largest eigenvalue of the Gram matrix by cyclic J
 A component's code (fgsgd_cuda.codes) is either known when the source is generated (single-tensor
 ops: only that manifold's code is emitted) or read per component at run time (multi-tensor ops:
 every manifold's branch is computed and the result chosen with ``tl.where``; the tangent projection
-of all four manifolds shares one B×B product ωᵀU, see ``Math.proj``).
+of all four manifolds shares one B×B product ωᵀU, see ``Math.proj``; the costly exp, QR and Cayley
+retractions run only in blocks that hold a component needing them, behind a block-uniform ``if``,
+see ``Src.guarded``; a model typically uses one retraction per manifold).
 
 This module only builds strings; it does not import triton.
 """
