@@ -76,3 +76,12 @@ def compiled_backends() -> list:
 
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny-tensor tests on one torch thread (much faster than two on a shared CPU); restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,13 +24,7 @@ from fgsgd_cuda import manifolds as M
 from conftest import make_gen, random_points
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is much faster than two on a shared CPU; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is much faster on a shared CPU
 
 
 class SmallNet(nn.Module):
