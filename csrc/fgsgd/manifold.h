@@ -1,11 +1,11 @@
 // The manifold operators of DESIGN.md §1 on one component ω ∈ R^{A×B} (row-major, local memory).
-// Every function takes the component code (codes.h); `out` may alias the tangent/vector input
-// (never ω itself), so callers can project in place.
+// Every function takes the component code (codes.h), uniform over the lanes when T is a lane
+// type; `out` may alias the tangent/vector input (never ω itself), so callers can project in place.
 #pragma once
 #include "codes.h"
 #include "small_linalg.h"
 
-namespace fgsgd {
+FGSGD_NAMESPACE_BEGIN
 
 // Π_ω(U): the tangent projection.
 template <class S, class T>
@@ -68,7 +68,7 @@ FGSGD_HD void normalize_columns(const S& s, T* y) {
   const int B = s.cols(), n = s.size();
   T inv[S::kCap];
 #pragma unroll
-  for (int j = 0; j < B; ++j) inv[j] = T(1) / sqrt_(col_dot(s, y, y, j));
+  for (int j = 0; j < B; ++j) inv[j] = rsqrt_(col_dot(s, y, y, j));
 #pragma unroll
   for (int i = 0; i < n; ++i) y[i] *= inv[i % B];
 }
@@ -77,7 +77,7 @@ FGSGD_HD void normalize_columns(const S& s, T* y) {
 template <class S, class T>
 FGSGD_HD void cayley(const S& s, const T* w, const T* v, T* out) {
   const int A = s.rows(), B = s.cols();
-  T wtv[S::kCap], pv[S::kCap], M[kMaxCayleyRows * kMaxCayleyRows];
+  T wtv[S::kCap], pv[S::kCap], M[S::kCapAA];
   for (int p = 0; p < B; ++p)
     for (int q = 0; q < B; ++q) {
       T acc = T(0);
@@ -90,19 +90,22 @@ FGSGD_HD void cayley(const S& s, const T* w, const T* v, T* out) {
       for (int p = 0; p < B; ++p) acc += w[r * B + p] * wtv[p * B + q];
       pv[r * B + q] = v[r * B + q] - T(0.5) * acc;
     }
-  for (int i = 0; i < A; ++i)  // M = I − W/2, W_ij = Σ_q pv_iq ω_jq − ω_iq pv_jq
-    for (int j = 0; j < A; ++j) {
+  for (int i = 0; i < A; ++i) {  // M = I − W/2, W_ij = Σ_q pv_iq ω_jq − ω_iq pv_jq: built exactly skew
+    M[i * A + i] = T(1);
+    for (int j = i + 1; j < A; ++j) {
       T acc = T(0);
       for (int q = 0; q < B; ++q) acc += pv[i * B + q] * w[j * B + q] - w[i * B + q] * pv[j * B + q];
-      M[i * A + j] = (i == j ? T(1) : T(0)) - T(0.5) * acc;
+      M[i * A + j] = T(-0.5) * acc;
+      M[j * A + i] = T(0.5) * acc;
     }
+  }
   for (int i = 0; i < A; ++i)  // rhs = (I + W/2) ω = 2ω − M ω
     for (int q = 0; q < B; ++q) {
       T acc = T(0);
       for (int j = 0; j < A; ++j) acc += M[i * A + j] * w[j * B + q];
       out[i * B + q] = T(2) * w[i * B + q] - acc;
     }
-  solve_inplace(M, out, A, B);
+  solve_nopivot_inplace(M, out, A, B);  // M = I − W/2 has symmetric part I: see small_linalg.h
 }
 
 // out = Retr_ω(V).
@@ -117,7 +120,7 @@ FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
 #pragma unroll
       for (int i = 0; i < n; ++i) out[i] = w[i] + v[i];
       if (code == kSphereNormalize) {
-        const T inv = T(1) / sqrt_(dot(s, out, out));
+        const T inv = rsqrt_(dot(s, out, out));
 #pragma unroll
         for (int i = 0; i < n; ++i) out[i] *= inv;
       } else if (code == kObliqueNormalize) {
@@ -160,7 +163,7 @@ FGSGD_HD void projx_inplace(const S& s, int code, T* x) {
   const int n = s.size();
   switch (manifold_of(code)) {
     case kManSphere: {
-      const T inv = T(1) / sqrt_(dot(s, x, x));
+      const T inv = rsqrt_(dot(s, x, x));
 #pragma unroll
       for (int i = 0; i < n; ++i) x[i] *= inv;
       break;
@@ -204,4 +207,4 @@ FGSGD_HD void norms(const S& s, const T* x, T* fro, T* spectral, T* l21) {
   *spectral = sqrt_(top > T(0) ? top : T(0));
 }
 
-}  // namespace fgsgd
+FGSGD_NAMESPACE_END

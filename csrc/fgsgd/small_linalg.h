@@ -1,12 +1,13 @@
 // Dense linear algebra on one small row-major matrix held in local memory (registers on a GPU).
+// T is a scalar or a CPU lane type (config.h): no branch below depends on a value of T.
 #pragma once
 #include "config.h"
 
-namespace fgsgd {
+FGSGD_NAMESPACE_BEGIN
 
 template <class T>
-FGSGD_HD T sinc_(T t) {  // sin(t)/t, t >= 0
-  return t > T(1e-4) ? sin_(t) / t : T(1) - t * t / T(6);
+FGSGD_HD T sinc_(T t) {  // sin(t)/t, t >= 0; both sides are finite or NaN only where not selected
+  return select_(t > T(1e-4), sin_(t) / t, T(1) - t * t / T(6));
 }
 
 template <class S, class T>
@@ -41,45 +42,55 @@ FGSGD_HD void qr_q_inplace(const S& s, T* x) {
         for (int i = 0; i < A; ++i) x[i * B + j] -= r * x[i * B + k];
       }
     }
-    const T inv = T(1) / sqrt_(col_dot(s, x, x, j));
+    const T inv = rsqrt_(col_dot(s, x, x, j));
     for (int i = 0; i < A; ++i) x[i * B + j] *= inv;
   }
 }
 
 // Solve M Y = R in place for an n×n matrix M (row-major, n <= kMaxCayleyRows) and n×b right-hand
-// sides R, by Gaussian elimination with partial pivoting. M is destroyed, R becomes Y.
+// sides R, by Gaussian elimination WITHOUT pivoting. M is destroyed, R becomes Y.
+//
+// Precondition: the symmetric part of M is ⪰ I. The Cayley retraction solves with M = I − W/2, W
+// skew-symmetric (Wᵀ = −W), whose symmetric part is exactly I. For such M:
+//  * xᵀMx = xᵀHx ≥ ‖x‖² for every x (H = sym(M), xᵀKx = 0 for the skew part K), so by
+//    Cauchy–Schwarz ‖x‖‖Mx‖ ≥ xᵀMx ≥ ‖x‖²: ‖Mx‖ ≥ ‖x‖, every singular value of M is ≥ 1 and
+//    ‖M⁻¹‖₂ ≤ 1 (for M = I − W/2 the eigenvalues are 1 − iθ/2, so I − W/2 is never singular).
+//  * Every pivot is ≥ 1: the first is M₁₁ = e₁ᵀMe₁ ≥ 1. Given y, choose x = (α, y) with α such
+//    that row 1 of Mx vanishes (α = −M₁₂y/M₁₁); then the rest of Mx is S y, S = M₂₂ − M₂₁M₁₂/M₁₁
+//    the Schur complement, and yᵀSy = xᵀMx ≥ ‖x‖² ≥ ‖y‖². So S again has symmetric part ⪰ I and
+//    by induction every later pivot is ≥ 1 too: elimination never divides by anything below 1.
+//  * Growth is bounded (Golub & Van Loan, Matrix Computations, §4.2, matrices with a positive
+//    definite symmetric part H and skew part K: ‖|L||U|‖ ≤ n(‖H‖ + ‖KH⁻¹Kᵀ‖) = n(1 + ‖W‖²/4) here),
+//    so no pivoting is needed for stability.
+// No pivoting keeps the solve free of data-dependent branches (SIMD lanes, GPU threads).
 template <class T>
-FGSGD_HD void solve_inplace(T* M, T* R, int n, int b) {
+FGSGD_HD void solve_nopivot_inplace(T* M, T* R, int n, int b) {
+#pragma unroll
   for (int c = 0; c < n; ++c) {
-    int piv = c;
-    T best = abs_(M[c * n + c]);
-    for (int r = c + 1; r < n; ++r) {
-      const T v = abs_(M[r * n + c]);
-      if (v > best) { best = v; piv = r; }
-    }
-    if (piv != c) {
-      for (int k = 0; k < n; ++k) { T t = M[c * n + k]; M[c * n + k] = M[piv * n + k]; M[piv * n + k] = t; }
-      for (int k = 0; k < b; ++k) { T t = R[c * b + k]; R[c * b + k] = R[piv * b + k]; R[piv * b + k] = t; }
-    }
     const T inv = T(1) / M[c * n + c];
+#pragma unroll
     for (int r = c + 1; r < n; ++r) {
       const T f = M[r * n + c] * inv;
-      if (f == T(0)) continue;
-      for (int k = c; k < n; ++k) M[r * n + k] -= f * M[c * n + k];
+#pragma unroll
+      for (int k = c + 1; k < n; ++k) M[r * n + k] -= f * M[c * n + k];
+#pragma unroll
       for (int k = 0; k < b; ++k) R[r * b + k] -= f * R[c * b + k];
     }
+    M[c * n + c] = inv;  // keep 1/pivot for the back substitution
   }
+#pragma unroll
   for (int c = n - 1; c >= 0; --c) {
-    const T inv = T(1) / M[c * n + c];
+#pragma unroll
     for (int k = 0; k < b; ++k) {
       T acc = R[c * b + k];
       for (int j = c + 1; j < n; ++j) acc -= M[c * n + j] * R[j * b + k];
-      R[c * b + k] = acc * inv;
+      R[c * b + k] = acc * M[c * n + c];
     }
   }
 }
 
 // Largest eigenvalue of a symmetric n×n matrix G (row-major, destroyed) by cyclic Jacobi sweeps.
+// Scalar T only (norms, not a hot path).
 template <class T>
 FGSGD_HD T sym_max_eig(T* G, int n) {
   for (int sweep = 0; sweep < 30; ++sweep) {
@@ -115,4 +126,4 @@ FGSGD_HD T sym_max_eig(T* G, int n) {
   return best;
 }
 
-}  // namespace fgsgd
+FGSGD_NAMESPACE_END

@@ -2,14 +2,9 @@
 // with the group step size s_g (step 2) given.
 #pragma once
 #include "manifold.h"
+#include "types.h"
 
-namespace fgsgd {
-
-template <class T>
-struct StepHParams {
-  T lr, momentum, dampening, weight_decay;
-  bool nesterov, first_step, stabilize;
-};
+FGSGD_NAMESPACE_BEGIN
 
 template <class S, class T>
 FGSGD_HD void load(const S& s, const T* src, T* dst) {
@@ -25,34 +20,44 @@ FGSGD_HD void store(const S& s, const T* src, T* dst) {
 
 // Step 1: ω = p/R and ξ = Π_ω(R·(g + wd·p)). Callers pass wd = 0 except on euclidean components.
 template <class S, class T>
-FGSGD_HD void tangent(const S& s, int code, const T* p, const T* g, T r, T wd, T* w, T* xi) {
+FGSGD_HD void tangent(const S& s, int code, const T* p, const T* g, T r, scalar_of<T> wd, T* w, T* xi) {
   const T inv_r = T(1) / r;
+  if (wd != scalar_of<T>(0)) {
 #pragma unroll
-  for (int i = 0; i < s.size(); ++i) {
-    w[i] = p[i] * inv_r;
-    xi[i] = r * (wd != T(0) ? g[i] + wd * p[i] : g[i]);
+    for (int i = 0; i < s.size(); ++i) {
+      w[i] = p[i] * inv_r;
+      xi[i] = r * (g[i] + wd * p[i]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < s.size(); ++i) {
+      w[i] = p[i] * inv_r;
+      xi[i] = r * g[i];
+    }
   }
   proj(s, code, w, xi, xi);
 }
 
 // ‖ξ‖_F² of one component (input of the group step size).
 template <class S, class T>
-FGSGD_HD T tangent_sqnorm(const S& s, int code, const T* p, const T* g, T r, T wd) {
+FGSGD_HD T tangent_sqnorm(const S& s, int code, const T* p, const T* g, T r, scalar_of<T> wd) {
   T w[S::kCap], xi[S::kCap];
   tangent(s, code, p, g, r, wd, w, xi);
   return dot(s, xi, xi);
 }
 
 // p, m (when momentum != 0) are read and written in place; g is read. `sg` is s_g, `r` is R.
+// On lane types p, g, m are the W components' elements (SoA), all with the same code.
 template <class S, class T>
 FGSGD_HD void component_step(const S& s, int code, T* p, const T* g, T* m, T r, T sg,
-                             const StepHParams<T>& h) {
+                             const StepHParams<scalar_of<T>>& h) {
+  using E = scalar_of<T>;
   const int n = s.size();
   T w[S::kCap], xi[S::kCap], d[S::kCap], buf[S::kCap];
-  tangent(s, code, p, g, r, manifold_of(code) == kManEuclidean ? h.weight_decay : T(0), w, xi);
+  tangent(s, code, p, g, r, manifold_of(code) == kManEuclidean ? h.weight_decay : E(0), w, xi);
 #pragma unroll
   for (int i = 0; i < n; ++i) xi[i] *= sg;
-  const bool use_m = h.momentum != T(0);
+  const bool use_m = h.momentum != E(0);
   if (use_m) {
 #pragma unroll
     for (int i = 0; i < n; ++i) {  // step 3
@@ -73,4 +78,4 @@ FGSGD_HD void component_step(const S& s, int code, T* p, const T* g, T* m, T r, 
   for (int i = 0; i < n; ++i) p[i] = r * xi[i];
 }
 
-}  // namespace fgsgd
+FGSGD_NAMESPACE_END
