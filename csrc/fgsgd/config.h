@@ -19,6 +19,17 @@
 #define FGSGD_HD inline
 #endif
 
+// Full unrolling of the loops over the elements of a component. With Fixed<A, B> the trip counts
+// are constants, so the small arrays of the math become registers (on the CPU with lane types,
+// arrays left in memory would cost a load and a store per use).
+#if defined(__CUDACC__) || defined(__clang__)
+#define FGSGD_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define FGSGD_UNROLL _Pragma("GCC unroll 16")
+#else
+#define FGSGD_UNROLL
+#endif
+
 // The CPU fast path compiles these headers once per instruction set (csrc/cpu/fast_*.cpp). Such a
 // translation unit defines FGSGD_ISA (e.g. avx2) so that every inline function it emits lives in
 // the inline namespace fgsgd::FGSGD_ISA: the linker can then never pick an AVX2-compiled copy of

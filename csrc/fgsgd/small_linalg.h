@@ -10,20 +10,32 @@ FGSGD_HD T sinc_(T t) {  // sin(t)/t, t >= 0; both sides are finite or NaN only 
   return select_(t > T(1e-4), sin_(t) / t, T(1) - t * t / T(6));
 }
 
+// ⟨x, y⟩ over the n = A·B elements, in three interleaved partial sums: a dependency chain of n/3
+// multiply-adds instead of n (latency, not rounding, is what these tiny reductions cost).
 template <class S, class T>
 FGSGD_HD T dot(const S& s, const T* x, const T* y) {
-  T acc = T(0);
-#pragma unroll
-  for (int i = 0; i < s.size(); ++i) acc += x[i] * y[i];
-  return acc;
+  const int n = s.size();
+  if (n < 3) return n == 1 ? x[0] * y[0] : x[0] * y[0] + x[1] * y[1];
+  T a0 = x[0] * y[0], a1 = x[1] * y[1], a2 = x[2] * y[2];
+  int i = 3;
+  FGSGD_UNROLL
+  for (; i + 3 <= n; i += 3) {
+    a0 += x[i] * y[i];
+    a1 += x[i + 1] * y[i + 1];
+    a2 += x[i + 2] * y[i + 2];
+  }
+  FGSGD_UNROLL
+  for (; i < n; ++i) a0 += x[i] * y[i];
+  return a0 + (a1 + a2);
 }
 
 // Column j of x and y: sum_r x[r, j] y[r, j].
 template <class S, class T>
 FGSGD_HD T col_dot(const S& s, const T* x, const T* y, int j) {
+  const int A = s.rows(), B = s.cols();
   T acc = T(0);
-#pragma unroll
-  for (int r = 0; r < s.rows(); ++r) acc += x[r * s.cols() + j] * y[r * s.cols() + j];
+  FGSGD_UNROLL
+  for (int r = 0; r < A; ++r) acc += x[r * B + j] * y[r * B + j];
   return acc;
 }
 
@@ -32,17 +44,21 @@ FGSGD_HD T col_dot(const S& s, const T* x, const T* y, int j) {
 template <class S, class T>
 FGSGD_HD void qr_q_inplace(const S& s, T* x) {
   const int A = s.rows(), B = s.cols();
-#pragma unroll
+  FGSGD_UNROLL
   for (int j = 0; j < B; ++j) {
-#pragma unroll
+    FGSGD_UNROLL
     for (int pass = 0; pass < 2; ++pass) {
+      FGSGD_UNROLL
       for (int k = 0; k < j; ++k) {
         T r = T(0);
+        FGSGD_UNROLL
         for (int i = 0; i < A; ++i) r += x[i * B + k] * x[i * B + j];
+        FGSGD_UNROLL
         for (int i = 0; i < A; ++i) x[i * B + j] -= r * x[i * B + k];
       }
     }
     const T inv = rsqrt_(col_dot(s, x, x, j));
+    FGSGD_UNROLL
     for (int i = 0; i < A; ++i) x[i * B + j] *= inv;
   }
 }
@@ -65,24 +81,25 @@ FGSGD_HD void qr_q_inplace(const S& s, T* x) {
 // No pivoting keeps the solve free of data-dependent branches (SIMD lanes, GPU threads).
 template <class T>
 FGSGD_HD void solve_nopivot_inplace(T* M, T* R, int n, int b) {
-#pragma unroll
+  FGSGD_UNROLL
   for (int c = 0; c < n; ++c) {
     const T inv = T(1) / M[c * n + c];
-#pragma unroll
+    FGSGD_UNROLL
     for (int r = c + 1; r < n; ++r) {
       const T f = M[r * n + c] * inv;
-#pragma unroll
+      FGSGD_UNROLL
       for (int k = c + 1; k < n; ++k) M[r * n + k] -= f * M[c * n + k];
-#pragma unroll
+      FGSGD_UNROLL
       for (int k = 0; k < b; ++k) R[r * b + k] -= f * R[c * b + k];
     }
     M[c * n + c] = inv;  // keep 1/pivot for the back substitution
   }
-#pragma unroll
+  FGSGD_UNROLL
   for (int c = n - 1; c >= 0; --c) {
-#pragma unroll
+    FGSGD_UNROLL
     for (int k = 0; k < b; ++k) {
       T acc = R[c * b + k];
+      FGSGD_UNROLL
       for (int j = c + 1; j < n; ++j) acc -= M[c * n + j] * R[j * b + k];
       R[c * b + k] = acc * M[c * n + c];
     }

@@ -8,29 +8,32 @@ FGSGD_NAMESPACE_BEGIN
 
 template <class S, class T>
 FGSGD_HD void load(const S& s, const T* src, T* dst) {
-#pragma unroll
-  for (int i = 0; i < s.size(); ++i) dst[i] = src[i];
+  const int n = s.size();
+  FGSGD_UNROLL
+  for (int i = 0; i < n; ++i) dst[i] = src[i];
 }
 
 template <class S, class T>
 FGSGD_HD void store(const S& s, const T* src, T* dst) {
-#pragma unroll
-  for (int i = 0; i < s.size(); ++i) dst[i] = src[i];
+  const int n = s.size();
+  FGSGD_UNROLL
+  for (int i = 0; i < n; ++i) dst[i] = src[i];
 }
 
 // Step 1: ω = p/R and ξ = Π_ω(R·(g + wd·p)). Callers pass wd = 0 except on euclidean components.
 template <class S, class T>
 FGSGD_HD void tangent(const S& s, int code, const T* p, const T* g, T r, scalar_of<T> wd, T* w, T* xi) {
+  const int n = s.size();
   const T inv_r = T(1) / r;
   if (wd != scalar_of<T>(0)) {
-#pragma unroll
-    for (int i = 0; i < s.size(); ++i) {
+    FGSGD_UNROLL
+    for (int i = 0; i < n; ++i) {
       w[i] = p[i] * inv_r;
       xi[i] = r * (g[i] + wd * p[i]);
     }
   } else {
-#pragma unroll
-    for (int i = 0; i < s.size(); ++i) {
+    FGSGD_UNROLL
+    for (int i = 0; i < n; ++i) {
       w[i] = p[i] * inv_r;
       xi[i] = r * g[i];
     }
@@ -55,17 +58,17 @@ FGSGD_HD void component_step(const S& s, int code, T* p, const T* g, T* m, T r, 
   const int n = s.size();
   T w[S::kCap], xi[S::kCap], d[S::kCap], buf[S::kCap];
   tangent(s, code, p, g, r, manifold_of(code) == kManEuclidean ? h.weight_decay : E(0), w, xi);
-#pragma unroll
+  FGSGD_UNROLL
   for (int i = 0; i < n; ++i) xi[i] *= sg;
   const bool use_m = h.momentum != E(0);
   if (use_m) {
-#pragma unroll
+    FGSGD_UNROLL
     for (int i = 0; i < n; ++i) {  // step 3
       buf[i] = h.first_step ? xi[i] : h.momentum * m[i] + (T(1) - h.dampening) * xi[i];
       d[i] = -h.lr * (h.nesterov ? xi[i] + h.momentum * buf[i] : buf[i]);
     }
   } else {
-#pragma unroll
+    FGSGD_UNROLL
     for (int i = 0; i < n; ++i) d[i] = -h.lr * xi[i];
   }
   retr(s, code, w, d, xi);  // step 4: ω' (reuses xi's storage)
@@ -74,7 +77,7 @@ FGSGD_HD void component_step(const S& s, int code, T* p, const T* g, T* m, T r, 
     proj(s, code, xi, buf, buf);  // transport by projection onto T_ω'
     store(s, buf, m);
   }
-#pragma unroll
+  FGSGD_UNROLL
   for (int i = 0; i < n; ++i) p[i] = r * xi[i];
 }
 
