@@ -54,20 +54,16 @@ __attribute__((flatten)) void step_block(const S& s, const TensorSlot<E>& t, con
   }
   const bool use_m = kCommon || h.momentum != E(0);
   const bool load_m = kCommon || (use_m && !h.first_step);
-  E* pp[W];
-  const E* gp[W];
-  E* mp[W];
-  for (int c = 0; c < W; ++c) {
-    const int64_t off = (c0 + idx[c]) * N;
-    pp[c] = t.p + off;
-    gp[c] = t.g + off;
-    mp[c] = use_m ? t.m + off : nullptr;
-  }
+  int32_t off[W];  // element offsets of the components from the span base (< 2^31: spans are short)
+  for (int c = 0; c < W; ++c) off[c] = idx[c] * N;
+  E* const pb = t.p + c0 * N;
+  const E* const gb = t.g + c0 * N;
+  E* const mb = use_m ? t.m + c0 * N : nullptr;
   L p[N], g[N], m[N];
-  load_soa<N>(pp, p);
-  load_soa<N>(gp, g);
+  load_soa<N>(pb, off, p);
+  load_soa<N>(gb, off, g);
   if (load_m) {
-    load_soa<N>(mp, m);
+    load_soa<N>(mb, off, m);
   } else {
     for (int e = 0; e < N; ++e) m[e] = L(E(0));  // not read (first step, or no momentum)
   }
@@ -77,11 +73,9 @@ __attribute__((flatten)) void step_block(const S& s, const TensorSlot<E>& t, con
     if (t.group_scale)
       for (int c = 0; c < W; ++c) sg.set_lane(c, t.group_scale[t.group_index[c0 + idx[c]]]);
   }
-#ifndef FGSGD_EXPERIMENT_NOMATH
   component_step(s, kCode, p, g, m, r, sg, h);
-#endif
-  store_soa<N>(p, pp);
-  if (use_m) store_soa<N>(m, mp);
+  store_soa<N>(p, pb, off);
+  if (use_m) store_soa<N>(m, mb, off);
 }
 
 template <class S, class E>
@@ -157,7 +151,7 @@ void step_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int
   constexpr int W = Block<E>::kWidth;
   constexpr int G = W < 8 ? W : 8;  // codes classified per mask
   static_assert(W % 4 == 0, "groups of 4 or 8 codes");
-  constexpr int64_t kSpan = int64_t(1) << 24;  // block indices are int32 offsets from the span start
+  constexpr int64_t kSpan = int64_t(1) << 24;  // int32 element offsets from the span start (x 64 elements)
   static const struct Iota {
     int32_t v[W];
     Iota() {

@@ -275,6 +275,15 @@ FGSGD_LANE Lanes<float, P> cos_(const Lanes<float, P>& x) {
   sincos_lanes(x, &s, &c);
   return c;
 }
+// cos t and sin(t)/t from one range reduction (overloads the generic cos_sinc_ of small_linalg.h).
+template <int P>
+FGSGD_LANE void cos_sinc_(const Lanes<float, P>& t, Lanes<float, P>* c, Lanes<float, P>* sc) {
+  using L = Lanes<float, P>;
+  L s;
+  sincos_lanes(t, &s, c);
+  *sc = select_(t > L(1e-4f), s / t, 1.0f - t * t / 6.0f);
+}
+
 template <int P>
 FGSGD_LANE Lanes<double, P> sin_(const Lanes<double, P>& x) {
   Lanes<double, P> o;
@@ -350,28 +359,37 @@ FGSGD_LANE void transpose_regs(V* r) {
     }
 }
 
-// AoS <-> SoA: component c of a block is the N contiguous elements at src[c] (W pointers);
-// lanes[e] holds element e of the W components. Full groups of H elements go through H×H
-// register transposes; the remaining N mod H elements are moved one by one.
+// AoS <-> SoA: component c of a block is the N contiguous elements at base + off[c] (element
+// offsets, W of them); lanes[e] holds element e of the W components. Full groups of H elements go
+// through H×H register transposes; the remaining N mod H elements are gathered (AVX2) or moved one
+// by one.
 template <int N, class E, int P>
-FGSGD_LANE void load_soa(const E* const* src, Lanes<E, P>* lanes) {
+FGSGD_LANE void load_soa(const E* base, const int32_t* off, Lanes<E, P>* lanes) {
   using L = Lanes<E, P>;
   constexpr int H = L::kRegLanes;
   constexpr int full = N / H * H;
   FGSGD_UNROLL for (int k = 0; k < P; ++k) {
     FGSGD_UNROLL for (int e0 = 0; e0 < full; e0 += H) {
       typename L::V rows[H];
-      FGSGD_UNROLL for (int c = 0; c < H; ++c) memcpy(&rows[c], src[k * H + c] + e0, sizeof(rows[c]));
+      FGSGD_UNROLL for (int c = 0; c < H; ++c) memcpy(&rows[c], base + off[k * H + c] + e0, sizeof(rows[c]));
       transpose_regs(rows);
       FGSGD_UNROLL for (int i = 0; i < H; ++i) lanes[e0 + i].r[k] = rows[i];
     }
+#if defined(FGSGD_SIMD_AVX2)
+    if constexpr (sizeof(E) == 4 && H == 8 && full < N) {
+      const __m256i vo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off + k * H));
+      FGSGD_UNROLL for (int e = full; e < N; ++e)
+        lanes[e].r[k] = (typename L::V)_mm256_i32gather_ps(reinterpret_cast<const float*>(base) + e, vo, 4);
+      continue;
+    }
+#endif
     FGSGD_UNROLL for (int e = full; e < N; ++e)
-      FGSGD_UNROLL for (int c = 0; c < H; ++c) lanes[e].r[k][c] = src[k * H + c][e];
+      FGSGD_UNROLL for (int c = 0; c < H; ++c) lanes[e].r[k][c] = base[off[k * H + c] + e];
   }
 }
 
 template <int N, class E, int P>
-FGSGD_LANE void store_soa(const Lanes<E, P>* lanes, E* const* dst) {
+FGSGD_LANE void store_soa(const Lanes<E, P>* lanes, E* base, const int32_t* off) {
   using L = Lanes<E, P>;
   constexpr int H = L::kRegLanes;
   constexpr int full = N / H * H;
@@ -380,10 +398,10 @@ FGSGD_LANE void store_soa(const Lanes<E, P>* lanes, E* const* dst) {
       typename L::V rows[H];
       FGSGD_UNROLL for (int i = 0; i < H; ++i) rows[i] = lanes[e0 + i].r[k];
       transpose_regs(rows);
-      FGSGD_UNROLL for (int c = 0; c < H; ++c) memcpy(dst[k * H + c] + e0, &rows[c], sizeof(rows[c]));
+      FGSGD_UNROLL for (int c = 0; c < H; ++c) memcpy(base + off[k * H + c] + e0, &rows[c], sizeof(rows[c]));
     }
     FGSGD_UNROLL for (int e = full; e < N; ++e)
-      FGSGD_UNROLL for (int c = 0; c < H; ++c) dst[k * H + c][e] = lanes[e].r[k][c];
+      FGSGD_UNROLL for (int c = 0; c < H; ++c) base[off[k * H + c] + e] = lanes[e].r[k][c];
   }
 }
 

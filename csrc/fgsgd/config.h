@@ -47,6 +47,7 @@ FGSGD_NAMESPACE_BEGIN
 
 constexpr int kMaxElems = 64;       // A*B of one component, at most
 constexpr int kMaxCayleyRows = 8;   // the Cayley retraction solves an A×A system: A <= 8
+constexpr int kMaxStiefelCols = 8;  // stiefel needs A >= B, so A*B <= 64 gives B <= 8
 
 FGSGD_HD float sqrt_(float x) { return sqrtf(x); }
 FGSGD_HD double sqrt_(double x) { return sqrt(x); }

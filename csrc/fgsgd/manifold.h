@@ -143,7 +143,8 @@ FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
       break;
     case kSphereExp: {  // cos‖V‖ ω + sin‖V‖ V/‖V‖
       const T t = sqrt_(dot(s, v, v));
-      const T c = cos_(t), sc = sinc_(t);
+      T c, sc;
+      cos_sinc_(t, &c, &sc);
       FGSGD_UNROLL
       for (int i = 0; i < n; ++i) out[i] = c * w[i] + sc * v[i];
       break;
@@ -153,8 +154,7 @@ FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
       FGSGD_UNROLL
       for (int j = 0; j < B; ++j) {
         const T t = sqrt_(col_dot(s, v, v, j));
-        c[j] = cos_(t);
-        sc[j] = sinc_(t);
+        cos_sinc_(t, &c[j], &sc[j]);
       }
       FGSGD_UNROLL
       for (int i = 0; i < n; ++i) out[i] = c[i % B] * w[i] + sc[i % B] * v[i];

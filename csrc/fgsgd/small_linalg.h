@@ -10,6 +10,14 @@ FGSGD_HD T sinc_(T t) {  // sin(t)/t, t >= 0; both sides are finite or NaN only 
   return select_(t > T(1e-4), sin_(t) / t, T(1) - t * t / T(6));
 }
 
+// cos(t) and sin(t)/t together (the exp retractions). Lane types overload it with one shared
+// range reduction for both (csrc/cpu/lanes.h).
+template <class T>
+FGSGD_HD void cos_sinc_(T t, T* c, T* sc) {
+  *c = cos_(t);
+  *sc = sinc_(t);
+}
+
 // ⟨x, y⟩ over the n = A·B elements, in three interleaved partial sums: a dependency chain of n/3
 // multiply-adds instead of n (latency, not rounding, is what these tiny reductions cost).
 template <class S, class T>
@@ -39,8 +47,20 @@ FGSGD_HD T col_dot(const S& s, const T* x, const T* y, int j) {
   return acc;
 }
 
-// x ← Q of the thin QR of x with diag(R) > 0, by modified Gram–Schmidt applied twice
-// ("twice is enough"), which keeps ‖QᵀQ − I‖ at rounding level for these tiny sizes.
+// Column jx of x and column jy of y: sum_r x[r, jx] y[r, jy].
+template <class S, class T>
+FGSGD_HD T col_dot(const S& s, const T* x, const T* y, int jx, int jy) {
+  const int A = s.rows(), B = s.cols();
+  T acc = T(0);
+  FGSGD_UNROLL
+  for (int r = 0; r < A; ++r) acc += x[r * B + jx] * y[r * B + jy];
+  return acc;
+}
+
+// x ← Q of the thin QR of x with diag(R) > 0, by classical Gram–Schmidt applied twice (CGS2: "twice
+// is enough", Giraud, Langou, Rozložník 2005), which keeps ‖QᵀQ − I‖ at rounding level for
+// numerically full-rank x. Classical rather than modified: the projections onto q_0..q_{j-1} of a
+// pass are independent, a short dependency chain (SIMD lanes, GPU threads).
 template <class S, class T>
 FGSGD_HD void qr_q_inplace(const S& s, T* x) {
   const int A = s.rows(), B = s.cols();
@@ -48,13 +68,13 @@ FGSGD_HD void qr_q_inplace(const S& s, T* x) {
   for (int j = 0; j < B; ++j) {
     FGSGD_UNROLL
     for (int pass = 0; pass < 2; ++pass) {
+      T r[kMaxStiefelCols];  // r[k] = q_kᵀ x_j, k < j < B
+      FGSGD_UNROLL
+      for (int k = 0; k < j; ++k) r[k] = col_dot(s, x, x, k, j);
       FGSGD_UNROLL
       for (int k = 0; k < j; ++k) {
-        T r = T(0);
         FGSGD_UNROLL
-        for (int i = 0; i < A; ++i) r += x[i * B + k] * x[i * B + j];
-        FGSGD_UNROLL
-        for (int i = 0; i < A; ++i) x[i * B + j] -= r * x[i * B + k];
+        for (int i = 0; i < A; ++i) x[i * B + j] -= r[k] * x[i * B + k];
       }
     }
     const T inv = rsqrt_(col_dot(s, x, x, j));
