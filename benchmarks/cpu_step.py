@@ -1,9 +1,13 @@
 """CPU step benchmark: FG-SGD fused step vs torch.optim.SGD(foreach=True, momentum) on the same sizes.
 
-    PYTHONPATH=. python benchmarks/cpu_step.py [--n 2000000] [--reps 10] [--codes mix,1,2,3,4,5,6,0]
+    PYTHONPATH=. python benchmarks/cpu_step.py [--n 2000000] [--reps 20] [--codes mix,runs,1,3,5,2,4,6,0]
+                                               [--dtype float32] [--isa avx2|base|scalar]
 
-Prints min-over-reps milliseconds and the ratio FG-SGD / SGD per case (both with torch's default
-threads). "mix" = codes random among {1,3,5} per component; "runs" = {1,3,5} in runs of 64.
+Both steps run with torch's default threads, called alternately --reps times after a warm-up; the
+minimum wall-clock time of each is printed with their ratio, and the minimum process CPU time
+(summed over threads: about twice the wall-clock time when both cores of a 2-core machine worked).
+"mix": codes random among {1,3,5} per component (random group membership); "runs": {1,3,5} in
+runs of 64. Every FG-SGD call is one full momentum step (p, g, m read; p, m written).
 """
 import argparse
 import time
@@ -14,23 +18,30 @@ import fgsgd_cuda
 from fgsgd_cuda import ops
 
 
-def tmin(fn, reps, warm=2):
-    """(min wall-clock ms, min process CPU ms) over reps calls; CPU time is summed over threads."""
+def timed(fn):
+    c, t = time.process_time(), time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3, (time.process_time() - c) * 1e3
+
+
+def compare(f, g, reps, warm=2):
+    """Min wall-clock and min process-CPU milliseconds of f and of g, called alternately reps times
+    (so that both see the same machine: the minimum is robust to load from other processes)."""
     for _ in range(warm):
-        fn()
-    best, best_cpu = float("inf"), float("inf")
+        f()
+        g()
+    best = [float("inf")] * 4
     for _ in range(reps):
-        c, t = time.process_time(), time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-        best_cpu = min(best_cpu, time.process_time() - c)
-    return best * 1e3, best_cpu * 1e3
+        for k, fn in ((0, f), (2, g)):
+            w, c = timed(fn)
+            best[k], best[k + 1] = min(best[k], w), min(best[k + 1], c)
+    return best
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2_000_000)
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--codes", default="mix,runs,1,3,5,2,4,6,0")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--isa", default="", help="CPU fast path: avx2, base or scalar (default: the library's choice)")
@@ -64,12 +75,8 @@ def main():
         mm = m.clone()
         ops.step_([pp], [g], [mm], [codes], lr=0.1, momentum=0.9, first_step=True)
         # interleave the two timings so both see the same machine state
-        tf = ts = cf = cs = float("inf")
-        for _ in range(3):
-            w, c = tmin(lambda: ops.step_([pp], [g], [mm], [codes], lr=0.1, momentum=0.9), a.reps)
-            tf, cf = min(tf, w), min(cf, c)
-            w, c = tmin(sgd.step, a.reps)
-            ts, cs = min(ts, w), min(cs, c)
+        tf, cf, ts, cs = compare(lambda: ops.step_([pp], [g], [mm], [codes], lr=0.1, momentum=0.9), sgd.step,
+                                 a.reps)
         print(f"codes={spec:5s} fgsgd {tf:7.2f} ms   sgd(foreach) {ts:6.2f} ms   ratio {tf / ts:5.2f}   "
               f"(cpu time: {cf:6.1f} / {cs:6.1f} ms, ratio {cf / cs:4.2f})", flush=True)
 

@@ -7,7 +7,13 @@
 
 #include "../fgsgd/types.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// The lanes need GCC/Clang vector extensions; other compilers (MSVC) keep the scalar path only.
+#if defined(__GNUC__)
+#define FGSGD_CPU_HAVE_FAST 1
+#else
+#define FGSGD_CPU_HAVE_FAST 0
+#endif
+#if FGSGD_CPU_HAVE_FAST && defined(__x86_64__) && !defined(__clang__)
 #define FGSGD_CPU_HAVE_AVX2_TU 1  // fast_avx2.cpp is built (GCC's `#pragma GCC target`)
 #else
 #define FGSGD_CPU_HAVE_AVX2_TU 0
@@ -25,7 +31,9 @@ inline bool fast_shape(int A, int B) { return A == 3 && B == 3; }
                         int64_t begin, int64_t end);                                                   \
   void step_range_##ISA(const TensorSlot<double>& t, const StepHParams<double>& h, int A, int B,     \
                         int64_t begin, int64_t end);
+#if FGSGD_CPU_HAVE_FAST
 FGSGD_DECLARE_FAST(base)
+#endif
 #if FGSGD_CPU_HAVE_AVX2_TU
 FGSGD_DECLARE_FAST(avx2)
 #endif

@@ -59,21 +59,26 @@ __attribute__((flatten)) void step_block(const S& s, const TensorSlot<E>& t, con
   E* const pb = t.p + c0 * N;
   const E* const gb = t.g + c0 * N;
   E* const mb = use_m ? t.m + c0 * N : nullptr;
-  L p[N], g[N], m[N];
-  load_soa<N>(pb, off, p);
-  load_soa<N>(gb, off, g);
-  if (load_m) {
-    load_soa<N>(mb, off, m);
-  } else {
-    for (int e = 0; e < N; ++e) m[e] = L(E(0));  // not read (first step, or no momentum)
-  }
   L r(E(1)), sg(E(1));
   if (!kCommon) {
     if (t.rescale) r = L::gather(t.rescale + c0, idx);
     if (t.group_scale)
       for (int c = 0; c < W; ++c) sg.set_lane(c, t.group_scale[t.group_index[c0 + idx[c]]]);
   }
-  component_step(s, kCode, p, g, m, r, sg, h);
+  L w[N], xi[N];
+  {
+    L p[N], g[N];
+    load_soa<N>(pb, off, p);
+    load_soa<N>(gb, off, g);
+    step_tangent(s, kCode, p, g, r, sg, h, w, xi);
+  }
+  L p[N], m[N];  // m fetched only now: fewer values live at once (fewer register spills)
+  if (load_m) {
+    load_soa<N>(mb, off, m);
+  } else {
+    for (int e = 0; e < N; ++e) m[e] = L(E(0));  // not read (first step, or no momentum)
+  }
+  step_update(s, kCode, w, xi, m, r, h, p);
   store_soa<N>(p, pb, off);
   if (use_m) store_soa<N>(m, mb, off);
 }
@@ -190,8 +195,8 @@ void step_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int
         if (mk[k]) append(k, base, mk[k]);
         seen |= mk[k];
       }
-      for (int j = 0; j < g; ++j)  // unknown codes: the scalar path (its default branches), as without SIMD
-        if (!((seen >> j) & 1)) step_at(s, t, h, c0 + base + j);
+      // unknown codes: the scalar path (its default branches), as without SIMD
+      for (uint32_t u = ~seen & ((1u << g) - 1); u; u &= u - 1) step_at(s, t, h, c0 + base + __builtin_ctz(u));
     };
     int i = 0;
     for (; i + W <= n; i += W) {

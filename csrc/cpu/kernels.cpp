@@ -50,7 +50,7 @@ bool cpu_has_avx2() {
 int parse_isa(const char* name) {
   if (!name) return -1;
   if (!std::strcmp(name, "scalar")) return kScalar;
-  if (!std::strcmp(name, "base")) return kBase;
+  if (!std::strcmp(name, "base")) return FGSGD_CPU_HAVE_FAST ? int(kBase) : -1;
   if (!std::strcmp(name, "avx2")) return cpu_has_avx2() ? kAvx2 : -1;
   return -1;
 }
@@ -58,7 +58,7 @@ int parse_isa(const char* name) {
 std::atomic<int>& isa_state() {
   static std::atomic<int> state([] {
     const int env = parse_isa(std::getenv("FGSGD_CPU_ISA"));
-    return env >= 0 ? env : (cpu_has_avx2() ? int(kAvx2) : int(kBase));
+    return env >= 0 ? env : cpu_has_avx2() ? int(kAvx2) : FGSGD_CPU_HAVE_FAST ? int(kBase) : int(kScalar);
   }());
   return state;
 }
@@ -80,7 +80,9 @@ void fast_multi_step(const std::vector<TensorSlot<T>>& slots, int A, int B, cons
       } else
 #endif
       {
+#if FGSGD_CPU_HAVE_FAST
         step_range_base(slots[t], h, A, B, k - start[t], stop - start[t]);
+#endif
       }
       k = stop;
     }

@@ -162,7 +162,7 @@ FGSGD_LANE bool any_(const LaneMask<E, P>& m) {
 // √x of one register.
 template <class V>
 FGSGD_LANE V sqrt_reg(V a) {
-  constexpr int bytes = int(sizeof(V));
+  [[maybe_unused]] constexpr int bytes = int(sizeof(V));
   using E = decltype(a[0] + 0);
 #if FGSGD_SIMD_HAS_AVX
   if constexpr (bytes == 32 && sizeof(E) == 4) return (V)_mm256_sqrt_ps((__m256)a);
@@ -193,7 +193,7 @@ FGSGD_LANE Lanes<E, P> sqrt_(const Lanes<E, P>& a) {
 // root and a division. double, or no estimate instruction: √ and division.
 template <class V>
 FGSGD_LANE V rsqrt_reg(V a) {
-  constexpr int bytes = int(sizeof(V));
+  [[maybe_unused]] constexpr int bytes = int(sizeof(V));
   using E = decltype(a[0] + 0);
 #if !defined(FGSGD_EXACT_RSQRT)
 #if FGSGD_SIMD_HAS_AVX
@@ -300,7 +300,7 @@ FGSGD_LANE Lanes<double, P> cos_(const Lanes<double, P>& x) {
 // H×H transpose of H registers: r[i][j] <-> r[j][i].
 template <class V>
 FGSGD_LANE void transpose_regs(V* r) {
-  constexpr int bytes = int(sizeof(V));
+  [[maybe_unused]] constexpr int bytes = int(sizeof(V));
   using E = decltype(r[0][0] + 0);
   constexpr int H = bytes / int(sizeof(E));
 #if FGSGD_SIMD_HAS_AVX

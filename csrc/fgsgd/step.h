@@ -49,17 +49,26 @@ FGSGD_HD T tangent_sqnorm(const S& s, int code, const T* p, const T* g, T r, sca
   return dot(s, xi, xi);
 }
 
-// p, m (when momentum != 0) are read and written in place; g is read. `sg` is s_g, `r` is R.
-// On lane types p, g, m are the W components' elements (SoA), all with the same code.
+// The step in two phases, so that a caller may fetch m between them (the CPU lanes do: fewer
+// values live at once). Phase 1, steps 1 and 2: ω = p/R and the scaled tangent s_g·ξ (in xi).
 template <class S, class T>
-FGSGD_HD void component_step(const S& s, int code, T* p, const T* g, T* m, T r, T sg,
-                             const StepHParams<scalar_of<T>>& h) {
+FGSGD_HD void step_tangent(const S& s, int code, const T* p, const T* g, T r, T sg,
+                           const StepHParams<scalar_of<T>>& h, T* w, T* xi) {
   using E = scalar_of<T>;
   const int n = s.size();
-  T w[S::kCap], xi[S::kCap], d[S::kCap], buf[S::kCap];
   tangent(s, code, p, g, r, manifold_of(code) == kManEuclidean ? h.weight_decay : E(0), w, xi);
   FGSGD_UNROLL
   for (int i = 0; i < n; ++i) xi[i] *= sg;
+}
+
+// Phase 2, steps 3 to 5, from phase 1's w and xi (xi is overwritten): p ← R·ω', m ← Π_ω'(buffer)
+// (when momentum != 0; m is read unless first_step).
+template <class S, class T>
+FGSGD_HD void step_update(const S& s, int code, const T* w, T* xi, T* m, T r, const StepHParams<scalar_of<T>>& h,
+                          T* p) {
+  using E = scalar_of<T>;
+  const int n = s.size();
+  T d[S::kCap], buf[S::kCap];
   const bool use_m = h.momentum != E(0);
   if (use_m) {
     FGSGD_UNROLL
@@ -79,6 +88,16 @@ FGSGD_HD void component_step(const S& s, int code, T* p, const T* g, T* m, T r, 
   }
   FGSGD_UNROLL
   for (int i = 0; i < n; ++i) p[i] = r * xi[i];
+}
+
+// p, m (when momentum != 0) are read and written in place; g is read. `sg` is s_g, `r` is R.
+// On lane types p, g, m are the W components' elements (SoA), all with the same code.
+template <class S, class T>
+FGSGD_HD void component_step(const S& s, int code, T* p, const T* g, T* m, T r, T sg,
+                             const StepHParams<scalar_of<T>>& h) {
+  T w[S::kCap], xi[S::kCap];
+  step_tangent(s, code, p, g, r, sg, h, w, xi);
+  step_update(s, code, w, xi, m, r, h, p);
 }
 
 FGSGD_NAMESPACE_END
