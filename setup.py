@@ -6,6 +6,7 @@ architectures (default "8.0;9.0"), MAX_JOBS limits the parallel compile jobs.
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -21,8 +22,19 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def openmp_flags() -> list[str]:
+    """-fopenmp where torch uses OpenMP: at::parallel_for is inline, and without _OPENMP in this
+    build it runs every CPU kernel on one thread (libgomp is torch's own, already loaded)."""
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
 def extension():
-    cxx = ["-O3", "-std=c++17"]
+    # No -march: the build must run on any x86-64 (or other) CPU. The AVX2 fast path of the CPU step is
+    # compiled for AVX2 inside csrc/cpu/fast_avx2.cpp alone and chosen at run time.
+    cxx = ["-O3", "-std=c++17", "-Wno-unknown-pragmas"] + openmp_flags()
+    link = openmp_flags()
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include = [os.path.join(HERE, "csrc")]
     if want_cuda():
@@ -31,8 +43,10 @@ def extension():
         return CUDAExtension(
             "fgsgd_cuda._C", sources, include_dirs=include,
             define_macros=[("FGSGD_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]})
-    return CppExtension("fgsgd_cuda._C", sources, include_dirs=include, extra_compile_args={"cxx": cxx})
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_link_args=link)
+    return CppExtension("fgsgd_cuda._C", sources, include_dirs=include, extra_compile_args={"cxx": cxx},
+                        extra_link_args=link)
 
 
 setup(ext_modules=[extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})

@@ -67,4 +67,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  // The CPU step's instruction set (csrc/cpu/kernels.h): "avx2", "base" or "scalar".
+  m.def("_cpu_isa", [] { return std::string(fgsgd::cpu::isa()); });
+  m.def("_set_cpu_isa", [](const std::string& name) { return fgsgd::cpu::set_isa(name.c_str()); });
 }

@@ -3,6 +3,11 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "fast.h"
 
 namespace fgsgd {
 namespace cpu {
@@ -31,7 +36,75 @@ void each_slot(const std::vector<TensorSlot<T>>& slots, F&& f) {
   });
 }
 
+enum Isa : int { kScalar = 0, kBase = 1, kAvx2 = 2 };
+
+bool cpu_has_avx2() {
+#if FGSGD_CPU_HAVE_AVX2_TU
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+int parse_isa(const char* name) {
+  if (!name) return -1;
+  if (!std::strcmp(name, "scalar")) return kScalar;
+  if (!std::strcmp(name, "base")) return FGSGD_CPU_HAVE_FAST ? int(kBase) : -1;
+  if (!std::strcmp(name, "avx2")) return cpu_has_avx2() ? kAvx2 : -1;
+  return -1;
+}
+
+std::atomic<int>& isa_state() {
+  static std::atomic<int> state([] {
+    const int env = parse_isa(std::getenv("FGSGD_CPU_ISA"));
+    return env >= 0 ? env : cpu_has_avx2() ? int(kAvx2) : FGSGD_CPU_HAVE_FAST ? int(kBase) : int(kScalar);
+  }());
+  return state;
+}
+
+// The fused step of slots on the fast path: the same parallel split as each_slot, but each task
+// hands whole runs of one tensor to the vectorised range function.
+template <class T>
+void fast_multi_step(const std::vector<TensorSlot<T>>& slots, int A, int B, const StepHParams<T>& h, int isa) {
+  std::vector<int64_t> start(slots.size() + 1, 0);
+  for (size_t t = 0; t < slots.size(); ++t) start[t + 1] = start[t] + slots[t].n;
+  at::parallel_for(0, start.back(), kGrain, [&](int64_t begin, int64_t end) {
+    size_t t = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
+    for (int64_t k = begin; k < end;) {
+      while (k >= start[t + 1]) ++t;
+      const int64_t stop = std::min(end, start[t + 1]);
+#if FGSGD_CPU_HAVE_AVX2_TU
+      if (isa == kAvx2) {
+        step_range_avx2(slots[t], h, A, B, k - start[t], stop - start[t]);
+      } else
+#endif
+      {
+#if FGSGD_CPU_HAVE_FAST
+        step_range_base(slots[t], h, A, B, k - start[t], stop - start[t]);
+#endif
+      }
+      k = stop;
+    }
+  });
+}
+
 }  // namespace
+
+const char* isa() {
+  switch (isa_state().load()) {
+    case kScalar: return "scalar";
+    case kAvx2: return "avx2";
+    default: return "base";
+  }
+}
+
+bool set_isa(const char* name) {
+  const int v = parse_isa(name);
+  if (v < 0) return false;
+  isa_state().store(v);
+  return true;
+}
 
 template <class T>
 void proj(const UnaryArgs<T>& a, int A, int B) {
@@ -52,6 +125,8 @@ void norms(const UnaryArgs<T>& a, int A, int B) {
 
 template <class T>
 void multi_step(const std::vector<TensorSlot<T>>& slots, int A, int B, const StepHParams<T>& h) {
+  const int v = isa_state().load();
+  if (v != kScalar && fast_shape(A, B)) return fast_multi_step(slots, A, B, h, v);
   with_shape(A, B, [&](auto s) { each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) { step_at(s, t, h, i); }); });
 }
 template <class T>

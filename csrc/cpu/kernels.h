@@ -17,5 +17,13 @@ template <class T> void multi_sqnorm(const std::vector<TensorSlot<T>>& slots, in
 template <class T> void multi_projx(const std::vector<TensorSlot<T>>& slots, int A, int B);
 template <class T> void multi_rescale(const std::vector<TensorSlot<T>>& slots, int A, int B);
 
+// The instruction set of the fused step's fast path (csrc/cpu/fast.h): "avx2" (AVX2 + FMA, where
+// the CPU has them), "base" (the build's baseline: SSE2 on x86-64), or "scalar" (one component at
+// a time, no fast path). Chosen once from the CPU, or from the environment variable FGSGD_CPU_ISA;
+// set_isa changes it (tests and benchmarks). set_isa returns false for a name this CPU or build
+// cannot run, and changes nothing then.
+const char* isa();
+bool set_isa(const char* name);
+
 }  // namespace cpu
 }  // namespace fgsgd

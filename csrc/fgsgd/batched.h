@@ -4,17 +4,9 @@
 #pragma once
 #include "step.h"
 
-namespace fgsgd {
+FGSGD_NAMESPACE_BEGIN
 
-// Elementwise (single-tensor) ops on x of shape (N, A, B).
-template <class T>
-struct UnaryArgs {  // proj, retr: out_i = op(x_i, u_i); projx: out_i = op(x_i)
-  const T* x;
-  const T* u;
-  T* out;
-  int64_t n;
-  int code;
-};
+// The argument records UnaryArgs and TensorSlot are in types.h.
 
 template <class S, class T>
 FGSGD_HD void proj_at(const S& s, const UnaryArgs<T>& a, int64_t i) {
@@ -51,22 +43,6 @@ FGSGD_HD void norms_at(const S& s, const UnaryArgs<T>& a, int64_t i) {
   load(s, a.x + i * s.size(), x);
   norms(s, x, a.out + 3 * i, a.out + 3 * i + 1, a.out + 3 * i + 2);
 }
-
-// One tensor of a multi-tensor launch: N components of one shape, their codes (uint8), and the
-// optional rescale R (per component), group index (int32, per component) and group step size
-// s_g (per group). A null optional pointer means 1 (R, s_g).
-template <class T>
-struct TensorSlot {
-  T* p;
-  const T* g;
-  T* m;
-  const uint8_t* codes;
-  const T* rescale;
-  const int32_t* group_index;
-  const T* group_scale;
-  T* out;  // tangent_sqnorm: N outputs
-  int64_t n;
-};
 
 template <class T>
 FGSGD_HD T rescale_at(const TensorSlot<T>& t, int64_t i) {
@@ -122,4 +98,4 @@ FGSGD_HD void rescale_slot_at(const S& s, const TensorSlot<T>& t, int64_t i) {
   for (int k = 0; k < s.size(); ++k) t.p[off + k] *= f;
 }
 
-}  // namespace fgsgd
+FGSGD_NAMESPACE_END

@@ -2,7 +2,7 @@
 #pragma once
 #include "config.h"
 
-namespace fgsgd {
+FGSGD_NAMESPACE_BEGIN
 
 enum Code : int {
   kEuclidean = 0,
@@ -20,4 +20,4 @@ enum ManifoldId : int { kManEuclidean = 0, kManSphere = 1, kManOblique = 2, kMan
 FGSGD_HD int manifold_of(int code) { return (code + 1) >> 1; }
 FGSGD_HD int variant_of(int code) { return (code + 1) & 1; }  // 0: normalize / qr, 1: exp / cayley
 
-}  // namespace fgsgd
+FGSGD_NAMESPACE_END

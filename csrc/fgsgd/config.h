@@ -1,4 +1,14 @@
 // Portability macros and scalar helpers shared by the CPU and CUDA builds.
+//
+// Lane types. Every math function of csrc/fgsgd is a template on the element type T of one
+// component. T is float or double (one component per thread on the GPU, the scalar CPU path), or
+// a CPU SIMD lane type (csrc/cpu/lanes.h) that holds the same element of W components, one per
+// lane, so that one call does W components at once. A lane type provides the arithmetic operators,
+// a broadcast constructor from its scalar, comparisons returning a mask, and the free functions
+// sqrt_, rsqrt_, sin_, cos_ and select_(mask, a, b) found by argument-dependent lookup. Hence the
+// math below never branches on values of T: data-dependent choices are select_ (both sides are
+// evaluated, so they must be finite or harmlessly NaN in the lanes that are not selected).
+// Hyper-parameters stay scalars: LaneScalar<T>::type.
 #pragma once
 #include <stdint.h>
 #include <math.h>
@@ -9,19 +19,56 @@
 #define FGSGD_HD inline
 #endif
 
-namespace fgsgd {
+// Full unrolling of the loops over the elements of a component. With Fixed<A, B> the trip counts
+// are constants, so the small arrays of the math become registers (on the CPU with lane types,
+// arrays left in memory would cost a load and a store per use).
+#if defined(__CUDACC__) || defined(__clang__)
+#define FGSGD_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define FGSGD_UNROLL _Pragma("GCC unroll 16")
+#else
+#define FGSGD_UNROLL
+#endif
+
+// The CPU fast path compiles these headers once per instruction set (csrc/cpu/fast_*.cpp). Such a
+// translation unit defines FGSGD_ISA (e.g. avx2) so that every inline function it emits lives in
+// the inline namespace fgsgd::FGSGD_ISA: the linker can then never pick an AVX2-compiled copy of
+// an inline function for the baseline code (an ODR clash that would crash CPUs without AVX2).
+// Plain data types (types.h) stay in namespace fgsgd and are shared by all builds.
+#if defined(FGSGD_ISA)
+#define FGSGD_NAMESPACE_BEGIN namespace fgsgd { inline namespace FGSGD_ISA {
+#define FGSGD_NAMESPACE_END } }
+#else
+#define FGSGD_NAMESPACE_BEGIN namespace fgsgd {
+#define FGSGD_NAMESPACE_END }
+#endif
+
+FGSGD_NAMESPACE_BEGIN
 
 constexpr int kMaxElems = 64;       // A*B of one component, at most
 constexpr int kMaxCayleyRows = 8;   // the Cayley retraction solves an A×A system: A <= 8
+constexpr int kMaxStiefelCols = 8;  // stiefel needs A >= B, so A*B <= 64 gives B <= 8
 
 FGSGD_HD float sqrt_(float x) { return sqrtf(x); }
 FGSGD_HD double sqrt_(double x) { return sqrt(x); }
+FGSGD_HD float rsqrt_(float x) { return 1.0f / sqrtf(x); }  // 1/√x, correctly rounded parts
+FGSGD_HD double rsqrt_(double x) { return 1.0 / sqrt(x); }
 FGSGD_HD float sin_(float x) { return sinf(x); }
 FGSGD_HD double sin_(double x) { return sin(x); }
 FGSGD_HD float cos_(float x) { return cosf(x); }
 FGSGD_HD double cos_(double x) { return cos(x); }
 FGSGD_HD float abs_(float x) { return fabsf(x); }
 FGSGD_HD double abs_(double x) { return fabs(x); }
+FGSGD_HD float select_(bool c, float a, float b) { return c ? a : b; }
+FGSGD_HD double select_(bool c, double a, double b) { return c ? a : b; }
+
+// The scalar type of a lane type (float and double are their own); lane types specialise it.
+template <class T>
+struct LaneScalar {
+  using type = T;
+};
+template <class T>
+using scalar_of = typename LaneScalar<T>::type;
 
 // Component shape as a policy: Fixed<A, B> lets the compiler unroll the hot 3×3 case,
 // Dyn carries A and B at run time (any A >= 1, B >= 1 with A*B <= kMaxElems).
@@ -30,6 +77,7 @@ struct Fixed {
   static constexpr int A = A_;
   static constexpr int B = B_;
   static constexpr int kCap = A_ * B_;
+  static constexpr int kCapAA = A_ * A_;  // an A×A work matrix (Cayley)
   FGSGD_HD constexpr int rows() const { return A_; }
   FGSGD_HD constexpr int cols() const { return B_; }
   FGSGD_HD constexpr int size() const { return A_ * B_; }
@@ -37,15 +85,13 @@ struct Fixed {
 
 struct Dyn {
   static constexpr int kCap = kMaxElems;
+  static constexpr int kCapAA = kMaxCayleyRows * kMaxCayleyRows;
   int A, B;
   FGSGD_HD int rows() const { return A; }
   FGSGD_HD int cols() const { return B; }
   FGSGD_HD int size() const { return A * B; }
 };
 
-}  // namespace fgsgd
-
-namespace fgsgd {
 // Host-side shape dispatch: 3×3 gets the unrolled Fixed policy, everything else Dyn.
 template <class F>
 inline void with_shape(int A, int B, F&& f) {
@@ -55,4 +101,5 @@ inline void with_shape(int A, int B, F&& f) {
     f(Dyn{A, B});
   }
 }
-}  // namespace fgsgd
+
+FGSGD_NAMESPACE_END

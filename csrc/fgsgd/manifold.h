@@ -1,11 +1,11 @@
 // The manifold operators of DESIGN.md §1 on one component ω ∈ R^{A×B} (row-major, local memory).
-// Every function takes the component code (codes.h); `out` may alias the tangent/vector input
-// (never ω itself), so callers can project in place.
+// Every function takes the component code (codes.h), uniform over the lanes when T is a lane
+// type; `out` may alias the tangent/vector input (never ω itself), so callers can project in place.
 #pragma once
 #include "codes.h"
 #include "small_linalg.h"
 
-namespace fgsgd {
+FGSGD_NAMESPACE_BEGIN
 
 // Π_ω(U): the tangent projection.
 template <class S, class T>
@@ -14,50 +14,50 @@ FGSGD_HD void proj(const S& s, int code, const T* w, const T* u, T* out) {
   switch (manifold_of(code)) {
     case kManSphere: {  // U − ⟨ω,U⟩ω
       const T a = dot(s, w, u);
-#pragma unroll
+      FGSGD_UNROLL
       for (int i = 0; i < n; ++i) out[i] = u[i] - a * w[i];
       break;
     }
     case kManOblique: {  // per column j: U_j − (ω_jᵀU_j) ω_j
       T a[S::kCap];
-#pragma unroll
+      FGSGD_UNROLL
       for (int j = 0; j < B; ++j) a[j] = col_dot(s, w, u, j);
-#pragma unroll
+      FGSGD_UNROLL
       for (int i = 0; i < n; ++i) out[i] = u[i] - a[i % B] * w[i];
       break;
     }
     case kManStiefel: {  // U − ω sym(ωᵀU)
       T m[S::kCap];  // B×B <= A×B
-#pragma unroll
+      FGSGD_UNROLL
       for (int p = 0; p < B; ++p)
-#pragma unroll
+        FGSGD_UNROLL
         for (int q = 0; q < B; ++q) {
           T acc = T(0);
-#pragma unroll
+          FGSGD_UNROLL
           for (int r = 0; r < A; ++r) acc += w[r * B + p] * u[r * B + q];
           m[p * B + q] = acc;
         }
-#pragma unroll
+      FGSGD_UNROLL
       for (int p = 0; p < B; ++p)
-#pragma unroll
+        FGSGD_UNROLL
         for (int q = p; q < B; ++q) {
           const T v = T(0.5) * (m[p * B + q] + m[q * B + p]);
           m[p * B + q] = v;
           m[q * B + p] = v;
         }
-#pragma unroll
+      FGSGD_UNROLL
       for (int r = 0; r < A; ++r)
-#pragma unroll
+        FGSGD_UNROLL
         for (int q = 0; q < B; ++q) {
           T acc = T(0);
-#pragma unroll
+          FGSGD_UNROLL
           for (int p = 0; p < B; ++p) acc += w[r * B + p] * m[p * B + q];
           out[r * B + q] = u[r * B + q] - acc;
         }
       break;
     }
     default:
-#pragma unroll
+      FGSGD_UNROLL
       for (int i = 0; i < n; ++i) out[i] = u[i];
   }
 }
@@ -67,9 +67,9 @@ template <class S, class T>
 FGSGD_HD void normalize_columns(const S& s, T* y) {
   const int B = s.cols(), n = s.size();
   T inv[S::kCap];
-#pragma unroll
-  for (int j = 0; j < B; ++j) inv[j] = T(1) / sqrt_(col_dot(s, y, y, j));
-#pragma unroll
+  FGSGD_UNROLL
+  for (int j = 0; j < B; ++j) inv[j] = rsqrt_(col_dot(s, y, y, j));
+  FGSGD_UNROLL
   for (int i = 0; i < n; ++i) y[i] *= inv[i % B];
 }
 
@@ -77,32 +77,47 @@ FGSGD_HD void normalize_columns(const S& s, T* y) {
 template <class S, class T>
 FGSGD_HD void cayley(const S& s, const T* w, const T* v, T* out) {
   const int A = s.rows(), B = s.cols();
-  T wtv[S::kCap], pv[S::kCap], M[kMaxCayleyRows * kMaxCayleyRows];
+  T wtv[S::kCap], pv[S::kCap], M[S::kCapAA];
+  FGSGD_UNROLL
   for (int p = 0; p < B; ++p)
+    FGSGD_UNROLL
     for (int q = 0; q < B; ++q) {
       T acc = T(0);
+      FGSGD_UNROLL
       for (int r = 0; r < A; ++r) acc += w[r * B + p] * v[r * B + q];
       wtv[p * B + q] = acc;
     }
+  FGSGD_UNROLL
   for (int r = 0; r < A; ++r)
+    FGSGD_UNROLL
     for (int q = 0; q < B; ++q) {
       T acc = T(0);
+      FGSGD_UNROLL
       for (int p = 0; p < B; ++p) acc += w[r * B + p] * wtv[p * B + q];
       pv[r * B + q] = v[r * B + q] - T(0.5) * acc;
     }
-  for (int i = 0; i < A; ++i)  // M = I − W/2, W_ij = Σ_q pv_iq ω_jq − ω_iq pv_jq
-    for (int j = 0; j < A; ++j) {
+  FGSGD_UNROLL
+  for (int i = 0; i < A; ++i) {  // M = I − W/2, W_ij = Σ_q pv_iq ω_jq − ω_iq pv_jq: built exactly skew
+    M[i * A + i] = T(1);
+    FGSGD_UNROLL
+    for (int j = i + 1; j < A; ++j) {
       T acc = T(0);
+      FGSGD_UNROLL
       for (int q = 0; q < B; ++q) acc += pv[i * B + q] * w[j * B + q] - w[i * B + q] * pv[j * B + q];
-      M[i * A + j] = (i == j ? T(1) : T(0)) - T(0.5) * acc;
+      M[i * A + j] = T(-0.5) * acc;
+      M[j * A + i] = T(0.5) * acc;
     }
+  }
+  FGSGD_UNROLL
   for (int i = 0; i < A; ++i)  // rhs = (I + W/2) ω = 2ω − M ω
+    FGSGD_UNROLL
     for (int q = 0; q < B; ++q) {
       T acc = T(0);
+      FGSGD_UNROLL
       for (int j = 0; j < A; ++j) acc += M[i * A + j] * w[j * B + q];
       out[i * B + q] = T(2) * w[i * B + q] - acc;
     }
-  solve_inplace(M, out, A, B);
+  solve_nopivot_inplace(M, out, A, B);  // M = I − W/2 has symmetric part I: see small_linalg.h
 }
 
 // out = Retr_ω(V).
@@ -114,11 +129,11 @@ FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
     case kObliqueNormalize:
     case kStiefelQR:
     case kEuclidean:
-#pragma unroll
+      FGSGD_UNROLL
       for (int i = 0; i < n; ++i) out[i] = w[i] + v[i];
       if (code == kSphereNormalize) {
-        const T inv = T(1) / sqrt_(dot(s, out, out));
-#pragma unroll
+        const T inv = rsqrt_(dot(s, out, out));
+        FGSGD_UNROLL
         for (int i = 0; i < n; ++i) out[i] *= inv;
       } else if (code == kObliqueNormalize) {
         normalize_columns(s, out);
@@ -128,20 +143,20 @@ FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
       break;
     case kSphereExp: {  // cos‖V‖ ω + sin‖V‖ V/‖V‖
       const T t = sqrt_(dot(s, v, v));
-      const T c = cos_(t), sc = sinc_(t);
-#pragma unroll
+      T c, sc;
+      cos_sinc_(t, &c, &sc);
+      FGSGD_UNROLL
       for (int i = 0; i < n; ++i) out[i] = c * w[i] + sc * v[i];
       break;
     }
     case kObliqueExp: {  // the same per column
       T c[S::kCap], sc[S::kCap];
-#pragma unroll
+      FGSGD_UNROLL
       for (int j = 0; j < B; ++j) {
         const T t = sqrt_(col_dot(s, v, v, j));
-        c[j] = cos_(t);
-        sc[j] = sinc_(t);
+        cos_sinc_(t, &c[j], &sc[j]);
       }
-#pragma unroll
+      FGSGD_UNROLL
       for (int i = 0; i < n; ++i) out[i] = c[i % B] * w[i] + sc[i % B] * v[i];
       break;
     }
@@ -149,7 +164,7 @@ FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
       cayley(s, w, v, out);
       break;
     default:  // unknown codes are rejected by the callers; never leave `out` unwritten
-#pragma unroll
+      FGSGD_UNROLL
       for (int i = 0; i < n; ++i) out[i] = w[i];
   }
 }
@@ -160,8 +175,8 @@ FGSGD_HD void projx_inplace(const S& s, int code, T* x) {
   const int n = s.size();
   switch (manifold_of(code)) {
     case kManSphere: {
-      const T inv = T(1) / sqrt_(dot(s, x, x));
-#pragma unroll
+      const T inv = rsqrt_(dot(s, x, x));
+      FGSGD_UNROLL
       for (int i = 0; i < n; ++i) x[i] *= inv;
       break;
     }
@@ -204,4 +219,4 @@ FGSGD_HD void norms(const S& s, const T* x, T* fro, T* spectral, T* l21) {
   *spectral = sqrt_(top > T(0) ? top : T(0));
 }
 
-}  // namespace fgsgd
+FGSGD_NAMESPACE_END

@@ -1,85 +1,133 @@
 // Dense linear algebra on one small row-major matrix held in local memory (registers on a GPU).
+// T is a scalar or a CPU lane type (config.h): no branch below depends on a value of T.
 #pragma once
 #include "config.h"
 
-namespace fgsgd {
+FGSGD_NAMESPACE_BEGIN
 
 template <class T>
-FGSGD_HD T sinc_(T t) {  // sin(t)/t, t >= 0
-  return t > T(1e-4) ? sin_(t) / t : T(1) - t * t / T(6);
+FGSGD_HD T sinc_(T t) {  // sin(t)/t, t >= 0; both sides are finite or NaN only where not selected
+  return select_(t > T(1e-4), sin_(t) / t, T(1) - t * t / T(6));
 }
 
+// cos(t) and sin(t)/t together (the exp retractions). Lane types overload it with one shared
+// range reduction for both (csrc/cpu/lanes.h).
+template <class T>
+FGSGD_HD void cos_sinc_(T t, T* c, T* sc) {
+  *c = cos_(t);
+  *sc = sinc_(t);
+}
+
+// ⟨x, y⟩ over the n = A·B elements, in three interleaved partial sums: a dependency chain of n/3
+// multiply-adds instead of n (latency, not rounding, is what these tiny reductions cost).
 template <class S, class T>
 FGSGD_HD T dot(const S& s, const T* x, const T* y) {
-  T acc = T(0);
-#pragma unroll
-  for (int i = 0; i < s.size(); ++i) acc += x[i] * y[i];
-  return acc;
+  const int n = s.size();
+  if (n < 3) return n == 1 ? x[0] * y[0] : x[0] * y[0] + x[1] * y[1];
+  T a0 = x[0] * y[0], a1 = x[1] * y[1], a2 = x[2] * y[2];
+  int i = 3;
+  FGSGD_UNROLL
+  for (; i + 3 <= n; i += 3) {
+    a0 += x[i] * y[i];
+    a1 += x[i + 1] * y[i + 1];
+    a2 += x[i + 2] * y[i + 2];
+  }
+  FGSGD_UNROLL
+  for (; i < n; ++i) a0 += x[i] * y[i];
+  return a0 + (a1 + a2);
 }
 
 // Column j of x and y: sum_r x[r, j] y[r, j].
 template <class S, class T>
 FGSGD_HD T col_dot(const S& s, const T* x, const T* y, int j) {
+  const int A = s.rows(), B = s.cols();
   T acc = T(0);
-#pragma unroll
-  for (int r = 0; r < s.rows(); ++r) acc += x[r * s.cols() + j] * y[r * s.cols() + j];
+  FGSGD_UNROLL
+  for (int r = 0; r < A; ++r) acc += x[r * B + j] * y[r * B + j];
   return acc;
 }
 
-// x ← Q of the thin QR of x with diag(R) > 0, by modified Gram–Schmidt applied twice
-// ("twice is enough"), which keeps ‖QᵀQ − I‖ at rounding level for these tiny sizes.
+// Column jx of x and column jy of y: sum_r x[r, jx] y[r, jy].
+template <class S, class T>
+FGSGD_HD T col_dot(const S& s, const T* x, const T* y, int jx, int jy) {
+  const int A = s.rows(), B = s.cols();
+  T acc = T(0);
+  FGSGD_UNROLL
+  for (int r = 0; r < A; ++r) acc += x[r * B + jx] * y[r * B + jy];
+  return acc;
+}
+
+// x ← Q of the thin QR of x with diag(R) > 0, by classical Gram–Schmidt applied twice (CGS2: "twice
+// is enough", Giraud, Langou, Rozložník 2005), which keeps ‖QᵀQ − I‖ at rounding level for
+// numerically full-rank x. Classical rather than modified: the projections onto q_0..q_{j-1} of a
+// pass are independent, a short dependency chain (SIMD lanes, GPU threads).
 template <class S, class T>
 FGSGD_HD void qr_q_inplace(const S& s, T* x) {
   const int A = s.rows(), B = s.cols();
-#pragma unroll
+  FGSGD_UNROLL
   for (int j = 0; j < B; ++j) {
-#pragma unroll
+    FGSGD_UNROLL
     for (int pass = 0; pass < 2; ++pass) {
+      T r[kMaxStiefelCols];  // r[k] = q_kᵀ x_j, k < j < B
+      FGSGD_UNROLL
+      for (int k = 0; k < j; ++k) r[k] = col_dot(s, x, x, k, j);
+      FGSGD_UNROLL
       for (int k = 0; k < j; ++k) {
-        T r = T(0);
-        for (int i = 0; i < A; ++i) r += x[i * B + k] * x[i * B + j];
-        for (int i = 0; i < A; ++i) x[i * B + j] -= r * x[i * B + k];
+        FGSGD_UNROLL
+        for (int i = 0; i < A; ++i) x[i * B + j] -= r[k] * x[i * B + k];
       }
     }
-    const T inv = T(1) / sqrt_(col_dot(s, x, x, j));
+    const T inv = rsqrt_(col_dot(s, x, x, j));
+    FGSGD_UNROLL
     for (int i = 0; i < A; ++i) x[i * B + j] *= inv;
   }
 }
 
 // Solve M Y = R in place for an n×n matrix M (row-major, n <= kMaxCayleyRows) and n×b right-hand
-// sides R, by Gaussian elimination with partial pivoting. M is destroyed, R becomes Y.
+// sides R, by Gaussian elimination WITHOUT pivoting. M is destroyed, R becomes Y.
+//
+// Precondition: the symmetric part of M is ⪰ I. The Cayley retraction solves with M = I − W/2, W
+// skew-symmetric (Wᵀ = −W), whose symmetric part is exactly I. For such M:
+//  * xᵀMx = xᵀHx ≥ ‖x‖² for every x (H = sym(M), xᵀKx = 0 for the skew part K), so by
+//    Cauchy–Schwarz ‖x‖‖Mx‖ ≥ xᵀMx ≥ ‖x‖²: ‖Mx‖ ≥ ‖x‖, every singular value of M is ≥ 1 and
+//    ‖M⁻¹‖₂ ≤ 1 (for M = I − W/2 the eigenvalues are 1 − iθ/2, so I − W/2 is never singular).
+//  * Every pivot is ≥ 1: the first is M₁₁ = e₁ᵀMe₁ ≥ 1. Given y, choose x = (α, y) with α such
+//    that row 1 of Mx vanishes (α = −M₁₂y/M₁₁); then the rest of Mx is S y, S = M₂₂ − M₂₁M₁₂/M₁₁
+//    the Schur complement, and yᵀSy = xᵀMx ≥ ‖x‖² ≥ ‖y‖². So S again has symmetric part ⪰ I and
+//    by induction every later pivot is ≥ 1 too: elimination never divides by anything below 1.
+//  * Growth is bounded (Golub & Van Loan, Matrix Computations, §4.2, matrices with a positive
+//    definite symmetric part H and skew part K: ‖|L||U|‖ ≤ n(‖H‖ + ‖KH⁻¹Kᵀ‖) = n(1 + ‖W‖²/4) here),
+//    so no pivoting is needed for stability.
+// No pivoting keeps the solve free of data-dependent branches (SIMD lanes, GPU threads).
 template <class T>
-FGSGD_HD void solve_inplace(T* M, T* R, int n, int b) {
+FGSGD_HD void solve_nopivot_inplace(T* M, T* R, int n, int b) {
+  FGSGD_UNROLL
   for (int c = 0; c < n; ++c) {
-    int piv = c;
-    T best = abs_(M[c * n + c]);
-    for (int r = c + 1; r < n; ++r) {
-      const T v = abs_(M[r * n + c]);
-      if (v > best) { best = v; piv = r; }
-    }
-    if (piv != c) {
-      for (int k = 0; k < n; ++k) { T t = M[c * n + k]; M[c * n + k] = M[piv * n + k]; M[piv * n + k] = t; }
-      for (int k = 0; k < b; ++k) { T t = R[c * b + k]; R[c * b + k] = R[piv * b + k]; R[piv * b + k] = t; }
-    }
     const T inv = T(1) / M[c * n + c];
+    FGSGD_UNROLL
     for (int r = c + 1; r < n; ++r) {
       const T f = M[r * n + c] * inv;
-      if (f == T(0)) continue;
-      for (int k = c; k < n; ++k) M[r * n + k] -= f * M[c * n + k];
+      FGSGD_UNROLL
+      for (int k = c + 1; k < n; ++k) M[r * n + k] -= f * M[c * n + k];
+      FGSGD_UNROLL
       for (int k = 0; k < b; ++k) R[r * b + k] -= f * R[c * b + k];
     }
+    M[c * n + c] = inv;  // keep 1/pivot for the back substitution
   }
+  FGSGD_UNROLL
   for (int c = n - 1; c >= 0; --c) {
-    const T inv = T(1) / M[c * n + c];
+    FGSGD_UNROLL
     for (int k = 0; k < b; ++k) {
       T acc = R[c * b + k];
+      FGSGD_UNROLL
       for (int j = c + 1; j < n; ++j) acc -= M[c * n + j] * R[j * b + k];
-      R[c * b + k] = acc * inv;
+      R[c * b + k] = acc * M[c * n + c];
     }
   }
 }
 
 // Largest eigenvalue of a symmetric n×n matrix G (row-major, destroyed) by cyclic Jacobi sweeps.
+// Scalar T only (norms, not a hot path).
 template <class T>
 FGSGD_HD T sym_max_eig(T* G, int n) {
   for (int sweep = 0; sweep < 30; ++sweep) {
@@ -115,4 +163,4 @@ FGSGD_HD T sym_max_eig(T* G, int n) {
   return best;
 }
 
-}  // namespace fgsgd
+FGSGD_NAMESPACE_END

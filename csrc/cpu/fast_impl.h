@@ -1,0 +1,239 @@
+// The CPU fast path of the fused step (included once per instruction set by fast_*.cpp, which
+// define FGSGD_ISA and FGSGD_FAST_ENTRY). No math of its own: it runs the shared component_step
+// of csrc/fgsgd/step.h on Lanes<E, W>, W components at a time.
+//
+// Every block of W lanes has a single code (step_range below), so the manifold switch of the shared
+// math is resolved at compile time (one instantiation per code) and lanes never mix manifolds.
+#if defined(__GNUC__) && !defined(__clang__)
+// Copies of lane arrays must stay vector moves: as memcpy calls (or `rep movs`) they cost more
+// than the math and break store-to-load forwarding.
+#pragma GCC optimize("no-tree-loop-distribute-patterns")
+#endif
+#include "fast.h"
+#include "lanes.h"
+#include "../fgsgd/batched.h"
+
+FGSGD_NAMESPACE_BEGIN
+namespace simd {
+namespace {
+
+// Registers per lane value: 1 keeps the code of a block small (a mix of codes runs the blocks of
+// three codes in turn, which must share the instruction cache); at least 4 lanes per block.
+#ifndef FGSGD_SIMD_REGS
+#define FGSGD_SIMD_REGS 1
+#endif
+template <class E>
+constexpr int block_regs() {
+  constexpr int h = kRegBytes / int(sizeof(E));
+  return FGSGD_SIMD_REGS * h >= 4 ? FGSGD_SIMD_REGS : 4 / h;
+}
+template <class E>
+using Block = Lanes<E, block_regs<E>()>;  // the lane type: W = Block<E>::kWidth components
+
+// One block: the W components idx[0..W) of span base c0 (indices relative to c0).
+// kCommon: the common configuration, known at compile time so that its branches and products fold
+// and the block's code stays small (the blocks of the codes of a mix must share the instruction
+// cache): momentum on, no nesterov, not the first step, no stabilize, no rescale (R = 1), no group
+// step size (s_g = 1). Any other configuration takes the general instantiation.
+template <class E>
+bool is_common(const TensorSlot<E>& t, const StepHParams<E>& h) {
+  return h.momentum != E(0) && !h.nesterov && !h.first_step && !h.stabilize && !t.rescale && !t.group_scale;
+}
+
+template <int kCode, bool kCommon, class S, class E>
+__attribute__((flatten)) void step_block(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h_in,
+                                         int64_t c0, const int32_t* idx) {
+  using L = Block<E>;
+  constexpr int W = L::kWidth;
+  constexpr int N = S::kCap;
+  StepHParams<E> h = h_in;
+  if (kCommon) {
+    h.nesterov = false;
+    h.first_step = false;
+    h.stabilize = false;
+  }
+  const bool use_m = kCommon || h.momentum != E(0);
+  const bool load_m = kCommon || (use_m && !h.first_step);
+  int32_t off[W];  // element offsets of the components from the span base (< 2^31: spans are short)
+  for (int c = 0; c < W; ++c) off[c] = idx[c] * N;
+  E* const pb = t.p + c0 * N;
+  const E* const gb = t.g + c0 * N;
+  E* const mb = use_m ? t.m + c0 * N : nullptr;
+  L r(E(1)), sg(E(1));
+  if (!kCommon) {
+    if (t.rescale) r = L::gather(t.rescale + c0, idx);
+    if (t.group_scale)
+      for (int c = 0; c < W; ++c) sg.set_lane(c, t.group_scale[t.group_index[c0 + idx[c]]]);
+  }
+  L w[N], xi[N];
+  {
+    L p[N], g[N];
+    load_soa<N>(pb, off, p);
+    load_soa<N>(gb, off, g);
+    step_tangent(s, kCode, p, g, r, sg, h, w, xi);
+  }
+  L p[N], m[N];  // m fetched only now: fewer values live at once (fewer register spills)
+  if (load_m) {
+    load_soa<N>(mb, off, m);
+  } else {
+    for (int e = 0; e < N; ++e) m[e] = L(E(0));  // not read (first step, or no momentum)
+  }
+  step_update(s, kCode, w, xi, m, r, h, p);
+  store_soa<N>(p, pb, off);
+  if (use_m) store_soa<N>(m, mb, off);
+}
+
+template <class S, class E>
+using BlockFn = void (*)(const S&, const TensorSlot<E>&, const StepHParams<E>&, int64_t, const int32_t*);
+
+template <class S, class E, bool kCommon>
+struct BlockTable {
+  static constexpr BlockFn<S, E> fn[kNumCodes] = {
+      &step_block<0, kCommon, S, E>, &step_block<1, kCommon, S, E>, &step_block<2, kCommon, S, E>,
+      &step_block<3, kCommon, S, E>, &step_block<4, kCommon, S, E>, &step_block<5, kCommon, S, E>,
+      &step_block<6, kCommon, S, E>};
+};
+
+// True when the n codes at c all equal k (n a multiple of 4; word compares).
+inline bool all_equal(const uint8_t* c, int n, uint8_t k) {
+  const uint32_t kk = 0x01010101u * k;
+  uint32_t diff = 0;
+  for (int i = 0; i < n; i += 4) {
+    uint32_t w;
+    memcpy(&w, c + i, 4);
+    diff |= w ^ kk;
+  }
+  return diff == 0;
+}
+
+// mk[k], bit j: c[j] == k, for the G (4 or 8) codes at c and every known code k.
+template <int G>
+FGSGD_LANE void code_masks(const uint8_t* c, uint32_t* mk) {
+#if defined(__SSE2__)
+  __m128i v;
+  if constexpr (G == 8) {
+    v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c));
+  } else {
+    int32_t w;
+    memcpy(&w, c, 4);
+    v = _mm_cvtsi32_si128(w);
+  }
+  for (int k = 0; k < kNumCodes; ++k)
+    mk[k] = uint32_t(_mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(char(k))))) & ((1u << G) - 1);
+#else
+  for (int k = 0; k < kNumCodes; ++k) {
+    uint32_t m = 0;
+    for (int j = 0; j < G; ++j) m |= uint32_t(c[j] == k) << j;
+    mk[k] = m;
+  }
+#endif
+}
+
+// For every 8-bit mask: the positions of its set bits, and how many there are.
+struct CompressLut {
+  uint8_t pos[256][8];
+  uint8_t count[256];
+  constexpr CompressLut() : pos{}, count{} {
+    for (int m = 0; m < 256; ++m) {
+      int c = 0;
+      for (int j = 0; j < 8; ++j)
+        if ((m >> j) & 1) pos[m][c++] = uint8_t(j);
+      count[m] = uint8_t(c);
+    }
+  }
+};
+constexpr CompressLut kCompress{};
+
+// One pass over the components in order. W consecutive components of one code (a run, or the
+// whole tensor) form a block as they are; otherwise each component joins the pending block of its
+// code (branch-free: a compare mask per code and a table of bit positions), which runs as soon as
+// it holds W. So every block has a single code whatever the interleaving, and touches only
+// components seen in the last few blocks: memory is read in order, once, as by a plain stream.
+// Pending blocks left at the end are padded with copies of their last index (the copies load the
+// same inputs and store the same results: harmless).
+template <class S, class E>
+void step_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int64_t begin, int64_t end) {
+  constexpr int W = Block<E>::kWidth;
+  constexpr int G = W < 8 ? W : 8;  // codes classified per mask
+  static_assert(W % 4 == 0, "groups of 4 or 8 codes");
+  constexpr int64_t kSpan = int64_t(1) << 24;  // int32 element offsets from the span start (x 64 elements)
+  static const struct Iota {
+    int32_t v[W];
+    Iota() {
+      for (int i = 0; i < W; ++i) v[i] = i;
+    }
+  } iota;
+  const BlockFn<S, E>* fn = is_common(t, h) ? BlockTable<S, E, true>::fn : BlockTable<S, E, false>::fn;
+  for (int64_t c0 = begin; c0 < end; c0 += kSpan) {
+    const int n = int(end - c0 < kSpan ? end - c0 : kSpan);
+    const uint8_t* codes = t.codes + c0;
+    int32_t pending[kNumCodes][W + 16];  // room for a full block plus an unconditional 8-wide append
+    int count[kNumCodes] = {};
+    auto append = [&](int k, int base, uint32_t m) {  // the components base + (bits of m), code k
+      int32_t* pk = pending[k];
+      int cnt = count[k];
+      for (int j = 0; j < 8; ++j) pk[cnt + j] = base + kCompress.pos[m][j];
+      cnt += kCompress.count[m];
+      if (cnt >= W) {
+        fn[k](s, t, h, c0, pk);
+        cnt -= W;
+        for (int q = 0; q < 8; ++q) pk[q] = pk[W + q];
+      }
+      count[k] = cnt;
+    };
+    auto classify = [&](int base, int g) {  // g codes at base, g <= G (a tail: one by one)
+      uint32_t mk[kNumCodes], seen = 0;
+      if (g == G) {
+        code_masks<G>(codes + base, mk);
+      } else {
+        for (int k = 0; k < kNumCodes; ++k) {
+          mk[k] = 0;
+          for (int j = 0; j < g; ++j) mk[k] |= uint32_t(codes[base + j] == k) << j;
+        }
+      }
+      for (int k = 0; k < kNumCodes; ++k) {
+        if (mk[k]) append(k, base, mk[k]);
+        seen |= mk[k];
+      }
+      // unknown codes: the scalar path (its default branches), as without SIMD
+      for (uint32_t u = ~seen & ((1u << g) - 1); u; u &= u - 1) step_at(s, t, h, c0 + base + __builtin_ctz(u));
+    };
+    int i = 0;
+    for (; i + W <= n; i += W) {
+      const int k = codes[i];
+      if (k < kNumCodes && all_equal(codes + i, W, uint8_t(k))) {
+        fn[k](s, t, h, c0 + i, iota.v);  // W consecutive components of one code
+      } else {
+        for (int j = 0; j < W; j += G) classify(i + j, G);
+      }
+    }
+    for (; i < n; i += G) classify(i, n - i < G ? n - i : G);
+    for (int k = 0; k < kNumCodes; ++k) {
+      if (count[k] == 0) continue;
+      for (int q = count[k]; q < W; ++q) pending[k][q] = pending[k][count[k] - 1];
+      fn[k](s, t, h, c0, pending[k]);
+    }
+  }
+}
+
+template <class E>
+void step_any(const TensorSlot<E>& t, const StepHParams<E>& h, int A, int B, int64_t begin, int64_t end) {
+  if (A == 3 && B == 3) step_range(Fixed<3, 3>{}, t, h, begin, end);
+}
+
+}  // namespace
+}  // namespace simd
+FGSGD_NAMESPACE_END
+
+namespace fgsgd {
+namespace cpu {
+void FGSGD_FAST_ENTRY(step_range)(const TensorSlot<float>& t, const StepHParams<float>& h, int A, int B,
+                                  int64_t begin, int64_t end) {
+  ::fgsgd::FGSGD_ISA::simd::step_any(t, h, A, B, begin, end);
+}
+void FGSGD_FAST_ENTRY(step_range)(const TensorSlot<double>& t, const StepHParams<double>& h, int A, int B,
+                                  int64_t begin, int64_t end) {
+  ::fgsgd::FGSGD_ISA::simd::step_any(t, h, A, B, begin, end);
+}
+}  // namespace cpu
+}  // namespace fgsgd

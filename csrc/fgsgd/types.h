@@ -1,0 +1,41 @@
+// Plain argument records shared by every build of the math (host, device, and each CPU instruction
+// set of csrc/cpu): data only, no code, so they stay in namespace fgsgd itself (config.h).
+#pragma once
+#include <stdint.h>
+
+namespace fgsgd {
+
+// Hyper-parameters of the step (scalars, also when the math runs on lane types).
+template <class T>
+struct StepHParams {
+  T lr, momentum, dampening, weight_decay;
+  bool nesterov, first_step, stabilize;
+};
+
+// Elementwise (single-tensor) ops on x of shape (N, A, B).
+template <class T>
+struct UnaryArgs {  // proj, retr: out_i = op(x_i, u_i); projx: out_i = op(x_i)
+  const T* x;
+  const T* u;
+  T* out;
+  int64_t n;
+  int code;
+};
+
+// One tensor of a multi-tensor launch: N components of one shape, their codes (uint8), and the
+// optional rescale R (per component), group index (int32, per component) and group step size
+// s_g (per group). A null optional pointer means 1 (R, s_g).
+template <class T>
+struct TensorSlot {
+  T* p;
+  const T* g;
+  T* m;
+  const uint8_t* codes;
+  const T* rescale;
+  const int32_t* group_index;
+  const T* group_scale;
+  T* out;  // tangent_sqnorm: N outputs
+  int64_t n;
+};
+
+}  // namespace fgsgd

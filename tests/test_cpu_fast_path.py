@@ -1,0 +1,230 @@
+"""The CPU fused step (``step_`` on the ``cpu`` backend) against the float64 reference, on every
+instruction set of the CPU fast path this machine runs (csrc/cpu/fast*.{h,cpp}: "avx2", "base")
+and on the scalar per-component path ("scalar").
+
+The fast path runs W components at once on SIMD lanes (W = 4..16): the sizes here are multiples of
+no lane width, the codes vary lane to lane (random) and in runs, several tensors go in one call,
+and every hyper-parameter path of the step is exercised. Shapes without a fast path (all but 3×3)
+must give the same results through the scalar path.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import (FP32_RTOL, SHAPES, codes_for, make_gen, random_points, random_tangents, rel_err,
+                      requires_cpu_kernels)
+from fgsgd_cuda import _ext, ops
+from fgsgd_cuda import reference as R
+
+pytestmark = requires_cpu_kernels
+
+FP64_RTOL = 1e-12
+
+
+def _isas() -> list[str]:
+    """The instruction sets this build and CPU can run (the library's default first)."""
+    if not _ext.HAS_CPU_KERNELS or not hasattr(_ext._C, "_cpu_isa"):
+        return ["default"]
+    default = _ext._C._cpu_isa()
+    out = [default]
+    for name in ("avx2", "base", "scalar"):
+        if name not in out and _ext._C._set_cpu_isa(name):
+            out.append(name)
+    _ext._C._set_cpu_isa(default)
+    return out
+
+
+ISAS = _isas()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    if request.param == "default":
+        yield request.param
+        return
+    before = _ext._C._cpu_isa()
+    assert _ext._C._set_cpu_isa(request.param)
+    yield request.param
+    _ext._C._set_cpu_isa(before)
+
+
+def _tol(dtype):
+    return FP32_RTOL if dtype == torch.float32 else FP64_RTOL
+
+
+# Hyper-parameter cases: every branch of component_step (momentum, dampening, nesterov, first step,
+# stabilize, weight decay on euclidean components, rescale R, group step size s_g).
+CASES = {
+    "momentum": dict(lr=0.1, momentum=0.9),
+    "plain_sgd": dict(lr=0.05),
+    "dampening": dict(lr=0.1, momentum=0.8, dampening=0.3),
+    "nesterov": dict(lr=0.1, momentum=0.9, nesterov=True),
+    "first_step": dict(lr=0.1, momentum=0.9, first_step=True),
+    "stabilize": dict(lr=0.2, momentum=0.5, stabilize=True),
+    "weight_decay": dict(lr=0.1, momentum=0.9, weight_decay=1e-2),
+    "rescale": dict(lr=0.1, momentum=0.9, rescale=True),
+    "group_scale": dict(lr=0.1, momentum=0.9, group_scale=True),
+    "everything": dict(lr=0.3, momentum=0.7, nesterov=True, weight_decay=3e-3, stabilize=True, rescale=True,
+                       group_scale=True),
+}
+
+
+def _inputs(n, a, b, codes, gen, dtype, rescale=False, group_scale=False):
+    """(p, g, m, codes, R, group_index, group_scale, s_g per component) in float64 and the kernel dtype."""
+    w = random_points(n, a, b, codes, gen)                       # on the manifolds (float64)
+    r = (0.5 + torch.rand(n, generator=gen, dtype=torch.float64)) if rescale else None
+    p = w if r is None else w * r.reshape(n, 1, 1)
+    g = torch.randn(n, a, b, generator=gen, dtype=torch.float64)
+    m = random_tangents(w, codes, gen, scale=0.3)
+    if group_scale:
+        groups = max(1, n // 5)
+        gi = torch.randint(groups, (n,), generator=gen, dtype=torch.int32)
+        gs = 0.2 + torch.rand(groups, generator=gen, dtype=torch.float64)
+        sg = gs[gi.long()]
+    else:
+        gi = gs = sg = None
+    return p, g, m, r, gi, gs, sg
+
+
+def _run(ps, gs_, ms, codes, rs, gis, gss, dtype, hp):
+    """The compiled step on dtype copies; returns the new (p, m) lists."""
+    p = [x.to(dtype, copy=True).contiguous() for x in ps]  # copies: the step works in place
+    g = [x.to(dtype, copy=True).contiguous() for x in gs_]
+    m = [x.to(dtype, copy=True).contiguous() for x in ms]
+    kw = {k: v for k, v in hp.items() if k not in ("rescale", "group_scale")}
+    ops.step_(p, g, m if kw.get("momentum") else [], codes, backend="cpu",
+              rescale=[r.to(dtype) for r in rs] if rs else (),
+              group_index=gis if gis else (), group_scale=[s.to(dtype) for s in gss] if gss else (), **kw)
+    return p, m
+
+
+def _reference(p, g, m, codes, r, sg, hp):
+    kw = {k: v for k, v in hp.items() if k not in ("rescale", "group_scale")}
+    return R.step(p, g, m, codes.long(), r, sg, **kw)
+
+
+def _check(tensors, dtype, hp, what):
+    """tensors: list of (p, g, m, codes, R, group_index, group_scale, s_g) in float64."""
+    ps, gs_, ms, cs, rs, gis, gss, sgs = map(list, zip(*tensors))
+    got_p, got_m = _run(ps, gs_, ms, cs, [r for r in rs if r is not None], [x for x in gis if x is not None],
+                        [x for x in gss if x is not None], dtype, hp)
+    tol = _tol(dtype)
+    for k, (p, g, m, c, r, _, _, sg) in enumerate(tensors):
+        ref_p, ref_m = _reference(p, g, m, c, r, sg, hp)
+        e = rel_err(got_p[k], ref_p)
+        assert e <= tol, f"{what}: p[{k}] relative error {e:.3g} > {tol:g}"
+        if hp.get("momentum"):
+            e = rel_err(got_m[k], ref_m)
+            assert e <= tol, f"{what}: m[{k}] relative error {e:.3g} > {tol:g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{a}x{b}" for a, b in SHAPES])
+def test_every_code_and_mix(isa, shape, dtype):
+    """Each code alone, and all codes random per component, against the reference."""
+    a, b = shape
+    allowed = codes_for(a, b)
+    gen = make_gen(10 * a + b)
+    n = 1237 if shape == (3, 3) else 67
+    for code in allowed + ["mix"]:
+        codes = (torch.tensor(allowed, dtype=torch.uint8)[torch.randint(len(allowed), (n,), generator=gen)]
+                 if code == "mix" else torch.full((n,), code, dtype=torch.uint8))
+        p, g, m, r, gi, gs, sg = _inputs(n, a, b, codes, gen, dtype)
+        _check([(p, g, m, codes, r, gi, gs, sg)], dtype, CASES["momentum"], f"{isa} {shape} code {code}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_hyper_parameters(isa, case, dtype):
+    """Every step option on 3×3 (the fast path) and 3×2 (the scalar path), mixed codes."""
+    hp = CASES[case]
+    for a, b in [(3, 3), (3, 2)]:
+        gen = make_gen(list(CASES).index(case))
+        allowed = codes_for(a, b)
+        n = 517
+        codes = torch.tensor(allowed, dtype=torch.uint8)[torch.randint(len(allowed), (n,), generator=gen)]
+        p, g, m, r, gi, gs, sg = _inputs(n, a, b, codes, gen, dtype, hp.get("rescale", False),
+                                         hp.get("group_scale", False))
+        _check([(p, g, m, codes, r, gi, gs, sg)], dtype, hp, f"{isa} {case} {a}x{b}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_many_tensors_runs_and_chunks(isa, dtype):
+    """Several tensors in one call, sizes past the chunk size (1024) and the parallel grain, codes in
+    runs of varying length (the PIO layout) and random, some tensors of a single code."""
+    gen = make_gen(7)
+    tensors = []
+    for n, layout in [(1, "single"), (15, "random"), (4099, "runs"), (2500, "random"), (3000, "single"),
+                      (33, "runs")]:
+        if layout == "single":
+            codes = torch.full((n,), 5, dtype=torch.uint8)
+        elif layout == "random":
+            codes = torch.tensor([1, 3, 5], dtype=torch.uint8)[torch.randint(3, (n,), generator=gen)]
+        else:
+            lengths = torch.randint(1, 40, (n,), generator=gen)
+            kinds = torch.tensor([1, 3, 5, 0, 6], dtype=torch.uint8)[torch.randint(5, (n,), generator=gen)]
+            codes = kinds.repeat_interleave(lengths)[:n].contiguous()
+        tensors.append((*_inputs(n, 3, 3, codes, gen, dtype)[:3], codes, None, None, None, None))
+    _check(tensors, dtype, CASES["momentum"], f"{isa} many tensors")
+    tensors = [(p, g, m, c, *_inputs(p.shape[0], 3, 3, c, gen, dtype, True, True)[3:]) for p, g, m, c, *_ in tensors]
+    _check(tensors, dtype, CASES["everything"], f"{isa} many tensors, everything")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_edge_values(isa, dtype):
+    """Zero gradients and momenta (the small-t branch of the exp retraction: t = 0), long exp steps
+    (t up to ~20 rad: range reduction), and an exp step so long (t > 8192) that the fast path's sin/cos
+    go through libm: there the result need only stay on the sphere."""
+    gen = make_gen(3)
+    n = 301
+    for code in (2, 4):
+        codes = torch.full((n,), code, dtype=torch.uint8)
+        p, g, m, *_ = _inputs(n, 3, 3, codes, gen, dtype)
+        zero = [(p, torch.zeros_like(g), torch.zeros_like(m), codes, None, None, None, None)]
+        _check(zero, dtype, CASES["momentum"], f"{isa} zero step, code {code}")
+        big = [(p, g * 20, m, codes, None, None, None, None)]
+        _check(big, dtype, dict(lr=0.3, momentum=0.5), f"{isa} long exp step, code {code}")
+    codes = torch.full((n,), 2, dtype=torch.uint8)
+    p, g, m, *_ = _inputs(n, 3, 3, codes, gen, dtype)
+    got_p, _ = _run([p], [g], [m], [codes], [], [], [], dtype, dict(lr=1e5, momentum=0.9))
+    norms = got_p[0].double().flatten(1).norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=10 * _tol(dtype)), "sphere exp with t > 8192"
+
+
+def test_unknown_codes_match_scalar_path(isa):
+    """Codes outside 0..6 (never produced by fgsgd_cuda, not checked per component for speed) take the
+    scalar path's default branches on every instruction set: the results are the scalar path's.
+    (With stabilize off, an unknown code leaves p where it was and keeps m as its tangent.)"""
+    if isa == "default" or "scalar" not in ISAS:
+        pytest.skip("needs the instruction-set switch")
+    gen = make_gen(11)
+    n = 100
+    codes = torch.tensor([1, 7, 3, 200, 5, 9], dtype=torch.uint8)[torch.randint(6, (n,), generator=gen)]
+    known = torch.where(codes > 6, torch.ones_like(codes), codes)
+    p, g, m, *_ = _inputs(n, 3, 3, known, gen, torch.float32)
+    (got_p,), (got_m,) = _run([p], [g], [m], [codes], [], [], [], torch.float32, CASES["momentum"])
+    _ext._C._set_cpu_isa("scalar")
+    try:
+        (want_p,), (want_m,) = _run([p], [g], [m], [codes], [], [], [], torch.float32, CASES["momentum"])
+    finally:
+        _ext._C._set_cpu_isa(isa)
+    unknown = codes > 6
+    # the same operations, up to rounding (the AVX2 unit contracts a*b+c into FMAs)
+    assert rel_err(got_p[unknown], want_p[unknown]) < 1e-6
+    assert rel_err(got_m[unknown], want_m[unknown]) < 1e-6
+    assert rel_err(got_p[~unknown], want_p[~unknown]) < 1e-5
+
+
+def test_isa_switch():
+    """The instruction-set switch: names this CPU cannot run are refused and change nothing."""
+    if not hasattr(_ext._C, "_cpu_isa"):
+        pytest.skip("no instruction-set switch in this build")
+    before = _ext._C._cpu_isa()
+    assert before in ("avx2", "base", "scalar")
+    assert not _ext._C._set_cpu_isa("no-such-isa")
+    assert _ext._C._cpu_isa() == before
+    assert _ext._C._set_cpu_isa("scalar") and _ext._C._cpu_isa() == "scalar"
+    assert _ext._C._set_cpu_isa(before)
