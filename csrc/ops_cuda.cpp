@@ -1,5 +1,5 @@
 // CUDA implementation of the fgsgd ops: the torch-facing code of op_impl.h over csrc/cuda.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "op_impl.h"
@@ -11,7 +11,7 @@ namespace ops {
 inline void cuda_ok(cudaError_t err) { TORCH_CHECK(err == cudaSuccess, "fgsgd: CUDA kernel launch failed: ", cudaGetErrorString(err)); }
 
 struct CudaBackend {
-  static cudaStream_t stream(const Tensor& x) { return at::cuda::getCurrentCUDAStream(x.device().index()).stream(); }
+  static cudaStream_t stream(const Tensor& x) { return c10::cuda::getCurrentCUDAStream(x.device().index()).stream(); }
 #define FGSGD_CUDA_UNARY(NAME)                                                           \
   template <class T>                                                                     \
   static void NAME(const UnaryArgs<T>& a, const Tensor& x) {                             \

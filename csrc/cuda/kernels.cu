@@ -1,5 +1,10 @@
 #include "kernels.cuh"
 
+#include <stdlib.h>
+#include <string.h>
+
+#include "staged.cuh"
+
 namespace fgsgd {
 namespace cuda {
 namespace {
@@ -45,6 +50,72 @@ __global__ void __launch_bounds__(kThreads) slot_kernel(S s, const SlotTable<T> 
   if constexpr (OP == Op::kRescale) rescale_slot_at(s, slot, i);
 }
 
+// The step of fixed-shape components with shared-memory staging (staged.cuh): the block's kThreads
+// components of p, g and m come in and go out with coalesced accesses; each thread runs
+// component_step (csrc/fgsgd/step.h) on one component from shared memory.
+template <class S, class T>
+__global__ void __launch_bounds__(kThreads) staged_step_kernel(S s, const SlotTable<T> table, const Extra<T> x) {
+  constexpr int E = S::kCap;
+  constexpr int kChunk = kThreads * E;
+  __shared__ __align__(16) T sp[kChunk];
+  __shared__ __align__(16) T sg[kChunk];
+  __shared__ __align__(16) T sm[kChunk];
+  const int64_t b = blockIdx.x;
+  int t = 0;
+  while (t + 1 < table.count && b >= table.block_start[t + 1]) ++t;
+  const TensorSlot<T>& slot = table.slot[t];
+  const StepHParams<T>& h = x.h;
+  const int64_t c0 = (b - table.block_start[t]) * kThreads;
+  const int nc = int(slot.n - c0 < kThreads ? slot.n - c0 : kThreads);
+  const int ne = nc * E;
+  const bool use_m = h.momentum != T(0);
+  const bool read_m = use_m && !h.first_step;
+  T* gp = slot.p + c0 * E;
+  const T* gg = slot.g + c0 * E;
+  T* gm = use_m ? slot.m + c0 * E : nullptr;
+  // 16-byte vectors when every chunk is aligned (a full chunk is 16·E·kThreads/16 bytes, so chunk k of an
+  // aligned tensor is aligned) and this chunk is whole
+  const bool vec = nc == kThreads && aligned16(gp) && aligned16(gg) && (!use_m || aligned16(gm));
+  copy_chunk<kChunk, kThreads>(sp, gp, ne, vec);
+  copy_chunk<kChunk, kThreads>(sg, gg, ne, vec);
+  if (read_m) copy_chunk<kChunk, kThreads>(sm, gm, ne, vec);
+  __syncthreads();
+  const int i = threadIdx.x;
+  if (i < nc) {
+    T p[E], g[E], m[E];
+    load(s, sp + i * E, p);
+    load(s, sg + i * E, g);
+    if (read_m) load(s, sm + i * E, m);
+    const int64_t ci = c0 + i;
+    component_step(s, int(slot.codes[ci]), p, g, m, rescale_at(slot, ci), step_scale_at(slot, ci), h);
+    store(s, p, sp + i * E);
+    if (use_m) store(s, m, sm + i * E);
+  }
+  __syncthreads();
+  copy_chunk<kChunk, kThreads>(gp, sp, ne, vec);
+  if (use_m) copy_chunk<kChunk, kThreads>(gm, sm, ne, vec);
+}
+
+// Which step kernel runs for fixed shapes: the staged one, unless FGSGD_CUDA_STEP=thread (the plain
+// one-thread-per-component kernel, kept for comparison in benchmarks/bench_kernels.py).
+inline bool use_staged_step() {
+  const char* v = getenv("FGSGD_CUDA_STEP");
+  return v == nullptr || strcmp(v, "thread") != 0;
+}
+
+template <class T>
+void launch_step(Fixed<3, 3> s, const SlotTable<T>& table, const Extra<T>& x, int64_t blocks, cudaStream_t stream) {
+  if (use_staged_step())
+    staged_step_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+  else
+    slot_kernel<Op::kStep><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+}
+
+template <class T>
+void launch_step(Dyn s, const SlotTable<T>& table, const Extra<T>& x, int64_t blocks, cudaStream_t stream) {
+  slot_kernel<Op::kStep><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+}
+
 template <Op OP, class T>
 cudaError_t launch_unary(const UnaryArgs<T>& a, int A, int B, cudaStream_t stream) {
   if (a.n == 0) return cudaSuccess;
@@ -67,7 +138,12 @@ cudaError_t launch_slots(const TensorSlot<T>* slots, int count, int A, int B, co
     }
     const int64_t blocks = table.block_start[table.count];
     if (blocks == 0) continue;
-    with_shape(A, B, [&](auto s) { slot_kernel<OP><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x); });
+    with_shape(A, B, [&](auto s) {
+      if constexpr (OP == Op::kStep)
+        launch_step(s, table, x, blocks, stream);
+      else
+        slot_kernel<OP><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+    });
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
