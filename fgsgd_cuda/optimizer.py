@@ -256,6 +256,9 @@ class FGSGD(Optimizer):
 
     @staticmethod
     def _check_finite(finite_checks) -> None:
+        if finite_checks and finite_checks[0][3][0].is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("check_finite: the finiteness check synchronises with the host, which a CUDA graph "
+                               "capture cannot do; build the optimizer with check_finite=False to capture its step")
         norms = [n for _, _, _, grads in finite_checks for n in torch._foreach_norm(grads)]
         if norms and not bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all()):
             for gi, group, params, grads in finite_checks:

@@ -1,0 +1,197 @@
+"""The CUDA step beyond the per-op checks of test_ops_compiled.py: both step kernels (shared-memory
+staged, one thread per component) on unaligned views and block tails, the optimizer on CUDA against
+the CPU backend, CUDA-graph capture, and kernels per step independent of depth. Needs a GPU."""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import FP32_RTOL, make_gen, random_codes, random_points, random_tangents, rel_err, requires_cuda
+from fgsgd_cuda import FGSGD, ops, param_groups
+from fgsgd_cuda import reference as R
+
+pytestmark = requires_cuda
+F64 = torch.float64
+TOL = {torch.float32: FP32_RTOL, torch.float64: 1e-12}
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")]
+
+
+def _offset_copy(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A contiguous view of a copy of t whose data starts `offset` components into a larger buffer (so its
+    address is not 16-byte aligned for odd offsets)."""
+    n = t.shape[0]
+    buf = torch.full((n + offset, *t.shape[1:]), float("nan"), dtype=t.dtype, device="cuda")
+    view = buf[offset:]
+    view.copy_(t)
+    assert view.is_contiguous()
+    return view
+
+
+@pytest.mark.parametrize("variant", ["staged", "thread"])
+@pytest.mark.parametrize("offsets", [(0, 0, 0), (1, 0, 3)], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("config", ["momentum", "first", "none", "nesterov-stabilize"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_step_kernels_3x3(monkeypatch, variant, offsets, config, dtype):
+    """Sizes around the block size (128) and a large one; every code; p, g, m at separate offsets."""
+    monkeypatch.setenv("FGSGD_CUDA_STEP", variant)
+    hp = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.02, first_step=False,
+              stabilize=False)
+    hp.update({"momentum": {}, "first": dict(first_step=True), "none": dict(momentum=0.0),
+               "nesterov-stabilize": dict(nesterov=True, stabilize=True)}[config])
+    gen = make_gen(zlib.crc32(repr((variant, offsets, config, dtype)).encode()))
+    sizes = [1, 127, 128, 129, 5000 + 3]
+    params, grads, momenta, codes, rescale, refs = [], [], [], [], [], []
+    for n in sizes:
+        c = random_codes(n, 3, 3, gen)
+        r = 0.5 + torch.rand(n, generator=gen, dtype=F64)
+        w = random_points(n, 3, 3, c, gen)
+        p = (w * r.view(-1, 1, 1)).to(dtype)
+        g = torch.randn(n, 3, 3, generator=gen, dtype=F64).to(dtype)
+        m = random_tangents(w, c, gen, scale=0.5).to(dtype)
+        refs.append(R.step(p.double(), g.double(), m.double() if hp["momentum"] else None, c, r.to(dtype).double(),
+                           None, **hp))
+        params.append(_offset_copy(p, offsets[0]))
+        grads.append(_offset_copy(g, offsets[1]))
+        momenta.append(_offset_copy(m, offsets[2]))
+        codes.append(c.cuda())
+        rescale.append(r.to(dtype).cuda())
+    m_before = [m.clone() for m in momenta]
+    ops.step_(params, grads, momenta if hp["momentum"] else [], codes, rescale=rescale, backend="cuda", **hp)
+    torch.cuda.synchronize()
+    for k, (p_ref, m_ref) in enumerate(refs):
+        assert rel_err(params[k].cpu(), p_ref) <= TOL[dtype], f"params[{k}] (N={sizes[k]})"
+        if hp["momentum"]:
+            assert rel_err(momenta[k].cpu(), m_ref) <= TOL[dtype], f"momentum_buffers[{k}] (N={sizes[k]})"
+        else:
+            assert torch.equal(momenta[k], m_before[k])
+    # nothing outside the views was written (the padding in front of each view stays NaN)
+    for t, off in zip((params[-1], grads[-1], momenta[-1]), offsets):
+        if off:
+            assert bool(torch.isnan(t._base[:off]).all())
+
+
+def test_staged_and_thread_kernels_agree(monkeypatch):
+    """Same inputs, both kernels: the same math (csrc/fgsgd) in the same order, so the same bits."""
+    gen = make_gen(7)
+    n = 3000
+    c = random_codes(n, 3, 3, gen).cuda()
+    p0 = random_points(n, 3, 3, c.cpu(), gen).float().cuda()
+    g = torch.randn(n, 3, 3, generator=gen).cuda()
+    m0 = torch.randn(n, 3, 3, generator=gen).cuda() * 0.1
+    out = {}
+    for variant in ("staged", "thread"):
+        monkeypatch.setenv("FGSGD_CUDA_STEP", variant)
+        p, m = p0.clone(), m0.clone()
+        ops.step_([p], [g], [m], [c], lr=0.05, momentum=0.9, backend="cuda")
+        out[variant] = (p, m)
+    assert torch.equal(out["staged"][0], out["thread"][0])
+    assert torch.equal(out["staged"][1], out["thread"][1])
+
+
+def _model(depth: int, dtype=torch.float32, seed=0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()]
+    layers += [nn.Conv2d(16, 8, 5, padding=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)]
+    return nn.Sequential(*layers).to(dtype)
+
+
+def _train(device, backend, dtype, steps=6, **options):
+    model = _model(4, dtype).to(device)
+    opt = FGSGD(param_groups(model, group_size=4, **options), lr=0.05, momentum=0.9, nesterov=True,
+                backend=backend)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 3, 8, 8, generator=gen, dtype=dtype).to(device)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    return [p.detach().cpu() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", [dict(), dict(group_clip=0.5, stabilize=2,
+                                                  retraction={"stiefel": "cayley", "sphere": "exp"})],
+                         ids=["default", "clip-stabilize-alt"])
+def test_optimizer_on_cuda_follows_cpu(dtype, options):
+    """A small CNN trained 6 steps with backend="cuda" and with backend="cpu" from the same start: the same
+    weights (3×3 and 5×5 filters, BN, linear), up to rounding."""
+    got = _train("cuda", "cuda", dtype, **options)
+    ref = _train("cpu", "cpu", dtype, **options)
+    tol = 50 * TOL[dtype]  # 6 steps of a network: rounding differences feed through the forward pass
+    for k, (a, b) in enumerate(zip(got, ref)):
+        assert rel_err(a, b) <= tol, f"parameter {k}: {rel_err(a, b):.3g}"
+
+
+def _captured_setup(seed=0):
+    model = _model(3).cuda()
+    opt = FGSGD(param_groups(model, group_size=4, group_clip=1.0), lr=0.05, momentum=0.9, check_finite=False,
+                backend="cuda")
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen).cuda()
+    return model, opt
+
+
+def test_step_captured_in_cuda_graph():
+    """After a warm-up step, the step (group step sizes included) captures into a CUDA graph, and replays
+    give the same bits as eager steps."""
+    eager_model, eager_opt = _captured_setup()
+    graph_model, graph_opt = _captured_setup()
+    for opt in (eager_opt, graph_opt):
+        opt.step()                        # momentum buffers and group caches made outside the capture
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    eager_opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_opt.step()
+    for _ in range(3):
+        graph.replay()
+        eager_opt.step()
+    torch.cuda.synchronize()
+    for a, b in zip(graph_model.parameters(), eager_model.parameters()):
+        assert torch.equal(a, b)
+        assert bool(torch.isfinite(a).all())
+
+
+def test_capture_with_check_finite_is_refused():
+    model, opt = _captured_setup()
+    opt.param_groups[0]["check_finite"] = True
+    opt.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="check_finite"):
+        with torch.cuda.graph(graph):
+            opt.step()
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+
+
+def _kernels_per_step(depth: int) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    model = _model(depth).cuda()
+    opt = FGSGD(param_groups(model, group_size=4), lr=0.05, momentum=0.9, check_finite=False, backend="cuda")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    return len([e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA])
+
+
+def test_kernels_per_step_do_not_grow_with_depth():
+    shallow, deep = _kernels_per_step(4), _kernels_per_step(24)
+    assert shallow == deep, f"4 layers: {shallow} kernels, 24 layers: {deep}"
+    assert deep <= 8, deep  # 3×3 and 5×5 fgsgd.step_ + torch's foreach SGD of the Euclidean group
