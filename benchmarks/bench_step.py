@@ -537,6 +537,8 @@ def run_model(ps: ParamSet, cases: list[Case], device, args, timer: Timer, log) 
             times[c.name] = [timer.timed(live[c.name][0]) for _ in range(args.repeats)]
     for c in runnable:
         finish(c, *live[c.name], times[c.name])
+    if timer.cuda and args.graph:
+        graph_rounds(runnable, live, args.repeats, args.graph_inner, log)
     live.clear()
     gc.collect()
 
@@ -559,6 +561,56 @@ def run_model(ps: ParamSet, cases: list[Case], device, args, timer: Timer, log) 
         log("  WARNING: an optimizer modified the shared gradients; later cases saw other gradients")
 
 
+def capture_step(step) -> "torch.cuda.CUDAGraph":
+    """One optimizer step captured in a CUDA graph (warmed up on a side stream first, as torch asks).
+
+    The capture freezes the step's host-side decisions (no first step, no re-projection step): a replay
+    is the steady-state step's kernels alone, without Python or launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
+def graph_rounds(runnable: list[Case], live: dict, repeats: int, inner: int, log) -> None:
+    """GPU time of one step, from CUDA-graph replays: every case captured, then interleaved rounds of
+    ``inner`` back-to-back replays between two events; the median over rounds (``graph_median_s``)."""
+    graphs = {}
+    for c in runnable:
+        try:
+            graphs[c.name] = capture_step(live[c.name][0])
+        except Exception as exc:  # noqa: BLE001
+            c.result["graph_skipped"] = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+            log(f"  {c.name}: {c.result['graph_skipped']}")
+            torch.cuda.synchronize()
+    names = [c.name for c in runnable if c.name in graphs]
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)] if names else []:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                graphs[name].replay()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / 1e3 / inner)
+    for c in runnable:
+        if c.name in graphs:
+            c.result["graph_times_s"] = times[c.name]
+            c.result["graph_median_s"] = statistics.median(times[c.name])
+            c.result["graph_inner"] = inner
+    graphs.clear()
+    torch.cuda.synchronize()
+
+
 def add_ratios(cases: list[Case], n: int, copy_gbps: float) -> str:
     by = {c.name: c for c in cases}
     fused = by["sgd-fused"].result.get("median_s")
@@ -574,6 +626,14 @@ def add_ratios(cases: list[Case], n: int, copy_gbps: float) -> str:
         r["ratio_to_sgd_foreach"] = r["median_s"] / foreach if foreach else None
         r["GBps"] = BYTES_PER_PARAM * n / r["median_s"] / 1e9
         r["fraction_of_copy_bw"] = r["GBps"] / copy_gbps
+    gfused = by["sgd-fused"].result.get("graph_median_s")
+    for c in cases:
+        r = c.result
+        if "graph_median_s" not in r:
+            continue
+        r["graph_ratio_to_sgd_fused"] = r["graph_median_s"] / gfused if gfused else None
+        r["graph_GBps"] = BYTES_PER_PARAM * n / r["graph_median_s"] / 1e9
+        r["graph_fraction_of_copy_bw"] = r["graph_GBps"] / copy_gbps
     return baseline
 
 
@@ -649,8 +709,9 @@ def fmt(x, spec, empty="-"):
 def table(model: dict, clock: str) -> str:
     """The per-case table; ratios and GB/s by ``clock``; on CPU both the wall and the CPU-time medians."""
     cpu = clock != "cuda-events"
+    graph = not cpu and any("graph_median_s" in c for c in model["cases"])
     rows = [("case", *(("wall ms", "cpu ms") if cpu else ("median ms",)), "x base", "x fused", "x foreach", "GB/s",
-             "% copy", "state B/p", "ops/step")]
+             "% copy", *(("graph ms", "x fused", "% copy") if graph else ()), "state B/p", "ops/step")]
     for c in model["cases"]:
         if c.get("skipped"):
             rows.append((c["name"], "skipped", *[""] * (len(rows[0]) - 2)))
@@ -661,8 +722,12 @@ def table(model: dict, clock: str) -> str:
             (f"{c['median_s'] * 1e3:.2f}",)
         rows.append((c["name"], *times, fmt(c.get("ratio_to_baseline"), ".2f"),
                      fmt(c.get("ratio_to_sgd_fused"), ".2f"), fmt(c.get("ratio_to_sgd_foreach"), ".2f"),
-                     f"{c['GBps']:.2f}", f"{100 * c['fraction_of_copy_bw']:.0f}", f"{c['state_bytes_per_param']:.2f}",
-                     fmt(ops, "d")))
+                     f"{c['GBps']:.2f}", f"{100 * c['fraction_of_copy_bw']:.0f}",
+                     *((fmt(c.get("graph_median_s") and c["graph_median_s"] * 1e3, ".3f"),
+                        fmt(c.get("graph_ratio_to_sgd_fused"), ".2f"),
+                        fmt(c.get("graph_fraction_of_copy_bw") and 100 * c["graph_fraction_of_copy_bw"], ".0f"))
+                       if graph else ()),
+                     f"{c['state_bytes_per_param']:.2f}", fmt(ops, "d")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
@@ -768,6 +833,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-interleave", dest="interleave", action="store_false",
                     help="time each fast case in one block instead of interleaved rounds")
     ap.add_argument("--no-count", action="store_true", help="skip the ops / kernels-per-step count")
+    ap.add_argument("--no-graph", dest="graph", action="store_false",
+                    help="CUDA: skip the CUDA-graph replay timing (the step's GPU time without host overhead)")
+    ap.add_argument("--graph-inner", type=int, default=10, help="CUDA: back-to-back graph replays per timed round")
     ap.add_argument("--stabilize", type=int, default=50, help="FGSGD re-projection period (its default)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -845,6 +913,8 @@ def main(argv=None) -> dict:
                   "manifold_params": "every k×k conv weight with k > 1; the rest (BN, 1×1 convs, fc) in the "
                                      "Euclidean group"},
         "backends": backends, "sgd_support": support, "geoopt": geoopt_reason or "run",
+        "graph_timer": (f"CUDA graph of one step, {args.graph_inner} replays between two CUDA events per round, "
+                        "median over rounds" if cuda and args.graph else None),
         "timer": "CUDA events, synchronised around every step" if cuda else
                  {"wall": "time.perf_counter", "cpu": "time.process_time"}[args.clock],
     }, "bandwidth": bw, "models": {}}

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (the device tool): build the CUDA extension for sm_90, run the test
+# suite on the GPU, then the benchmarks. Everything lands under $OUT (default ./gpu-out), at most 7 files:
+#   run.log (summary), tests.log, test_triton.log, bench.log, kernels.json, step.json, step.png
+# Usage there:  bash benchmarks/gpu_check.sh [quick]     ("quick": ResNet-50 only, fewer repeats)
+# Carry geoopt as a wheel in .whl/ to get the geoopt cases (benchmarks/README.md).
+set -u
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+MODE="${1:-full}"
+T0=$(date +%s)
+log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/run.log"; }
+
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memory.total --format=csv >>"$OUT/run.log" 2>&1
+"$PY" -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" >>"$OUT/run.log" 2>&1
+
+log "build (TORCH_CUDA_ARCH_LIST=9.0)"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+if ! "$PY" setup.py build_ext --inplace >/tmp/build.log 2>&1; then
+  tail -60 /tmp/build.log | tee -a "$OUT/run.log"
+  exit 1
+fi
+grep -E "warning|error" /tmp/build.log | grep -v "UserWarning\|SetuptoolsDeprecationWarning" | head -20 >>"$OUT/run.log"
+"$PY" -c "import fgsgd_cuda; assert fgsgd_cuda._ext.HAS_CUDA_KERNELS, fgsgd_cuda._ext.LOAD_ERROR" 2>&1 | tee -a "$OUT/run.log"
+log "built"
+
+# Triton on the GPU (compile-heavy: the 5x5/7x7/8x8 kernels take minutes to compile, so small shapes only),
+# beside the rest of the suite; both finish before any timing starts.
+( timeout 240 "$PY" -m pytest tests/test_triton.py -q -p no:cacheprovider -n 4 \
+    -k "not 7-7 and not 5-5 and not 8-8 and not 4-16 and not compile_for_sm90" >"$OUT/test_triton.log" 2>&1
+  echo "exit $?" >>"$OUT/test_triton.log" ) &
+TRITON_PID=$!
+timeout 300 "$PY" -m pytest tests -q -p no:cacheprovider -n 8 --ignore=tests/test_triton.py >"$OUT/tests.log" 2>&1
+log "tests exit $?: $(tail -1 "$OUT/tests.log")"
+wait $TRITON_PID
+log "triton tests: $(tail -2 "$OUT/test_triton.log" | tr '\n' ' ')"
+
+if [ "$MODE" = quick ]; then
+  MODELS=resnet50; REPEATS=20
+else
+  MODELS=resnet18,resnet50,resnet101; REPEATS=50
+fi
+log "bench_kernels"
+timeout 180 "$PY" benchmarks/bench_kernels.py --models "$MODELS" --out "$OUT/kernels.json" >>"$OUT/bench.log" 2>&1
+log "bench_kernels exit $?"
+timeout 420 "$PY" benchmarks/bench_step.py --models "$MODELS" --backends cuda --torch-backend-models none \
+  --slow-cases 'sphere\+oblique\+stiefel normalize/qr$' --repeats "$REPEATS" --out "$OUT/step.json" >>"$OUT/bench.log" 2>&1
+log "bench_step exit $?"
+grep -A40 "^== " "$OUT/bench.log" | grep -E "^==|copy|sgd-|sphere\+oblique\+stiefel |fgsgd (staged|thread) mix" | head -60
