@@ -32,11 +32,11 @@ log "built"
 
 # Triton on the GPU (compile-heavy: the 5x5/7x7/8x8 kernels take minutes to compile, so small shapes only),
 # beside the rest of the suite; both finish before any timing starts.
-( timeout 240 "$PY" -m pytest tests/test_triton.py -q -p no:cacheprovider -n 4 \
+( timeout 150 "$PY" -m pytest tests/test_triton.py -q -p no:cacheprovider -n 4 \
     -k "not 7-7 and not 5-5 and not 8-8 and not 4-16 and not compile_for_sm90" >"$OUT/test_triton.log" 2>&1
   echo "exit $?" >>"$OUT/test_triton.log" ) &
 TRITON_PID=$!
-timeout 300 "$PY" -m pytest tests -q -p no:cacheprovider -n 8 --ignore=tests/test_triton.py >"$OUT/tests.log" 2>&1
+timeout 240 "$PY" -m pytest tests -q -p no:cacheprovider -n 8 --ignore=tests/test_triton.py >"$OUT/tests.log" 2>&1
 log "tests exit $?: $(tail -1 "$OUT/tests.log")"
 wait $TRITON_PID
 log "triton tests: $(tail -2 "$OUT/test_triton.log" | tr '\n' ' ')"
