@@ -63,4 +63,17 @@ def _instance(name: str):
 
 def get(name: str, device):
     """The backend object (see fgsgd_cuda/backends) for ``name`` on ``device``."""
-    return _instance(resolve(name, device))
+    try:
+        return _resolved[(name, device)]
+    except (KeyError, TypeError):  # TypeError: an unhashable device argument
+        pass
+    impl = _instance(resolve(name, device))
+    try:
+        _resolved[(name, device)] = impl
+    except TypeError:
+        pass
+    return impl
+
+
+# (name, device) -> backend object: what resolve() decides depends only on the build and the device type
+_resolved: dict = {}

@@ -20,6 +20,18 @@ def component_view(t: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return t.view(-1, shape[0], shape[1])
 
 
+def cached_view(views: dict | None, t: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """component_view(t, shape), kept in ``views`` across steps for tensors that live across steps (weights,
+    momentum buffers): a hit needs the same tensor object and the same storage address (``p.data = ...``
+    makes a new view). The entry holds t through the view, so id(t) cannot be reused while it is there."""
+    if views is None:
+        return component_view(t, shape)
+    v = views.get(id(t))
+    if v is None or v._base is not t or v.data_ptr() != t.data_ptr():
+        v = views[id(t)] = component_view(t, shape)
+    return v
+
+
 def group_step_sizes(impl, ps, gs, codes, rescale, group_index, num_groups, *, weight_decay, group_clip, cache):
     """s_g = 1 / max(1, ‖ξ_g‖/c) for every group of every tensor (step 2), one list entry per tensor.
 
@@ -42,11 +54,12 @@ def group_step_sizes(impl, ps, gs, codes, rescale, group_index, num_groups, *, w
 
 
 def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, weight_decay, group_clip,
-                  stabilize, backend, cache):
+                  stabilize, backend, cache, views=None):
     """One step of the manifold parameters of a group; ``states`` are the optimizer's per-parameter states.
 
     Every state holds ``shape`` (A, B), ``codes`` (N,) uint8, ``group_index`` (N,) int32,
-    ``num_groups``, ``step`` and optionally ``rescale`` (N,) and ``momentum_buffer``.
+    ``num_groups``, ``step`` and optionally ``rescale`` (N,) and ``momentum_buffer``. ``cache`` keeps the
+    group-clip index work, ``views`` (optional) the component views of weights and buffers across steps.
     """
     batches = defaultdict(list)
     for k, (p, st) in enumerate(zip(params, states)):
@@ -59,13 +72,14 @@ def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, w
     for (a, b, first, stab, has_r, name), idx in batches.items():
         impl = dispatch.get(name, params[idx[0]].device)
         shape = (a, b)
-        ps = [component_view(params[k], shape) for k in idx]
+        ps = [cached_view(views, params[k], shape) for k in idx]
         gs = [component_view(grads[k].contiguous(), shape) for k in idx]
         if momentum != 0:
             for k in idx:
                 if first:
                     new_buffers[k] = torch.empty_like(params[k])
-            ms = [component_view(new_buffers[k] if first else states[k]["momentum_buffer"], shape) for k in idx]
+            ms = ([component_view(new_buffers[k], shape) for k in idx] if first else
+                  [cached_view(views, states[k]["momentum_buffer"], shape) for k in idx])
         else:
             ms = []
         codes = [states[k]["codes"] for k in idx]

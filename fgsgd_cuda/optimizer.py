@@ -64,6 +64,7 @@ class FGSGD(Optimizer):
                         weight_decay=weight_decay, maximize=False, **{**MANIFOLD_DEFAULTS, **manifold_options})
         self._init_projx = init_projx
         self._group_cache: dict = {}
+        self._view_cache: dict = {}  # component views of weights and momentum buffers (functional.cached_view)
         # the initial projections wait until every group is checked: a bad group leaves the weights alone
         self._pending_projx: list | None = []
         super().__init__(params, defaults)
@@ -190,6 +191,7 @@ class FGSGD(Optimizer):
             for k, v in ints[i].items():
                 self.state[p][k] = v.to(device=p.device).clone()
         self._group_cache.clear()  # keyed by the addresses of the old group_index tensors
+        self._view_cache.clear()   # holds views of the old momentum buffers
 
     # ---------------------------------------------------------------- access for the library's tools
     def manifold_params(self) -> Iterator[tuple[dict, torch.Tensor, dict]]:
@@ -241,14 +243,11 @@ class FGSGD(Optimizer):
     def _gather(self):
         work, finite_checks = [], []
         for gi, group in enumerate(self.param_groups):
-            params, grads = [], []
-            for j, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"param_groups[{gi}]['params'][{j}]: FGSGD does not support sparse gradients")
-                params.append(p)
-                grads.append(p.grad)
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            if any(g.is_sparse for g in grads):
+                j = next(j for j, p in enumerate(group["params"]) if p.grad is not None and p.grad.is_sparse)
+                raise RuntimeError(f"param_groups[{gi}]['params'][{j}]: FGSGD does not support sparse gradients")
             if group["check_finite"] and grads:
                 finite_checks.append((gi, group, params, grads))
             work.append((group, params, grads))
@@ -284,13 +283,15 @@ class FGSGD(Optimizer):
                 manifold_step(params, grads, [self.state[p] for p in params], lr=group["lr"],
                               momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
                               weight_decay=group["weight_decay"], group_clip=group["group_clip"],
-                              stabilize=group["stabilize"], backend=group["backend"], cache=self._group_cache)
+                              stabilize=group["stabilize"], backend=group["backend"], cache=self._group_cache,
+                              views=self._view_cache)
             else:
                 bufs = [self.state[p].get("momentum_buffer") for p in params]
+                new_buffers = any(b is None for b in bufs)
                 sgd(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
                     lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"], maximize=False,
                     foreach=group["foreach"], fused=group["fused"])
-                if group["momentum"] != 0:
+                if group["momentum"] != 0 and new_buffers:  # sgd made buffers where there were none
                     for p, buf in zip(params, bufs):
                         self.state[p]["momentum_buffer"] = buf
         return loss
