@@ -1,8 +1,9 @@
 """Builds fgsgd_cuda._C: the CPU kernels always, the CUDA kernels when torch has CUDA and nvcc exists.
 
 Environment: FGSGD_NO_CUDA=1 never builds the CUDA kernels (no GPU needs to be visible to build
-them, only a CUDA build of torch and nvcc), TORCH_CUDA_ARCH_LIST picks the GPU
-architectures (default "8.0;9.0"), MAX_JOBS limits the parallel compile jobs.
+them, only a CUDA build of torch and nvcc), FGSGD_NO_OPENMP=1 builds without -fopenmp (then the CPU
+kernels run on one thread), TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0"),
+MAX_JOBS limits the parallel compile jobs.
 """
 import glob
 import os
@@ -25,6 +26,8 @@ def want_cuda() -> bool:
 def openmp_flags() -> list[str]:
     """-fopenmp where torch uses OpenMP: at::parallel_for is inline, and without _OPENMP in this
     build it runs every CPU kernel on one thread (libgomp is torch's own, already loaded)."""
+    if os.environ.get("FGSGD_NO_OPENMP") == "1":
+        return []
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
         return ["-fopenmp"]
     return []
