@@ -15,6 +15,13 @@ namespace ops {
 using at::Tensor;
 using at::TensorList;
 
+// Numbers go into error messages as strings made by std::to_string, never through an ostream: where the
+// extension ends up with its own copy of libstdc++'s stream code (seen with torch 2.11's CUDA build on an
+// Ubuntu 24.04 image, where _C linked no libstdc++.so), inserting an integer into c10::str's stream
+// used the locale facets of the other copy and crashed (or, in a local -static-libstdc++ build, cut the
+// message off at the first number).
+inline std::string num(int64_t v) { return std::to_string(v); }
+
 inline std::string shape_str(const Tensor& t) {
   std::string s = "(";
   for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
@@ -36,7 +43,7 @@ inline void check_components(const Tensor& x, const char* name) {
               " must be float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(x.is_contiguous(), "fgsgd: ", name, " must be contiguous");
   TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(1) * x.size(2) <= kMaxElems, "fgsgd: ", name,
-              " components must have 1 <= A*B <= ", kMaxElems, ", got ", x.size(1), "x", x.size(2));
+              " components must have 1 <= A*B <= ", num(kMaxElems), ", got ", num(x.size(1)), "x", num(x.size(2)));
 }
 
 inline void check_like(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
@@ -52,7 +59,7 @@ inline void check_like(const Tensor& t, const Tensor& ref, const char* name, con
 
 inline void check_vector(const Tensor& t, int64_t n, at::ScalarType dtype, const Tensor& ref, const std::string& name) {
   check_dense(t, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fgsgd: ", name, " must have shape (", n, ",), got ", shape_str(t));
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fgsgd: ", name, " must have shape (", num(n), ",), got ", shape_str(t));
   TORCH_CHECK(t.scalar_type() == dtype, "fgsgd: ", name, " must have dtype ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.device() == ref.device(), "fgsgd: ", name, " is on ", t.device(), " but the parameters are on ",
               ref.device());
@@ -60,14 +67,14 @@ inline void check_vector(const Tensor& t, int64_t n, at::ScalarType dtype, const
 }
 
 inline void check_code(int64_t code, const Tensor& x) {
-  TORCH_CHECK(code >= 0 && code < kNumCodes, "fgsgd: code must be in [0, ", kNumCodes - 1, "], got ", code);
+  TORCH_CHECK(code >= 0 && code < kNumCodes, "fgsgd: code must be in [0, ", num(kNumCodes - 1), "], got ", num(code));
   const int64_t A = x.size(1), B = x.size(2);
   if (manifold_of(int(code)) == kManStiefel)
-    TORCH_CHECK(A >= B, "fgsgd: code ", code, " selects the stiefel manifold, which needs components with A >= B, got ",
-                A, "x", B);
+    TORCH_CHECK(A >= B, "fgsgd: code ", num(code), " selects the stiefel manifold, which needs components with A >= B, "
+                "got ", num(A), "x", num(B));
   if (code == kStiefelCayley)
-    TORCH_CHECK(A <= kMaxCayleyRows, "fgsgd: code ", code, " selects the cayley retraction, which supports A <= ",
-                kMaxCayleyRows, ", got A = ", A);
+    TORCH_CHECK(A <= kMaxCayleyRows, "fgsgd: code ", num(code), " selects the cayley retraction, which supports A <= ",
+                num(kMaxCayleyRows), ", got A = ", num(A));
 }
 
 template <class T>
@@ -124,8 +131,8 @@ Tensor norms(const Tensor& x) {
 
 // Optional per-tensor lists are either empty (value 1 / unused) or one entry per parameter.
 inline void check_list_len(TensorList l, size_t n, const char* name) {
-  TORCH_CHECK(l.empty() || l.size() == n, "fgsgd: ", name, " must be empty or hold one tensor per parameter (", n,
-              "), got ", l.size());
+  TORCH_CHECK(l.empty() || l.size() == n, "fgsgd: ", name, " must be empty or hold one tensor per parameter (", num(n),
+              "), got ", num(l.size()));
 }
 
 inline std::string at_(const char* name, size_t k) { return std::string(name) + "[" + std::to_string(k) + "]"; }
@@ -150,8 +157,8 @@ std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, Tenso
     check_components(p, at_("params", k).c_str());
     if (k > 0) {
       TORCH_CHECK(p.size(1) == params[0].size(1) && p.size(2) == params[0].size(2), "fgsgd: ", at_("params", k),
-                  " has components of shape ", p.size(1), "x", p.size(2), " but params[0] has ", params[0].size(1),
-                  "x", params[0].size(2), "; one call takes one component shape");
+                  " has components of shape ", num(p.size(1)), "x", num(p.size(2)), " but params[0] has ",
+                  num(params[0].size(1)), "x", num(params[0].size(2)), "; one call takes one component shape");
       TORCH_CHECK(p.scalar_type() == params[0].scalar_type() && p.device() == params[0].device(), "fgsgd: ",
                   at_("params", k), " differs in dtype or device from params[0]");
     }
@@ -190,10 +197,10 @@ void step_(TensorList params, TensorList grads, TensorList momenta, TensorList c
            TensorList group_index, TensorList group_scale, double lr, double momentum, double dampening, bool nesterov,
            double weight_decay, bool first_step, bool stabilize) {
   if (params.empty()) return;
-  TORCH_CHECK(grads.size() == params.size(), "fgsgd: grads must hold one tensor per parameter (", params.size(),
-              "), got ", grads.size());
+  TORCH_CHECK(grads.size() == params.size(), "fgsgd: grads must hold one tensor per parameter (", num(params.size()),
+              "), got ", num(grads.size()));
   TORCH_CHECK(momentum == 0 || momenta.size() == params.size(), "fgsgd: momentum_buffers must hold one tensor per "
-              "parameter (", params.size(), ") when momentum != 0, got ", momenta.size());
+              "parameter (", num(params.size()), ") when momentum != 0, got ", num(momenta.size()));
   TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0), "fgsgd: nesterov needs momentum > 0 and dampening = 0");
   FGSGD_FLOATING(params[0].scalar_type(), [&] {
     auto slots = make_slots<T>(params, grads, momentum == 0 ? TensorList() : momenta, codes, rescale, group_index,
@@ -206,8 +213,8 @@ void step_(TensorList params, TensorList grads, TensorList momenta, TensorList c
 template <class Backend>
 Tensor tangent_sqnorm(TensorList params, TensorList grads, TensorList codes, TensorList rescale, double weight_decay) {
   TORCH_CHECK(!params.empty(), "fgsgd: params must hold at least one tensor (tangent_sqnorm)");
-  TORCH_CHECK(grads.size() == params.size(), "fgsgd: grads must hold one tensor per parameter (", params.size(),
-              "), got ", grads.size());
+  TORCH_CHECK(grads.size() == params.size(), "fgsgd: grads must hold one tensor per parameter (", num(params.size()),
+              "), got ", num(grads.size()));
   int64_t total = 0;
   for (const Tensor& p : params) total += p.dim() == 3 ? p.size(0) : 0;
   Tensor out = at::empty({total}, params[0].options());
@@ -231,8 +238,8 @@ void projx_(TensorList params, TensorList codes, TensorList rescale) {
 template <class Backend>
 void rescale_(TensorList params, TensorList codes, TensorList ratio) {
   if (params.empty()) return;
-  TORCH_CHECK(ratio.size() == params.size(), "fgsgd: ratio must hold one tensor per parameter (", params.size(),
-              "), got ", ratio.size());
+  TORCH_CHECK(ratio.size() == params.size(), "fgsgd: ratio must hold one tensor per parameter (", num(params.size()),
+              "), got ", num(ratio.size()));
   FGSGD_FLOATING(params[0].scalar_type(), [&] {
     Backend::rescale_slots(make_slots<T>(params, {}, {}, codes, ratio, {}, {}, "ratio"), params[0]);
   });
