@@ -450,14 +450,16 @@ class OpCounter:
         self._mode.__exit__(*exc)
 
 
-def count_launches(step, device) -> dict:
-    """One step's dispatched ops (and fgsgd ops among them); on CUDA also the GPU kernels (torch.profiler)."""
+def count_launches(step, device, cuda_kernels: bool = False) -> dict:
+    """One step's dispatched ops (and fgsgd ops among them); with ``cuda_kernels`` also the GPU kernels
+    (torch.profiler: on the lent H200 machine one profiler session took long enough that 14 of them did
+    not fit a 4-minute run, hence opt-in)."""
     with OpCounter() as oc:
         step()
     out = {"ops": sum(oc.counter.values()),
            "fgsgd_ops": sum(v for k, v in oc.counter.items() if k.startswith("fgsgd.")),
            "op_names": dict(oc.counter.most_common(12))}
-    if torch.device(device).type == "cuda":
+    if cuda_kernels and torch.device(device).type == "cuda":
         from torch.profiler import ProfilerActivity, profile
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -475,6 +477,7 @@ def grads_checksum(ps: ParamSet) -> float:
 
 def run_model(ps: ParamSet, cases: list[Case], device, args, timer: Timer, log) -> None:
     """Times every runnable case on ``ps``; fills case.result."""
+    t_model = time.perf_counter()
     fast = [c for c in cases if not c.skip and not c.slow]
     slow = [c for c in cases if not c.skip and c.slow]
     n = ps.numel
@@ -505,7 +508,7 @@ def run_model(ps: ParamSet, cases: list[Case], device, args, timer: Timer, log) 
         c.result["state_bytes_per_param"] = sb["total_bytes"] / n
         c.result["finite"] = bool(all(torch.isfinite(t).all() for t in tensors))
         if not args.no_count:
-            c.result["launches"] = count_launches(step, device)
+            c.result["launches"] = count_launches(step, device, args.cuda_kernels)
         if timer.cuda:
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
@@ -513,6 +516,7 @@ def run_model(ps: ParamSet, cases: list[Case], device, args, timer: Timer, log) 
             step()
             torch.cuda.synchronize()
             c.result["step_transient_bytes"] = torch.cuda.max_memory_allocated() - before
+        log(f"  {c.name}: median {c.result['median_s'] * 1e3:.3f} ms ({time.perf_counter() - t_model:.0f} s)")
 
     # fast cases: all built, warmed up, then timed in interleaved rounds
     live = {}
@@ -737,7 +741,8 @@ def table(model: dict, clock: str) -> str:
 
 def launches_table(report: dict) -> str:
     models = list(report["models"])
-    key = "cuda_kernels" if report["environment"]["device"].startswith("cuda") else "ops"
+    key = "cuda_kernels" if any("cuda_kernels" in c.get("launches", {}) for m in models
+                                for c in report["models"][m]["cases"]) else "ops"
     names = []
     for m in models:
         for c in report["models"][m]["cases"]:
@@ -833,6 +838,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-interleave", dest="interleave", action="store_false",
                     help="time each fast case in one block instead of interleaved rounds")
     ap.add_argument("--no-count", action="store_true", help="skip the ops / kernels-per-step count")
+    ap.add_argument("--cuda-kernels", action="store_true",
+                    help="CUDA: also count the GPU kernels of one step with torch.profiler (slow to set up)")
     ap.add_argument("--no-graph", dest="graph", action="store_false",
                     help="CUDA: skip the CUDA-graph replay timing (the step's GPU time without host overhead)")
     ap.add_argument("--graph-inner", type=int, default=10, help="CUDA: back-to-back graph replays per timed round")

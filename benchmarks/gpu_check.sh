@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (the device tool): build the CUDA extension for sm_90, run the test
-# suite on the GPU, then the benchmarks. Everything lands under $OUT (default ./gpu-out), at most 7 files:
+# One call on a lent GPU machine (the device tool): build the CUDA extension for sm_90, run the
+# benchmarks on the idle machine, then the test suite on the GPU. Everything lands under $OUT (default ./gpu-out), at most 7 files:
 #   run.log (summary), tests.log, test_triton.log, bench.log, kernels.json, step.json, step.png
 # Usage there:  bash benchmarks/gpu_check.sh [quick]     ("quick": ResNet-50 only, fewer repeats)
 # Carry geoopt as a wheel in .whl/ to get the geoopt cases (benchmarks/README.md).
@@ -30,17 +30,9 @@ grep -E "warning|error" /tmp/build.log | grep -v "UserWarning\|SetuptoolsDepreca
 "$PY" -c "import fgsgd_cuda; assert fgsgd_cuda._ext.HAS_CUDA_KERNELS, fgsgd_cuda._ext.LOAD_ERROR" 2>&1 | tee -a "$OUT/run.log"
 log "built"
 
-# Triton on the GPU (compile-heavy: the 5x5/7x7/8x8 kernels take minutes to compile, so small shapes only),
-# beside the rest of the suite; both finish before any timing starts.
-( timeout 150 "$PY" -m pytest tests/test_triton.py -q -p no:cacheprovider -n 4 \
-    -k "not 7-7 and not 5-5 and not 8-8 and not 4-16 and not compile_for_sm90" >"$OUT/test_triton.log" 2>&1
-  echo "exit $?" >>"$OUT/test_triton.log" ) &
-TRITON_PID=$!
-timeout 240 "$PY" -m pytest tests -q -p no:cacheprovider -n 8 --ignore=tests/test_triton.py >"$OUT/tests.log" 2>&1
-log "tests exit $?: $(tail -1 "$OUT/tests.log")"
-wait $TRITON_PID
-log "triton tests: $(tail -2 "$OUT/test_triton.log" | tr '\n' ' ')"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the scripts in benchmarks/ import fgsgd_cuda from here
 
+# Timings first, on an idle machine (nothing else running), then the tests.
 if [ "$MODE" = quick ]; then
   MODELS=resnet50; REPEATS=20
 else
@@ -49,7 +41,19 @@ fi
 log "bench_kernels"
 timeout 180 "$PY" benchmarks/bench_kernels.py --models "$MODELS" --out "$OUT/kernels.json" >>"$OUT/bench.log" 2>&1
 log "bench_kernels exit $?"
-timeout 420 "$PY" benchmarks/bench_step.py --models "$MODELS" --backends cuda --torch-backend-models none \
+timeout 300 "$PY" benchmarks/bench_step.py --models "$MODELS" --backends cuda --torch-backend-models none \
   --slow-cases 'sphere\+oblique\+stiefel normalize/qr$' --repeats "$REPEATS" --out "$OUT/step.json" >>"$OUT/bench.log" 2>&1
 log "bench_step exit $?"
-grep -A40 "^== " "$OUT/bench.log" | grep -E "^==|copy|sgd-|sphere\+oblique\+stiefel |fgsgd (staged|thread) mix" | head -60
+
+# Triton on the GPU (compile-heavy: the 5x5/7x7/8x8 kernels take minutes to compile, so small shapes only),
+# beside the rest of the suite.
+( timeout 150 "$PY" -m pytest tests/test_triton.py -q -p no:cacheprovider -n 4 \
+    -k "not 7-7 and not 5-5 and not 8-8 and not 4-16 and not compile_for_sm90" >"$OUT/test_triton.log" 2>&1
+  echo "exit $?" >>"$OUT/test_triton.log" ) &
+TRITON_PID=$!
+timeout 240 "$PY" -m pytest tests -q -p no:cacheprovider -n 8 -rfE --ignore=tests/test_triton.py >"$OUT/tests.log" 2>&1
+log "tests exit $?: $(tail -1 "$OUT/tests.log")"
+wait $TRITON_PID
+log "triton tests: $(tail -2 "$OUT/test_triton.log" | tr '\n' ' ')"
+grep -E "^==|copy|sgd-|sphere\+oblique\+stiefel |fgsgd (staged|thread) mix" "$OUT/bench.log" | head -60
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
