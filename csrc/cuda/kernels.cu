@@ -21,26 +21,11 @@ __global__ void __launch_bounds__(kThreads) unary_kernel(S s, UnaryArgs<T> a) {
   }
 }
 
-// Launch metadata: up to kSlotsPerLaunch tensors and the first block of each.
-template <class T>
-struct SlotTable {
-  TensorSlot<T> slot[kSlotsPerLaunch];
-  int64_t block_start[kSlotsPerLaunch + 1];
-  int count;
-};
-
-template <class T>
-struct Extra {
-  StepHParams<T> h;
-  T weight_decay;
-};
-
 // One thread per component; the block's tensor is found by a scan that is uniform across the block.
 template <Op OP, class S, class T>
 __global__ void __launch_bounds__(kThreads) slot_kernel(S s, const SlotTable<T> table, const Extra<T> x) {
   const int64_t b = blockIdx.x;
-  int t = 0;
-  while (t + 1 < table.count && b >= table.block_start[t + 1]) ++t;
+  const int t = slot_of_block(table, b);
   const TensorSlot<T>& slot = table.slot[t];
   const int64_t i = (b - table.block_start[t]) * kThreads + threadIdx.x;
   if (i >= slot.n) return;
@@ -50,50 +35,13 @@ __global__ void __launch_bounds__(kThreads) slot_kernel(S s, const SlotTable<T> 
   if constexpr (OP == Op::kRescale) rescale_slot_at(s, slot, i);
 }
 
-// The step of fixed-shape components with shared-memory staging (staged.cuh): the block's kThreads
-// components of p, g and m come in and go out with coalesced accesses; each thread runs
-// component_step (csrc/fgsgd/step.h) on one component from shared memory.
+// The step of fixed-shape components with shared-memory staging (staged.cuh).
 template <class S, class T>
 __global__ void __launch_bounds__(kThreads) staged_step_kernel(S s, const SlotTable<T> table, const Extra<T> x) {
-  constexpr int E = S::kCap;
-  constexpr int kChunk = kThreads * E;
-  __shared__ __align__(16) T sp[kChunk];
-  __shared__ __align__(16) T sg[kChunk];
-  __shared__ __align__(16) T sm[kChunk];
-  const int64_t b = blockIdx.x;
-  int t = 0;
-  while (t + 1 < table.count && b >= table.block_start[t + 1]) ++t;
-  const TensorSlot<T>& slot = table.slot[t];
-  const StepHParams<T>& h = x.h;
-  const int64_t c0 = (b - table.block_start[t]) * kThreads;
-  const int nc = int(slot.n - c0 < kThreads ? slot.n - c0 : kThreads);
-  const int ne = nc * E;
-  const bool use_m = h.momentum != T(0);
-  const bool read_m = use_m && !h.first_step;
-  T* gp = slot.p + c0 * E;
-  const T* gg = slot.g + c0 * E;
-  T* gm = use_m ? slot.m + c0 * E : nullptr;
-  // 16-byte vectors when every chunk is aligned (a full chunk is 16·E·kThreads/16 bytes, so chunk k of an
-  // aligned tensor is aligned) and this chunk is whole
-  const bool vec = nc == kThreads && aligned16(gp) && aligned16(gg) && (!use_m || aligned16(gm));
-  copy_chunk<kChunk, kThreads>(sp, gp, ne, vec);
-  copy_chunk<kChunk, kThreads>(sg, gg, ne, vec);
-  if (read_m) copy_chunk<kChunk, kThreads>(sm, gm, ne, vec);
-  __syncthreads();
-  const int i = threadIdx.x;
-  if (i < nc) {
-    T p[E], g[E], m[E];
-    load(s, sp + i * E, p);
-    load(s, sg + i * E, g);
-    if (read_m) load(s, sm + i * E, m);
-    const int64_t ci = c0 + i;
-    component_step(s, int(slot.codes[ci]), p, g, m, rescale_at(slot, ci), step_scale_at(slot, ci), h);
-    store(s, p, sp + i * E);
-    if (use_m) store(s, m, sm + i * E);
-  }
-  __syncthreads();
-  copy_chunk<kChunk, kThreads>(gp, sp, ne, vec);
-  if (use_m) copy_chunk<kChunk, kThreads>(gm, sm, ne, vec);
+  __shared__ __align__(16) T sp[kThreads * S::kCap];
+  __shared__ __align__(16) T sg[kThreads * S::kCap];
+  __shared__ __align__(16) T sm[kThreads * S::kCap];
+  staged_step_block<kThreads>(s, table, x.h, blockIdx.x, sp, sg, sm);
 }
 
 // Which step kernel runs for fixed shapes: the staged one, unless FGSGD_CUDA_STEP=thread (the plain
@@ -128,14 +76,7 @@ cudaError_t launch_unary(const UnaryArgs<T>& a, int A, int B, cudaStream_t strea
 template <Op OP, class T>
 cudaError_t launch_slots(const TensorSlot<T>* slots, int count, int A, int B, const Extra<T>& x, cudaStream_t stream) {
   for (int first = 0; first < count; first += kSlotsPerLaunch) {
-    SlotTable<T> table;
-    table.count = 0;
-    table.block_start[0] = 0;
-    for (int k = first; k < count && table.count < kSlotsPerLaunch; ++k) {
-      const int c = table.count++;
-      table.slot[c] = slots[k];
-      table.block_start[c + 1] = table.block_start[c] + (slots[k].n + kThreads - 1) / kThreads;
-    }
+    const SlotTable<T> table = next_table(slots, count, first);
     const int64_t blocks = table.block_start[table.count];
     if (blocks == 0) continue;
     with_shape(A, B, [&](auto s) {

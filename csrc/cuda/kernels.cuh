@@ -4,13 +4,10 @@
 #include <cuda_runtime.h>
 
 #include "../fgsgd/batched.h"
+#include "slot_table.cuh"
 
 namespace fgsgd {
 namespace cuda {
-
-// Tensors per launch: the slot table travels as a kernel argument and must stay under 4 KiB.
-constexpr int kSlotsPerLaunch = 40;
-constexpr int kThreads = 128;
 
 template <class T> cudaError_t proj(const UnaryArgs<T>& a, int A, int B, cudaStream_t stream);
 template <class T> cudaError_t retr(const UnaryArgs<T>& a, int A, int B, cudaStream_t stream);

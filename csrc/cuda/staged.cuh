@@ -12,6 +12,9 @@
 
 #include <stdint.h>
 
+#include "../fgsgd/batched.h"
+#include "slot_table.cuh"
+
 namespace fgsgd {
 namespace cuda {
 
@@ -53,6 +56,47 @@ __device__ __forceinline__ void copy_chunk(T* __restrict__ dst, const T* __restr
       if (e < n) dst[e] = src[e];
     }
   }
+}
+
+// Block b of a staged step launch (one block per kThreadsT components of one tensor): stage p, g (and m)
+// into sp, sg, sm (kThreadsT·A·B values each, 16-byte aligned, shared by the block's threads), run
+// component_step (csrc/fgsgd/step.h) of one component per thread, write p (and m) back.
+template <int kThreadsT, class S, class T>
+__device__ __forceinline__ void staged_step_block(S s, const SlotTable<T>& table, const StepHParams<T>& h, int64_t b,
+                                                  T* sp, T* sg, T* sm) {
+  constexpr int E = S::kCap;
+  constexpr int kChunk = kThreadsT * E;
+  const int t = slot_of_block(table, b);
+  const TensorSlot<T>& slot = table.slot[t];
+  const int64_t c0 = (b - table.block_start[t]) * kThreadsT;
+  const int nc = int(slot.n - c0 < kThreadsT ? slot.n - c0 : kThreadsT);
+  const int ne = nc * E;
+  const bool use_m = h.momentum != T(0);
+  const bool read_m = use_m && !h.first_step;
+  T* gp = slot.p + c0 * E;
+  const T* gg = slot.g + c0 * E;
+  T* gm = use_m ? slot.m + c0 * E : nullptr;
+  // 16-byte vectors when this chunk is whole and its three addresses are aligned (a whole chunk is
+  // kThreadsT·E·sizeof(T) bytes, a multiple of 16, so every chunk of an aligned tensor is aligned)
+  const bool vec = nc == kThreadsT && aligned16(gp) && aligned16(gg) && (!use_m || aligned16(gm));
+  copy_chunk<kChunk, kThreadsT>(sp, gp, ne, vec);
+  copy_chunk<kChunk, kThreadsT>(sg, gg, ne, vec);
+  if (read_m) copy_chunk<kChunk, kThreadsT>(sm, gm, ne, vec);
+  __syncthreads();
+  const int i = threadIdx.x;
+  if (i < nc) {
+    T p[E], g[E], m[E];
+    load(s, sp + i * E, p);
+    load(s, sg + i * E, g);
+    if (read_m) load(s, sm + i * E, m);
+    const int64_t ci = c0 + i;
+    component_step(s, int(slot.codes[ci]), p, g, m, rescale_at(slot, ci), step_scale_at(slot, ci), h);
+    store(s, p, sp + i * E);
+    if (use_m) store(s, m, sm + i * E);
+  }
+  __syncthreads();
+  copy_chunk<kChunk, kThreadsT>(gp, sp, ne, vec);
+  if (use_m) copy_chunk<kChunk, kThreadsT>(gm, sm, ne, vec);
 }
 
 }  // namespace cuda

@@ -1,0 +1,55 @@
+// Launch metadata of the multi-tensor kernels (in the style of apex's multi_tensor_apply): a table of
+// up to kSlotsPerLaunch tensors, passed by value as a kernel argument, with the first block of each.
+// Host code builds it (next_table), device code finds a block's tensor (slot_of_block).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <stdint.h>
+
+#include "../fgsgd/types.h"
+
+namespace fgsgd {
+namespace cuda {
+
+// Tensors per launch: the slot table travels as a kernel argument and must stay under 4 KiB.
+constexpr int kSlotsPerLaunch = 40;
+constexpr int kThreads = 128;  // threads per block = components per block
+
+template <class T>
+struct SlotTable {
+  TensorSlot<T> slot[kSlotsPerLaunch];
+  int64_t block_start[kSlotsPerLaunch + 1];
+  int count;
+};
+
+template <class T>
+struct Extra {
+  StepHParams<T> h;
+  T weight_decay;
+};
+
+// The table of slots[first ...] (at most kSlotsPerLaunch of them); its block count is
+// block_start[count], one block per kThreads components of each tensor.
+template <class T>
+inline SlotTable<T> next_table(const TensorSlot<T>* slots, int count, int first) {
+  SlotTable<T> table;
+  table.count = 0;
+  table.block_start[0] = 0;
+  for (int k = first; k < count && table.count < kSlotsPerLaunch; ++k) {
+    const int c = table.count++;
+    table.slot[c] = slots[k];
+    table.block_start[c + 1] = table.block_start[c] + (slots[k].n + kThreads - 1) / kThreads;
+  }
+  return table;
+}
+
+// The slot that block b works on (a scan that is uniform across the block; empty tensors own no block).
+template <class T>
+__device__ __forceinline__ int slot_of_block(const SlotTable<T>& table, int64_t b) {
+  int t = 0;
+  while (t + 1 < table.count && b >= table.block_start[t + 1]) ++t;
+  return t;
+}
+
+}  // namespace cuda
+}  // namespace fgsgd

@@ -1,0 +1,121 @@
+// Runs the staged CUDA step (csrc/cuda/staged.cuh) on the CPU, block after block, kThreads std::threads per
+// block, over tensors read from stdin; prints the updated p and m. Driven by tests/test_cuda_emulated.py.
+//
+// stdin (whitespace separated): T_bytes momentum dampening nesterov weight_decay lr first_step stabilize
+//   use_rescale use_groups ntensors, then per tensor: n off_p off_g off_m ngroups, then per tensor its
+//   p g m (n·9 each), codes (n), rescale (n, if used), group_index (n) and group_scale (ngroups) (if used).
+//   off_*: the tensor's first element sits that many elements past a 64-byte boundary.
+// stdout: per tensor, p then m (n·9 each), "%.17g".
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <thread>
+#include <vector>
+
+#include "cuda/staged.cuh"
+
+using namespace fgsgd;
+
+template <class T>
+struct Buffer {  // n values at `off` elements past a 64-byte boundary, a sentinel all around them
+  static constexpr double kSentinel = -7777.25;
+  std::vector<T> storage;
+  T* data;
+  int64_t n;
+  Buffer(int64_t n_, int off) : storage(size_t(n_ + off) + 128 / sizeof(T), T(kSentinel)), n(n_) {
+    uintptr_t a = reinterpret_cast<uintptr_t>(storage.data());
+    a = (a + 63) & ~uintptr_t(63);
+    data = reinterpret_cast<T*>(a) + off;
+  }
+  bool outside_untouched() const {  // nothing written before or after the n values
+    for (size_t i = 0; i < storage.size(); ++i) {
+      const T* q = storage.data() + i;
+      if ((q < data || q >= data + n) && *q != T(kSentinel)) return false;
+    }
+    return true;
+  }
+};
+
+template <class T>
+int run() {
+  double mom, damp, wd, lr;
+  int nest, first, stab, use_r, use_g, nt;
+  std::cin >> mom >> damp >> nest >> wd >> lr >> first >> stab >> use_r >> use_g >> nt;
+  StepHParams<T> h{T(lr), T(mom), T(damp), T(wd), nest != 0, first != 0, stab != 0};
+  std::vector<int64_t> n(nt);
+  std::vector<int> op(nt), og(nt), om(nt), ng(nt);
+  for (int k = 0; k < nt; ++k) std::cin >> n[k] >> op[k] >> og[k] >> om[k] >> ng[k];
+  std::vector<Buffer<T>> p, g, m, r, gs;
+  std::vector<std::vector<uint8_t>> codes(nt);
+  std::vector<std::vector<int32_t>> gi(nt);
+  std::vector<TensorSlot<T>> slots(nt);
+  auto read = [](T* dst, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) {
+      double v;
+      std::cin >> v;
+      dst[i] = T(v);
+    }
+  };
+  for (int k = 0; k < nt; ++k) {
+    p.emplace_back(n[k] * 9, op[k]);
+    g.emplace_back(n[k] * 9, og[k]);
+    m.emplace_back(n[k] * 9, om[k]);
+    r.emplace_back(n[k], 0);
+    gs.emplace_back(ng[k], 0);
+    read(p[k].data, n[k] * 9);
+    read(g[k].data, n[k] * 9);
+    read(m[k].data, n[k] * 9);
+    codes[k].resize(n[k]);
+    for (auto& c : codes[k]) {
+      int v;
+      std::cin >> v;
+      c = uint8_t(v);
+    }
+    if (use_r) read(r[k].data, n[k]);
+    if (use_g) {
+      gi[k].resize(n[k]);
+      for (auto& v : gi[k]) std::cin >> v;
+      read(gs[k].data, ng[k]);
+    }
+    slots[k] = TensorSlot<T>{p[k].data, g[k].data, m[k].data, codes[k].data(), use_r ? r[k].data : nullptr,
+                             use_g ? gi[k].data() : nullptr, use_g ? gs[k].data : nullptr, nullptr, n[k]};
+  }
+  if (!std::cin) {
+    std::fprintf(stderr, "bad input\n");
+    return 2;
+  }
+  constexpr int kT = cuda::kThreads;
+  alignas(16) static T sp[kT * 9], sg[kT * 9], sm[kT * 9];  // the block's shared memory
+  for (int first_slot = 0; first_slot < nt; first_slot += cuda::kSlotsPerLaunch) {
+    const cuda::SlotTable<T> table = cuda::next_table(slots.data(), nt, first_slot);
+    for (int64_t b = 0; b < table.block_start[table.count]; ++b) {
+      std::barrier<> bar(kT);
+      emu_block_barrier = &bar;
+      std::vector<std::thread> threads;
+      for (int t = 0; t < kT; ++t)
+        threads.emplace_back([&, t] {
+          threadIdx.x = unsigned(t);
+          blockIdx.x = unsigned(b);
+          cuda::staged_step_block<kT>(Fixed<3, 3>{}, table, h, b, sp, sg, sm);
+        });
+      for (auto& th : threads) th.join();
+    }
+  }
+  for (int k = 0; k < nt; ++k) {
+    if (!p[k].outside_untouched() || !m[k].outside_untouched() || !g[k].outside_untouched()) {
+      std::fprintf(stderr, "tensor %d: a value outside the tensor was written\n", k);
+      return 3;
+    }
+  }
+  for (int k = 0; k < nt; ++k) {
+    for (int64_t i = 0; i < n[k] * 9; ++i) std::printf("%.17g\n", double(p[k].data[i]));
+    for (int64_t i = 0; i < n[k] * 9; ++i) std::printf("%.17g\n", double(m[k].data[i]));
+  }
+  return 0;
+}
+
+int main() {
+  int bytes;
+  std::cin >> bytes;
+  return bytes == 8 ? run<double>() : run<float>();
+}

@@ -1,0 +1,130 @@
+"""The staged CUDA step kernel's block code (csrc/cuda/staged.cuh, slot_table.cuh) run on the CPU against
+the float64 reference: tests/cuda_emu/staged_step_emu.cpp compiles that very device code as C++ with a
+stand-in <cuda_runtime.h> (a std::thread per CUDA thread, a barrier for __syncthreads), so the staging
+(whole and partial chunks, the 16-byte vector path and the scalar one, unaligned tensors, tables of more
+than 40 tensors, empty tensors) is checked on machines without a GPU. The GPU runs the same code
+(tests/test_cuda_step.py)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FP32_RTOL, make_gen, random_codes, random_points, random_tangents, rel_err
+from fgsgd_cuda import reference as R
+
+ROOT = Path(__file__).resolve().parent.parent
+CXX = shutil.which("g++") or shutil.which("clang++")
+pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++20 compiler (g++ or clang++)")
+TOL = {torch.float32: FP32_RTOL, torch.float64: 1e-12}
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    exe = tmp_path_factory.mktemp("emu") / "staged_step_emu"
+    proc = subprocess.run([CXX, "-std=c++20", "-O1", "-fno-strict-aliasing", "-pthread",
+                           f"-I{ROOT / 'tests' / 'cuda_emu'}", f"-I{ROOT / 'csrc'}",
+                           str(ROOT / "tests" / "cuda_emu" / "staged_step_emu.cpp"), "-o", str(exe)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return exe
+
+
+def _fmt(t: torch.Tensor) -> str:
+    return " ".join(repr(float(v)) if t.is_floating_point() else str(int(v)) for v in t.reshape(-1).tolist())
+
+
+def _run(emulator, dtype, hp, tensors, offsets, use_rescale, use_groups):
+    lines = [str(8 if dtype == torch.float64 else 4),
+             " ".join(str(v) for v in (hp["momentum"], hp["dampening"], int(hp["nesterov"]), hp["weight_decay"],
+                                       hp["lr"], int(hp["first_step"]), int(hp["stabilize"]), int(use_rescale),
+                                       int(use_groups), len(tensors)))]
+    for t, off in zip(tensors, offsets):
+        lines.append(" ".join(str(v) for v in (t["p"].shape[0], *off, t["gs"].numel())))
+    for t in tensors:
+        for key in ("p", "g", "m", "codes") + (("r",) if use_rescale else ()) + (("gi", "gs") if use_groups else ()):
+            lines.append(_fmt(t[key]))
+    proc = subprocess.run([str(emulator)], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    values = torch.tensor([float(v) for v in proc.stdout.split()], dtype=torch.float64)
+    out, start = [], 0
+    for t in tensors:
+        k = t["p"].numel()
+        out.append((values[start:start + k].view_as(t["p"]), values[start + k:start + 2 * k].view_as(t["p"])))
+        start += 2 * k
+    assert start == values.numel()
+    return out
+
+
+def _tensors(sizes, dtype, gen):
+    out = []
+    for n in sizes:
+        codes = random_codes(n, 3, 3, gen)
+        w = random_points(n, 3, 3, codes, gen)
+        r = 0.5 + torch.rand(n, generator=gen, dtype=torch.float64)
+        ng = max(1, n // 5)
+        out.append(dict(codes=codes, r=r.to(dtype), p=(w * r.view(-1, 1, 1)).to(dtype),
+                        g=torch.randn(n, 3, 3, generator=gen, dtype=torch.float64).to(dtype),
+                        m=random_tangents(w, codes, gen, scale=0.5).to(dtype) if n else w.to(dtype),
+                        gi=torch.randint(ng, (n,), generator=gen, dtype=torch.int32),
+                        gs=(0.3 + torch.rand(ng, generator=gen, dtype=torch.float64)).to(dtype)))
+    return out
+
+
+CONFIGS = {
+    "momentum": dict(momentum=0.9),
+    "first": dict(momentum=0.9, first_step=True),
+    "none": dict(momentum=0.0),
+    "nesterov-stabilize-wd": dict(momentum=0.5, nesterov=True, stabilize=True, weight_decay=0.05),
+    "dampening": dict(momentum=0.9, dampening=0.3),
+}
+# sizes around the block (128 components): a lone component, a tail, exactly one block, one block + 1
+SIZES = [1, 127, 128, 129, 300]
+OFFSETS = {"aligned": [(0, 0, 0)] * len(SIZES),               # every tensor at a 64-byte boundary: vectors
+           "unaligned": [(1, 0, 3), (0, 2, 0), (3, 3, 3), (0, 0, 1), (2, 1, 0)]}
+
+
+@pytest.mark.parametrize("offsets", list(OFFSETS))
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_staged_step_block(emulator, dtype, config, offsets):
+    hp = dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, first_step=False,
+              stabilize=False)
+    hp.update(CONFIGS[config])
+    gen = make_gen(zlib.crc32(repr((dtype, config, offsets)).encode()))
+    ts = _tensors(SIZES, dtype, gen)
+    use_rescale, use_groups = config != "none", config in ("momentum", "nesterov-stabilize-wd")
+    got = _run(emulator, dtype, hp, ts, OFFSETS[offsets], use_rescale, use_groups)
+    for k, (t, (p, m)) in enumerate(zip(ts, got)):
+        s = t["gs"].double()[t["gi"].long()] if use_groups else None
+        p_ref, m_ref = R.step(t["p"].double(), t["g"].double(), t["m"].double() if hp["momentum"] else None,
+                              t["codes"], t["r"].double() if use_rescale else None, s, **hp)
+        assert rel_err(p, p_ref) <= TOL[dtype], f"params[{k}] (N={SIZES[k]})"
+        if hp["momentum"]:
+            assert rel_err(m, m_ref) <= TOL[dtype], f"momentum_buffers[{k}] (N={SIZES[k]})"
+        else:
+            assert torch.equal(m, t["m"].double())                 # momentum 0: buffers untouched
+
+
+def test_more_tensors_than_one_table(emulator):
+    """45 tensors (two tables of at most 40), one of them empty, in fp32."""
+    gen = make_gen(45)
+    sizes = [int(s) for s in torch.randint(1, 200, (45,), generator=gen)]
+    sizes[17] = 0
+    ts = _tensors(sizes, torch.float32, gen)
+    hp = dict(lr=0.05, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0, first_step=False,
+              stabilize=False)
+    got = _run(emulator, torch.float32, hp, ts, [(k % 4, 0, (k * 3) % 4) for k in range(45)], True, False)
+    for k, (t, (p, m)) in enumerate(zip(ts, got)):
+        if not sizes[k]:
+            assert p.numel() == 0
+            continue
+        p_ref, m_ref = R.step(t["p"].double(), t["g"].double(), t["m"].double(), t["codes"], t["r"].double(), None,
+                              **hp)
+        assert rel_err(p, p_ref) <= FP32_RTOL, f"params[{k}]"
+        assert rel_err(m, m_ref) <= FP32_RTOL, f"momentum_buffers[{k}]"
