@@ -8,9 +8,10 @@ and replayed (no host overhead), interleaved with the others, median over rounds
 
 - ``copy``: ``dst.copy_(src)`` of one flat tensor as large as the filters (8 bytes/param moved);
 - ``sgd-fused``: ``torch._fused_sgd_`` with momentum on the filter tensors (20 bytes/param);
-- ``fgsgd staged`` / ``fgsgd thread``: ``torch.ops.fgsgd.step_`` (momentum 0.9) over the same tensors with
-  a sphere/oblique/stiefel (normalize/qr) mix, or one code; the shared-memory staged kernel and the
-  one-thread-per-component kernel (``FGSGD_CUDA_STEP=thread``).
+- ``fgsgd staged`` / ``fgsgd sorted`` / ``fgsgd thread``: ``torch.ops.fgsgd.step_`` (momentum 0.9) over the
+  same tensors with a sphere/oblique/stiefel (normalize/qr) mix, or one code; the shared-memory staged
+  kernel (the default), the same with each block's components sorted by code (``FGSGD_CUDA_STEP=sorted``),
+  and the one-thread-per-component kernel (``FGSGD_CUDA_STEP=thread``).
 
 Writes JSON (``--out``) with GB/s and fractions of the copy bandwidth, and prints a table.
 """
@@ -117,7 +118,7 @@ def run_model(model: str, mixes, repeats: int, inner: int, device) -> dict:
         torch.ops.fgsgd.projx_(ps, codes, [])
         ms = [t["m"].clone() for t in ts]
         gs = [t["g"] for t in ts]
-        for variant in ("staged", "thread"):
+        for variant in ("staged", "sorted", "thread"):
             step = (lambda ps=ps, gs=gs, ms=ms, codes=codes: torch.ops.fgsgd.step_(
                 ps, gs, ms, codes, [], [], [], 0.01, 0.9, 0.0, False, 0.0, False, False))
             fns[f"fgsgd {variant} {mix}"] = with_variant(step, variant)

@@ -55,5 +55,5 @@ timeout 240 "$PY" -m pytest tests -q -p no:cacheprovider -n 8 -rfE --ignore=test
 log "tests exit $?: $(tail -1 "$OUT/tests.log")"
 wait $TRITON_PID
 log "triton tests: $(tail -2 "$OUT/test_triton.log" | tr '\n' ' ')"
-grep -E "^==|copy|sgd-|sphere\+oblique\+stiefel |fgsgd (staged|thread) mix" "$OUT/bench.log" | head -60
+grep -E "^==|copy|sgd-|sphere\+oblique\+stiefel |fgsgd (staged|sorted|thread) mix" "$OUT/bench.log" | head -60
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20

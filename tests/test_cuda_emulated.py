@@ -2,7 +2,8 @@
 the float64 reference: tests/cuda_emu/staged_step_emu.cpp compiles that very device code as C++ with a
 stand-in <cuda_runtime.h> (a std::thread per CUDA thread, a barrier for __syncthreads), so the staging
 (whole and partial chunks, the 16-byte vector path and the scalar one, unaligned tensors, tables of more
-than 40 tensors, empty tensors) is checked on machines without a GPU. The GPU runs the same code
+than 40 tensors, empty tensors), and the code-sorted variant's permutation, are checked on machines
+without a GPU. The GPU runs the same code
 (tests/test_cuda_step.py)."""
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _fmt(t: torch.Tensor) -> str:
     return " ".join(repr(float(v)) if t.is_floating_point() else str(int(v)) for v in t.reshape(-1).tolist())
 
 
-def _run(emulator, dtype, hp, tensors, offsets, use_rescale, use_groups):
+def _run(emulator, dtype, hp, tensors, offsets, use_rescale, use_groups, variant="staged"):
     lines = [str(8 if dtype == torch.float64 else 4),
              " ".join(str(v) for v in (hp["momentum"], hp["dampening"], int(hp["nesterov"]), hp["weight_decay"],
                                        hp["lr"], int(hp["first_step"]), int(hp["stabilize"]), int(use_rescale),
@@ -48,7 +49,7 @@ def _run(emulator, dtype, hp, tensors, offsets, use_rescale, use_groups):
     for t in tensors:
         for key in ("p", "g", "m", "codes") + (("r",) if use_rescale else ()) + (("gi", "gs") if use_groups else ()):
             lines.append(_fmt(t[key]))
-    proc = subprocess.run([str(emulator)], input="\n".join(lines) + "\n", capture_output=True, text=True,
+    proc = subprocess.run([str(emulator), variant], input="\n".join(lines) + "\n", capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     values = torch.tensor([float(v) for v in proc.stdout.split()], dtype=torch.float64)
@@ -89,17 +90,18 @@ OFFSETS = {"aligned": [(0, 0, 0)] * len(SIZES),               # every tensor at 
            "unaligned": [(1, 0, 3), (0, 2, 0), (3, 3, 3), (0, 0, 1), (2, 1, 0)]}
 
 
+@pytest.mark.parametrize("variant", ["staged", "sorted"])
 @pytest.mark.parametrize("offsets", list(OFFSETS))
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-def test_staged_step_block(emulator, dtype, config, offsets):
+def test_staged_step_block(emulator, dtype, config, offsets, variant):
     hp = dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, first_step=False,
               stabilize=False)
     hp.update(CONFIGS[config])
     gen = make_gen(zlib.crc32(repr((dtype, config, offsets)).encode()))
     ts = _tensors(SIZES, dtype, gen)
     use_rescale, use_groups = config != "none", config in ("momentum", "nesterov-stabilize-wd")
-    got = _run(emulator, dtype, hp, ts, OFFSETS[offsets], use_rescale, use_groups)
+    got = _run(emulator, dtype, hp, ts, OFFSETS[offsets], use_rescale, use_groups, variant)
     for k, (t, (p, m)) in enumerate(zip(ts, got)):
         s = t["gs"].double()[t["gi"].long()] if use_groups else None
         p_ref, m_ref = R.step(t["p"].double(), t["g"].double(), t["m"].double() if hp["momentum"] else None,
@@ -111,7 +113,8 @@ def test_staged_step_block(emulator, dtype, config, offsets):
             assert torch.equal(m, t["m"].double())                 # momentum 0: buffers untouched
 
 
-def test_more_tensors_than_one_table(emulator):
+@pytest.mark.parametrize("variant", ["staged", "sorted"])
+def test_more_tensors_than_one_table(emulator, variant):
     """45 tensors (two tables of at most 40), one of them empty, in fp32."""
     gen = make_gen(45)
     sizes = [int(s) for s in torch.randint(1, 200, (45,), generator=gen)]
@@ -119,7 +122,7 @@ def test_more_tensors_than_one_table(emulator):
     ts = _tensors(sizes, torch.float32, gen)
     hp = dict(lr=0.05, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0, first_step=False,
               stabilize=False)
-    got = _run(emulator, torch.float32, hp, ts, [(k % 4, 0, (k * 3) % 4) for k in range(45)], True, False)
+    got = _run(emulator, torch.float32, hp, ts, [(k % 4, 0, (k * 3) % 4) for k in range(45)], True, False, variant)
     for k, (t, (p, m)) in enumerate(zip(ts, got)):
         if not sizes[k]:
             assert p.numel() == 0

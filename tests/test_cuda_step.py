@@ -1,6 +1,7 @@
-"""The CUDA step beyond the per-op checks of test_ops_compiled.py: both step kernels (shared-memory
-staged, one thread per component) on unaligned views and block tails, the optimizer on CUDA against
-the CPU backend, CUDA-graph capture, and kernels per step independent of depth. Needs a GPU."""
+"""The CUDA step beyond the per-op checks of test_ops_compiled.py: the three step kernels (shared-memory
+staged, staged and sorted by code, one thread per component) on unaligned views and block tails, the
+optimizer on CUDA against the CPU backend, CUDA-graph capture, and launches per step independent of
+depth. Needs a GPU."""
 from __future__ import annotations
 
 import zlib
@@ -30,7 +31,7 @@ def _offset_copy(t: torch.Tensor, offset: int) -> torch.Tensor:
     return view
 
 
-@pytest.mark.parametrize("variant", ["staged", "thread"])
+@pytest.mark.parametrize("variant", ["staged", "sorted", "thread"])
 @pytest.mark.parametrize("offsets", [(0, 0, 0), (1, 0, 3)], ids=["aligned", "unaligned"])
 @pytest.mark.parametrize("config", ["momentum", "first", "none", "nesterov-stabilize"])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -73,8 +74,8 @@ def test_step_kernels_3x3(monkeypatch, variant, offsets, config, dtype):
             assert bool(torch.isnan(t._base[:off]).all())
 
 
-def test_staged_and_thread_kernels_agree(monkeypatch):
-    """Same inputs, both kernels: the same math (csrc/fgsgd) in the same order, so the same bits."""
+def test_step_kernels_agree(monkeypatch):
+    """Same inputs, every kernel: the same math (csrc/fgsgd) in the same order per component, so the same bits."""
     gen = make_gen(7)
     n = 3000
     c = random_codes(n, 3, 3, gen).cuda()
@@ -82,13 +83,14 @@ def test_staged_and_thread_kernels_agree(monkeypatch):
     g = torch.randn(n, 3, 3, generator=gen).cuda()
     m0 = torch.randn(n, 3, 3, generator=gen).cuda() * 0.1
     out = {}
-    for variant in ("staged", "thread"):
+    for variant in ("staged", "sorted", "thread"):
         monkeypatch.setenv("FGSGD_CUDA_STEP", variant)
         p, m = p0.clone(), m0.clone()
         ops.step_([p], [g], [m], [c], lr=0.05, momentum=0.9, backend="cuda")
         out[variant] = (p, m)
-    assert torch.equal(out["staged"][0], out["thread"][0])
-    assert torch.equal(out["staged"][1], out["thread"][1])
+    for variant in ("sorted", "thread"):
+        assert torch.equal(out["staged"][0], out[variant][0]), variant
+        assert torch.equal(out["staged"][1], out[variant][1]), variant
 
 
 def _model(depth: int, dtype=torch.float32, seed=0) -> nn.Sequential:

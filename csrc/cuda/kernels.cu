@@ -35,28 +35,42 @@ __global__ void __launch_bounds__(kThreads) slot_kernel(S s, const SlotTable<T> 
   if constexpr (OP == Op::kRescale) rescale_slot_at(s, slot, i);
 }
 
-// The step of fixed-shape components with shared-memory staging (staged.cuh).
-template <class S, class T>
+// The step of fixed-shape components with shared-memory staging (staged.cuh); kSort: components handed
+// to the threads in order of their codes.
+template <bool kSort, class S, class T>
 __global__ void __launch_bounds__(kThreads) staged_step_kernel(S s, const SlotTable<T> table, const Extra<T> x) {
   __shared__ __align__(16) T sp[kThreads * S::kCap];
   __shared__ __align__(16) T sg[kThreads * S::kCap];
   __shared__ __align__(16) T sm[kThreads * S::kCap];
-  staged_step_block<kThreads>(s, table, x.h, blockIdx.x, sp, sg, sm);
+  __shared__ int scratch[kSort ? kSortScratchInts<kThreads> : 1];
+  staged_step_block<kThreads, kSort>(s, table, x.h, blockIdx.x, sp, sg, sm, scratch);
 }
 
-// Which step kernel runs for fixed shapes: the staged one, unless FGSGD_CUDA_STEP=thread (the plain
-// one-thread-per-component kernel, kept for comparison in benchmarks/bench_kernels.py).
-inline bool use_staged_step() {
+// Which step kernel runs for 3×3 components, by FGSGD_CUDA_STEP: "staged" (the default), "sorted" (staged,
+// components sorted by code within a block) or "thread" (one thread per component, no staging). The
+// alternatives stay for measurement (benchmarks/bench_kernels.py); read at every launch (a CUDA graph
+// keeps the kernel it captured).
+enum class StepKernel { kStaged, kSorted, kThread };
+inline StepKernel step_kernel_choice() {
   const char* v = getenv("FGSGD_CUDA_STEP");
-  return v == nullptr || strcmp(v, "thread") != 0;
+  if (v != nullptr && strcmp(v, "thread") == 0) return StepKernel::kThread;
+  if (v != nullptr && strcmp(v, "sorted") == 0) return StepKernel::kSorted;
+  return StepKernel::kStaged;
 }
 
 template <class T>
 void launch_step(Fixed<3, 3> s, const SlotTable<T>& table, const Extra<T>& x, int64_t blocks, cudaStream_t stream) {
-  if (use_staged_step())
-    staged_step_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
-  else
-    slot_kernel<Op::kStep><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+  switch (step_kernel_choice()) {
+    case StepKernel::kStaged:
+      staged_step_kernel<false><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+      break;
+    case StepKernel::kSorted:
+      staged_step_kernel<true><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+      break;
+    case StepKernel::kThread:
+      slot_kernel<Op::kStep><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+      break;
+  }
 }
 
 template <class T>

@@ -58,12 +58,52 @@ __device__ __forceinline__ void copy_chunk(T* __restrict__ dst, const T* __restr
   }
 }
 
+// Scratch shared memory of the code-sorted variant: kSortBuckets counters and the block's permutation.
+constexpr int kSortBuckets = 8;  // codes 0..6 (codes.h), and one bucket for idle threads and unknown codes
+template <int kThreadsT>
+constexpr int kSortScratchInts = kSortBuckets + kThreadsT;
+
+// Which component of the block thread i runs. Plain staging: component i. Code-sorted (kSort): the
+// block's components ordered by code (a counting sort with shared-memory atomics), so that the warps
+// of a block with mixed manifolds mostly run one code path each instead of every path in turn; the
+// order within a code is arbitrary, which changes nothing computed (each component is independent).
+template <int kThreadsT, bool kSort, class T>
+__device__ __forceinline__ int component_of_thread(const TensorSlot<T>& slot, int64_t c0, int nc, int* scratch) {
+  const int i = threadIdx.x;
+  if constexpr (!kSort) {
+    return i;
+  } else {
+    int* count = scratch;
+    int* perm = scratch + kSortBuckets;
+    if (i < kSortBuckets) count[i] = 0;
+    __syncthreads();
+    const int code = i < nc ? int(slot.codes[c0 + i]) : kSortBuckets - 1;
+    const int bucket = code >= 0 && code < kSortBuckets - 1 ? code : kSortBuckets - 1;
+    atomicAdd(&count[bucket], 1);
+    __syncthreads();
+    if (i == 0) {  // exclusive prefix sum: the first position of every bucket
+      int start = 0;
+      for (int k = 0; k < kSortBuckets; ++k) {
+        const int c = count[k];
+        count[k] = start;
+        start += c;
+      }
+    }
+    __syncthreads();
+    perm[atomicAdd(&count[bucket], 1)] = i;
+    __syncthreads();
+    return perm[i];
+  }
+}
+
 // Block b of a staged step launch (one block per kThreadsT components of one tensor): stage p, g (and m)
 // into sp, sg, sm (kThreadsT·A·B values each, 16-byte aligned, shared by the block's threads), run
-// component_step (csrc/fgsgd/step.h) of one component per thread, write p (and m) back.
-template <int kThreadsT, class S, class T>
+// component_step (csrc/fgsgd/step.h) of one component per thread, write p (and m) back. With kSort the
+// components are handed to the threads in order of their codes (component_of_thread; `scratch` holds
+// kSortScratchInts<kThreadsT> shared ints), else scratch is unused.
+template <int kThreadsT, bool kSort = false, class S, class T>
 __device__ __forceinline__ void staged_step_block(S s, const SlotTable<T>& table, const StepHParams<T>& h, int64_t b,
-                                                  T* sp, T* sg, T* sm) {
+                                                  T* sp, T* sg, T* sm, int* scratch = nullptr) {
   constexpr int E = S::kCap;
   constexpr int kChunk = kThreadsT * E;
   const int t = slot_of_block(table, b);
@@ -83,16 +123,16 @@ __device__ __forceinline__ void staged_step_block(S s, const SlotTable<T>& table
   copy_chunk<kChunk, kThreadsT>(sg, gg, ne, vec);
   if (read_m) copy_chunk<kChunk, kThreadsT>(sm, gm, ne, vec);
   __syncthreads();
-  const int i = threadIdx.x;
-  if (i < nc) {
+  const int j = component_of_thread<kThreadsT, kSort>(slot, c0, nc, scratch);
+  if (j < nc) {
     T p[E], g[E], m[E];
-    load(s, sp + i * E, p);
-    load(s, sg + i * E, g);
-    if (read_m) load(s, sm + i * E, m);
-    const int64_t ci = c0 + i;
-    component_step(s, int(slot.codes[ci]), p, g, m, rescale_at(slot, ci), step_scale_at(slot, ci), h);
-    store(s, p, sp + i * E);
-    if (use_m) store(s, m, sm + i * E);
+    load(s, sp + j * E, p);
+    load(s, sg + j * E, g);
+    if (read_m) load(s, sm + j * E, m);
+    const int64_t cj = c0 + j;
+    component_step(s, int(slot.codes[cj]), p, g, m, rescale_at(slot, cj), step_scale_at(slot, cj), h);
+    store(s, p, sp + j * E);
+    if (use_m) store(s, m, sm + j * E);
   }
   __syncthreads();
   copy_chunk<kChunk, kThreadsT>(gp, sp, ne, vec);

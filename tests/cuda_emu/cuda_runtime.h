@@ -3,6 +3,7 @@
 // __syncthreads() is a barrier, threadIdx is thread-local. Enough for checking indexing, tails, the
 // vector path and the barriers of a kernel on a machine without a GPU (tests/test_cuda_emulated.py).
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <cstdint>
 
@@ -26,3 +27,4 @@ struct alignas(16) double2 {
 
 inline std::barrier<>* emu_block_barrier = nullptr;  // the running block's barrier
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }

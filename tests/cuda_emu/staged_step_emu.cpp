@@ -1,5 +1,6 @@
 // Runs the staged CUDA step (csrc/cuda/staged.cuh) on the CPU, block after block, kThreads std::threads per
 // block, over tensors read from stdin; prints the updated p and m. Driven by tests/test_cuda_emulated.py.
+// Argument: "staged" (default) or "sorted" (the code-sorted variant).
 //
 // stdin (whitespace separated): T_bytes momentum dampening nesterov weight_decay lr first_step stabilize
 //   use_rescale use_groups ntensors, then per tensor: n off_p off_g off_m ngroups, then per tensor its
@@ -9,6 +10,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -37,7 +39,7 @@ struct Buffer {  // n values at `off` elements past a 64-byte boundary, a sentin
 };
 
 template <class T>
-int run() {
+int run(bool sorted) {
   double mom, damp, wd, lr;
   int nest, first, stab, use_r, use_g, nt;
   std::cin >> mom >> damp >> nest >> wd >> lr >> first >> stab >> use_r >> use_g >> nt;
@@ -86,6 +88,7 @@ int run() {
   }
   constexpr int kT = cuda::kThreads;
   alignas(16) static T sp[kT * 9], sg[kT * 9], sm[kT * 9];  // the block's shared memory
+  static int scratch[cuda::kSortScratchInts<kT>];
   for (int first_slot = 0; first_slot < nt; first_slot += cuda::kSlotsPerLaunch) {
     const cuda::SlotTable<T> table = cuda::next_table(slots.data(), nt, first_slot);
     for (int64_t b = 0; b < table.block_start[table.count]; ++b) {
@@ -96,7 +99,10 @@ int run() {
         threads.emplace_back([&, t] {
           threadIdx.x = unsigned(t);
           blockIdx.x = unsigned(b);
-          cuda::staged_step_block<kT>(Fixed<3, 3>{}, table, h, b, sp, sg, sm);
+          if (sorted)
+            cuda::staged_step_block<kT, true>(Fixed<3, 3>{}, table, h, b, sp, sg, sm, scratch);
+          else
+            cuda::staged_step_block<kT, false>(Fixed<3, 3>{}, table, h, b, sp, sg, sm);
         });
       for (auto& th : threads) th.join();
     }
@@ -114,8 +120,9 @@ int run() {
   return 0;
 }
 
-int main() {
+int main(int argc, char** argv) {
+  const bool sorted = argc > 1 && std::string(argv[1]) == "sorted";
   int bytes;
   std::cin >> bytes;
-  return bytes == 8 ? run<double>() : run<float>();
+  return bytes == 8 ? run<double>(sorted) : run<float>(sorted);
 }
