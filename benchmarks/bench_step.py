@@ -925,6 +925,9 @@ def main(argv=None) -> dict:
         "timer": "CUDA events, synchronised around every step" if cuda else
                  {"wall": "time.perf_counter", "cpu": "time.process_time"}[args.clock],
     }, "bandwidth": bw, "models": {}}
+    out = Path(args.out) if args.out else \
+        HERE / "results" / f"{device_slug(device)}-{datetime.date.today().isoformat()}{'-quick' if args.quick else ''}{'-filters' if args.filters_only else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     for m in models:
         shapes = model_shapes(m, args.quick)
@@ -959,6 +962,7 @@ def main(argv=None) -> dict:
         log(f"baseline: {baseline}; {model['seconds']:.0f} s")
         log(f"ratios, GB/s and % copy by the {timer.clock} clock")
         log(table(model, timer.clock))
+        out.write_text(json.dumps(report, indent=1, default=str))  # the models so far: a run cut short keeps them
         del ps, cases
         gc.collect()
     report["seconds"] = time.perf_counter() - t_start
@@ -970,9 +974,6 @@ def main(argv=None) -> dict:
         log("\nops / launches per step (steady state, not a re-projection step):")
         log(launches_table(report))
 
-    out = Path(args.out) if args.out else \
-        HERE / "results" / f"{device_slug(device)}-{datetime.date.today().isoformat()}{'-quick' if args.quick else ''}{'-filters' if args.filters_only else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=str))
     log(f"\nwrote {out}")
     if not args.no_plot:
