@@ -44,7 +44,7 @@ MIXES = {
 
 
 def filters(model: str, device, gen):
-    """p (on its manifold), g, m (random, never zero) and codes of every 3×3 filter tensor of ``model``."""
+    """p, g, m (random, never zero) of every 3×3 filter tensor of ``model``, as (N, 3, 3) tensors."""
     shapes = [s for s in B.model_shapes(model) if len(s) == 4 and s[2:] == (3, 3)]
     out = []
     for s in shapes:
@@ -57,30 +57,8 @@ def filters(model: str, device, gen):
 
 def timed_graphs(fns: dict, repeats: int, inner: int) -> dict:
     """Median seconds per call of every fn, from CUDA-graph replays in interleaved rounds."""
-    graphs = {}
-    for name, fn in fns.items():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        graphs[name] = g
-    torch.cuda.synchronize()
-    names = list(graphs)
-    times = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(inner):
-                graphs[name].replay()
-            b.record()
-            b.synchronize()
-            times[name].append(a.elapsed_time(b) / 1e3 / inner)
-    return {n: statistics.median(t) for n, t in times.items()}
+    graphs = {name: B.capture_step(fn, warmup=1) for name, fn in fns.items()}
+    return {n: statistics.median(t) for n, t in B.replay_rounds(graphs, repeats, inner).items()}
 
 
 def with_variant(fn, variant: str):
@@ -111,6 +89,7 @@ def run_model(model: str, mixes, repeats: int, inner: int, device) -> dict:
     sm = [t["m"].clone().view(-1) for t in ts]
     fns["sgd-fused"] = lambda: torch._fused_sgd_(sp, sg, sm, weight_decay=0.0, momentum=0.9, lr=0.01, dampening=0.0,
                                                  nesterov=False, maximize=False, is_first_step=False)
+    stepped = [sp]
     for mix in mixes:
         kinds = torch.tensor(MIXES[mix], dtype=torch.uint8)
         codes = [kinds[torch.randint(len(kinds), (t["p"].shape[0],), generator=gen)].to(device) for t in ts]
@@ -118,6 +97,7 @@ def run_model(model: str, mixes, repeats: int, inner: int, device) -> dict:
         torch.ops.fgsgd.projx_(ps, codes, [])
         ms = [t["m"].clone() for t in ts]
         gs = [t["g"] for t in ts]
+        stepped.append(ps)
         for variant in ("staged", "sorted", "thread"):
             step = (lambda ps=ps, gs=gs, ms=ms, codes=codes: torch.ops.fgsgd.step_(
                 ps, gs, ms, codes, [], [], [], 0.01, 0.9, 0.0, False, 0.0, False, False))
@@ -130,7 +110,7 @@ def run_model(model: str, mixes, repeats: int, inner: int, device) -> dict:
         gbps = moved * n / t / 1e9
         rows[name] = dict(median_s=t, GBps=gbps, fraction_of_copy_bw=gbps / copy_gbps,
                           ratio_to_sgd_fused=t / med["sgd-fused"])
-    finite = all(bool(torch.isfinite(p).all()) for p in sp)
+    finite = all(bool(torch.isfinite(p).all()) for ps in stepped for p in ps)  # a broken kernel shows here
     return dict(filter_params=n, filter_tensors=len(ts), copy_GBps=copy_gbps, cases=rows, finite=finite)
 
 

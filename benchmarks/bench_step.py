@@ -565,7 +565,7 @@ def run_model(ps: ParamSet, cases: list[Case], device, args, timer: Timer, log) 
         log("  WARNING: an optimizer modified the shared gradients; later cases saw other gradients")
 
 
-def capture_step(step) -> "torch.cuda.CUDAGraph":
+def capture_step(step, warmup: int = 2) -> "torch.cuda.CUDAGraph":
     """One optimizer step captured in a CUDA graph (warmed up on a side stream first, as torch asks).
 
     The capture freezes the step's host-side decisions (no first step, no re-projection step): a replay
@@ -573,7 +573,7 @@ def capture_step(step) -> "torch.cuda.CUDAGraph":
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(2):
+        for _ in range(warmup):
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
@@ -582,6 +582,23 @@ def capture_step(step) -> "torch.cuda.CUDAGraph":
     graph.replay()
     torch.cuda.synchronize()
     return graph
+
+
+def replay_rounds(graphs: dict, repeats: int, inner: int) -> dict[str, list[float]]:
+    """Seconds per replay of every graph: ``repeats`` interleaved rounds (the order rotating), each ``inner``
+    back-to-back replays between two CUDA events."""
+    names = list(graphs)
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)] if names else []:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                graphs[name].replay()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / 1e3 / inner)
+    return times
 
 
 def graph_rounds(runnable: list[Case], live: dict, repeats: int, inner: int, log) -> None:
@@ -595,17 +612,7 @@ def graph_rounds(runnable: list[Case], live: dict, repeats: int, inner: int, log
             c.result["graph_skipped"] = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
             log(f"  {c.name}: {c.result['graph_skipped']}")
             torch.cuda.synchronize()
-    names = [c.name for c in runnable if c.name in graphs]
-    times = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)] if names else []:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                graphs[name].replay()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end) / 1e3 / inner)
+    times = replay_rounds(graphs, repeats, inner)
     for c in runnable:
         if c.name in graphs:
             c.result["graph_times_s"] = times[c.name]
