@@ -31,10 +31,49 @@ struct Vec16<double> {
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// dst[e] = src[e] for e < n, by the block's `threads` threads; 16-byte vectors when `vec` (both
-// pointers 16-byte aligned and n·sizeof(T) a multiple of 16). Every thread issues all of its loads
-// before its first store (the loop is unrolled over a compile-time bound), so a block keeps its whole
-// chunk in flight.
+// Global → shared for the three arrays at once: sp[e] = gp[e], sg[e] = gg[e] and, `with_m`, sm[e] = gm[e],
+// for e < n, by the block's `threads` threads; 16-byte vectors when `vec` (all pointers 16-byte aligned
+// and n·sizeof(T) a multiple of 16). Every load of a thread goes to registers before its first shared
+// store: copying one array after the other would make the loads of g wait until p's data arrived (a
+// shared store waits for its load, and instructions issue in order), leaving a third of the chunk in
+// flight at a time.
+template <int kMaxElems, int threads, class T, class V>
+__device__ __forceinline__ void stage_in_as(T* sp, T* sg, T* sm, const T* gp, const T* gg, const T* gm, int n,
+                                            bool with_m) {
+  constexpr int kPer = int(sizeof(V) / sizeof(T));
+  constexpr int kIters = ((kMaxElems + kPer - 1) / kPer + threads - 1) / threads;
+  const int nv = n / kPer;
+  V rp[kIters], rg[kIters], rm[kIters];
+#pragma unroll
+  for (int k = 0; k < kIters; ++k) {
+    const int e = k * threads + int(threadIdx.x);
+    if (e < nv) {
+      rp[k] = reinterpret_cast<const V*>(gp)[e];
+      rg[k] = reinterpret_cast<const V*>(gg)[e];
+      if (with_m) rm[k] = reinterpret_cast<const V*>(gm)[e];
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kIters; ++k) {
+    const int e = k * threads + int(threadIdx.x);
+    if (e < nv) {
+      reinterpret_cast<V*>(sp)[e] = rp[k];
+      reinterpret_cast<V*>(sg)[e] = rg[k];
+      if (with_m) reinterpret_cast<V*>(sm)[e] = rm[k];
+    }
+  }
+}
+
+template <int kMaxElems, int threads, class T>
+__device__ __forceinline__ void stage_in(T* sp, T* sg, T* sm, const T* gp, const T* gg, const T* gm, int n, bool vec,
+                                         bool with_m) {
+  if (vec)
+    stage_in_as<kMaxElems, threads, T, typename Vec16<T>::type>(sp, sg, sm, gp, gg, gm, n, with_m);
+  else
+    stage_in_as<kMaxElems, threads, T, T>(sp, sg, sm, gp, gg, gm, n, with_m);
+}
+
+// Shared → global: dst[e] = src[e] for e < n (16-byte vectors when `vec`), by the block's threads.
 template <int kMaxElems, int threads, class T>
 __device__ __forceinline__ void copy_chunk(T* __restrict__ dst, const T* __restrict__ src, int n, bool vec) {
   if (vec) {
@@ -119,9 +158,7 @@ __device__ __forceinline__ void staged_step_block(S s, const SlotTable<T>& table
   // 16-byte vectors when this chunk is whole and its three addresses are aligned (a whole chunk is
   // kThreadsT·E·sizeof(T) bytes, a multiple of 16, so every chunk of an aligned tensor is aligned)
   const bool vec = nc == kThreadsT && aligned16(gp) && aligned16(gg) && (!use_m || aligned16(gm));
-  copy_chunk<kChunk, kThreadsT>(sp, gp, ne, vec);
-  copy_chunk<kChunk, kThreadsT>(sg, gg, ne, vec);
-  if (read_m) copy_chunk<kChunk, kThreadsT>(sm, gm, ne, vec);
+  stage_in<kChunk, kThreadsT>(sp, sg, sm, gp, gg, gm, ne, vec, read_m);
   __syncthreads();
   const int j = component_of_thread<kThreadsT, kSort>(slot, c0, nc, scratch);
   if (j < nc) {
