@@ -106,8 +106,9 @@ constexpr int kSortScratchInts = kSortBuckets + kThreadsT;
 // block's components ordered by code (a counting sort with shared-memory atomics), so that the warps
 // of a block with mixed manifolds mostly run one code path each instead of every path in turn; the
 // order within a code is arbitrary, which changes nothing computed (each component is independent).
-template <int kThreadsT, bool kSort, class T>
-__device__ __forceinline__ int component_of_thread(const TensorSlot<T>& slot, int64_t c0, int nc, int* scratch) {
+// `code`: the code of the thread's own component (any value for idle threads, i >= nc).
+template <int kThreadsT, bool kSort>
+__device__ __forceinline__ int component_of_thread(int code, int nc, int* scratch) {
   const int i = threadIdx.x;
   if constexpr (!kSort) {
     return i;
@@ -116,7 +117,7 @@ __device__ __forceinline__ int component_of_thread(const TensorSlot<T>& slot, in
     int* perm = scratch + kSortBuckets;
     if (i < kSortBuckets) count[i] = 0;
     __syncthreads();
-    const int code = i < nc ? int(slot.codes[c0 + i]) : kSortBuckets - 1;
+    if (i >= nc) code = kSortBuckets - 1;
     const int bucket = code >= 0 && code < kSortBuckets - 1 ? code : kSortBuckets - 1;
     atomicAdd(&count[bucket], 1);
     __syncthreads();
@@ -133,6 +134,23 @@ __device__ __forceinline__ int component_of_thread(const TensorSlot<T>& slot, in
     __syncthreads();
     return perm[i];
   }
+}
+
+// What component c needs besides p, g and m: its code, R and its group's index (for s_g), each one
+// independent load (the dependent s_g = group_scale[group] is read later, see group_step).
+template <class T>
+struct ComponentInputs {
+  int code;
+  T r;
+  int32_t group;
+};
+template <class T>
+__device__ __forceinline__ ComponentInputs<T> inputs_of(const TensorSlot<T>& slot, int64_t c) {
+  return ComponentInputs<T>{int(slot.codes[c]), rescale_at(slot, c), slot.group_index ? slot.group_index[c] : 0};
+}
+template <class T>
+__device__ __forceinline__ T group_step(const TensorSlot<T>& slot, const ComponentInputs<T>& in) {
+  return slot.group_scale ? slot.group_scale[in.group] : T(1);
 }
 
 // Block b of a staged step launch (one block per kThreadsT components of one tensor): stage p, g (and m)
@@ -158,16 +176,20 @@ __device__ __forceinline__ void staged_step_block(S s, const SlotTable<T>& table
   // 16-byte vectors when this chunk is whole and its three addresses are aligned (a whole chunk is
   // kThreadsT·E·sizeof(T) bytes, a multiple of 16, so every chunk of an aligned tensor is aligned)
   const bool vec = nc == kThreadsT && aligned16(gp) && aligned16(gg) && (!use_m || aligned16(gm));
+  // the thread's own component's code, R and group are requested before the chunk, so that their latency
+  // overlaps the chunk's instead of following the barrier
+  ComponentInputs<T> in{0, T(1), 0};
+  if (int(threadIdx.x) < nc) in = inputs_of(slot, c0 + threadIdx.x);
   stage_in<kChunk, kThreadsT>(sp, sg, sm, gp, gg, gm, ne, vec, read_m);
   __syncthreads();
-  const int j = component_of_thread<kThreadsT, kSort>(slot, c0, nc, scratch);
+  const int j = component_of_thread<kThreadsT, kSort>(in.code, nc, scratch);
+  if (kSort && j < nc) in = inputs_of(slot, c0 + j);  // another thread's component: read again (L1)
   if (j < nc) {
     T p[E], g[E], m[E];
     load(s, sp + j * E, p);
     load(s, sg + j * E, g);
     if (read_m) load(s, sm + j * E, m);
-    const int64_t cj = c0 + j;
-    component_step(s, int(slot.codes[cj]), p, g, m, rescale_at(slot, cj), step_scale_at(slot, cj), h);
+    component_step(s, in.code, p, g, m, in.r, group_step(slot, in), h);
     store(s, p, sp + j * E);
     if (use_m) store(s, m, sm + j * E);
   }
