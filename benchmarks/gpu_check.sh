@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (the device tool): build the CUDA extension for sm_90, run the
-# benchmarks on the idle machine, then the test suite on the GPU. Everything lands under $OUT (default ./gpu-out), at most 7 files:
-#   run.log (summary), tests.log, test_triton.log, bench.log, kernels.json, step.json, step.png
+# One call on a lent GPU machine (the device tool): build the CUDA extension for sm_90, check the step
+# kernels against the reference, run the benchmarks on the idle machine, then the whole test suite on
+# the GPU. Everything lands under $OUT (default ./gpu-out), at most 8 files: run.log (summary),
+# tests_first.log, tests.log, test_triton.log, bench.log, kernels.json, step.json, step.png
 # Usage there:  bash benchmarks/gpu_check.sh [quick]     ("quick": ResNet-50 only, fewer repeats)
 # Carry geoopt as a wheel in .whl/ to get the geoopt cases (benchmarks/README.md).
 set -u
@@ -32,7 +33,13 @@ log "built"
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the scripts in benchmarks/ import fgsgd_cuda from here
 
-# Timings first, on an idle machine (nothing else running), then the tests.
+# The step kernels against the reference first (a minute), so that a broken kernel shows before any timing.
+timeout 120 "$PY" -m pytest tests/test_cuda_step.py tests/test_ops_compiled.py -q -p no:cacheprovider -n 8 \
+  -k "cuda_step or (cuda and step)" >"$OUT/tests_first.log" 2>&1
+log "step kernels vs reference, exit $?: $(tail -1 "$OUT/tests_first.log")"
+grep -E "^(FAILED|ERROR)" "$OUT/tests_first.log" | head -10 | tee -a "$OUT/run.log"
+
+# Timings next, on an idle machine (nothing else running), then the whole suite.
 if [ "$MODE" = quick ]; then
   MODELS=resnet50; REPEATS=20
 else
