@@ -7,7 +7,8 @@ Both steps run with torch's default threads, called alternately --reps times aft
 minimum wall-clock time of each is printed with their ratio, and the minimum process CPU time
 (summed over threads: about twice the wall-clock time when both cores of a 2-core machine worked).
 "mix": codes random among {1,3,5} per component (random group membership); "runs": {1,3,5} in
-runs of 64. Every FG-SGD call is one full momentum step (p, g, m read; p, m written).
+runs of 64 (random code per run), "randL" the same with runs of L; "runsL" (e.g. runs8, runs2048): runs of L cycling 1, 3, 5; "sorted":
+three runs, one per code. Every FG-SGD call is one full momentum step (p, g, m read; p, m written).
 """
 import argparse
 import time
@@ -65,9 +66,15 @@ def main():
     for spec in a.codes.split(","):
         if spec == "mix":
             codes = torch.tensor([1, 3, 5], dtype=torch.uint8)[torch.randint(3, (n,), generator=gen)]
-        elif spec == "runs":
-            runs = torch.tensor([1, 3, 5], dtype=torch.uint8)[torch.randint(3, ((n + 63) // 64,), generator=gen)]
-            codes = runs.repeat_interleave(64)[:n].contiguous()
+        elif spec == "runs" or spec.startswith("rand"):
+            length = 64 if spec == "runs" else int(spec[4:])
+            runs = torch.tensor([1, 3, 5], dtype=torch.uint8)[torch.randint(3, ((n + length - 1) // length,),
+                                                                             generator=gen)]
+            codes = runs.repeat_interleave(length)[:n].contiguous()
+        elif spec.startswith("runs"):
+            codes = torch.tensor([1, 3, 5], dtype=torch.uint8)[(torch.arange(n) // int(spec[4:])) % 3].contiguous()
+        elif spec == "sorted":
+            codes = torch.tensor([1, 3, 5], dtype=torch.uint8)[torch.arange(n) * 3 // n].contiguous()
         else:
             codes = torch.full((n,), int(spec), dtype=torch.uint8)
         pp = p.clone()
@@ -77,7 +84,7 @@ def main():
         # interleave the two timings so both see the same machine state
         tf, cf, ts, cs = compare(lambda: ops.step_([pp], [g], [mm], [codes], lr=0.1, momentum=0.9), sgd.step,
                                  a.reps)
-        print(f"codes={spec:5s} fgsgd {tf:7.2f} ms   sgd(foreach) {ts:6.2f} ms   ratio {tf / ts:5.2f}   "
+        print(f"codes={spec:9s} fgsgd {tf:7.2f} ms   sgd(foreach) {ts:6.2f} ms   ratio {tf / ts:5.2f}   "
               f"(cpu time: {cf:6.1f} / {cs:6.1f} ms, ratio {cf / cs:4.2f})", flush=True)
 
 
