@@ -62,6 +62,33 @@ def random_codes(n, a, b, gen) -> torch.Tensor:
     return allowed[torch.randint(len(allowed), (n,), generator=gen)]
 
 
+def make_step_tensors(sizes, shape, dtype, gen, *, rescale=True, groups=True, momentum=True):
+    """Per tensor: codes (random mix), R, ω on the manifolds, p = R·ω, gradient, momentum (tangent at ω),
+    group index and group step sizes: the inputs of a multi-tensor step_. Made in float64 for all tensors at
+    once, then split and cast; keys codes, r, p, g, m, gi, gs (r, m, gi, gs None when switched off)."""
+    total = sum(sizes)
+    codes = random_codes(total, *shape, gen)
+    r = 0.5 + 1.5 * torch.rand(total, generator=gen, dtype=torch.float64)
+    w = random_points(total, *shape, codes, gen)
+    p = w * r.reshape(-1, 1, 1) if rescale else w
+    g = torch.randn(total, *shape, generator=gen, dtype=torch.float64)
+    m = random_tangents(w, codes, gen, scale=0.5)
+    cast = (lambda t: None if t is None else t.to(dtype).contiguous())
+    out, start = [], 0
+    for n in sizes:
+        sl = slice(start, start + n)
+        start += n
+        if groups:
+            num_groups = max(1, n // 3)
+            gi = torch.randint(num_groups, (n,), generator=gen, dtype=torch.int32)
+            gs = 0.2 + 0.8 * torch.rand(num_groups, generator=gen, dtype=torch.float64)
+        else:
+            gi = gs = None
+        out.append(dict(codes=codes[sl].clone(), r=cast(r[sl]) if rescale else None, p=cast(p[sl]), g=cast(g[sl]),
+                        m=cast(m[sl]) if momentum else None, gi=gi, gs=cast(gs)))
+    return out
+
+
 requires_cpu_kernels = pytest.mark.skipif(not _ext.HAS_CPU_KERNELS,
                                           reason=f"fgsgd_cuda._C is not built: {_ext.LOAD_ERROR}")
 requires_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _ext.HAS_CUDA_KERNELS),

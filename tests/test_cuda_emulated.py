@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FP32_RTOL, make_gen, random_codes, random_points, random_tangents, rel_err
+from conftest import FP32_RTOL, make_gen, make_step_tensors, rel_err
 from fgsgd_cuda import reference as R
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,21 +62,6 @@ def _run(emulator, dtype, hp, tensors, offsets, use_rescale, use_groups, variant
     return out
 
 
-def _tensors(sizes, dtype, gen):
-    out = []
-    for n in sizes:
-        codes = random_codes(n, 3, 3, gen)
-        w = random_points(n, 3, 3, codes, gen)
-        r = 0.5 + torch.rand(n, generator=gen, dtype=torch.float64)
-        ng = max(1, n // 5)
-        out.append(dict(codes=codes, r=r.to(dtype), p=(w * r.view(-1, 1, 1)).to(dtype),
-                        g=torch.randn(n, 3, 3, generator=gen, dtype=torch.float64).to(dtype),
-                        m=random_tangents(w, codes, gen, scale=0.5).to(dtype) if n else w.to(dtype),
-                        gi=torch.randint(ng, (n,), generator=gen, dtype=torch.int32),
-                        gs=(0.3 + torch.rand(ng, generator=gen, dtype=torch.float64)).to(dtype)))
-    return out
-
-
 CONFIGS = {
     "momentum": dict(momentum=0.9),
     "first": dict(momentum=0.9, first_step=True),
@@ -99,7 +84,7 @@ def test_staged_step_block(emulator, dtype, config, offsets, variant):
               stabilize=False)
     hp.update(CONFIGS[config])
     gen = make_gen(zlib.crc32(repr((dtype, config, offsets)).encode()))
-    ts = _tensors(SIZES, dtype, gen)
+    ts = make_step_tensors(SIZES, (3, 3), dtype, gen)
     use_rescale, use_groups = config != "none", config in ("momentum", "nesterov-stabilize-wd")
     got = _run(emulator, dtype, hp, ts, OFFSETS[offsets], use_rescale, use_groups, variant)
     for k, (t, (p, m)) in enumerate(zip(ts, got)):
@@ -119,7 +104,7 @@ def test_more_tensors_than_one_table(emulator, variant):
     gen = make_gen(45)
     sizes = [int(s) for s in torch.randint(1, 200, (45,), generator=gen)]
     sizes[17] = 0
-    ts = _tensors(sizes, torch.float32, gen)
+    ts = make_step_tensors(sizes, (3, 3), torch.float32, gen)
     hp = dict(lr=0.05, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0, first_step=False,
               stabilize=False)
     got = _run(emulator, torch.float32, hp, ts, [(k % 4, 0, (k * 3) % 4) for k in range(45)], True, False, variant)

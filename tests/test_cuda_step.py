@@ -10,12 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import FP32_RTOL, make_gen, random_codes, random_points, random_tangents, rel_err, requires_cuda
+from conftest import FP32_RTOL, make_gen, make_step_tensors, random_codes, random_points, rel_err, requires_cuda
 from fgsgd_cuda import FGSGD, ops, param_groups
 from fgsgd_cuda import reference as R
 
 pytestmark = requires_cuda
-F64 = torch.float64
 TOL = {torch.float32: FP32_RTOL, torch.float64: 1e-12}
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")]
 
@@ -45,20 +44,14 @@ def test_step_kernels_3x3(monkeypatch, variant, offsets, config, dtype):
     gen = make_gen(zlib.crc32(repr((variant, offsets, config, dtype)).encode()))
     sizes = [1, 127, 128, 129, 5000 + 3]
     params, grads, momenta, codes, rescale, refs = [], [], [], [], [], []
-    for n in sizes:
-        c = random_codes(n, 3, 3, gen)
-        r = 0.5 + torch.rand(n, generator=gen, dtype=F64)
-        w = random_points(n, 3, 3, c, gen)
-        p = (w * r.view(-1, 1, 1)).to(dtype)
-        g = torch.randn(n, 3, 3, generator=gen, dtype=F64).to(dtype)
-        m = random_tangents(w, c, gen, scale=0.5).to(dtype)
-        refs.append(R.step(p.double(), g.double(), m.double() if hp["momentum"] else None, c, r.to(dtype).double(),
-                           None, **hp))
-        params.append(_offset_copy(p, offsets[0]))
-        grads.append(_offset_copy(g, offsets[1]))
-        momenta.append(_offset_copy(m, offsets[2]))
-        codes.append(c.cuda())
-        rescale.append(r.to(dtype).cuda())
+    for t in make_step_tensors(sizes, (3, 3), dtype, gen, groups=False):
+        refs.append(R.step(t["p"].double(), t["g"].double(), t["m"].double() if hp["momentum"] else None, t["codes"],
+                           t["r"].double(), None, **hp))
+        params.append(_offset_copy(t["p"], offsets[0]))
+        grads.append(_offset_copy(t["g"], offsets[1]))
+        momenta.append(_offset_copy(t["m"], offsets[2]))
+        codes.append(t["codes"].cuda())
+        rescale.append(t["r"].cuda())
     m_before = [m.clone() for m in momenta]
     ops.step_(params, grads, momenta if hp["momentum"] else [], codes, rescale=rescale, backend="cuda", **hp)
     torch.cuda.synchronize()

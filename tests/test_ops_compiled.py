@@ -7,8 +7,8 @@ import zlib
 import pytest
 import torch
 
-from conftest import (FP32_RTOL, SHAPES, SIZES, codes_for, compiled_backends, make_gen, random_codes, random_points,
-                      random_tangents, rel_err, requires_cpu_kernels)
+from conftest import (FP32_RTOL, SHAPES, SIZES, codes_for, compiled_backends, make_gen, make_step_tensors,
+                      random_codes, random_points, random_tangents, rel_err, requires_cpu_kernels)
 from fgsgd_cuda import codes as C
 from fgsgd_cuda import dispatch, ops
 from fgsgd_cuda import manifolds as M
@@ -167,32 +167,6 @@ def test_empty_batch(backend, device, dtype):
 # multi-tensor ops
 # ----------------------------------------------------------------------------------------------
 
-def _make_tensors(sizes, shape, dtype, gen, *, rescale=True, groups=True, momentum=True):
-    """Per tensor: codes (random mix), R, ω on the manifolds, p = R·ω, gradient, momentum (tangent at ω),
-    group index and group step sizes. Made in float64 for all tensors at once, then split and cast."""
-    total = sum(sizes)
-    codes = random_codes(total, *shape, gen)
-    r = 0.5 + 1.5 * torch.rand(total, generator=gen, dtype=F64)
-    w = random_points(total, *shape, codes, gen)
-    p = w * r.reshape(-1, 1, 1) if rescale else w
-    g = torch.randn(total, *shape, generator=gen, dtype=F64)
-    m = random_tangents(w, codes, gen, scale=0.5)
-    cast = (lambda t: None if t is None else t.to(dtype).contiguous())
-    out, start = [], 0
-    for n in sizes:
-        sl = slice(start, start + n)
-        start += n
-        if groups:
-            num_groups = max(1, n // 3)
-            gi = torch.randint(num_groups, (n,), generator=gen, dtype=torch.int32)
-            gs = 0.2 + 0.8 * torch.rand(num_groups, generator=gen, dtype=F64)
-        else:
-            gi = gs = None
-        out.append(dict(codes=codes[sl].clone(), r=cast(r[sl]) if rescale else None, p=cast(p[sl]), g=cast(g[sl]),
-                        m=cast(m[sl]) if momentum else None, gi=gi, gs=cast(gs)))
-    return out
-
-
 def _to(t, device):
     return None if t is None else t.to(device)
 
@@ -273,7 +247,7 @@ def test_step(backend, device, dtype, shape, config, variant):
               stabilize=False)
     hp.update(STEP_CONFIGS[config])
     gen = _seed("step", dtype, shape, config, variant)
-    ts = _make_tensors([1, 7, 60], shape, dtype, gen, rescale=rescale, groups=groups)
+    ts = make_step_tensors([1, 7, 60], shape, dtype, gen, rescale=rescale, groups=groups)
     got_p, got_m = _run_step(ts, hp, backend, device, rescale=rescale, groups=groups)
     for k, t in enumerate(ts):             # the step really moved every component that can move
         movable = torch.tensor([has_tangents(int(c), *shape) for c in t["codes"]], dtype=torch.bool)
@@ -290,7 +264,7 @@ def test_step_large(backend, device, dtype, shape):
     hp = dict(lr=0.05, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01, first_step=False,
               stabilize=True)
     gen = _seed("step-large", dtype, shape)
-    ts = _make_tensors([1000, 1237, 1, 7] if shape == (3, 3) else [1237, 1, 7], shape, dtype, gen)
+    ts = make_step_tensors([1000, 1237, 1, 7] if shape == (3, 3) else [1237, 1, 7], shape, dtype, gen)
     got_p, got_m = _run_step(ts, hp, backend, device, rescale=True, groups=True)
     _check_step(ts, hp, dtype, got_p, got_m)
 
@@ -305,7 +279,7 @@ def test_step_many_tensors(backend, device, dtype):
     sizes = [int(s) for s in torch.randint(1, 40, (45,), generator=gen)]
     sizes[17] = 0
     sizes[3] = 300
-    ts = _make_tensors(sizes, (3, 3), dtype, gen)
+    ts = make_step_tensors(sizes, (3, 3), dtype, gen)
     got_p, got_m = _run_step(ts, hp, backend, device, rescale=True, groups=True)
     _check_step([t for t in ts if t["p"].shape[0]], hp, dtype,
                 [p for p in got_p if p.shape[0]], [m for m in got_m if m.shape[0]])
@@ -316,7 +290,7 @@ def test_step_many_tensors(backend, device, dtype):
 def test_step_weight_decay_only_touches_euclidean(backend, device, dtype):
     hp = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, first_step=False, stabilize=False)
     gen = _seed("wd-only", dtype)
-    ts = _make_tensors([200, 60], (3, 3), dtype, gen)
+    ts = make_step_tensors([200, 60], (3, 3), dtype, gen)
     with_wd, m_wd = _run_step(ts, dict(hp, weight_decay=0.1), backend, device, rescale=True, groups=True)
     without, m_no = _run_step(ts, dict(hp, weight_decay=0.0), backend, device, rescale=True, groups=True)
     for k, t in enumerate(ts):
@@ -360,7 +334,7 @@ def test_euclidean_components_follow_torch_sgd(backend, device, dtype, opts):
 def test_tangent_sqnorm(backend, device, dtype, shape, wd):
     gen = _seed("sqnorm", dtype, shape, wd)
     sizes = [7, 1, 1237, 30] if (shape == (3, 3) and wd) else [7, 1, 100]
-    ts = _make_tensors(sizes, shape, dtype, gen, groups=False, momentum=False)
+    ts = make_step_tensors(sizes, shape, dtype, gen, groups=False, momentum=False)
     got = ops.tangent_sqnorm([_to(t["p"], device) for t in ts], [_to(t["g"], device) for t in ts],
                              [_to(t["codes"], device) for t in ts], rescale=[_to(t["r"], device) for t in ts],
                              weight_decay=wd, backend=backend).cpu()
@@ -454,7 +428,7 @@ def test_torch_backend_step(config):
               stabilize=False)
     hp.update(STEP_CONFIGS[config])
     gen = _seed("torch-step", config)
-    ts = _make_tensors([7, 130], (3, 3), torch.float32, gen)
+    ts = make_step_tensors([7, 130], (3, 3), torch.float32, gen)
     got_p, got_m = _run_step(ts, hp, "torch", "cpu", rescale=True, groups=True)
     _check_step(ts, hp, torch.float32, got_p, got_m)
     got = ops.tangent_sqnorm([t["p"] for t in ts], [t["g"] for t in ts], [t["codes"] for t in ts],
@@ -469,7 +443,7 @@ def test_compiled_and_torch_backends_agree_in_fp64():
     hp = dict(lr=0.2, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.01, first_step=False,
               stabilize=True)
     gen = _seed("agree")
-    ts = _make_tensors([500], (3, 2), torch.float64, gen)
+    ts = make_step_tensors([500], (3, 2), torch.float64, gen)
     a_p, a_m = _run_step(ts, hp, "cpu", "cpu", rescale=True, groups=True)
     b_p, b_m = _run_step(ts, hp, "torch", "cpu", rescale=True, groups=True)
     _assert_close(a_p[0], b_p[0], 1e-12)
