@@ -37,12 +37,16 @@ __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_c
 // store: copying one array after the other would make the loads of g wait until p's data arrived (a
 // shared store waits for its load, and instructions issue in order), leaving a third of the chunk in
 // flight at a time.
+// Loop trips per thread when `threads` threads move at most kMaxElems values of T as vectors V.
+template <int kMaxElems, int threads, class T, class V>
+constexpr int kItersPerThread = ((kMaxElems + int(sizeof(V) / sizeof(T)) - 1) / int(sizeof(V) / sizeof(T)) +
+                                 threads - 1) / threads;
+
 template <int kMaxElems, int threads, class T, class V>
 __device__ __forceinline__ void stage_in_as(T* sp, T* sg, T* sm, const T* gp, const T* gg, const T* gm, int n,
                                             bool with_m) {
-  constexpr int kPer = int(sizeof(V) / sizeof(T));
-  constexpr int kIters = ((kMaxElems + kPer - 1) / kPer + threads - 1) / threads;
-  const int nv = n / kPer;
+  constexpr int kIters = kItersPerThread<kMaxElems, threads, T, V>;
+  const int nv = n / int(sizeof(V) / sizeof(T));
   V rp[kIters], rg[kIters], rm[kIters];
 #pragma unroll
   for (int k = 0; k < kIters; ++k) {
@@ -74,27 +78,22 @@ __device__ __forceinline__ void stage_in(T* sp, T* sg, T* sm, const T* gp, const
 }
 
 // Shared → global: dst[e] = src[e] for e < n (16-byte vectors when `vec`), by the block's threads.
+template <int kMaxElems, int threads, class T, class V>
+__device__ __forceinline__ void copy_as(T* __restrict__ dst, const T* __restrict__ src, int n) {
+  const int nv = n / int(sizeof(V) / sizeof(T));
+#pragma unroll
+  for (int k = 0; k < kItersPerThread<kMaxElems, threads, T, V>; ++k) {
+    const int e = k * threads + int(threadIdx.x);
+    if (e < nv) reinterpret_cast<V*>(dst)[e] = reinterpret_cast<const V*>(src)[e];
+  }
+}
+
 template <int kMaxElems, int threads, class T>
 __device__ __forceinline__ void copy_chunk(T* __restrict__ dst, const T* __restrict__ src, int n, bool vec) {
-  if (vec) {
-    using V = typename Vec16<T>::type;
-    constexpr int kPer = 16 / sizeof(T);
-    constexpr int kMaxVec = (kMaxElems + kPer - 1) / kPer;
-    const int nv = n / kPer;
-    V* d = reinterpret_cast<V*>(dst);
-    const V* s = reinterpret_cast<const V*>(src);
-#pragma unroll
-    for (int k = 0; k < (kMaxVec + threads - 1) / threads; ++k) {
-      const int e = k * threads + int(threadIdx.x);
-      if (e < nv) d[e] = s[e];
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < (kMaxElems + threads - 1) / threads; ++k) {
-      const int e = k * threads + int(threadIdx.x);
-      if (e < n) dst[e] = src[e];
-    }
-  }
+  if (vec)
+    copy_as<kMaxElems, threads, T, typename Vec16<T>::type>(dst, src, n);
+  else
+    copy_as<kMaxElems, threads, T, T>(dst, src, n);
 }
 
 // Scratch shared memory of the code-sorted variant: kSortBuckets counters and the block's permutation.
