@@ -63,15 +63,9 @@ def _instance(name: str):
 
 def get(name: str, device):
     """The backend object (see fgsgd_cuda/backends) for ``name`` on ``device``."""
-    try:
-        return _resolved[(name, device)]
-    except (KeyError, TypeError):  # TypeError: an unhashable device argument
-        pass
-    impl = _instance(resolve(name, device))
-    try:
-        _resolved[(name, device)] = impl
-    except TypeError:
-        pass
+    impl = _resolved.get((name, device))
+    if impl is None:
+        impl = _resolved[(name, device)] = _instance(resolve(name, device))
     return impl
 
 
