@@ -416,10 +416,15 @@ def state_bytes(opt) -> dict:
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
                 add(v, k == "momentum_buffer")
-    for v in getattr(opt, "_group_cache", {}).values():
-        for t in v if isinstance(v, tuple) else (v,):
-            if isinstance(t, torch.Tensor):
-                add(t, False)
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            add(v, False)
+        elif isinstance(v, (tuple, list)):
+            for t in v:
+                walk(t)
+
+    for v in getattr(opt, "_group_cache", {}).values():  # group_clip: groups of every component and their sort
+        walk(v)
     return {"momentum_bytes": momentum, "other_bytes": other, "total_bytes": momentum + other}
 
 

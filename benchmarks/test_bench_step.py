@@ -62,8 +62,9 @@ def test_fgsgd_cpu(benchmark, small, mix, rlabel):
     opt = _run(benchmark, small, build, f"fgsgd-cpu {mix}")
     sb = B.state_bytes(opt)
     assert sb["momentum_bytes"] == 4 * small.numel
-    # codes (uint8) + group index (int32) per component, a code per group, a few small tensors
-    assert sb["other_bytes"] <= small.filter_numel
+    # besides momentum: one uint8 code per component and one per group, nothing else (no group index)
+    comps = sum(st["codes"].numel() + st["num_groups"] for _, _, st in opt.manifold_params())
+    assert sb["other_bytes"] == comps and comps < small.numel / 8
 
 
 def test_fgsgd_torch_backend(benchmark, small):

@@ -213,7 +213,7 @@ def weight_layers(model: nn.Module, optimizer=None) -> list[dict]:
         if st is not None:
             r = optimizer.rescale(p)
             out.append(dict(name=name, param=p, shape=tuple(st["shape"]), codes=st["codes"],
-                            group_index=st["group_index"], group_codes=st["group_codes"],
+                            group_index=optimizer.grouping(p).group_index, group_codes=st["group_codes"],
                             num_groups=int(st["num_groups"]), rescale=r, on_manifold=True))
         else:
             a, b = _component_layout(p)

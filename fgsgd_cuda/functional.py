@@ -32,34 +32,38 @@ def cached_view(views: dict | None, t: torch.Tensor, shape: tuple[int, int]) -> 
     return v
 
 
-def group_step_sizes(impl, ps, gs, codes, rescale, group_index, num_groups, *, weight_decay, group_clip, cache):
-    """s_g = 1 / max(1, ‖ξ_g‖/c) for every group of every tensor (step 2), one list entry per tensor.
+def group_step_sizes(impl, ps, gs, codes, rescale, group_index_of, num_groups, *, weight_decay, group_clip, cache,
+                     key):
+    """(group_index, s_g): the (N,) int32 groups of every tensor and s_g = 1 / max(1, ‖ξ_g‖/c) of every
+    group (step 2), one list entry per tensor.
 
     ‖ξ_g‖² is summed in float64 over the members of each group sorted by group (a deterministic
-    segmented sum: the same bits on every run and every DDP rank).
+    segmented sum: the same bits on every run and every DDP rank). The groups (``group_index_of(j)`` for
+    tensor j) and their sort are made once per ``key`` (the batch) and kept in ``cache``.
     """
     sq = impl.tangent_sqnorm(ps, gs, codes, rescale, weight_decay)
-    key = tuple(t.data_ptr() for t in group_index)
     if key not in cache:
+        gidx = [group_index_of(j).to(device=sq.device, dtype=torch.int32) for j in range(len(ps))]
         offsets = torch.tensor([0] + num_groups[:-1]).cumsum(0).tolist()
-        gid = torch.cat([gi.long() + off for gi, off in zip(group_index, offsets)])
+        gid = torch.cat([gi.long() + off for gi, off in zip(gidx, offsets)])
         perm = torch.argsort(gid, stable=True)
         ends = torch.bincount(gid, minlength=sum(num_groups)).cumsum(0) - 1
-        cache[key] = (perm, ends)
-    perm, ends = cache[key]
+        cache[key] = (gidx, perm, ends)
+    gidx, perm, ends = cache[key]
     csum = sq[perm].double().cumsum(0)[ends]
     total = torch.diff(csum, prepend=csum.new_zeros(1))
     scale = (1.0 / torch.clamp(total.sqrt() / group_clip, min=1.0)).to(ps[0].dtype)
-    return list(scale.split(num_groups))
+    return gidx, list(scale.split(num_groups))
 
 
 def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, weight_decay, group_clip,
-                  stabilize, backend, cache, views=None):
+                  stabilize, backend, cache, views=None, group_index=None):
     """One step of the manifold parameters of a group; ``states`` are the optimizer's per-parameter states.
 
-    Every state holds ``shape`` (A, B), ``codes`` (N,) uint8, ``group_index`` (N,) int32,
-    ``num_groups``, ``step`` and optionally ``rescale`` (N,) and ``momentum_buffer``. ``cache`` keeps the
-    group-clip index work, ``views`` (optional) the component views of weights and buffers across steps.
+    Every state holds ``shape`` (A, B), ``codes`` (N,) uint8, ``num_groups``, ``step`` and optionally
+    ``rescale`` (N,) and ``momentum_buffer``. With ``group_clip``, ``group_index(k)`` gives the (N,) int32
+    groups of params[k]; it is called once per batch, the work built from it is kept in ``cache`` (keyed
+    by the parameters' ids). ``views`` (optional) keeps the component views of weights and buffers.
     """
     batches = defaultdict(list)
     for k, (p, st) in enumerate(zip(params, states)):
@@ -86,9 +90,12 @@ def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, w
         rescale = [states[k]["rescale"] for k in idx] if has_r else []
         gidx, gscale = [], []
         if group_clip is not None:
-            gidx = [states[k]["group_index"] for k in idx]
-            gscale = group_step_sizes(impl, ps, gs, codes, rescale, gidx, [states[k]["num_groups"] for k in idx],
-                                      weight_decay=weight_decay, group_clip=group_clip, cache=cache)
+            if group_index is None:
+                raise ValueError("group_index: group_clip needs the groups of every component")
+            gidx, gscale = group_step_sizes(impl, ps, gs, codes, rescale, lambda j: group_index(idx[j]),
+                                            [states[k]["num_groups"] for k in idx], weight_decay=weight_decay,
+                                            group_clip=group_clip, cache=cache,
+                                            key=tuple(id(params[k]) for k in idx))
         impl.step_(ps, gs, ms, codes, rescale, gidx, gscale, lr, momentum, dampening, nesterov, weight_decay,
                    first, stab)
     for k, buf in new_buffers.items():

@@ -13,8 +13,10 @@ first): ``num_groups`` per run when given, else ``ceil(run / group_size)``. ``se
 membership: ``deterministic`` takes contiguous runs in grid order, ``random`` samples without
 replacement (a random permutation of the run, i.e. hypergeometric membership) from a generator
 seeded with ``seed``. Manifold kinds are given to the groups from a list, ``round_robin`` (group j
-gets kinds[j mod K]) or ``random`` (uniform, same generator). The grouping is made once and stored
-as two small index tensors: component → group (int32) and group → code (uint8).
+gets kinds[j mod K]) or ``random`` (uniform, same generator). The grouping is made once. The optimizer
+stores the code of every component (uint8, what the kernels read) and of every group, plus the options
+that fix the membership; component → group (int32) is recomputed from those when needed (group_clip,
+the bounds report), so it costs no state.
 """
 from __future__ import annotations
 
@@ -92,12 +94,18 @@ def check_options(manifolds, assign, collection, group_size, num_groups, selecti
         raise ValueError(f"num_groups: must be an integer >= 1 or None, got {num_groups!r}")
 
 
-def make_grouping(out_ch: int, in_ch: int, *, manifolds, assign="round_robin", collection="PIO", group_size=16,
-                  num_groups=None, selection="random", seed=0, retraction=None) -> Grouping:
-    """The grouping of an O×I grid of components (see the module docstring)."""
-    check_options(manifolds, assign, collection, group_size, num_groups, selection, retraction)
-    gen = torch.Generator().manual_seed(int(seed))
-    kind_codes = [_codes.code_of(name, (retraction or {}).get(name)) for name in manifolds]
+MEMBERSHIP_OPTIONS = ("collection", "group_size", "num_groups", "selection", "seed")
+
+
+def membership(out_ch: int, in_ch: int, *, collection="PIO", group_size=16, num_groups=None, selection="random",
+               seed=0, generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """(group_index, num_groups): the group (int32) of every component of an O×I grid (module docstring).
+
+    Depends on the options of ``MEMBERSHIP_OPTIONS`` only, so the optimizer keeps those (a few bytes per
+    weight) instead of this tensor and recomputes it when it is needed. ``generator`` (seeded with ``seed``
+    when not given) is left where the permutations leave it, for the kind assignment that follows.
+    """
+    gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
     group_index = torch.empty(out_ch * in_ch, dtype=torch.int32)
     next_group = 0
     for run in _runs(out_ch, in_ch, collection):
@@ -106,9 +114,20 @@ def make_grouping(out_ch: int, in_ch: int, *, manifolds, assign="round_robin", c
         for members in torch.split(run, balanced_sizes(run.numel(), group_size, num_groups)):
             group_index[members] = next_group
             next_group += 1
+    return group_index, next_group
+
+
+def make_grouping(out_ch: int, in_ch: int, *, manifolds, assign="round_robin", collection="PIO", group_size=16,
+                  num_groups=None, selection="random", seed=0, retraction=None) -> Grouping:
+    """The grouping of an O×I grid of components (see the module docstring)."""
+    check_options(manifolds, assign, collection, group_size, num_groups, selection, retraction)
+    gen = torch.Generator().manual_seed(int(seed))
+    kind_codes = [_codes.code_of(name, (retraction or {}).get(name)) for name in manifolds]
+    group_index, count = membership(out_ch, in_ch, collection=collection, group_size=group_size, num_groups=num_groups,
+                             selection=selection, seed=seed, generator=gen)
     if assign == "round_robin":
-        which = torch.arange(next_group) % len(kind_codes)
+        which = torch.arange(count) % len(kind_codes)
     else:
-        which = torch.randint(len(kind_codes), (next_group,), generator=gen)
+        which = torch.randint(len(kind_codes), (count,), generator=gen)
     group_codes = torch.tensor(kind_codes, dtype=torch.uint8)[which]
     return Grouping(group_index, group_codes)

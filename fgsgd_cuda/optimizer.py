@@ -14,7 +14,7 @@ from torch.optim.sgd import sgd
 from . import checks, dispatch
 from . import codes as _codes
 from .functional import component_view, manifold_step
-from .grouping import make_grouping
+from .grouping import MEMBERSHIP_OPTIONS, Grouping, make_grouping, membership
 
 MANIFOLD_DEFAULTS = dict(
     manifolds=None,          # None or []: a Euclidean group (plain SGD); else the kinds given to the groups
@@ -142,10 +142,10 @@ class FGSGD(Optimizer):
             if is_row and "stiefel" in kinds:
                 raise ValueError(f"{name}: the row view (1×1 convs, linear weights) supports sphere, oblique and "
                                  f"euclidean only, got manifolds={kinds}")
+            options = {k: group[k] for k in MEMBERSHIP_OPTIONS}
+            options["seed"] = int(group["seed"]) + 7919 * j
             grouping = make_grouping(out_ch, in_ch, manifolds=kinds, assign=group["assign"],
-                                     collection=group["collection"], group_size=group["group_size"],
-                                     num_groups=group["num_groups"], selection=group["selection"],
-                                     seed=int(group["seed"]) + 7919 * j, retraction=group["retraction"])
+                                     retraction=group["retraction"], **options)
             for code in torch.unique(grouping.group_codes).tolist():
                 checks.code_for_shape(code, shape[0], shape[1], f"{name} ({_codes.manifold_of(code)})")
             checks.finite(p.detach(), name)
@@ -156,9 +156,9 @@ class FGSGD(Optimizer):
                                  "zero) and cannot be moved onto the sphere/oblique/stiefel manifolds; initialise the "
                                  "weight randomly (e.g. the default nn.init) before building the optimizer")
             state = self.state[p]
-            state.update(shape=shape, codes=grouping.codes.to(p.device), group_index=grouping.group_index.to(p.device),
-                         group_codes=grouping.group_codes.to(p.device), num_groups=grouping.num_groups, step=0,
-                         rescale=None)
+            # per component only the code, which the kernels read; the membership is kept as its options
+            state.update(shape=shape, codes=grouping.codes.to(p.device), group_codes=grouping.group_codes.to(p.device),
+                         num_groups=grouping.num_groups, membership=options, step=0, rescale=None)
             views.append(component_view(p.detach(), shape))
             codes.append(state["codes"])
         if self._init_projx:
@@ -180,17 +180,24 @@ class FGSGD(Optimizer):
                                               [rescale[k] for k in idx] if rescale else [])
 
     def load_state_dict(self, state_dict) -> None:
-        # torch casts every tensor of a parameter's state to the parameter's dtype: keep the grouping's
-        # integer tensors (codes, group_index, group_codes) as they were saved
+        # torch casts every tensor of a parameter's state to the parameter's dtype and mangles strings inside
+        # containers: keep the grouping's integer tensors (codes, group_codes) and membership options as saved
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         ints = {i: {k: v for k, v in state_dict["state"].get(i, {}).items()
-                    if isinstance(v, torch.Tensor) and not v.is_floating_point()} for i in saved_ids}
-        super().load_state_dict(state_dict)
+                    if (isinstance(v, torch.Tensor) and not v.is_floating_point()) or k == "membership"}
+                for i in saved_ids}
         params = [p for g in self.param_groups for p in g["params"]]
+        # a checkpoint from before the membership options were kept: they are the ones this optimizer made
+        membership_now = {i: self.state[p].get("membership") for i, p in zip(saved_ids, params) if p in self.state}
+        super().load_state_dict(state_dict)
         for i, p in zip(saved_ids, params):
+            st = self.state[p]
             for k, v in ints[i].items():
-                self.state[p][k] = v.to(device=p.device).clone()
-        self._group_cache.clear()  # keyed by the addresses of the old group_index tensors
+                st[k] = v.to(device=p.device).clone() if isinstance(v, torch.Tensor) else dict(v)
+            st.pop("group_index", None)  # older checkpoints stored it; it is recomputed now
+            if "codes" in st and "membership" not in st and membership_now.get(i) is not None:
+                st["membership"] = dict(membership_now[i])
+        self._group_cache.clear()  # keyed by the ids of the parameters: the groups are rebuilt from the state
         self._view_cache.clear()   # holds views of the old momentum buffers
 
     # ---------------------------------------------------------------- access for the library's tools
@@ -200,6 +207,19 @@ class FGSGD(Optimizer):
             if group["manifolds"]:
                 for p in group["params"]:
                     yield group, p, self.state[p]
+
+    def grouping(self, p: torch.Tensor) -> Grouping:
+        """The grouping of a manifold parameter: its group codes from the state and the group of every
+        component, recomputed from the membership options kept in the state (and checked against the
+        stored codes). One host synchronisation; not for the hot path."""
+        st = self.state[p]
+        out_ch, in_ch, _, _ = self._component_layout(p, "grouping")
+        group_index, count = membership(out_ch, in_ch, **st["membership"])
+        grouping = Grouping(group_index.to(p.device), st["group_codes"])
+        if count != st["num_groups"] or not torch.equal(grouping.codes, st["codes"]):
+            raise RuntimeError(f"grouping: the membership options {st['membership']} do not reproduce the stored "
+                               f"codes of this parameter (shape {tuple(p.shape)}); the state is inconsistent")
+        return grouping
 
     def components(self, p: torch.Tensor) -> torch.Tensor:
         """The (N, A, B) component view of a manifold parameter."""
@@ -284,7 +304,7 @@ class FGSGD(Optimizer):
                               momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
                               weight_decay=group["weight_decay"], group_clip=group["group_clip"],
                               stabilize=group["stabilize"], backend=group["backend"], cache=self._group_cache,
-                              views=self._view_cache)
+                              views=self._view_cache, group_index=lambda k, ps=params: self.grouping(ps[k]).group_index)
             else:
                 bufs = [self.state[p].get("momentum_buffer") for p in params]
                 new_buffers = any(b is None for b in bufs)

@@ -81,7 +81,7 @@ def direct_layers(net, opt, which: str):
             x = p.reshape(-1, a, b)
             if which == "omega":
                 x = x / opt.rescale(mod.weight).double().view(-1, 1, 1)
-            gi, g = st["group_index"], st["num_groups"]
+            gi, g = opt.grouping(mod.weight).group_index, st["num_groups"]
         else:
             a, b = (p.shape[2], p.shape[3]) if p.dim() == 4 and p.shape[2] > 1 else (p[0].numel(), 1)
             x = p.reshape(-1, a, b)
@@ -332,8 +332,10 @@ def test_checkpoint_round_trip_and_cli(builder_module, tmp_path, capsys):
     for (n1, a), (n2, b) in zip(net.state_dict().items(), net2.state_dict().items()):
         assert n1 == n2 and torch.equal(a, b)
     for (_, p, st), (_, q, st2) in zip(opt.manifold_params(), opt2.manifold_params()):
-        for key in ("rescale", "codes", "group_index", "group_codes", "momentum_buffer"):
+        for key in ("rescale", "codes", "group_codes", "momentum_buffer"):
             assert torch.equal(st[key], st2[key]) and st[key].dtype == st2[key].dtype, key
+        assert st["membership"] == st2["membership"]
+        assert torch.equal(opt.grouping(p).group_index, opt2.grouping(q).group_index)
     ref = bounds.report(net, opt, 4321, print_table=False)
     capsys.readouterr()
     out_json = tmp_path / "report.json"

@@ -156,7 +156,7 @@ def test_paper_example_1():
                 assign="round_robin")
     st = opt.state[conv.weight]
     assert st["num_groups"] == 10 and st["codes"].numel() == 24
-    sizes = torch.bincount(st["group_index"].long(), minlength=10)
+    sizes = torch.bincount(opt.grouping(conv.weight).group_index.long(), minlength=10)
     for code in (C.SPHERE_NORMALIZE, C.STIEFEL_QR):
         assert sorted(sizes[st["group_codes"] == code].tolist(), reverse=True) == [3, 3, 2, 2, 2]
     w = conv.weight.detach().double()
@@ -181,12 +181,13 @@ def test_optimizer_stores_the_grouping_of_each_weight(collection):
     _, opt3 = build(6)
     for c, c2 in zip(convs, convs2):
         st, st2 = opt.state[c.weight], opt2.state[c2.weight]
+        gi, gi2 = opt.grouping(c.weight).group_index, opt2.grouping(c2.weight).group_index
         o, i = c.weight.shape[:2]
         g = make_grouping(o, i, manifolds=KINDS, collection=collection, group_size=3)  # any seed: same sizes
         assert st["num_groups"] == g.num_groups
         members = [sorted(m.tolist()) for m in
-                   torch.split(torch.argsort(st["group_index"], stable=True),
-                               torch.bincount(st["group_index"].long(), minlength=st["num_groups"]).tolist())]
+                   torch.split(torch.argsort(gi, stable=True),
+                               torch.bincount(gi.long(), minlength=st["num_groups"]).tolist())]
         assert sorted(x for m in members for x in m) == list(range(o * i))
         for m in members:
             assert 2 <= len(m) <= 3
@@ -194,8 +195,8 @@ def test_optimizer_stores_the_grouping_of_each_weight(collection):
                 assert len({x // i for x in m}) == 1
             if collection == "PO":
                 assert len({x % i for x in m}) == 1
-        assert torch.equal(st["group_index"], st2["group_index"]) and torch.equal(st["codes"], st2["codes"])
+        assert torch.equal(gi, gi2) and torch.equal(st["codes"], st2["codes"])
         assert torch.equal(c.weight, c2.weight)
     # another seed, another membership
-    assert any(not torch.equal(opt.state[c.weight]["group_index"], opt3.state[p]["group_index"])
+    assert any(not torch.equal(opt.grouping(c.weight).group_index, opt3.grouping(p).group_index)
                for c, p in zip(convs, opt3.param_groups[0]["params"]))

@@ -105,10 +105,12 @@ def stored_groupings(opt, params, manifolds, retraction):
         assert st["shape"] == shape
         n = p.numel() // (shape[0] * shape[1])
         assert st["codes"].shape == (n,) and st["codes"].dtype == torch.uint8
-        assert st["group_index"].shape == (n,) and st["group_index"].dtype == torch.int32
-        assert torch.equal(st["codes"], st["group_codes"][st["group_index"].long()])
+        assert "group_index" not in st  # recomputed by opt.grouping, never stored
+        group_index = opt.grouping(p).group_index
+        assert group_index.shape == (n,) and group_index.dtype == torch.int32
+        assert torch.equal(st["codes"], st["group_codes"][group_index.long()])
         assert set(torch.unique(st["codes"]).tolist()) <= allowed
-        out.append((shape, st["codes"].clone(), st["group_index"].clone(), st["num_groups"]))
+        out.append((shape, st["codes"].clone(), group_index.clone(), st["num_groups"]))
     return out
 
 

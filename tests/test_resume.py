@@ -55,7 +55,7 @@ def roundtrip(obj):
 
 
 def grouping(opt):
-    return [(opt.state[p]["codes"].clone(), opt.state[p]["group_index"].clone()) for _, p, _ in opt.manifold_params()]
+    return [(opt.state[p]["codes"].clone(), opt.grouping(p).group_index) for _, p, _ in opt.manifold_params()]
 
 
 def test_resume_is_bitwise_identical():
@@ -132,9 +132,9 @@ def test_state_dict_is_loadable_with_weights_only_and_complete():
     conv = model[0].weight
     pid = next(i for i, p in enumerate(q for g in opt.param_groups for q in g["params"]) if p is conv)
     st = loaded["state"][pid]
-    for key in ("codes", "group_index", "group_codes", "num_groups", "step", "shape", "momentum_buffer"):
+    for key in ("codes", "group_codes", "num_groups", "membership", "step", "shape", "momentum_buffer"):
         assert key in st, key
-    assert st["codes"].dtype == torch.uint8 and st["group_index"].dtype == torch.int32
+    assert st["codes"].dtype == torch.uint8 and "group_index" not in st
 
 
 @pytest.mark.parametrize("dtype", [torch.float64])
@@ -150,7 +150,55 @@ def test_resume_float64_params(dtype):
                  init_projx=False)
     opt2.load_state_dict(sd)
     st = opt2.state[conv.weight]
-    assert st["codes"].dtype == torch.uint8 and st["group_index"].dtype == torch.int32
+    assert st["codes"].dtype == torch.uint8 and st["group_codes"].dtype == torch.uint8
+    assert opt2.grouping(conv.weight).group_index.dtype == torch.int32
     assert st["momentum_buffer"].dtype == dtype
     opt2.step()  # runs
     assert st["step"] == 2
+
+
+def test_state_keeps_membership_options_not_a_group_index():
+    """Per component the state holds only the uint8 code; the groups are recomputed from the membership
+    options in the state, and a state whose codes they do not reproduce is refused by name."""
+    model = cnn(0)
+    opt, _ = make_optimizer(model, seed=1)
+    conv = model[3].weight
+    st = opt.state[conv]
+    assert "group_index" not in st and set(st["membership"]) == {"collection", "group_size", "num_groups",
+                                                                 "selection", "seed"}
+    per_component = [k for k, v in st.items() if isinstance(v, torch.Tensor) and v.numel() == st["codes"].numel()]
+    assert per_component == ["codes"]
+    g = opt.grouping(conv)
+    assert torch.equal(g.codes, st["codes"]) and g.num_groups == st["num_groups"]
+    st["codes"] = st["codes"].flip(0).clone()  # a code per component no longer matching the membership
+    if torch.equal(st["codes"], g.codes):
+        pytest.skip("the flip happened to keep the codes")
+    with pytest.raises(RuntimeError, match=r"grouping: the membership options .* do not reproduce the stored codes"):
+        opt.grouping(conv)
+
+
+def test_loads_a_checkpoint_that_stored_the_group_index():
+    """Checkpoints written before the membership options were kept (a group_index per parameter, no
+    ``membership``): they load into an optimizer built with the same seed and resume bitwise."""
+    model = cnn(0)
+    opt, sched = make_optimizer(model, seed=1)
+    train(model, opt, sched, N, 0)
+    sd = load(save(opt.state_dict()))
+    ids = [i for g in sd["param_groups"] for i in g["params"] if "membership" in sd["state"].get(i, {})]
+    assert len(ids) == len(list(opt.manifold_params())) > 0
+    for (_, p, _), i in zip(opt.manifold_params(), ids):
+        sd["state"][i]["group_index"] = opt.grouping(p).group_index
+        del sd["state"][i]["membership"]
+    weights = save(model.state_dict())
+    blob, sched_blob = save(sd), save(sched.state_dict())
+    train(model, opt, sched, M, N)
+    model2 = cnn(0)
+    opt2, sched2 = make_optimizer(model2, seed=1)
+    model2.load_state_dict(load(weights))
+    opt2.load_state_dict(load(blob))
+    sched2.load_state_dict(load(sched_blob))
+    for _, p, st in opt2.manifold_params():
+        assert "group_index" not in st and "membership" in st
+    train(model2, opt2, sched2, M, N)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
