@@ -35,15 +35,18 @@ inline void check_dense(const Tensor& t, const std::string& name) {
               t.layout(), ")");
 }
 
-// x must be (N, A, B), contiguous, float32/float64, A*B <= 64.
-inline void check_components(const Tensor& x, const char* name) {
+// x must be (N, A, B), contiguous, float32/float64, A*B <= 64; with `rows`, also (N, n, 1) for any n
+// (row components: csrc/fgsgd/row_step.h).
+inline void check_components(const Tensor& x, const char* name, bool rows = false) {
   check_dense(x, name);
   TORCH_CHECK(x.dim() == 3, "fgsgd: ", name, " must have shape (N, A, B), got ", shape_str(x));
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "fgsgd: ", name,
               " must be float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(x.is_contiguous(), "fgsgd: ", name, " must be contiguous");
+  if (rows && x.size(2) == 1 && x.size(1) > kMaxElems) return;
   TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(1) * x.size(2) <= kMaxElems, "fgsgd: ", name,
-              " components must have 1 <= A*B <= ", num(kMaxElems), ", got ", num(x.size(1)), "x", num(x.size(2)));
+              " components must have 1 <= A*B <= ", num(kMaxElems), rows ? " (or be n×1 rows of any length)" : "",
+              ", got ", num(x.size(1)), "x", num(x.size(2)));
 }
 
 inline void check_like(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
@@ -141,7 +144,7 @@ inline std::string at_(const char* name, size_t k) { return std::string(name) + 
 template <class T>
 std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, TensorList momenta, TensorList codes,
                                       TensorList rescale, TensorList group_index, TensorList group_scale,
-                                      const char* rescale_name = "rescale") {
+                                      const char* rescale_name = "rescale", bool rows = false) {
   const size_t n = params.size();
   check_list_len(grads, n, "grads");
   check_list_len(momenta, n, "momentum_buffers");
@@ -154,7 +157,7 @@ std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, Tenso
   std::vector<TensorSlot<T>> slots(n);
   for (size_t k = 0; k < n; ++k) {
     const Tensor& p = params[k];
-    check_components(p, at_("params", k).c_str());
+    check_components(p, at_("params", k).c_str(), rows);
     if (k > 0) {
       TORCH_CHECK(p.size(1) == params[0].size(1) && p.size(2) == params[0].size(2), "fgsgd: ", at_("params", k),
                   " has components of shape ", num(p.size(1)), "x", num(p.size(2)), " but params[0] has ",
@@ -204,7 +207,7 @@ void step_(TensorList params, TensorList grads, TensorList momenta, TensorList c
   TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0), "fgsgd: nesterov needs momentum > 0 and dampening = 0");
   FGSGD_FLOATING(params[0].scalar_type(), [&] {
     auto slots = make_slots<T>(params, grads, momentum == 0 ? TensorList() : momenta, codes, rescale, group_index,
-                               group_scale);
+                               group_scale, "rescale", /*rows=*/true);
     StepHParams<T> h{T(lr), T(momentum), T(dampening), T(weight_decay), nesterov, first_step, stabilize};
     Backend::step(slots, params[0], h);
   });
@@ -219,7 +222,7 @@ Tensor tangent_sqnorm(TensorList params, TensorList grads, TensorList codes, Ten
   for (const Tensor& p : params) total += p.dim() == 3 ? p.size(0) : 0;
   Tensor out = at::empty({total}, params[0].options());
   FGSGD_FLOATING(params[0].scalar_type(), [&] {
-    auto slots = make_slots<T>(params, grads, {}, codes, rescale, {}, {});
+    auto slots = make_slots<T>(params, grads, {}, codes, rescale, {}, {}, "rescale", /*rows=*/true);
     T* o = out.data_ptr<T>();
     for (auto& s : slots) { s.out = o; o += s.n; }
     Backend::sqnorm(slots, params[0], T(weight_decay));

@@ -17,9 +17,11 @@ def _unary(x, u, code, u_name):
     checks.code_for_shape(code, x.shape[1], x.shape[2])
 
 
-def _lists(params, grads, momenta, codes, rescale=None, group_index=None, group_scale=None, rescale_name="rescale"):
+def _lists(params, grads, momenta, codes, rescale=None, group_index=None, group_scale=None, rescale_name="rescale",
+           rows=False):
     from .ops import check_lists
-    check_lists(params, grads, momenta, codes, rescale, group_index, group_scale, rescale_name=rescale_name)
+    check_lists(params, grads, momenta, codes, rescale, group_index, group_scale, rescale_name=rescale_name,
+                rows=rows)
 
 
 def register() -> None:
@@ -49,7 +51,7 @@ def register() -> None:
     def _sqnorm(params, grads, codes, rescale, weight_decay):
         if not params:
             raise ValueError("params: needs at least one tensor")
-        _lists(params, grads, None, codes, rescale)
+        _lists(params, grads, None, codes, rescale, rows=True)
         return params[0].new_empty((sum(p.shape[0] for p in params),))
 
     @torch.library.register_fake(lib + "step_")
@@ -59,7 +61,7 @@ def register() -> None:
             if momentum and len(momenta) != len(params):
                 raise ValueError(f"momentum_buffers: momentum={momentum} needs one buffer per parameter "
                                  f"({len(params)}), got {len(momenta)}")
-            _lists(params, grads, momenta if momentum else None, codes, rescale, group_index, group_scale)
+            _lists(params, grads, momenta if momentum else None, codes, rescale, group_index, group_scale, rows=True)
         return None
 
     @torch.library.register_fake(lib + "projx_")

@@ -10,8 +10,14 @@ MAX_CAYLEY_ROWS = 8     # the Cayley retraction solves an A×A system
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
-def components(x: torch.Tensor, name: str, *, contiguous: bool = True) -> None:
-    """x must be a dense float32/float64 tensor of shape (N, A, B) with A*B <= 64."""
+def is_row_shape(a: int, b: int) -> bool:
+    """n×1 components longer than MAX_ELEMS: the row view of 1×1 convs and linear weights, which the compiled
+    backends run with a streaming kernel (csrc/fgsgd/row_step.h) for step_ and tangent_sqnorm."""
+    return b == 1 and a > MAX_ELEMS
+
+
+def components(x: torch.Tensor, name: str, *, contiguous: bool = True, rows: bool = False) -> None:
+    """x must be a dense float32/float64 tensor of shape (N, A, B) with A*B <= 64 (``rows``: or (N, n, 1))."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
     if x.is_sparse:
@@ -21,8 +27,9 @@ def components(x: torch.Tensor, name: str, *, contiguous: bool = True) -> None:
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected dtype float32 or float64, got {x.dtype}")
     a, b = x.shape[1], x.shape[2]
-    if a < 1 or b < 1 or a * b > MAX_ELEMS:
-        raise ValueError(f"{name}: components must have 1 <= A*B <= {MAX_ELEMS}, got {a}x{b}")
+    if (a < 1 or b < 1 or a * b > MAX_ELEMS) and not (rows and is_row_shape(a, b)):
+        raise ValueError(f"{name}: components must have 1 <= A*B <= {MAX_ELEMS}"
+                         f"{' (or be n×1 rows of any length)' if rows else ''}, got {a}x{b}")
     if contiguous and not x.is_contiguous():
         raise ValueError(f"{name}: must be contiguous (call .contiguous() first)")
 

@@ -52,10 +52,11 @@ def norms(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
 
 def check_lists(params: Tensors, grads: Tensors | None, momenta: Tensors | None, codes: Tensors,
                 rescale: Tensors | None = None, group_index: Tensors | None = None,
-                group_scale: Tensors | None = None, *, rescale_name: str = "rescale") -> None:
+                group_scale: Tensors | None = None, *, rescale_name: str = "rescale", rows: bool = False) -> None:
     """The per-tensor checks of the multi-tensor ops (cheap: shapes, dtypes and devices only).
 
-    ``rescale_name`` names the per-component scale list in errors (``ratio`` for :func:`rescale_`)."""
+    ``rescale_name`` names the per-component scale list in errors (``ratio`` for :func:`rescale_`);
+    ``rows``: n×1 components of any length are allowed too (step_, tangent_sqnorm)."""
     n = len(params)
     for name, lst in (("grads", grads), ("momentum_buffers", momenta), ("codes", codes), (rescale_name, rescale),
                       ("group_index", group_index), ("group_scale", group_scale)):
@@ -64,7 +65,7 @@ def check_lists(params: Tensors, grads: Tensors | None, momenta: Tensors | None,
     if bool(group_index) != bool(group_scale):
         raise ValueError("group_index and group_scale must both be given or both be empty")
     for k, p in enumerate(params):
-        checks.components(p, f"params[{k}]")
+        checks.components(p, f"params[{k}]", rows=rows)
         if k and (p.shape[1:] != params[0].shape[1:] or p.dtype != params[0].dtype or p.device != params[0].device):
             raise ValueError(f"params[{k}]: one call takes one component shape, dtype and device; got "
                              f"{tuple(p.shape[1:])} {p.dtype} {p.device} after {tuple(params[0].shape[1:])} "
@@ -92,11 +93,23 @@ def check_lists(params: Tensors, grads: Tensors | None, momenta: Tensors | None,
                 raise ValueError(f"group_scale[{k}]: expected a 1-D {p.dtype} tensor on {p.device}")
 
 
+def _row_backend(backend: str, p0: torch.Tensor):
+    """The backend for step_ / tangent_sqnorm: row components (n×1, n > 64) need one that runs them."""
+    impl = dispatch.get(backend, p0.device)
+    if checks.is_row_shape(p0.shape[1], p0.shape[2]) and not impl.supports_rows:
+        raise ValueError(f"backend: {impl.name!r} does not run row components ({p0.shape[1]}x1, longer than "
+                         f"{checks.MAX_ELEMS} entries); use 'cpu', 'cuda' or 'torch' for them")
+    return impl
+
+
 def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Tensors, *, lr: float,
           momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
           first_step: bool = False, stabilize: bool = False, rescale: Tensors = (), group_index: Tensors = (),
           group_scale: Tensors = (), backend: str = "auto") -> None:
     """The fused FG-SGD step (DESIGN.md §1 steps 1, 3, 4, 5) of many tensors, in place.
+
+    Components are A×B with A·B <= 64, or n×1 rows of any length (euclidean, sphere, oblique and stiefel
+    with qr; the compiled and torch backends).
 
     ``group_scale[k][group_index[k][i]]`` is the group step size s_g of component i of tensor k
     (both empty: s_g = 1); ``rescale[k]`` is R per component (empty: R = 1). With ``first_step`` the
@@ -104,13 +117,14 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
     """
     if not params:
         return
-    check_lists(params, grads, momentum_buffers if momentum else None, codes, rescale, group_index, group_scale)
+    check_lists(params, grads, momentum_buffers if momentum else None, codes, rescale, group_index, group_scale,
+                rows=True)
     if momentum and len(momentum_buffers) != len(params):
         raise ValueError(f"momentum_buffers: momentum={momentum} needs one buffer per parameter ({len(params)}), "
                          f"got {len(momentum_buffers)}")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov: needs momentum > 0 and dampening = 0")
-    dispatch.get(backend, params[0].device).step_(
+    _row_backend(backend, params[0]).step_(
         list(params), list(grads), list(momentum_buffers), list(codes), list(rescale), list(group_index),
         list(group_scale), lr, momentum, dampening, nesterov, weight_decay, first_step, stabilize)
 
@@ -120,8 +134,8 @@ def tangent_sqnorm(params: Tensors, grads: Tensors, codes: Tensors, *, rescale: 
     """‖Π_ω(R·g)‖_F² of every component, concatenated over the tensors (step 2's input)."""
     if not params:
         raise ValueError("params: needs at least one tensor")
-    check_lists(params, grads, None, codes, rescale)
-    return dispatch.get(backend, params[0].device).tangent_sqnorm(
+    check_lists(params, grads, None, codes, rescale, rows=True)
+    return _row_backend(backend, params[0]).tangent_sqnorm(
         list(params), list(grads), list(codes), list(rescale), weight_decay)
 
 

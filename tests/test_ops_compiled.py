@@ -448,3 +448,68 @@ def test_compiled_and_torch_backends_agree_in_fp64():
     b_p, b_m = _run_step(ts, hp, "torch", "cpu", rescale=True, groups=True)
     _assert_close(a_p[0], b_p[0], 1e-12)
     _assert_close(a_m[0], b_m[0], 1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# row components: n×1 with n > 64 (the row view of 1×1 convs and linear weights), streamed
+# ----------------------------------------------------------------------------------------------
+
+def _row_tensors(sizes, n, dtype, gen, **kw):
+    """make_step_tensors for n×1 rows, with g and m scaled by 1/√n (a step of realistic size on a long row)."""
+    ts = make_step_tensors(sizes, (n, 1), dtype, gen, **kw)
+    for t in ts:
+        t["g"] = (t["g"] / n ** 0.5).contiguous()
+        if t["m"] is not None:
+            t["m"] = (t["m"] / n ** 0.5).contiguous()
+    return ts
+
+
+ROW_CASES = ([(n, config) for n in (65, 300) for config in STEP_CONFIGS]
+             + [(2048, config) for config in ("momentum", "nesterov-first-stabilize", "wd-sgd")])
+
+
+@pytest.mark.parametrize("n,config", [pytest.param(*c, id=f"{c[0]}x1-{c[1]}") for c in ROW_CASES])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_step_rows(backend, device, dtype, n, config):
+    """Rows of any length: every option, every row code (euclidean, sphere, oblique, stiefel-qr), R and s_g."""
+    hp = dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, first_step=False,
+              stabilize=False)
+    hp.update(STEP_CONFIGS[config])
+    gen = _seed("rows", dtype, n, config)
+    ts = _row_tensors([1, 9, 40], n, dtype, gen)
+    assert set(torch.cat([t["codes"] for t in ts]).tolist()) == set(codes_for(n, 1))  # every row code is hit
+    if hp["stabilize"]:  # ω drifted off its sphere by up to 1e-3: only the re-projection brings the exp rows back
+        for t in ts:
+            drift = 1 + 1e-3 * torch.rand(t["p"].shape[0], 1, 1, generator=gen, dtype=F64)
+            t["p"] = (t["p"].double() * drift).to(dtype)
+    got_p, got_m = _run_step(ts, hp, backend, device, rescale=True, groups=True)
+    for k, t in enumerate(ts):
+        assert not torch.equal(got_p[k], t["p"])
+    _check_step(ts, hp, dtype, got_p, got_m)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.03])
+@pytest.mark.parametrize("n", [65, 1000])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_tangent_sqnorm_rows(backend, device, dtype, n, wd):
+    gen = _seed("sqnorm-rows", dtype, n, wd)
+    ts = _row_tensors([3, 1, 50], n, dtype, gen, groups=False, momentum=False)
+    got = ops.tangent_sqnorm([_to(t["p"], device) for t in ts], [_to(t["g"], device) for t in ts],
+                             [_to(t["codes"], device) for t in ts], rescale=[_to(t["r"], device) for t in ts],
+                             weight_decay=wd, backend=backend).cpu()
+    ref = R.tangent_sqnorm(_cat(ts, "p"), _cat(ts, "g"), _cat(ts, "codes"), _cat(ts, "r"), wd)
+    _assert_close(got, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_rows_other_long_shapes_are_refused(backend, device):
+    """Only n×1 rows may be longer than 64 entries; a 9×8 or 1×100 component is refused by name."""
+    for shape in [(9, 8), (1, 100)]:
+        p = torch.randn(4, *shape, device=device)
+        codes = torch.zeros(4, dtype=torch.uint8, device=device)
+        with pytest.raises(ValueError, match=r"params\[0\]: components must have 1 <= A\*B <= 64 \(or be n×1 rows"):
+            ops.step_([p], [p.clone()], [], [codes], lr=0.1, backend=backend)
+        with pytest.raises(RuntimeError, match=r"params\[0\] components must have 1 <= A\*B <= 64 \(or be n×1 rows"):
+            torch.ops.fgsgd.step_([p], [p.clone()], [], [codes], [], [], [], 0.1, 0.0, 0.0, False, 0.0, False, False)

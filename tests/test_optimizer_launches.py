@@ -54,3 +54,52 @@ def test_step_calls_do_not_grow_with_depth(monkeypatch, options):
     assert all(s["step_"] == 1 for s in deep)
     expected_norms = 1 if options.get("group_clip") else 0
     assert all(s["tangent_sqnorm"] == expected_norms for s in deep)
+
+
+def rows_cnn(depth: int, width: int = 80, seed=0) -> nn.Sequential:
+    """A 3×3 stem, then 1×1 convs of `width` > 64 channels: with row_view, rows too long for the small path."""
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU()]
+    for _ in range(depth):
+        layers += [nn.Conv2d(width, width, 1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 3))
+
+
+@requires_cpu_kernels
+@pytest.mark.parametrize("group_clip", [None, 1.0], ids=["plain", "clip"])
+def test_row_view_calls_do_not_grow_with_depth(monkeypatch, group_clip):
+    """row_view: the 1×1 convs and the linear weight (80×1 rows) run on the compiled backend in one call per
+    step, whatever the depth; nothing goes to the per-tensor torch backend."""
+    def calls(depth):
+        counts = {}
+        for backend in ("auto", "torch"):
+            impl = dispatch.get(backend, torch.device("cpu"))
+            for name in ("step_", "tangent_sqnorm"):
+                original = getattr(impl, name)
+
+                def counted(*args, _key=(impl.name, name), _original=original, **kwargs):
+                    counts[_key] = counts.get(_key, 0) + 1
+                    return _original(*args, **kwargs)
+
+                monkeypatch.setattr(impl, name, counted)
+        model = rows_cnn(depth)
+        opt = FGSGD(param_groups(model, row_view=True, group_size=4, group_clip=group_clip), lr=0.1, momentum=0.9)
+        assert len(opt.param_groups[1]["params"]) == depth + 1
+        x = torch.randn(2, 3, 5, 5)
+        per_step = []
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            before = dict(counts)
+            opt.step()
+            per_step.append({k: v - before.get(k, 0) for k, v in counts.items() if v - before.get(k, 0)})
+        monkeypatch.undo()
+        return per_step
+
+    shallow, deep = calls(2), calls(8)
+    assert shallow == deep, f"2 layers: {shallow}, 8 layers: {deep}"
+    # the 3×3 group and the row group: one fused call each per step
+    expected = {("cpu", "step_"): 2}
+    if group_clip:
+        expected[("cpu", "tangent_sqnorm")] = 2
+    assert all(s == expected for s in deep), deep

@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "fast.h"
+#include "../fgsgd/row_step.h"
 
 namespace fgsgd {
 namespace cpu {
@@ -24,10 +25,10 @@ void each(int64_t n, F&& f) {
 
 // Runs f(slot, i) for every component of every slot, parallel over the concatenated index space.
 template <class T, class F>
-void each_slot(const std::vector<TensorSlot<T>>& slots, F&& f) {
+void each_slot(const std::vector<TensorSlot<T>>& slots, F&& f, int64_t grain = kGrain) {
   std::vector<int64_t> start(slots.size() + 1, 0);
   for (size_t t = 0; t < slots.size(); ++t) start[t + 1] = start[t] + slots[t].n;
-  at::parallel_for(0, start.back(), kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, start.back(), grain, [&](int64_t begin, int64_t end) {
     size_t t = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
     for (int64_t k = begin; k < end; ++k) {
       while (k >= start[t + 1]) ++t;
@@ -35,6 +36,21 @@ void each_slot(const std::vector<TensorSlot<T>>& slots, F&& f) {
     }
   });
 }
+
+// Row components (n×1, n > kMaxElems: csrc/fgsgd/row_step.h): one thread streams a whole row, sums in double.
+struct SerialRow {
+  using Acc = double;
+  template <class F>
+  void each(int64_t n, F&& f) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+  }
+  template <int K>
+  void sum(Acc (&)[K]) {}
+};
+
+inline bool is_row_shape(int A, int B) { return A * B > kMaxElems; }  // the checks allow only B == 1 there
+
+inline int64_t row_grain(int A) { return std::max<int64_t>(1, 16 * kGrain / A); }  // ~32k elements per task
 
 enum Isa : int { kScalar = 0, kBase = 1, kAvx2 = 2 };
 
@@ -125,12 +141,26 @@ void norms(const UnaryArgs<T>& a, int A, int B) {
 
 template <class T>
 void multi_step(const std::vector<TensorSlot<T>>& slots, int A, int B, const StepHParams<T>& h) {
+  if (is_row_shape(A, B)) {
+    return each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) {
+      SerialRow ctx;
+      const int64_t off = i * A;
+      row_step(ctx, int(t.codes[i]), t.p + off, t.g + off, t.m ? t.m + off : nullptr, A, rescale_at(t, i),
+               step_scale_at(t, i), h);
+    }, row_grain(A));
+  }
   const int v = isa_state().load();
   if (v != kScalar && fast_shape(A, B)) return fast_multi_step(slots, A, B, h, v);
   with_shape(A, B, [&](auto s) { each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) { step_at(s, t, h, i); }); });
 }
 template <class T>
 void multi_sqnorm(const std::vector<TensorSlot<T>>& slots, int A, int B, T wd) {
+  if (is_row_shape(A, B)) {
+    return each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) {
+      SerialRow ctx;
+      t.out[i] = row_tangent_sqnorm(ctx, int(t.codes[i]), t.p + i * A, t.g + i * A, A, rescale_at(t, i), wd);
+    }, row_grain(A));
+  }
   with_shape(A, B, [&](auto s) { each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) { sqnorm_at(s, t, wd, i); }); });
 }
 template <class T>
