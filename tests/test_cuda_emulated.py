@@ -49,7 +49,7 @@ def _run(emulator, dtype, hp, tensors, offsets, use_rescale, use_groups, variant
     for t in tensors:
         for key in ("p", "g", "m", "codes") + (("r",) if use_rescale else ()) + (("gi", "gs") if use_groups else ()):
             lines.append(_fmt(t[key]))
-    proc = subprocess.run([str(emulator), variant], input="\n".join(lines) + "\n", capture_output=True, text=True,
+    proc = subprocess.run([str(emulator), *variant.split()], input="\n".join(lines) + "\n", capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     values = torch.tensor([float(v) for v in proc.stdout.split()], dtype=torch.float64)
@@ -116,3 +116,35 @@ def test_more_tensors_than_one_table(emulator, variant):
                               **hp)
         assert rel_err(p, p_ref) <= FP32_RTOL, f"params[{k}]"
         assert rel_err(m, m_ref) <= FP32_RTOL, f"momentum_buffers[{k}]"
+
+
+ROW_CONFIGS = {"momentum": dict(momentum=0.9), "none-stabilize": dict(momentum=0.0, stabilize=True),
+               "nesterov-first-wd": dict(momentum=0.5, nesterov=True, first_step=True, weight_decay=0.05)}
+
+
+@pytest.mark.parametrize("n", [65, 300])
+@pytest.mark.parametrize("config", list(ROW_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_row_step_block(emulator, dtype, config, n):
+    """The CUDA row kernel's block code (csrc/cuda/rows.cuh: 128 threads stride over a row, shared-memory sums):
+    n×1 rows (n not a multiple of 128, and shorter than 128 threads × 3 passes), every row code, R and s_g."""
+    hp = dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, first_step=False,
+              stabilize=False)
+    hp.update(ROW_CONFIGS[config])
+    gen = make_gen(zlib.crc32(repr(("rows", dtype, config, n)).encode()))
+    ts = make_step_tensors([1, 6, 0, 5], (n, 1), dtype, gen)
+    for t in ts:
+        t["g"] = (t["g"] / n ** 0.5).contiguous()
+        t["m"] = (t["m"] / n ** 0.5).contiguous()
+    got = _run(emulator, dtype, hp, ts, [(0, 1, 3), (2, 0, 0), (0, 0, 0), (1, 1, 1)], True, True, f"rows {n}")
+    for k, (t, (p, m)) in enumerate(zip(ts, got)):
+        if not t["p"].shape[0]:
+            continue
+        s = t["gs"].double()[t["gi"].long()]
+        p_ref, m_ref = R.step(t["p"].double(), t["g"].double(), t["m"].double() if hp["momentum"] else None,
+                              t["codes"], t["r"].double(), s, **hp)
+        assert rel_err(p, p_ref) <= TOL[dtype], f"params[{k}]"
+        if hp["momentum"]:
+            assert rel_err(m, m_ref) <= TOL[dtype], f"momentum_buffers[{k}]"
+        else:
+            assert torch.equal(m, t["m"].double())

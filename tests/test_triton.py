@@ -460,3 +460,14 @@ def test_suite_under_triton_interpreter():
     print(f"under TRITON_INTERPRET=1: {tail[0]}")
     assert proc.returncode == 0, proc.stdout[-10000:] + proc.stderr[-3000:]
     assert re.search(r"\d+ passed", tail[0]) and "skipped" not in tail[0], tail[0]
+
+
+def test_rows_are_refused_by_name_and_routed_to_torch_by_the_optimizer(device):
+    """Triton has no row kernel: ops refuse n×1 rows longer than 64 entries by name; FGSGD sends them to torch."""
+    p = torch.nn.functional.normalize(torch.randn(3, 100, 1, device=device), dim=1)
+    codes = torch.ones(3, dtype=torch.uint8, device=device)
+    with pytest.raises(ValueError, match=r"backend: 'triton' does not run row components \(100x1"):
+        ops.step_([p], [p.clone()], [], [codes], lr=0.1, backend="triton")
+    from fgsgd_cuda import functional
+    assert functional._row_backend_name("triton", p.device, 100, 1) == "torch"
+    assert functional._row_backend_name("torch", p.device, 100, 1) == "torch"

@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "rows.cuh"
 #include "staged.cuh"
 
 namespace fgsgd {
@@ -44,6 +45,19 @@ __global__ void __launch_bounds__(kThreads) staged_step_kernel(S s, const SlotTa
   __shared__ __align__(16) T sm[kThreads * S::kCap];
   __shared__ int scratch[kSort ? kSortScratchInts<kThreads> : 1];
   staged_step_block<kThreads, kSort>(s, table, x.h, blockIdx.x, sp, sg, sm, scratch);
+}
+
+// Row components: one block per row (rows.cuh); n = the row length.
+template <class T>
+__global__ void __launch_bounds__(kRowThreads) row_step_kernel(const SlotTable<T> table, const Extra<T> x, int64_t n) {
+  __shared__ T red[2 * kRowThreads];
+  row_step_block<kRowThreads>(table, x.h, n, blockIdx.x, red);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kRowThreads) row_sqnorm_kernel(const SlotTable<T> table, const Extra<T> x, int64_t n) {
+  __shared__ T red[2 * kRowThreads];
+  row_sqnorm_block<kRowThreads>(table, x.weight_decay, n, blockIdx.x, red);
 }
 
 // Which step kernel runs for 3×3 components, by FGSGD_CUDA_STEP: "staged" (the default), "sorted" (staged,
@@ -88,7 +102,26 @@ cudaError_t launch_unary(const UnaryArgs<T>& a, int A, int B, cudaStream_t strea
 }
 
 template <Op OP, class T>
+cudaError_t launch_rows(const TensorSlot<T>* slots, int count, int64_t n, const Extra<T>& x, cudaStream_t stream) {
+  for (int first = 0; first < count; first += kSlotsPerLaunch) {
+    const SlotTable<T> table = next_table(slots, count, first, 1);
+    const int64_t blocks = table.block_start[table.count];
+    if (blocks == 0) continue;
+    if constexpr (OP == Op::kStep)
+      row_step_kernel<<<unsigned(blocks), kRowThreads, 0, stream>>>(table, x, n);
+    else
+      row_sqnorm_kernel<<<unsigned(blocks), kRowThreads, 0, stream>>>(table, x, n);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+template <Op OP, class T>
 cudaError_t launch_slots(const TensorSlot<T>* slots, int count, int A, int B, const Extra<T>& x, cudaStream_t stream) {
+  if constexpr (OP == Op::kStep || OP == Op::kSqnorm) {
+    if (A * B > kMaxElems) return launch_rows<OP>(slots, count, int64_t(A), x, stream);  // n×1 rows (op_impl.h checks)
+  }
   for (int first = 0; first < count; first += kSlotsPerLaunch) {
     const SlotTable<T> table = next_table(slots, count, first);
     const int64_t blocks = table.block_start[table.count];

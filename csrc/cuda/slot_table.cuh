@@ -29,16 +29,16 @@ struct Extra {
 };
 
 // The table of slots[first ...] (at most kSlotsPerLaunch of them); its block count is
-// block_start[count], one block per kThreads components of each tensor.
+// block_start[count], one block per `per_block` components of each tensor (rows: 1).
 template <class T>
-inline SlotTable<T> next_table(const TensorSlot<T>* slots, int count, int first) {
+inline SlotTable<T> next_table(const TensorSlot<T>* slots, int count, int first, int per_block = kThreads) {
   SlotTable<T> table;
   table.count = 0;
   table.block_start[0] = 0;
   for (int k = first; k < count && table.count < kSlotsPerLaunch; ++k) {
     const int c = table.count++;
     table.slot[c] = slots[k];
-    table.block_start[c + 1] = table.block_start[c] + (slots[k].n + kThreads - 1) / kThreads;
+    table.block_start[c + 1] = table.block_start[c] + (slots[k].n + per_block - 1) / per_block;
   }
   return table;
 }

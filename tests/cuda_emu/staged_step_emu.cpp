@@ -1,12 +1,14 @@
-// Runs the staged CUDA step (csrc/cuda/staged.cuh) on the CPU, block after block, kThreads std::threads per
-// block, over tensors read from stdin; prints the updated p and m. Driven by tests/test_cuda_emulated.py.
-// Argument: "staged" (default) or "sorted" (the code-sorted variant).
+// Runs the CUDA step's block code on the CPU, block after block, one std::thread per CUDA thread, over tensors
+// read from stdin; prints the updated p and m. Driven by tests/test_cuda_emulated.py.
+// Arguments: "staged" (default: csrc/cuda/staged.cuh, 3×3 components), "sorted" (its code-sorted variant), or
+// "rows L" (csrc/cuda/rows.cuh: L×1 row components, one block per row).
 //
 // stdin (whitespace separated): T_bytes momentum dampening nesterov weight_decay lr first_step stabilize
 //   use_rescale use_groups ntensors, then per tensor: n off_p off_g off_m ngroups, then per tensor its
-//   p g m (n·9 each), codes (n), rescale (n, if used), group_index (n) and group_scale (ngroups) (if used).
+//   p g m (n·E each, E = 9 or L), codes (n), rescale (n, if used), group_index (n) and group_scale (ngroups)
+//   (if used).
 //   off_*: the tensor's first element sits that many elements past a 64-byte boundary.
-// stdout: per tensor, p then m (n·9 each), "%.17g".
+// stdout: per tensor, p then m (n·E each), "%.17g".
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -14,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "cuda/rows.cuh"
 #include "cuda/staged.cuh"
 
 using namespace fgsgd;
@@ -39,7 +42,8 @@ struct Buffer {  // n values at `off` elements past a 64-byte boundary, a sentin
 };
 
 template <class T>
-int run(bool sorted) {
+int run(bool sorted, int64_t row_len) {
+  const int64_t E = row_len > 0 ? row_len : 9;  // elements per component
   double mom, damp, wd, lr;
   int nest, first, stab, use_r, use_g, nt;
   std::cin >> mom >> damp >> nest >> wd >> lr >> first >> stab >> use_r >> use_g >> nt;
@@ -59,14 +63,14 @@ int run(bool sorted) {
     }
   };
   for (int k = 0; k < nt; ++k) {
-    p.emplace_back(n[k] * 9, op[k]);
-    g.emplace_back(n[k] * 9, og[k]);
-    m.emplace_back(n[k] * 9, om[k]);
+    p.emplace_back(n[k] * E, op[k]);
+    g.emplace_back(n[k] * E, og[k]);
+    m.emplace_back(n[k] * E, om[k]);
     r.emplace_back(n[k], 0);
     gs.emplace_back(ng[k], 0);
-    read(p[k].data, n[k] * 9);
-    read(g[k].data, n[k] * 9);
-    read(m[k].data, n[k] * 9);
+    read(p[k].data, n[k] * E);
+    read(g[k].data, n[k] * E);
+    read(m[k].data, n[k] * E);
     codes[k].resize(n[k]);
     for (auto& c : codes[k]) {
       int v;
@@ -89,7 +93,27 @@ int run(bool sorted) {
   constexpr int kT = cuda::kThreads;
   alignas(16) static T sp[kT * 9], sg[kT * 9], sm[kT * 9];  // the block's shared memory
   static int scratch[cuda::kSortScratchInts<kT>];
-  for (int first_slot = 0; first_slot < nt; first_slot += cuda::kSlotsPerLaunch) {
+  static T red[2 * cuda::kRowThreads];
+  if (row_len > 0) {  // what launch_rows does: one block of kRowThreads per row
+    if (h.momentum == T(0))
+      for (auto& s : slots) s.m = nullptr;  // as op_impl.h passes no buffers then
+    for (int first_slot = 0; first_slot < nt; first_slot += cuda::kSlotsPerLaunch) {
+      const cuda::SlotTable<T> table = cuda::next_table(slots.data(), nt, first_slot, 1);
+      for (int64_t b = 0; b < table.block_start[table.count]; ++b) {
+        std::barrier<> bar(cuda::kRowThreads);
+        emu_block_barrier = &bar;
+        std::vector<std::thread> threads;
+        for (int t = 0; t < cuda::kRowThreads; ++t)
+          threads.emplace_back([&, t] {
+            threadIdx.x = unsigned(t);
+            blockIdx.x = unsigned(b);
+            cuda::row_step_block<cuda::kRowThreads>(table, h, row_len, b, red);
+          });
+        for (auto& th : threads) th.join();
+      }
+    }
+  }
+  for (int first_slot = 0; first_slot < nt && row_len == 0; first_slot += cuda::kSlotsPerLaunch) {
     const cuda::SlotTable<T> table = cuda::next_table(slots.data(), nt, first_slot);
     for (int64_t b = 0; b < table.block_start[table.count]; ++b) {
       std::barrier<> bar(kT);
@@ -114,15 +138,16 @@ int run(bool sorted) {
     }
   }
   for (int k = 0; k < nt; ++k) {
-    for (int64_t i = 0; i < n[k] * 9; ++i) std::printf("%.17g\n", double(p[k].data[i]));
-    for (int64_t i = 0; i < n[k] * 9; ++i) std::printf("%.17g\n", double(m[k].data[i]));
+    for (int64_t i = 0; i < n[k] * E; ++i) std::printf("%.17g\n", double(p[k].data[i]));
+    for (int64_t i = 0; i < n[k] * E; ++i) std::printf("%.17g\n", double(m[k].data[i]));
   }
   return 0;
 }
 
 int main(int argc, char** argv) {
-  const bool sorted = argc > 1 && std::string(argv[1]) == "sorted";
+  const std::string mode = argc > 1 ? argv[1] : "staged";
+  const int64_t row_len = mode == "rows" && argc > 2 ? std::atoll(argv[2]) : 0;
   int bytes;
   std::cin >> bytes;
-  return bytes == 8 ? run<double>(sorted) : run<float>(sorted);
+  return bytes == 8 ? run<double>(mode == "sorted", row_len) : run<float>(mode == "sorted", row_len);
 }
