@@ -232,13 +232,25 @@ def build_sgd(kw):
     return build
 
 
-def build_fgsgd(kinds, retraction, backend, ekw, stabilize):
+def is_row_weight(shape) -> bool:
+    """A 1×1 conv or linear weight: the row view's manifold group (fgsgd_cuda.param_groups(row_view=True))."""
+    return len(shape) == 2 or (len(shape) == 4 and shape[2] == shape[3] == 1)
+
+
+def build_fgsgd(kinds, retraction, backend, ekw, stabilize, rows_backend=None):
+    """FGSGD: the k×k filters on ``kinds``; with ``rows_backend`` the row view too (1×1 convs and the linear
+    weight, one row per output channel, on sphere+oblique) on that backend."""
     def build(ps: ParamSet):
         params = fresh_params(ps)
         filters = [p for p in params if is_filter(p.shape)]
-        rest = [p for p in params if not is_filter(p.shape)]
+        rows = [p for p in params if rows_backend and is_row_weight(p.shape)]
+        rest = [p for p in params if not is_filter(p.shape) and not (rows_backend and is_row_weight(p.shape))]
         groups = [dict(params=filters, manifolds=list(kinds), collection="PIO", group_size=16,
                        retraction=dict(retraction), backend=backend, check_finite=False, stabilize=stabilize)]
+        if rows:
+            groups.append(dict(params=rows, manifolds=["sphere", "oblique"], collection="PIO", group_size=16,
+                               retraction=dict(retraction), backend=rows_backend, check_finite=False,
+                               stabilize=stabilize))
         if rest:
             groups.append(dict(params=rest, manifolds=None, check_finite=False, **ekw))
         opt = FGSGD(groups, lr=LR, momentum=MOMENTUM)
@@ -309,7 +321,8 @@ def build_geoopt(kinds, retraction):
     return build
 
 
-def make_cases(device, backends, *, geoopt_reason, support, stabilize, retractions=("default", "alt")) -> list[Case]:
+def make_cases(device, backends, *, geoopt_reason, support, stabilize, retractions=("default", "alt"),
+               row_view=False) -> list[Case]:
     cases = []
     for variant, kw in (("forloop", dict(foreach=False, fused=False)), ("foreach", dict(foreach=True)),
                         ("fused", dict(fused=True))):
@@ -328,6 +341,12 @@ def make_cases(device, backends, *, geoopt_reason, support, stabilize, retractio
                        f"(fgsgd_cuda.dispatch.available is False)"
             cases.append(Case(name, "fgsgd", backend=backend, mix=mix, retraction=ret, slow=backend == "torch",
                               skip=skip, build=build_fgsgd(kinds, ret, backend, ekw, stabilize)))
+            if row_view and mix == MAIN_MIX and backend != "torch":
+                # the row view on the same backend, and with its rows on the per-tensor torch backend (what
+                # FGSGD did before the row kernels; Triton still does it)
+                for rb in (backend, "torch"):
+                    cases.append(Case(f"{name} +rows[{rb}]", "fgsgd", backend=backend, mix=mix, retraction=ret,
+                                      skip=skip, build=build_fgsgd(kinds, ret, backend, ekw, stabilize, rb)))
     for mix, kinds, ret in variants:
         cases.append(Case(f"geoopt {mix} {retraction_label(kinds, ret)}", "geoopt", backend="geoopt", mix=mix,
                           retraction=ret, slow=True, skip=geoopt_reason, build=build_geoopt(kinds, ret)))
@@ -872,6 +891,9 @@ def parse_args(argv=None):
     ap.add_argument("--replot", metavar="JSON", default=None,
                     help="only redraw the plot of an earlier run's JSON (next to it, .png) and exit")
     ap.add_argument("--no-geoopt", action="store_true")
+    ap.add_argument("--row-view", action="store_true",
+                    help="also FGSGD with the row view (1×1 convs and the linear weight on sphere+oblique), its rows "
+                         "on the same backend and on the torch backend")
     return ap.parse_args(argv)
 
 
@@ -950,7 +972,8 @@ def main(argv=None) -> dict:
         cases = make_cases(device, bk, geoopt_reason=geoopt_reason if m in geoopt_models else
                            (geoopt_reason or f"geoopt runs only on {','.join(geoopt_models) or 'no model'} "
                                              "(--geoopt-models)"),
-                           support=support, stabilize=args.stabilize, retractions=retractions)
+                           support=support, stabilize=args.stabilize, retractions=retractions,
+                           row_view=args.row_view)
         cases = [c for c in cases if c.family == "sgd" or c.mix in mixes]
         if args.slow_cases:
             cases = [c for c in cases if not c.slow or re.search(args.slow_cases, c.name)]

@@ -110,3 +110,22 @@ def test_script_smoke(tmp_path):
     assert cases["sgd-foreach"]["median_s"] > 0
     fg = cases[f"fgsgd[{backends}] {B.MAIN_MIX} normalize/qr"]
     assert fg["ratio_to_baseline"] > 0 and fg["GBps"] > 0
+
+
+@pytest.fixture(scope="module")
+def half():
+    """ResNet-18 at half width: its 1×1 convs and linear weight give rows of 64 to 256 entries."""
+    return B.make_param_set("resnet18/2", B.param_shapes(B.resnet_layers("resnet18", width_div=2, num_classes=10)),
+                            DEVICE, seed=0)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("rows_backend", ["cpu", "torch"])
+def test_fgsgd_cpu_row_view(benchmark, half, rows_backend):
+    """The row view (bench_step.py --row-view): rows on the compiled backend, or on the per-tensor torch one."""
+    build = B.build_fgsgd(B.MIXES[B.MAIN_MIX], B.RETRACTION_SETS["default"], "cpu", EUCLID, stabilize=50,
+                          rows_backend=rows_backend)
+    opt = _run(benchmark, half, build, "fgsgd-cpu row view")
+    rows = opt.param_groups[1]["params"]
+    assert opt.param_groups[1]["backend"] == rows_backend and len(rows) == 4  # 3 downsample convs + the linear
+    assert max(opt.state[p]["shape"][0] for p in rows) == 256

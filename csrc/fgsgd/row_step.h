@@ -99,10 +99,11 @@ FGSGD_HD void row_step(Ctx& ctx, int code, T* p, const T* g, T* m, int64_t n, T 
   else
     inv = rsqrt_(T(q[0]));  // (ω + V)/‖ω + V‖
   Acc s[2] = {Acc(0), Acc(0)};
+  const bool d_from_buf = use_m && !h.nesterov;  // d = −lr·buf: pass 3 needs neither g nor ξ
   ctx.each(n, [&](int64_t i) {
-    const T w = p[i] * inv_r, xi = xi_at(i, w);
+    const T w = p[i] * inv_r;
     const T buf = use_m ? m[i] : T(0);
-    const T d = d_of(xi, buf);
+    const T d = d_from_buf ? -h.lr * buf : d_of(xi_at(i, w), buf);
     const T wn = exp_map ? c * w + sc * d : (w + d) * inv;
     p[i] = wn;
     s[0] += Acc(wn) * Acc(buf);
