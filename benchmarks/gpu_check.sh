@@ -49,7 +49,8 @@ log "bench_kernels"
 timeout 180 "$PY" benchmarks/bench_kernels.py --models "$MODELS" --out "$OUT/kernels.json" >>"$OUT/bench.log" 2>&1
 log "bench_kernels exit $?"
 timeout 300 "$PY" benchmarks/bench_step.py --models "$MODELS" --backends cuda --torch-backend-models none \
-  --slow-cases 'sphere\+oblique\+stiefel normalize/qr$' --repeats "$REPEATS" --out "$OUT/step.json" >>"$OUT/bench.log" 2>&1
+  --slow-cases 'sphere\+oblique\+stiefel normalize/qr$' --repeats "$REPEATS" --row-view --out "$OUT/step.json" \
+  >>"$OUT/bench.log" 2>&1
 log "bench_step exit $?"
 
 # Triton on the GPU (compile-heavy: the 5x5/7x7/8x8 kernels take minutes to compile, so small shapes only),
