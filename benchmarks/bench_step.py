@@ -343,7 +343,7 @@ def make_cases(device, backends, *, geoopt_reason, support, stabilize, retractio
                               skip=skip, build=build_fgsgd(kinds, ret, backend, ekw, stabilize)))
             if row_view and mix == MAIN_MIX and backend != "torch":
                 # the row view on the same backend, and with its rows on the per-tensor torch backend (what
-                # FGSGD did before the row kernels; Triton still does it)
+                # FGSGD did before the row kernels)
                 for rb in (backend, "torch"):
                     cases.append(Case(f"{name} +rows[{rb}]", "fgsgd", backend=backend, mix=mix, retraction=ret,
                                       skip=skip, build=build_fgsgd(kinds, ret, backend, ekw, stabilize, rb)))

@@ -11,8 +11,8 @@ FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
 def is_row_shape(a: int, b: int) -> bool:
-    """n×1 components longer than MAX_ELEMS: the row view of 1×1 convs and linear weights, which the compiled
-    backends run with a streaming kernel (csrc/fgsgd/row_step.h) for step_ and tangent_sqnorm."""
+    """n×1 components longer than MAX_ELEMS: the row view of 1×1 convs and linear weights, which every backend
+    runs with a streaming kernel for step_ and tangent_sqnorm (csrc/fgsgd/row_step.h, triton_kernels/rows.py)."""
     return b == 1 and a > MAX_ELEMS
 
 

@@ -3,9 +3,9 @@
 Manifold parameters are batched by component shape (and by whether their momentum buffer is new,
 whether this step re-projects, whether they carry a rescale R), and each batch is one call of the
 chosen backend's multi-tensor ops: a whole network costs a handful of launches, whatever its depth.
-Row components (n×1, n > 64: the row view of 1×1 convs and linear weights) stay on the compiled
-backends, which stream them (csrc/fgsgd/row_step.h); other components of more than 64 entries, and
-rows on Triton, go to the pure-torch backend.
+Row components (n×1, n > 64: the row view of 1×1 convs and linear weights) stay on the chosen
+backend, which streams them (csrc/fgsgd/row_step.h, triton_kernels/rows.py); other components of more
+than 64 entries go to the pure-torch backend.
 """
 from __future__ import annotations
 
@@ -57,13 +57,6 @@ def group_step_sizes(impl, ps, gs, codes, rescale, group_index_of, num_groups, *
     return gidx, list(scale.split(num_groups))
 
 
-def _row_backend_name(backend: str, device, a: int, b: int) -> str:
-    """Components longer than 64 entries: rows (n×1) stay on backends that stream them, else torch."""
-    if checks.is_row_shape(a, b) and dispatch.get(backend, device).supports_rows:
-        return backend
-    return "torch"
-
-
 def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, weight_decay, group_clip,
                   stabilize, backend, cache, views=None, group_index=None):
     """One step of the manifold parameters of a group; ``states`` are the optimizer's per-parameter states.
@@ -78,7 +71,7 @@ def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, w
         a, b = st["shape"]
         first = momentum != 0 and st.get("momentum_buffer") is None
         stab = bool(stabilize) and (st["step"] + 1) % int(stabilize) == 0
-        name = backend if a * b <= checks.MAX_ELEMS else _row_backend_name(backend, p.device, a, b)
+        name = backend if a * b <= checks.MAX_ELEMS or checks.is_row_shape(a, b) else "torch"
         batches[(a, b, first, stab, st.get("rescale") is not None, name)].append(k)
     new_buffers = {}
     for (a, b, first, stab, has_r, name), idx in batches.items():

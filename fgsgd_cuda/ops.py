@@ -93,15 +93,6 @@ def check_lists(params: Tensors, grads: Tensors | None, momenta: Tensors | None,
                 raise ValueError(f"group_scale[{k}]: expected a 1-D {p.dtype} tensor on {p.device}")
 
 
-def _row_backend(backend: str, p0: torch.Tensor):
-    """The backend for step_ / tangent_sqnorm: row components (n×1, n > 64) need one that runs them."""
-    impl = dispatch.get(backend, p0.device)
-    if checks.is_row_shape(p0.shape[1], p0.shape[2]) and not impl.supports_rows:
-        raise ValueError(f"backend: {impl.name!r} does not run row components ({p0.shape[1]}x1, longer than "
-                         f"{checks.MAX_ELEMS} entries); use 'cpu', 'cuda' or 'torch' for them")
-    return impl
-
-
 def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Tensors, *, lr: float,
           momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
           first_step: bool = False, stabilize: bool = False, rescale: Tensors = (), group_index: Tensors = (),
@@ -109,7 +100,7 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
     """The fused FG-SGD step (DESIGN.md §1 steps 1, 3, 4, 5) of many tensors, in place.
 
     Components are A×B with A·B <= 64, or n×1 rows of any length (euclidean, sphere, oblique and stiefel
-    with qr; the compiled and torch backends).
+    with qr; every backend streams them: csrc/fgsgd/row_step.h, triton_kernels/rows.py).
 
     ``group_scale[k][group_index[k][i]]`` is the group step size s_g of component i of tensor k
     (both empty: s_g = 1); ``rescale[k]`` is R per component (empty: R = 1). With ``first_step`` the
@@ -124,7 +115,7 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
                          f"got {len(momentum_buffers)}")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov: needs momentum > 0 and dampening = 0")
-    _row_backend(backend, params[0]).step_(
+    dispatch.get(backend, params[0].device).step_(
         list(params), list(grads), list(momentum_buffers), list(codes), list(rescale), list(group_index),
         list(group_scale), lr, momentum, dampening, nesterov, weight_decay, first_step, stabilize)
 
@@ -135,7 +126,7 @@ def tangent_sqnorm(params: Tensors, grads: Tensors, codes: Tensors, *, rescale: 
     if not params:
         raise ValueError("params: needs at least one tensor")
     check_lists(params, grads, None, codes, rescale, rows=True)
-    return _row_backend(backend, params[0]).tangent_sqnorm(
+    return dispatch.get(backend, params[0].device).tangent_sqnorm(
         list(params), list(grads), list(codes), list(rescale), weight_decay)
 
 

@@ -89,6 +89,20 @@ def make_step_tensors(sizes, shape, dtype, gen, *, rescale=True, groups=True, mo
     return out
 
 
+def make_row_tensors(sizes, n, dtype, gen, *, drift=False, **kw):
+    """make_step_tensors for n×1 row components, with g and m scaled by 1/√n (a step of realistic size on a
+    long row); ``drift``: ω moved off its sphere by up to 1e-3 (only a re-projection brings exp rows back)."""
+    ts = make_step_tensors(sizes, (n, 1), dtype, gen, **kw)
+    for t in ts:
+        t["g"] = (t["g"] / n ** 0.5).contiguous()
+        if t["m"] is not None:
+            t["m"] = (t["m"] / n ** 0.5).contiguous()
+        if drift:
+            f = 1 + 1e-3 * torch.rand(t["p"].shape[0], 1, 1, generator=gen, dtype=torch.float64)
+            t["p"] = (t["p"].double() * f).to(dtype)
+    return ts
+
+
 requires_cpu_kernels = pytest.mark.skipif(not _ext.HAS_CPU_KERNELS,
                                           reason=f"fgsgd_cuda._C is not built: {_ext.LOAD_ERROR}")
 requires_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _ext.HAS_CUDA_KERNELS),

@@ -7,7 +7,8 @@ import zlib
 import pytest
 import torch
 
-from conftest import (FP32_RTOL, SHAPES, SIZES, codes_for, compiled_backends, make_gen, make_step_tensors,
+from conftest import (FP32_RTOL, SHAPES, SIZES, codes_for, compiled_backends, make_gen, make_row_tensors,
+                      make_step_tensors,
                       random_codes, random_points, random_tangents, rel_err, requires_cpu_kernels)
 from fgsgd_cuda import codes as C
 from fgsgd_cuda import dispatch, ops
@@ -454,16 +455,6 @@ def test_compiled_and_torch_backends_agree_in_fp64():
 # row components: n×1 with n > 64 (the row view of 1×1 convs and linear weights), streamed
 # ----------------------------------------------------------------------------------------------
 
-def _row_tensors(sizes, n, dtype, gen, **kw):
-    """make_step_tensors for n×1 rows, with g and m scaled by 1/√n (a step of realistic size on a long row)."""
-    ts = make_step_tensors(sizes, (n, 1), dtype, gen, **kw)
-    for t in ts:
-        t["g"] = (t["g"] / n ** 0.5).contiguous()
-        if t["m"] is not None:
-            t["m"] = (t["m"] / n ** 0.5).contiguous()
-    return ts
-
-
 ROW_CASES = ([(n, config) for n in (65, 300) for config in STEP_CONFIGS]
              + [(2048, config) for config in ("momentum", "nesterov-first-stabilize", "wd-sgd")])
 
@@ -477,12 +468,9 @@ def test_step_rows(backend, device, dtype, n, config):
               stabilize=False)
     hp.update(STEP_CONFIGS[config])
     gen = _seed("rows", dtype, n, config)
-    ts = _row_tensors([1, 9, 40], n, dtype, gen)
+    # with stabilize, ω drifted off its sphere: only the re-projection brings the exp rows back
+    ts = make_row_tensors([1, 9, 40], n, dtype, gen, drift=hp["stabilize"])
     assert set(torch.cat([t["codes"] for t in ts]).tolist()) == set(codes_for(n, 1))  # every row code is hit
-    if hp["stabilize"]:  # ω drifted off its sphere by up to 1e-3: only the re-projection brings the exp rows back
-        for t in ts:
-            drift = 1 + 1e-3 * torch.rand(t["p"].shape[0], 1, 1, generator=gen, dtype=F64)
-            t["p"] = (t["p"].double() * drift).to(dtype)
     got_p, got_m = _run_step(ts, hp, backend, device, rescale=True, groups=True)
     for k, t in enumerate(ts):
         assert not torch.equal(got_p[k], t["p"])
@@ -495,7 +483,7 @@ def test_step_rows(backend, device, dtype, n, config):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_tangent_sqnorm_rows(backend, device, dtype, n, wd):
     gen = _seed("sqnorm-rows", dtype, n, wd)
-    ts = _row_tensors([3, 1, 50], n, dtype, gen, groups=False, momentum=False)
+    ts = make_row_tensors([3, 1, 50], n, dtype, gen, groups=False, momentum=False)
     got = ops.tangent_sqnorm([_to(t["p"], device) for t in ts], [_to(t["g"], device) for t in ts],
                              [_to(t["codes"], device) for t in ts], rescale=[_to(t["r"], device) for t in ts],
                              weight_decay=wd, backend=backend).cpu()

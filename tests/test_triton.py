@@ -17,12 +17,14 @@ import os
 import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FP32_RTOL, SHAPES, codes_for, make_gen, random_points, random_tangents, rel_err
+from conftest import (FP32_RTOL, SHAPES, codes_for, make_gen, make_row_tensors, random_points,
+                      random_tangents, rel_err)
 from fgsgd_cuda import codes as C, dispatch, manifolds as M, ops, reference as R
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
@@ -462,12 +464,49 @@ def test_suite_under_triton_interpreter():
     assert re.search(r"\d+ passed", tail[0]) and "skipped" not in tail[0], tail[0]
 
 
-def test_rows_are_refused_by_name_and_routed_to_torch_by_the_optimizer(device):
-    """Triton has no row kernel: ops refuse n×1 rows longer than 64 entries by name; FGSGD sends them to torch."""
-    p = torch.nn.functional.normalize(torch.randn(3, 100, 1, device=device), dim=1)
-    codes = torch.ones(3, dtype=torch.uint8, device=device)
-    with pytest.raises(ValueError, match=r"backend: 'triton' does not run row components \(100x1"):
-        ops.step_([p], [p.clone()], [], [codes], lr=0.1, backend="triton")
-    from fgsgd_cuda import functional
-    assert functional._row_backend_name("triton", p.device, 100, 1) == "torch"
-    assert functional._row_backend_name("torch", p.device, 100, 1) == "torch"
+
+ROW_CONFIGS = {"momentum": dict(momentum=0.9), "sgd-stabilize": dict(momentum=0.0, stabilize=True),
+               "nesterov-first-wd": dict(momentum=0.5, nesterov=True, first_step=True, weight_decay=0.05),
+               "dampening-wd-stabilize": dict(momentum=0.9, dampening=0.3, weight_decay=0.1, stabilize=True)}
+
+
+@pytest.mark.parametrize("n", [65, 1500])  # 1500: two chunks of the 1024-element BLOCK
+@pytest.mark.parametrize("config", list(ROW_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_step_rows(device, dtype, config, n):
+    """Row components (n×1, n > 64; triton_kernels/rows.py): every row code, R and s_g, against the reference."""
+    hp = dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, first_step=False,
+              stabilize=False)
+    hp.update(ROW_CONFIGS[config])
+    gen = make_gen(zlib.crc32(repr(("rows", dtype, config, n)).encode()))
+    ts = make_row_tensors([1, 7, 30], n, dtype, gen, drift=hp["stabilize"])
+    assert set(torch.cat([t["codes"] for t in ts]).tolist()) == set(codes_for(n, 1))
+    ps = [t["p"].clone().to(device) for t in ts]
+    ms = [t["m"].clone().to(device) for t in ts]
+    ops.step_(ps, [t["g"].to(device) for t in ts], ms, [t["codes"].to(device) for t in ts],
+              rescale=[t["r"].to(device) for t in ts], group_index=[t["gi"].to(device) for t in ts],
+              group_scale=[t["gs"].to(device) for t in ts], backend="triton", **hp)
+    tol = FP32_RTOL if dtype == torch.float32 else 1e-12
+    for k, t in enumerate(ts):
+        s = t["gs"].double()[t["gi"].long()]
+        p_ref, m_ref = R.step(t["p"].double(), t["g"].double(), t["m"].double() if hp["momentum"] else None,
+                              t["codes"], t["r"].double(), s, **hp)
+        assert rel_err(ps[k].cpu(), p_ref) <= tol, f"params[{k}]"
+        if hp["momentum"]:
+            assert rel_err(ms[k].cpu(), m_ref) <= tol, f"momentum_buffers[{k}]"
+        else:
+            assert torch.equal(ms[k].cpu(), t["m"])
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.03])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_tangent_sqnorm_rows(device, dtype, wd):
+    gen = make_gen(zlib.crc32(repr(("sqnorm-rows", dtype, wd)).encode()))
+    ts = make_row_tensors([3, 1, 20], 1100, dtype, gen, groups=False, momentum=False)
+    got = ops.tangent_sqnorm([t["p"].to(device) for t in ts], [t["g"].to(device) for t in ts],
+                             [t["codes"].to(device) for t in ts], rescale=[t["r"].to(device) for t in ts],
+                             weight_decay=wd, backend="triton").cpu()
+    ref = R.tangent_sqnorm(torch.cat([t["p"].double() for t in ts]), torch.cat([t["g"].double() for t in ts]),
+                           torch.cat([t["codes"] for t in ts]), torch.cat([t["r"].double() for t in ts]), wd)
+    assert rel_err(got, ref) <= (FP32_RTOL if dtype == torch.float32 else 1e-12)
+

@@ -5,8 +5,6 @@ import torch
 
 
 class CompiledBackend:
-    supports_rows = True  # step_ and tangent_sqnorm run n×1 rows of any length (csrc/fgsgd/row_step.h)
-
     def __init__(self, name: str):
         self.name = name
 

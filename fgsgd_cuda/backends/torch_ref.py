@@ -13,7 +13,6 @@ from .. import reference as _ref
 
 class TorchBackend:
     name = "torch"
-    supports_rows = True  # any component shape
 
     def proj(self, x, u, code):
         return _m.from_code(code).proj(x, u)

@@ -10,7 +10,6 @@ from ..triton_kernels import launch as _k
 
 class TritonBackend:
     name = "triton"
-    supports_rows = False  # n×1 rows longer than 64 entries go to the torch backend (functional.manifold_step)
 
     def proj(self, x, u, code):
         return _k.proj(x, u, code)

@@ -45,6 +45,11 @@ Kernel bodies
     program_id/arange/.to), common to Triton 3.6 and 3.9. Arithmetic is in the parameters' dtype
     (float32 or float64), like the compiled kernels.
 
+Row components
+    n×1 components longer than 64 entries (the row view) get hand-written kernels (:mod:`.rows`): one
+    program per row over the same pointer table, the row streamed in chunks of up to 1024 elements in
+    four passes with a sum between them (the math of csrc/fgsgd/row_step.h).
+
 Running under the interpreter
     ``TRITON_INTERPRET=1`` must be in the environment before triton is imported; then
     ``available("cpu")`` is true and the backend runs on CPU tensors (slowly: tests keep N small).

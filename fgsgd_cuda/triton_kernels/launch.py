@@ -14,6 +14,7 @@ import triton.language as tl  # noqa: F401  (the generated sources use it)
 
 from . import codegen as _cg
 from . import interpreting
+from . import rows as _rows
 
 _GENERATED_MODULE = "fgsgd_cuda.triton_kernels._generated"
 _BIG = 1 << 62                     # padding of the first-block column of the pointer table
@@ -65,7 +66,10 @@ def kernel(kind: str, a: int, b: int, dtype: str, **flags):
     """The jit function of one op, component shape, dtype and set of flags (generated once)."""
     gen = {"step": _cg.step_source, "sqnorm": _cg.sqnorm_source, "projxm": _cg.projx_multi_source,
            "rescalem": _cg.rescale_multi_source}.get(kind)
-    if gen is not None:
+    if kind in ("rowstep", "rowsqnorm"):
+        gen = _rows.row_step_source if kind == "rowstep" else _rows.row_sqnorm_source
+        name, body = gen(dtype, **flags)
+    elif gen is not None:
         name, body = gen(a, b, dtype, **flags)
     else:
         name, body = _cg.unary_source(kind, a, b, dtype, **flags)
@@ -125,7 +129,26 @@ def _ptr(t) -> int:
     return t.data_ptr() if t is not None else 0
 
 
+def _is_row(params) -> bool:
+    return params[0].shape[2] == 1 and params[0].shape[1] > 64  # checks.is_row_shape
+
+
+def _run_rows(kind, params, rows, hyper=None, **flags):
+    """Row components (n×1, any n): one program per row (rows.py), BLOCK elements per chunk."""
+    n_row = params[0].shape[1]
+    rows = [r for r in rows if r[8] > 0]
+    if not rows:
+        return
+    tab, log_t, total = _table(rows, 1, params[0].device, hyper)
+    fn = kernel(kind, 0, 1, _dtype_name(params[0].dtype), log_tensors=log_t, **flags)
+    block = min(1024, triton.next_power_of_2(n_row))
+    with _quiet():
+        fn[(total,)](tab, n_row, BLOCK=block, num_warps=4, num_stages=1)
+
+
 def _run(kind, params, rows, hyper=None, **flags):
+    if _is_row(params):
+        return _run_rows("row" + kind, params, rows, hyper, **flags)
     a, b = params[0].shape[1], params[0].shape[2]
     block, warps = config(a * b)
     rows = [r for r in rows if r[8] > 0]

@@ -1,0 +1,163 @@
+"""Triton kernels of row components: n×1 components of any length (the row view of 1×1 convs and linear
+weights), the math of csrc/fgsgd/row_step.h.
+
+One program per row, over the same int64 pointer table as the other multi-tensor kernels (one "block" per
+row: ``codegen._prologue_multi`` finds the row's tensor). A program streams its row in chunks of ``BLOCK``
+elements, four passes with a sum between them: (1) a = ⟨ω, R·g⟩; (2) the momentum buffer into m and
+‖ω + d‖² (normalize) or ‖d‖² (exp); (3) ω' into p, ⟨ω', buf⟩ and ‖ω'‖²; (4) stabilize, transport, p = R·ω''.
+The row's code picks the retraction by ``tl.where`` on scalars: euclidean (ω' = ω + d, no projection),
+sphere / oblique / stiefel-qr with normalize (one column: all three are the sphere), sphere / oblique with
+exp. Cayley and unknown codes leave the row as it is (callers refuse them). Flags (momentum, first step,
+nesterov, stabilize, rescale, groups, weight decay) are fixed in the source, as for the other kernels.
+"""
+from __future__ import annotations
+
+from . import codegen as _cg
+
+
+def _chunk_loop(src: _cg.Src, body) -> None:
+    """for s0 in range(0, n_row, BLOCK): body() with offs, mk (the chunk's element offsets and load mask) and
+    mks (its store mask)."""
+    src.raw("for s0 in range(0, n_row, BLOCK):")
+    src.depth += 1
+    src.raw("offs = base + s0 + tl.arange(0, BLOCK)")
+    src.raw("mk = (s0 + tl.arange(0, BLOCK)) < n_row")
+    src.raw("mks = (s0 + tl.arange(0, BLOCK)) < n_ok  # stores: none for a code the rows do not run")
+    body()
+    src.depth -= 1
+
+
+def _row_prologue(src: _cg.Src, dtype: str, log_tensors: int, *, rescale: bool, group: bool, hyper: bool) -> None:
+    _cg._prologue_multi(src, dtype, log_tensors, hyper=hyper)
+    tl_dt = _cg.TL_DTYPE[dtype]
+    src.raw("rowi = pid - tl.load(row + 9)")
+    src.raw("base = rowi * n_row")
+    src.raw("code = tl.load(codes_ptr + rowi).to(tl.int32)")
+    src.raw("curved = (code >= 1) & (code <= 5)")
+    src.raw("n_ok = tl.where(code <= 5, n_row, 0)")
+    src.raw(f"r = tl.load(rescale_ptr + rowi).to({tl_dt})" if rescale else f"r = tl.full((), 1.0, {tl_dt})")
+    src.raw("inv_r = 1.0 / r")
+    if group:
+        src.raw(f"sg = tl.load(gscale_ptr + tl.load(gidx_ptr + rowi)).to({tl_dt})")
+    else:
+        src.raw(f"sg = tl.full((), 1.0, {tl_dt})")
+
+
+def _tangent_dot(src: _cg.Src, dtype: str) -> None:
+    """a = ⟨ω, R·g⟩ on curved rows, 0 on euclidean ones."""
+    src.raw(f"acc = tl.zeros([BLOCK], {_cg.TL_DTYPE[dtype]})")
+
+    def body():
+        src.raw("pv = tl.load(p_ptr + offs, mask=mk, other=0.0)")
+        src.raw("gv = tl.load(g_ptr + offs, mask=mk, other=0.0)")
+        src.raw("acc += (pv * inv_r) * (r * gv)")
+    _chunk_loop(src, body)
+    src.raw("a = tl.where(curved, tl.sum(acc, axis=0), 0.0)")
+
+
+def _xi(src: _cg.Src, weight_decay: bool) -> None:
+    """w, xi (s_g·Π_ω(R·(g + wd·p))) of the chunk from pv, gv."""
+    src.raw("w = pv * inv_r")
+    if weight_decay:
+        src.raw("xi = sg * (r * (gv + wdr * pv) - a * w)")
+    else:
+        src.raw("xi = sg * (r * gv - a * w)")
+
+
+def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale, group, weight_decay, log_tensors):
+    flags = "".join(ch if on else "_" for ch, on in zip("mfnsrgw", (momentum, first_step, nesterov, stabilize,
+                                                                     rescale, group, weight_decay)))
+    name = _cg.kernel_name("rowstep", 0, 1, dtype, f"{flags}_L{log_tensors}")
+    tl_dt = _cg.TL_DTYPE[dtype]
+    src = _cg.Src()
+    _row_prologue(src, dtype, log_tensors, rescale=rescale, group=group, hyper=True)
+    src.raw("expm = (code == 2) | (code == 4)")
+    if weight_decay:
+        src.raw("wdr = tl.where(curved, 0.0, wd)")  # weight decay on euclidean rows only
+    _tangent_dot(src, dtype)
+
+    def load_pg():
+        src.raw("pv = tl.load(p_ptr + offs, mask=mk, other=0.0)")
+        src.raw("gv = tl.load(g_ptr + offs, mask=mk, other=0.0)")
+
+    def buf_d(read_m: bool):
+        if momentum:
+            if first_step:
+                src.raw("buf = xi")
+            else:
+                src.raw("mv = tl.load(m_ptr + offs, mask=mk, other=0.0)")
+                src.raw("buf = mom * mv + (1.0 - damp) * xi")
+            src.raw("d = -lr * (xi + mom * buf)" if nesterov else "d = -lr * buf")
+        else:
+            src.raw("d = -lr * xi")
+
+    # pass 2: the buffer into m; ‖ω + d‖² or ‖d‖²
+    src.raw(f"acc = tl.zeros([BLOCK], {tl_dt})")
+
+    def pass2():
+        load_pg()
+        _xi(src, weight_decay)
+        buf_d(True)
+        if momentum:
+            src.raw("tl.store(m_ptr + offs, buf, mask=mks)")
+        src.raw("v = tl.where(expm, d, w + d)")
+        src.raw("acc += v * v")
+    _chunk_loop(src, pass2)
+    src.raw("q = tl.sum(acc, axis=0)")
+    src.raw("tq = tl.sqrt(q)")
+    src.raw("c_exp = tl.cos(tq)")
+    src.raw("sc_exp = tl.where(tq > 1e-4, tl.sin(tq) / tl.where(tq > 1e-4, tq, 1.0), 1.0 - tq * tq / 6.0)")
+    src.raw("inv = tl.where(curved, 1.0 / tl.sqrt(tl.where(curved, q, 1.0)), 1.0)")
+    # pass 3: ω' into p; ⟨ω', buf⟩, ‖ω'‖²
+    src.raw(f"acc_b = tl.zeros([BLOCK], {tl_dt})")
+    src.raw(f"acc_w = tl.zeros([BLOCK], {tl_dt})")
+
+    def pass3():
+        load_pg()
+        _xi(src, weight_decay)
+        if momentum:
+            src.raw("buf = tl.load(m_ptr + offs, mask=mk, other=0.0)")
+            src.raw("d = -lr * (xi + mom * buf)" if nesterov else "d = -lr * buf")
+        else:
+            src.raw("d = -lr * xi")
+        src.raw("wn = tl.where(expm, c_exp * w + sc_exp * d, (w + d) * inv)")
+        src.raw("tl.store(p_ptr + offs, wn, mask=mks)")
+        if momentum:
+            src.raw("acc_b += wn * buf")
+        src.raw("acc_w += wn * wn")
+    _chunk_loop(src, pass3)
+    if stabilize:
+        src.raw("ns = tl.where(curved, 1.0 / tl.sqrt(tl.where(curved, tl.sum(acc_w, axis=0), 1.0)), 1.0)")
+    else:
+        src.raw(f"ns = tl.full((), 1.0, {tl_dt})")
+    src.raw("cb = tl.where(curved, tl.sum(acc_b, axis=0) * ns, 0.0)")
+
+    # pass 4: stabilize, transport, p = R·ω''
+    def pass4():
+        src.raw("wn = tl.load(p_ptr + offs, mask=mk, other=0.0) * ns")
+        if momentum:
+            src.raw("mv = tl.load(m_ptr + offs, mask=mk, other=0.0)")
+            src.raw("tl.store(m_ptr + offs, mv - cb * wn, mask=mks)")
+        src.raw("tl.store(p_ptr + offs, r * wn, mask=mks)")
+    _chunk_loop(src, pass4)
+    return name, _cg._function(name, "meta, n_row, BLOCK: tl.constexpr", src)
+
+
+def row_sqnorm_source(dtype, *, rescale, weight_decay, log_tensors):
+    name = _cg.kernel_name("rowsqnorm", 0, 1, dtype, f"{'r' if rescale else '_'}{'w' if weight_decay else '_'}"
+                                                     f"_L{log_tensors}")
+    src = _cg.Src()
+    _row_prologue(src, dtype, log_tensors, rescale=rescale, group=False, hyper=weight_decay)
+    if weight_decay:
+        src.raw("wdr = tl.where(code == 0, wd, 0.0)")
+    _tangent_dot(src, dtype)
+    src.raw(f"acc = tl.zeros([BLOCK], {_cg.TL_DTYPE[dtype]})")
+
+    def body():
+        src.raw("pv = tl.load(p_ptr + offs, mask=mk, other=0.0)")
+        src.raw("gv = tl.load(g_ptr + offs, mask=mk, other=0.0)")
+        _xi(src, weight_decay)
+        src.raw("acc += xi * xi")
+    _chunk_loop(src, body)
+    src.raw("tl.store(out_ptr + rowi, tl.sum(acc, axis=0))")
+    return name, _cg._function(name, "meta, n_row, BLOCK: tl.constexpr", src)
