@@ -11,6 +11,7 @@
 #endif
 #include "fast.h"
 #include "lanes.h"
+#include "serial_row.h"
 #include "../fgsgd/batched.h"
 
 FGSGD_NAMESPACE_BEGIN
@@ -234,6 +235,20 @@ void FGSGD_FAST_ENTRY(step_range)(const TensorSlot<float>& t, const StepHParams<
 void FGSGD_FAST_ENTRY(step_range)(const TensorSlot<double>& t, const StepHParams<double>& h, int A, int B,
                                   int64_t begin, int64_t end) {
   ::fgsgd::FGSGD_ISA::simd::step_any(t, h, A, B, begin, end);
+}
+void FGSGD_FAST_ENTRY(step_rows)(const TensorSlot<float>& t, const StepHParams<float>& h, int64_t n, int64_t begin,
+                                 int64_t end) {
+  ::fgsgd::FGSGD_ISA::cpu_rows::step_rows(t, h, n, begin, end);
+}
+void FGSGD_FAST_ENTRY(step_rows)(const TensorSlot<double>& t, const StepHParams<double>& h, int64_t n, int64_t begin,
+                                 int64_t end) {
+  ::fgsgd::FGSGD_ISA::cpu_rows::step_rows(t, h, n, begin, end);
+}
+void FGSGD_FAST_ENTRY(sqnorm_rows)(const TensorSlot<float>& t, float wd, int64_t n, int64_t begin, int64_t end) {
+  ::fgsgd::FGSGD_ISA::cpu_rows::sqnorm_rows(t, wd, n, begin, end);
+}
+void FGSGD_FAST_ENTRY(sqnorm_rows)(const TensorSlot<double>& t, double wd, int64_t n, int64_t begin, int64_t end) {
+  ::fgsgd::FGSGD_ISA::cpu_rows::sqnorm_rows(t, wd, n, begin, end);
 }
 }  // namespace cpu
 }  // namespace fgsgd

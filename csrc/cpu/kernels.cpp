@@ -8,7 +8,7 @@
 #include <cstring>
 
 #include "fast.h"
-#include "../fgsgd/row_step.h"
+#include "serial_row.h"
 
 namespace fgsgd {
 namespace cpu {
@@ -25,10 +25,10 @@ void each(int64_t n, F&& f) {
 
 // Runs f(slot, i) for every component of every slot, parallel over the concatenated index space.
 template <class T, class F>
-void each_slot(const std::vector<TensorSlot<T>>& slots, F&& f, int64_t grain = kGrain) {
+void each_slot(const std::vector<TensorSlot<T>>& slots, F&& f) {
   std::vector<int64_t> start(slots.size() + 1, 0);
   for (size_t t = 0; t < slots.size(); ++t) start[t + 1] = start[t] + slots[t].n;
-  at::parallel_for(0, start.back(), grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, start.back(), kGrain, [&](int64_t begin, int64_t end) {
     size_t t = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
     for (int64_t k = begin; k < end; ++k) {
       while (k >= start[t + 1]) ++t;
@@ -37,20 +37,7 @@ void each_slot(const std::vector<TensorSlot<T>>& slots, F&& f, int64_t grain = k
   });
 }
 
-// Row components (n×1, n > kMaxElems: csrc/fgsgd/row_step.h): one thread streams a whole row, sums in double.
-struct SerialRow {
-  using Acc = double;
-  template <class F>
-  void each(int64_t n, F&& f) {
-    for (int64_t i = 0; i < n; ++i) f(i);
-  }
-  template <int K>
-  void sum(Acc (&)[K]) {}
-};
-
 inline bool is_row_shape(int A, int B) { return A * B > kMaxElems; }  // the checks allow only B == 1 there
-
-inline int64_t row_grain(int A) { return std::max<int64_t>(1, 16 * kGrain / A); }  // ~32k elements per task
 
 enum Isa : int { kScalar = 0, kBase = 1, kAvx2 = 2 };
 
@@ -79,29 +66,51 @@ std::atomic<int>& isa_state() {
   return state;
 }
 
-// The fused step of slots on the fast path: the same parallel split as each_slot, but each task
-// hands whole runs of one tensor to the vectorised range function.
-template <class T>
-void fast_multi_step(const std::vector<TensorSlot<T>>& slots, int A, int B, const StepHParams<T>& h, int isa) {
+// Runs range(slot, begin, end) over every component of every slot: the same parallel split as each_slot,
+// but each task hands whole runs of one tensor to `range`.
+template <class T, class R>
+void each_range(const std::vector<TensorSlot<T>>& slots, int64_t grain, R&& range) {
   std::vector<int64_t> start(slots.size() + 1, 0);
   for (size_t t = 0; t < slots.size(); ++t) start[t + 1] = start[t] + slots[t].n;
-  at::parallel_for(0, start.back(), kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, start.back(), grain, [&](int64_t begin, int64_t end) {
     size_t t = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
     for (int64_t k = begin; k < end;) {
       while (k >= start[t + 1]) ++t;
       const int64_t stop = std::min(end, start[t + 1]);
-#if FGSGD_CPU_HAVE_AVX2_TU
-      if (isa == kAvx2) {
-        step_range_avx2(slots[t], h, A, B, k - start[t], stop - start[t]);
-      } else
-#endif
-      {
-#if FGSGD_CPU_HAVE_FAST
-        step_range_base(slots[t], h, A, B, k - start[t], stop - start[t]);
-#endif
-      }
+      range(slots[t], k - start[t], stop - start[t]);
       k = stop;
     }
+  });
+}
+
+inline int64_t row_grain(int n) { return std::max<int64_t>(1, 16 * kGrain / n); }  // ~32k elements per task
+
+// Row components (serial_row.h) on the chosen instruction set: the step, or ‖ξ‖² when `wd` is given.
+template <class T>
+void multi_rows(const std::vector<TensorSlot<T>>& slots, int n, const StepHParams<T>* h, T wd) {
+  const int v = isa_state().load();
+  each_range(slots, row_grain(n), [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
+#if FGSGD_CPU_HAVE_AVX2_TU
+    if (v == kAvx2) return h ? step_rows_avx2(t, *h, n, begin, end) : sqnorm_rows_avx2(t, wd, n, begin, end);
+#endif
+#if FGSGD_CPU_HAVE_FAST
+    if (v == kBase) return h ? step_rows_base(t, *h, n, begin, end) : sqnorm_rows_base(t, wd, n, begin, end);
+#endif
+    return h ? cpu_rows::step_rows(t, *h, n, begin, end) : cpu_rows::sqnorm_rows(t, wd, n, begin, end);
+  });
+}
+
+// The fused step of slots on the fast path: each task hands whole runs of one tensor to the vectorised
+// range function.
+template <class T>
+void fast_multi_step(const std::vector<TensorSlot<T>>& slots, int A, int B, const StepHParams<T>& h, int isa) {
+  each_range(slots, kGrain, [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
+#if FGSGD_CPU_HAVE_AVX2_TU
+    if (isa == kAvx2) return step_range_avx2(t, h, A, B, begin, end);
+#endif
+#if FGSGD_CPU_HAVE_FAST
+    step_range_base(t, h, A, B, begin, end);
+#endif
   });
 }
 
@@ -141,26 +150,14 @@ void norms(const UnaryArgs<T>& a, int A, int B) {
 
 template <class T>
 void multi_step(const std::vector<TensorSlot<T>>& slots, int A, int B, const StepHParams<T>& h) {
-  if (is_row_shape(A, B)) {
-    return each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) {
-      SerialRow ctx;
-      const int64_t off = i * A;
-      row_step(ctx, int(t.codes[i]), t.p + off, t.g + off, t.m ? t.m + off : nullptr, A, rescale_at(t, i),
-               step_scale_at(t, i), h);
-    }, row_grain(A));
-  }
+  if (is_row_shape(A, B)) return multi_rows(slots, A, &h, T(0));
   const int v = isa_state().load();
   if (v != kScalar && fast_shape(A, B)) return fast_multi_step(slots, A, B, h, v);
   with_shape(A, B, [&](auto s) { each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) { step_at(s, t, h, i); }); });
 }
 template <class T>
 void multi_sqnorm(const std::vector<TensorSlot<T>>& slots, int A, int B, T wd) {
-  if (is_row_shape(A, B)) {
-    return each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) {
-      SerialRow ctx;
-      t.out[i] = row_tangent_sqnorm(ctx, int(t.codes[i]), t.p + i * A, t.g + i * A, A, rescale_at(t, i), wd);
-    }, row_grain(A));
-  }
+  if (is_row_shape(A, B)) return multi_rows(slots, A, static_cast<const StepHParams<T>*>(nullptr), wd);
   with_shape(A, B, [&](auto s) { each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) { sqnorm_at(s, t, wd, i); }); });
 }
 template <class T>

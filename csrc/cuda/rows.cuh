@@ -22,18 +22,24 @@ struct BlockRow {
   __device__ void each(int64_t n, F&& f) {
     for (int64_t i = threadIdx.x; i < n; i += kT) f(i);
   }
-  template <int K>
-  __device__ void sum(Acc (&v)[K]) {  // a tree over the block; every thread gets the sums
+  template <int K, class F>
+  __device__ void reduce(int64_t n, F&& f, Acc (&s)[K]) {  // per-thread sums, then a tree over the block
     static_assert(K <= 2, "red holds two sums");
-    for (int k = 0; k < K; ++k) red[k * kT + threadIdx.x] = v[k];
+    for (int k = 0; k < K; ++k) s[k] = Acc(0);
+    for (int64_t i = threadIdx.x; i < n; i += kT) {
+      Acc v[2] = {Acc(0), Acc(0)};
+      f(i, v[0], v[1]);
+      for (int k = 0; k < K; ++k) s[k] += v[k];
+    }
+    for (int k = 0; k < K; ++k) red[k * kT + threadIdx.x] = s[k];
     __syncthreads();
-    for (int s = kT / 2; s > 0; s >>= 1) {
-      if (int(threadIdx.x) < s)
-        for (int k = 0; k < K; ++k) red[k * kT + threadIdx.x] += red[k * kT + threadIdx.x + s];
+    for (int h = kT / 2; h > 0; h >>= 1) {
+      if (int(threadIdx.x) < h)
+        for (int k = 0; k < K; ++k) red[k * kT + threadIdx.x] += red[k * kT + threadIdx.x + h];
       __syncthreads();
     }
-    for (int k = 0; k < K; ++k) v[k] = red[k * kT];
-    __syncthreads();  // before the next sum overwrites red
+    for (int k = 0; k < K; ++k) s[k] = red[k * kT];  // every thread gets the sums
+    __syncthreads();                                  // before the next reduction overwrites red
   }
 };
 

@@ -7,12 +7,15 @@
 //
 // The row is streamed instead of held in registers: the reductions are sums over the row, so the math
 // runs as a few passes over p, g and m with a sum between passes. `Ctx` says how a pass is split and how
-// its partial sums are combined: on the CPU one thread does the row (sums in double); on the GPU the
-// threads of a block share it (csrc/cuda/rows.cuh: a block reduction). Ctx provides
-//   using Acc;                                      the accumulator type of the sums,
-//   template <class F> void each(int64_t n, F f);   f(i) for this worker's share of [0, n),
-//   template <int K> void sum(Acc (&v)[K]);         v ← the sums of v over the workers of the row.
-// Every worker visits the same indices in every pass, so a pass may overwrite what it read.
+// its sums are made: on the CPU one thread does the row (an `omp simd` loop, sums in double); on the GPU
+// the threads of a block share it (csrc/cuda/rows.cuh: a block reduction). Ctx provides
+//   using Acc;                                           the accumulator type of the sums,
+//   template <class F> void each(int64_t n, F f);        f(i) for this worker's share of [0, n),
+//   template <int K, class F> void reduce(int64_t n, F f, Acc (&s)[K]);
+//                                                        the same, f(i, v0, v1) setting element i's terms
+//                                                        (K = 1: v0 only); s[k] ← their sums over the row.
+// Every worker visits the same indices in every pass, so a pass may overwrite what it read; f must not
+// depend on other elements than i (the CPU vectorises the loops on that promise).
 #pragma once
 #include "codes.h"
 #include "small_linalg.h"
@@ -31,9 +34,8 @@ FGSGD_HD T row_tangent_dot(Ctx& ctx, int code, const T* p, const T* g, int64_t n
   using Acc = typename Ctx::Acc;
   if (!row_curved(code)) return T(0);
   const T inv_r = T(1) / r;
-  Acc s[1] = {Acc(0)};
-  ctx.each(n, [&](int64_t i) { s[0] += Acc(p[i] * inv_r) * Acc(r * g[i]); });
-  ctx.sum(s);
+  Acc s[1];
+  ctx.reduce(n, [&](int64_t i, Acc& v, Acc&) { v = Acc(p[i] * inv_r) * Acc(r * g[i]); }, s);
   return T(s[0]);
 }
 
@@ -44,13 +46,89 @@ FGSGD_HD T row_tangent_sqnorm(Ctx& ctx, int code, const T* p, const T* g, int64_
   const T a = row_tangent_dot(ctx, code, p, g, n, r);
   const T w_d = manifold_of(code) == kManEuclidean ? wd : T(0);
   const T inv_r = T(1) / r;
-  Acc s[1] = {Acc(0)};
-  ctx.each(n, [&](int64_t i) {
-    const T xi = r * (w_d != T(0) ? g[i] + w_d * p[i] : g[i]) - a * (p[i] * inv_r);
-    s[0] += Acc(xi) * Acc(xi);
-  });
-  ctx.sum(s);
+  Acc s[1];
+  ctx.reduce(n, [&](int64_t i, Acc& v, Acc&) {
+    const T xi = r * (g[i] + w_d * p[i]) - a * (p[i] * inv_r);
+    v = Acc(xi) * Acc(xi);
+  }, s);
   return T(s[0]);
+}
+
+// How a step uses the momentum buffer: none, read and written, written only (the first step).
+enum RowMomentum : int { kRowNoMomentum = 0, kRowMomentum = 1, kRowFirstStep = 2 };
+
+// row_step with the momentum mode and nesterov fixed at compile time: the per-element code of every pass
+// then has no branch and no conditional memory access (the CPU loops vectorise).
+template <int kMom, bool kNesterov, class Ctx, class T>
+FGSGD_HD void row_step_impl(Ctx& ctx, int code, T* p, const T* g, T* m, int64_t n, T r, T sg,
+                            const StepHParams<T>& h) {
+  using Acc = typename Ctx::Acc;
+  const bool curved = row_curved(code);
+  const T inv_r = T(1) / r;
+  const T wd = curved ? T(0) : h.weight_decay;
+  const T a = row_tangent_dot(ctx, code, p, g, n, r);
+  const T mom = h.momentum, omd = T(1) - h.dampening, lr = h.lr;
+  auto xi_at = [&](int64_t i, T w) {  // s_g·Π_ω(R·(g + wd·p)) at i
+    return sg * (r * (g[i] + wd * p[i]) - a * w);
+  };
+  auto buf_at = [&](int64_t i, T xi) {  // step 3: the new momentum buffer
+    if constexpr (kMom == kRowFirstStep) return xi;
+    if constexpr (kMom == kRowMomentum) return mom * m[i] + omd * xi;
+    return T(0);
+  };
+  auto d_of = [&](T xi, T buf) {  // the retraction's direction
+    if constexpr (kMom == kRowNoMomentum) return -lr * xi;
+    if constexpr (kNesterov) return -lr * (xi + mom * buf);
+    return -lr * buf;
+  };
+  if (!curved) {
+    ctx.each(n, [&](int64_t i) {
+      const T w = p[i] * inv_r, xi = xi_at(i, w), buf = buf_at(i, xi);
+      if constexpr (kMom != kRowNoMomentum) m[i] = buf;
+      p[i] = r * (w + d_of(xi, buf));
+    });
+    return;
+  }
+  const bool exp_map = row_exp(code);
+  const T on_w = exp_map ? T(0) : T(1);  // ‖d‖² (exp) or ‖ω + d‖² (normalize)
+  Acc q[1];
+  ctx.reduce(n, [&](int64_t i, Acc& out, Acc&) {
+    const T w = p[i] * inv_r, xi = xi_at(i, w), buf = buf_at(i, xi);
+    if constexpr (kMom != kRowNoMomentum) m[i] = buf;
+    const T v = on_w * w + d_of(xi, buf);
+    out = Acc(v) * Acc(v);
+  }, q);
+  T alpha, beta;  // ω' = α·ω + β·d
+  if (exp_map) {
+    cos_sinc_(sqrt_(T(q[0])), &alpha, &beta);  // cos‖V‖ ω + sin‖V‖ V/‖V‖
+  } else {
+    alpha = beta = rsqrt_(T(q[0]));  // (ω + V)/‖ω + V‖
+  }
+  Acc s[2];
+  ctx.reduce(n, [&](int64_t i, Acc& v0, Acc& v1) {
+    const T w = p[i] * inv_r;
+    T buf = T(0), d;
+    if constexpr (kMom == kRowNoMomentum) {
+      d = d_of(xi_at(i, w), buf);
+    } else {
+      buf = m[i];
+      if constexpr (kNesterov)
+        d = d_of(xi_at(i, w), buf);
+      else
+        d = -lr * buf;  // pass 3 needs neither g nor ξ
+    }
+    const T wn = alpha * w + beta * d;
+    p[i] = wn;
+    v0 = Acc(wn) * Acc(buf);
+    v1 = Acc(wn) * Acc(wn);
+  }, s);
+  const T ns = h.stabilize ? rsqrt_(T(s[1])) : T(1);  // step 5: ω'' = ω'/‖ω'‖
+  const T cb = T(s[0]) * ns;                            // ⟨ω'', buf⟩
+  ctx.each(n, [&](int64_t i) {
+    const T wn = p[i] * ns;
+    if constexpr (kMom != kRowNoMomentum) m[i] = m[i] - cb * wn;  // transport by projection onto T_ω''
+    p[i] = r * wn;
+  });
 }
 
 // One step of one row in place: p (and m when momentum != 0; read unless first_step) written, g read.
@@ -59,64 +137,15 @@ FGSGD_HD T row_tangent_sqnorm(Ctx& ctx, int code, const T* p, const T* g, int64_
 // p ← R·ω''. Euclidean rows take one pass.
 template <class Ctx, class T>
 FGSGD_HD void row_step(Ctx& ctx, int code, T* p, const T* g, T* m, int64_t n, T r, T sg, const StepHParams<T>& h) {
-  using Acc = typename Ctx::Acc;
   if (!row_code_ok(code)) return;
-  const bool curved = row_curved(code), use_m = h.momentum != T(0);
-  const T inv_r = T(1) / r;
-  const T wd = curved ? T(0) : h.weight_decay;
-  const T a = row_tangent_dot(ctx, code, p, g, n, r);
-  auto xi_at = [&](int64_t i, T w) {  // s_g·Π_ω(R·(g + wd·p)) at i
-    return sg * (r * (wd != T(0) ? g[i] + wd * p[i] : g[i]) - a * w);
-  };
-  auto buf_at = [&](int64_t i, T xi) {  // step 3: the new momentum buffer
-    return h.first_step ? xi : h.momentum * m[i] + (T(1) - h.dampening) * xi;
-  };
-  auto d_of = [&](T xi, T buf) {  // the retraction's direction
-    return use_m ? -h.lr * (h.nesterov ? xi + h.momentum * buf : buf) : -h.lr * xi;
-  };
-  if (!curved) {
-    ctx.each(n, [&](int64_t i) {
-      const T w = p[i] * inv_r, xi = xi_at(i, w);
-      const T buf = use_m ? buf_at(i, xi) : T(0);
-      if (use_m) m[i] = buf;
-      p[i] = r * (w + d_of(xi, buf));
-    });
-    return;
-  }
-  const bool exp_map = row_exp(code);
-  Acc q[1] = {Acc(0)};
-  ctx.each(n, [&](int64_t i) {
-    const T w = p[i] * inv_r, xi = xi_at(i, w);
-    const T buf = use_m ? buf_at(i, xi) : T(0);
-    if (use_m) m[i] = buf;
-    const T v = exp_map ? d_of(xi, buf) : w + d_of(xi, buf);
-    q[0] += Acc(v) * Acc(v);
-  });
-  ctx.sum(q);
-  T c = T(0), sc = T(0), inv = T(0);
-  if (exp_map)
-    cos_sinc_(sqrt_(T(q[0])), &c, &sc);  // cos‖V‖ ω + sin‖V‖ V/‖V‖
+  if (h.momentum == T(0))
+    row_step_impl<kRowNoMomentum, false>(ctx, code, p, g, m, n, r, sg, h);
+  else if (h.first_step)
+    h.nesterov ? row_step_impl<kRowFirstStep, true>(ctx, code, p, g, m, n, r, sg, h)
+               : row_step_impl<kRowFirstStep, false>(ctx, code, p, g, m, n, r, sg, h);
   else
-    inv = rsqrt_(T(q[0]));  // (ω + V)/‖ω + V‖
-  Acc s[2] = {Acc(0), Acc(0)};
-  const bool d_from_buf = use_m && !h.nesterov;  // d = −lr·buf: pass 3 needs neither g nor ξ
-  ctx.each(n, [&](int64_t i) {
-    const T w = p[i] * inv_r;
-    const T buf = use_m ? m[i] : T(0);
-    const T d = d_from_buf ? -h.lr * buf : d_of(xi_at(i, w), buf);
-    const T wn = exp_map ? c * w + sc * d : (w + d) * inv;
-    p[i] = wn;
-    s[0] += Acc(wn) * Acc(buf);
-    s[1] += Acc(wn) * Acc(wn);
-  });
-  ctx.sum(s);
-  const T ns = h.stabilize ? rsqrt_(T(s[1])) : T(1);  // step 5: ω'' = ω'/‖ω'‖
-  const T cb = T(s[0]) * ns;                            // ⟨ω'', buf⟩
-  ctx.each(n, [&](int64_t i) {
-    const T wn = p[i] * ns;
-    if (use_m) m[i] = m[i] - cb * wn;  // transport by projection onto T_ω''
-    p[i] = r * wn;
-  });
+    h.nesterov ? row_step_impl<kRowMomentum, true>(ctx, code, p, g, m, n, r, sg, h)
+               : row_step_impl<kRowMomentum, false>(ctx, code, p, g, m, n, r, sg, h);
 }
 
 FGSGD_NAMESPACE_END
