@@ -165,9 +165,12 @@ FGSGD_LANE void prefetch_ahead(const TensorSlot<E>& t, int64_t c, int64_t end) {
 
 // One pass over the components in order. W consecutive components of one code (a run, or the
 // whole tensor) form a block as they are; otherwise each component joins the pending block of its
-// code (branch-free: a compare mask per code and a table of bit positions), which runs as soon as
-// it holds W. So every block has a single code whatever the interleaving, and touches only
-// components seen in the last few blocks: memory is read in order, once, as by a plain stream.
+// code (branch-free: a compare mask per code and a table of bit positions); every kFlush components
+// the full pending blocks run, code by code (checking for a full block after every append instead
+// mispredicted about once per 8 components: a random code per component, AVX2, 1 thread, 1.2 M
+// components: 11.7 → 10.2 ms). So every block has a single code whatever the interleaving, and
+// touches only components seen in the last few blocks: memory is read in order, once, as by a
+// plain stream.
 // Pending blocks left at the end are padded with copies of their last index (the copies load the
 // same inputs and store the same results: harmless).
 template <class S, class E>
@@ -186,19 +189,24 @@ void step_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int
   for (int64_t c0 = begin; c0 < end; c0 += kSpan) {
     const int n = int(end - c0 < kSpan ? end - c0 : kSpan);
     const uint8_t* codes = t.codes + c0;
-    int32_t pending[kNumCodes][W + 16];  // room for a full block plus an unconditional 8-wide append
+    constexpr int kFlush = 32;  // components classified between two flushes of the pending blocks
+    int32_t pending[kNumCodes][kFlush + W + 16];  // a flush leaves < W; then kFlush more and an 8-wide append
     int count[kNumCodes] = {};
     auto append = [&](int k, int base, uint32_t m) {  // the components base + (bits of m), code k
-      int32_t* pk = pending[k];
-      int cnt = count[k];
-      for (int j = 0; j < 8; ++j) pk[cnt + j] = base + kCompress.pos[m][j];
-      cnt += kCompress.count[m];
-      if (cnt >= W) {
-        fn[k](s, t, h, c0, pk);
-        cnt -= W;
-        for (int q = 0; q < 8; ++q) pk[q] = pk[W + q];
+      int32_t* pk = pending[k] + count[k];
+      for (int j = 0; j < 8; ++j) pk[j] = base + kCompress.pos[m][j];
+      count[k] += kCompress.count[m];
+    };
+    auto flush = [&] {  // every full block of pending components, code by code
+      for (int k = 0; k < kNumCodes; ++k) {
+        int32_t* pk = pending[k];
+        const int cnt = count[k];
+        if (cnt < W) continue;
+        int b = 0;
+        for (; b + W <= cnt; b += W) fn[k](s, t, h, c0, pk + b);
+        for (int q = 0; q < cnt - b; ++q) pk[q] = pk[b + q];
+        count[k] = cnt - b;
       }
-      count[k] = cnt;
     };
     auto classify = [&](int base, int g) {  // g codes at base, g <= G (a tail: one by one)
       uint32_t mk[kNumCodes], seen = 0;
@@ -226,8 +234,10 @@ void step_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int
       } else {
         for (int j = 0; j < W; j += G) classify(i + j, G);
       }
+      if ((i + W) % kFlush == 0) flush();
     }
     for (; i < n; i += G) classify(i, n - i < G ? n - i : G);
+    flush();
     for (int k = 0; k < kNumCodes; ++k) {
       if (count[k] == 0) continue;
       for (int q = count[k]; q < W; ++q) pending[k][q] = pending[k][count[k] - 1];
