@@ -8,7 +8,8 @@ minimum wall-clock time of each is printed with their ratio, and the minimum pro
 (summed over threads: about twice the wall-clock time when both cores of a 2-core machine worked).
 "mix": codes random among {1,3,5} per component (random group membership); "runs": {1,3,5} in
 runs of 64 (random code per run), "randL" the same with runs of L; "runsL" (e.g. runs8, runs2048): runs of L cycling 1, 3, 5; "sorted":
-three runs, one per code. Every FG-SGD call is one full momentum step (p, g, m read; p, m written).
+three runs, one per code. With --row-len L the components are L×1 rows (the row kernels; codes 5 is
+stiefel-qr, the same as sphere on a row). Every FG-SGD call is one full momentum step (p, g, m read; p, m written).
 """
 import argparse
 import time
@@ -46,6 +47,8 @@ def main():
     ap.add_argument("--codes", default="mix,runs,1,3,5,2,4,6,0")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--isa", default="", help="CPU fast path: avx2, base or scalar (default: the library's choice)")
+    ap.add_argument("--row-len", type=int, default=0,
+                    help="components are n×1 rows of this length (> 64: the row kernels), --n of them, instead of 3×3")
     a = ap.parse_args()
     dt = getattr(torch, a.dtype)
     from fgsgd_cuda import _C
@@ -53,11 +56,12 @@ def main():
         raise SystemExit(f"--isa {a.isa}: not available here")
     isa = _C._cpu_isa() if hasattr(_C, "_cpu_isa") else "scalar"
     n = a.n
+    shape = (a.row_len, 1) if a.row_len else (3, 3)
     print(f"fgsgd_cuda from {fgsgd_cuda.__file__}; torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"N={n} 3x3 {a.dtype}, cpu isa {isa}")
+          f"N={n} {shape[0]}x{shape[1]} {a.dtype}, cpu isa {isa}")
     gen = torch.Generator().manual_seed(0)
-    p = torch.randn(n, 3, 3, generator=gen, dtype=dt)
-    g = torch.randn(n, 3, 3, generator=gen, dtype=dt) * 1e-2
+    p = torch.randn(n, *shape, generator=gen, dtype=dt)
+    g = torch.randn(n, *shape, generator=gen, dtype=dt) * 1e-2
     m = torch.zeros_like(p)
     P = torch.nn.Parameter(p.clone())
     P.grad = g.clone()
@@ -78,7 +82,10 @@ def main():
         else:
             codes = torch.full((n,), int(spec), dtype=torch.uint8)
         pp = p.clone()
-        ops.projx_([pp], [codes])
+        if a.row_len:  # rows: every row code is on the unit sphere (projx_ takes small components only)
+            pp = torch.nn.functional.normalize(pp, dim=1)
+        else:
+            ops.projx_([pp], [codes])
         mm = m.clone()
         ops.step_([pp], [g], [mm], [codes], lr=0.1, momentum=0.9, first_step=True)
         # interleave the two timings so both see the same machine state
