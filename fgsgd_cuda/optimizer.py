@@ -221,6 +221,15 @@ class FGSGD(Optimizer):
                                f"codes of this parameter (shape {tuple(p.shape)}); the state is inconsistent")
         return grouping
 
+    def _group_index(self, p: torch.Tensor) -> torch.Tensor:
+        """grouping(p).group_index, kept in the group-clip cache: a batch that changes (a parameter without a
+        gradient in some step) rebuilds its sort from it, not the membership (seconds on a large model)."""
+        key = ("group_index", id(p))
+        gi = self._group_cache.get(key)
+        if gi is None:
+            gi = self._group_cache[key] = self.grouping(p).group_index
+        return gi
+
     def components(self, p: torch.Tensor) -> torch.Tensor:
         """The (N, A, B) component view of a manifold parameter."""
         return component_view(p, self.state[p]["shape"])
@@ -304,7 +313,7 @@ class FGSGD(Optimizer):
                               momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
                               weight_decay=group["weight_decay"], group_clip=group["group_clip"],
                               stabilize=group["stabilize"], backend=group["backend"], cache=self._group_cache,
-                              views=self._view_cache, group_index=lambda k, ps=params: self.grouping(ps[k]).group_index)
+                              views=self._view_cache, group_index=lambda k, ps=params: self._group_index(ps[k]))
             else:
                 bufs = [self.state[p].get("momentum_buffer") for p in params]
                 new_buffers = any(b is None for b in bufs)

@@ -202,3 +202,21 @@ def test_loads_a_checkpoint_that_stored_the_group_index():
     train(model2, opt2, sched2, M, N)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+
+
+def test_group_clip_recomputes_the_membership_once_per_parameter(monkeypatch):
+    """A batch whose parameters change between steps (one without a gradient) rebuilds its group sort from
+    the cached groups of each parameter, not from the membership options (slow on a large model)."""
+    model = cnn(0)
+    opt, _ = make_optimizer(model, seed=1, sched=False)
+    calls = []
+    original = FGSGD.grouping
+    monkeypatch.setattr(FGSGD, "grouping", lambda self, p: calls.append(id(p)) or original(self, p))
+    x = torch.randn(2, 3, 8, 8, generator=make_gen(3))
+    for step in range(4):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        if step % 2:
+            model[3].weight.grad = None   # another batch of manifold parameters this step
+        opt.step()
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == len(list(opt.manifold_params()))
