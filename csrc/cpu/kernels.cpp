@@ -23,20 +23,6 @@ void each(int64_t n, F&& f) {
   });
 }
 
-// Runs f(slot, i) for every component of every slot, parallel over the concatenated index space.
-template <class T, class F>
-void each_slot(const std::vector<TensorSlot<T>>& slots, F&& f) {
-  std::vector<int64_t> start(slots.size() + 1, 0);
-  for (size_t t = 0; t < slots.size(); ++t) start[t + 1] = start[t] + slots[t].n;
-  at::parallel_for(0, start.back(), kGrain, [&](int64_t begin, int64_t end) {
-    size_t t = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
-    for (int64_t k = begin; k < end; ++k) {
-      while (k >= start[t + 1]) ++t;
-      f(slots[t], k - start[t]);
-    }
-  });
-}
-
 inline bool is_row_shape(int A, int B) { return A * B > kMaxElems; }  // the checks allow only B == 1 there
 
 enum Isa : int { kScalar = 0, kBase = 1, kAvx2 = 2 };
@@ -66,8 +52,8 @@ std::atomic<int>& isa_state() {
   return state;
 }
 
-// Runs range(slot, begin, end) over every component of every slot: the same parallel split as each_slot,
-// but each task hands whole runs of one tensor to `range`.
+// Runs range(slot, begin, end) over every component of every slot, parallel over the concatenated index
+// space: each task hands whole runs of one tensor to `range`.
 template <class T, class R>
 void each_range(const std::vector<TensorSlot<T>>& slots, int64_t grain, R&& range) {
   std::vector<int64_t> start(slots.size() + 1, 0);
@@ -80,6 +66,14 @@ void each_range(const std::vector<TensorSlot<T>>& slots, int64_t grain, R&& rang
       range(slots[t], k - start[t], stop - start[t]);
       k = stop;
     }
+  });
+}
+
+// Runs f(slot, i) for every component of every slot.
+template <class T, class F>
+void each_slot(const std::vector<TensorSlot<T>>& slots, F&& f) {
+  each_range(slots, kGrain, [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) f(t, i);
   });
 }
 
