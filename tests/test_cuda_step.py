@@ -124,6 +124,39 @@ def test_optimizer_on_cuda_follows_cpu(dtype, options):
         assert rel_err(a, b) <= tol, f"parameter {k}: {rel_err(a, b):.3g}"
 
 
+def _rows_model(dtype=torch.float32, seed=0) -> nn.Sequential:
+    """3×3 filters, then 1×1 convs and a linear weight whose row-view rows are 80 or 96 entries long."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 80, 3, padding=1), nn.ReLU(), nn.Conv2d(80, 96, 1), nn.ReLU(),
+                         nn.Conv2d(96, 80, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(80, 4)).to(dtype)
+
+
+def _train_rows(device, backend, dtype, steps=5, **options):
+    model = _rows_model(dtype).to(device)
+    opt = FGSGD(param_groups(model, row_view=True, row_manifolds=["sphere", "oblique", "euclidean"], group_size=4,
+                             **options), lr=0.05, momentum=0.9, nesterov=True, backend=backend)
+    assert {opt.state[p]["shape"] for p in opt.param_groups[1]["params"]} == {(80, 1), (96, 1)}
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = (torch.randn(p.shape, generator=gen, dtype=dtype) / p[0].numel() ** 0.5).to(device)
+        opt.step()
+    return [p.detach().cpu() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", [dict(), dict(group_clip=0.5, stabilize=2, retraction={"sphere": "exp"})],
+                         ids=["default", "clip-stabilize-exp"])
+def test_row_view_on_cuda_follows_cpu(dtype, options):
+    """The row kernels (csrc/cuda/rows.cuh against csrc/cpu/serial_row.h) inside the optimizer: 5 steps of a
+    model whose 1×1 convs and linear weight are rows of 80 and 96 entries, CUDA against CPU."""
+    got = _train_rows("cuda", "cuda", dtype, **options)
+    ref = _train_rows("cpu", "cpu", dtype, **options)
+    tol = 10 * TOL[dtype]
+    for k, (a, b) in enumerate(zip(got, ref)):
+        assert rel_err(a, b) <= tol, f"parameter {k}: {rel_err(a, b):.3g}"
+
+
 def _captured_setup(seed=0):
     model = _model(3).cuda()
     opt = FGSGD(param_groups(model, group_size=4, group_clip=1.0), lr=0.05, momentum=0.9, check_finite=False,
