@@ -305,6 +305,10 @@ class FGSGD(Optimizer):
                 loss = closure()
         work, finite_checks = self._gather()
         self._check_finite(finite_checks)
+        for group, params, _ in work:  # the groups of group_clip, before anything changes (a bad state raises here)
+            if group["manifolds"] and group["group_clip"] is not None:
+                for p in params:
+                    self._group_index(p)
         for group, params, grads in work:
             if not params:
                 continue

@@ -220,3 +220,20 @@ def test_group_clip_recomputes_the_membership_once_per_parameter(monkeypatch):
             model[3].weight.grad = None   # another batch of manifold parameters this step
         opt.step()
     assert sorted(calls) == sorted(set(calls)) and len(calls) == len(list(opt.manifold_params()))
+
+
+def test_an_inconsistent_grouping_is_refused_before_anything_changes():
+    """group_clip on a state whose stored codes do not match its membership options (a tampered or mixed-up
+    checkpoint): the step raises by name before any parameter or buffer changes."""
+    model = cnn(0)
+    opt, _ = make_optimizer(model, seed=1, sched=False)
+    late = list(opt.manifold_params())[-1][1]
+    st = opt.state[late]
+    st["codes"] = st["codes"].flip(0).clone()
+    x = torch.randn(2, 3, 8, 8, generator=make_gen(4))
+    model(x).square().mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"grouping: the membership options .* do not reproduce the stored codes"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all("momentum_buffer" not in opt.state[p] for p in model.parameters())
