@@ -265,3 +265,40 @@ def test_rows_on_every_instruction_set(isa, case, dtype):
     ref = R.tangent_sqnorm(torch.cat([t["p"].double() for t in ts]), torch.cat([t["g"].double() for t in ts]),
                            torch.cat([t["codes"] for t in ts]), torch.cat([t["r"].double() for t in ts]), 0.03)
     assert rel_err(sq, ref) <= tol, f"{isa}: tangent_sqnorm"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("wd", [0.0, 0.02])
+def test_tangent_sqnorm_on_every_instruction_set(isa, wd, dtype):
+    """‖ξ‖² of 3×3 components (the blocks of the fast path, sqnorm_block) against the float64 reference: every
+    code interleaved, runs of one code, a tail, R, several tensors; unknown codes take the scalar path."""
+    gen = make_gen(zlib.crc32(repr(("sqnorm-isa", wd, str(dtype))).encode()))
+    sizes = [1, 37, 300, 1001]
+    tensors = []
+    for k, n in enumerate(sizes):
+        if k == 2:   # runs of one code, as a deterministic grouping gives
+            codes = torch.tensor(codes_for(3, 3), dtype=torch.uint8).repeat_interleave(48)[:n].contiguous()
+        else:
+            codes = torch.tensor(codes_for(3, 3), dtype=torch.uint8)[torch.randint(len(codes_for(3, 3)), (n,),
+                                                                                    generator=gen)]
+        p, g, _, r, *_ = _inputs(n, 3, 3, codes, gen, dtype, rescale=True)
+        tensors.append((p, g, codes, r))
+    got = ops.tangent_sqnorm([p.to(dtype) for p, *_ in tensors], [g.to(dtype) for _, g, *_ in tensors],
+                             [c for *_, c, _ in tensors], rescale=[r.to(dtype) for *_, r in tensors],
+                             weight_decay=wd, backend="cpu")
+    ref = R.tangent_sqnorm(torch.cat([p for p, *_ in tensors]), torch.cat([g for _, g, *_ in tensors]),
+                           torch.cat([c for *_, c, _ in tensors]).long(), torch.cat([r for *_, r in tensors]), wd)
+    assert got.dtype == dtype
+    assert rel_err(got, ref) <= _tol(dtype), f"{isa}"
+    # codes outside 0..6 (the scalar path's default branch: no projection) agree with the scalar ISA
+    if isa != "default" and "scalar" in ISAS:
+        codes = tensors[3][2].clone()
+        codes[::7] = 9
+        args = ([tensors[3][0].to(dtype)], [tensors[3][1].to(dtype)], [codes])
+        fast = ops.tangent_sqnorm(*args, weight_decay=wd, backend="cpu")
+        _ext._C._set_cpu_isa("scalar")
+        try:
+            slow = ops.tangent_sqnorm(*args, weight_decay=wd, backend="cpu")
+        finally:
+            _ext._C._set_cpu_isa(isa)
+        assert rel_err(fast, slow) <= _tol(dtype)

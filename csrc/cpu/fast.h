@@ -25,13 +25,16 @@ namespace cpu {
 // Shapes with a fast path; the others run the scalar per-component path.
 inline bool fast_shape(int A, int B) { return A == 3 && B == 3; }
 
-// The fused step of components [begin, end) of one tensor (A×B components, fast_shape(A, B)).
+// The fused step of components [begin, end) of one tensor (A×B components, fast_shape(A, B)); ‖ξ‖² of them
+// into t.out (sqnorm_range).
 // Rows [begin, end) of one tensor of n×1 row components (serial_row.h): the step, and ‖ξ‖² into t.out.
 #define FGSGD_DECLARE_FAST(ISA)                                                                        \
   void step_range_##ISA(const TensorSlot<float>& t, const StepHParams<float>& h, int A, int B,       \
                         int64_t begin, int64_t end);                                                   \
   void step_range_##ISA(const TensorSlot<double>& t, const StepHParams<double>& h, int A, int B,     \
                         int64_t begin, int64_t end);                                                   \
+  void sqnorm_range_##ISA(const TensorSlot<float>& t, float wd, int A, int B, int64_t begin, int64_t end); \
+  void sqnorm_range_##ISA(const TensorSlot<double>& t, double wd, int A, int B, int64_t begin, int64_t end); \
   void step_rows_##ISA(const TensorSlot<float>& t, const StepHParams<float>& h, int64_t n,           \
                        int64_t begin, int64_t end);                                                    \
   void step_rows_##ISA(const TensorSlot<double>& t, const StepHParams<double>& h, int64_t n,         \

@@ -95,6 +95,44 @@ struct BlockTable {
       &step_block<6, kCommon, S, E>};
 };
 
+// ‖ξ‖² (tangent_sqnorm) of the W components idx[0..W) of span base c0 into t.out; h carries only the
+// weight decay (euclidean components). Same block structure as step_block: the loads and the tangent
+// projection of the shared math, then a per-lane sum of squares.
+template <int kCode, class S, class E>
+__attribute__((flatten)) void sqnorm_block(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int64_t c0,
+                                           const int32_t* idx) {
+  using L = Block<E>;
+  constexpr int W = L::kWidth;
+  constexpr int N = S::kCap;
+  int32_t off[W];
+  for (int c = 0; c < W; ++c) off[c] = idx[c] * N;
+  L r(E(1));
+  if (t.rescale) r = L::gather(t.rescale + c0, idx);
+  L p[N], g[N], w[N], xi[N];
+  load_soa<N>(t.p + c0 * N, off, p);
+  load_soa<N>(t.g + c0 * N, off, g);
+  tangent(s, kCode, p, g, r, manifold_of(kCode) == kManEuclidean ? h.weight_decay : E(0), w, xi);
+  const L sq = dot(s, xi, xi);
+  for (int c = 0; c < W; ++c) t.out[c0 + idx[c]] = sq.lane(c);
+}
+
+template <class S, class E>
+struct SqnormTable {
+  static constexpr BlockFn<S, E> fn[kNumCodes] = {
+      &sqnorm_block<0, S, E>, &sqnorm_block<1, S, E>, &sqnorm_block<2, S, E>, &sqnorm_block<3, S, E>,
+      &sqnorm_block<4, S, E>, &sqnorm_block<5, S, E>, &sqnorm_block<6, S, E>};
+};
+
+// The scalar path of one component (unknown codes: its default branches, as without SIMD).
+template <class S, class E>
+using ScalarFn = void (*)(const S&, const TensorSlot<E>&, const StepHParams<E>&, int64_t);
+template <class S, class E>
+void step_scalar(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int64_t i) { step_at(s, t, h, i); }
+template <class S, class E>
+void sqnorm_scalar(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int64_t i) {
+  sqnorm_at(s, t, h.weight_decay, i);
+}
+
 // True when the n codes at c all equal k (n a multiple of 4; word compares).
 inline bool all_equal(const uint8_t* c, int n, uint8_t k) {
   const uint32_t kk = 0x01010101u * k;
@@ -174,7 +212,8 @@ FGSGD_LANE void prefetch_ahead(const TensorSlot<E>& t, int64_t c, int64_t end) {
 // Pending blocks left at the end are padded with copies of their last index (the copies load the
 // same inputs and store the same results: harmless).
 template <class S, class E>
-void step_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int64_t begin, int64_t end) {
+void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int64_t begin, int64_t end,
+                  const BlockFn<S, E>* fn, ScalarFn<S, E> scalar) {
   constexpr int W = Block<E>::kWidth;
   constexpr int G = W < 8 ? W : 8;  // codes classified per mask
   static_assert(W % 4 == 0, "groups of 4 or 8 codes");
@@ -185,7 +224,6 @@ void step_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int
       for (int i = 0; i < W; ++i) v[i] = i;
     }
   } iota;
-  const BlockFn<S, E>* fn = is_common(t, h) ? BlockTable<S, E, true>::fn : BlockTable<S, E, false>::fn;
   for (int64_t c0 = begin; c0 < end; c0 += kSpan) {
     const int n = int(end - c0 < kSpan ? end - c0 : kSpan);
     const uint8_t* codes = t.codes + c0;
@@ -223,7 +261,7 @@ void step_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int
         seen |= mk[k];
       }
       // unknown codes: the scalar path (its default branches), as without SIMD
-      for (uint32_t u = ~seen & ((1u << g) - 1); u; u &= u - 1) step_at(s, t, h, c0 + base + __builtin_ctz(u));
+      for (uint32_t u = ~seen & ((1u << g) - 1); u; u &= u - 1) scalar(s, t, h, c0 + base + __builtin_ctz(u));
     };
     int i = 0;
     for (; i + W <= n; i += W) {
@@ -246,9 +284,23 @@ void step_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int
   }
 }
 
+template <class S, class E>
+void step_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int64_t begin, int64_t end) {
+  blocks_range(s, t, h, begin, end, is_common(t, h) ? BlockTable<S, E, true>::fn : BlockTable<S, E, false>::fn,
+               &step_scalar<S, E>);
+}
+
 template <class E>
 void step_any(const TensorSlot<E>& t, const StepHParams<E>& h, int A, int B, int64_t begin, int64_t end) {
   if (A == 3 && B == 3) step_range(Fixed<3, 3>{}, t, h, begin, end);
+}
+
+template <class E>
+void sqnorm_any(const TensorSlot<E>& t, E wd, int A, int B, int64_t begin, int64_t end) {
+  StepHParams<E> h{};
+  h.weight_decay = wd;
+  if (A == 3 && B == 3)
+    blocks_range(Fixed<3, 3>{}, t, h, begin, end, SqnormTable<Fixed<3, 3>, E>::fn, &sqnorm_scalar<Fixed<3, 3>, E>);
 }
 
 }  // namespace
@@ -264,6 +316,12 @@ void FGSGD_FAST_ENTRY(step_range)(const TensorSlot<float>& t, const StepHParams<
 void FGSGD_FAST_ENTRY(step_range)(const TensorSlot<double>& t, const StepHParams<double>& h, int A, int B,
                                   int64_t begin, int64_t end) {
   ::fgsgd::FGSGD_ISA::simd::step_any(t, h, A, B, begin, end);
+}
+void FGSGD_FAST_ENTRY(sqnorm_range)(const TensorSlot<float>& t, float wd, int A, int B, int64_t begin, int64_t end) {
+  ::fgsgd::FGSGD_ISA::simd::sqnorm_any(t, wd, A, B, begin, end);
+}
+void FGSGD_FAST_ENTRY(sqnorm_range)(const TensorSlot<double>& t, double wd, int A, int B, int64_t begin, int64_t end) {
+  ::fgsgd::FGSGD_ISA::simd::sqnorm_any(t, wd, A, B, begin, end);
 }
 void FGSGD_FAST_ENTRY(step_rows)(const TensorSlot<float>& t, const StepHParams<float>& h, int64_t n, int64_t begin,
                                  int64_t end) {

@@ -152,6 +152,17 @@ void multi_step(const std::vector<TensorSlot<T>>& slots, int A, int B, const Ste
 template <class T>
 void multi_sqnorm(const std::vector<TensorSlot<T>>& slots, int A, int B, T wd) {
   if (is_row_shape(A, B)) return multi_rows(slots, A, static_cast<const StepHParams<T>*>(nullptr), wd);
+  const int v = isa_state().load();
+  if (v != kScalar && fast_shape(A, B)) {
+    return each_range(slots, kGrain, [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
+#if FGSGD_CPU_HAVE_AVX2_TU
+      if (v == kAvx2) return sqnorm_range_avx2(t, wd, A, B, begin, end);
+#endif
+#if FGSGD_CPU_HAVE_FAST
+      sqnorm_range_base(t, wd, A, B, begin, end);
+#endif
+    });
+  }
   with_shape(A, B, [&](auto s) { each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) { sqnorm_at(s, t, wd, i); }); });
 }
 template <class T>
