@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "fgsgd/batched.h"
+#include "fgsgd/group_scale.h"
 
 namespace fgsgd {
 namespace ops {
@@ -248,6 +249,29 @@ void rescale_(TensorList params, TensorList codes, TensorList ratio) {
   });
 }
 
+template <class Backend>
+Tensor group_scale(const Tensor& sqnorm, const Tensor& members, const Tensor& offsets, double group_clip) {
+  check_dense(sqnorm, "sqnorm");
+  TORCH_CHECK(sqnorm.dim() == 1 && (sqnorm.scalar_type() == at::kFloat || sqnorm.scalar_type() == at::kDouble) &&
+                  sqnorm.is_contiguous(),
+              "fgsgd: sqnorm must be a contiguous 1-D float32 or float64 tensor, got ", shape_str(sqnorm), " ",
+              sqnorm.scalar_type());
+  check_vector(members, sqnorm.size(0), at::kLong, sqnorm, "members");
+  check_dense(offsets, "offsets");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1 && offsets.scalar_type() == at::kLong &&
+                  offsets.device() == sqnorm.device() && offsets.is_contiguous(),
+              "fgsgd: offsets must be a contiguous 1-D int64 tensor of G + 1 >= 1 entries on the device of sqnorm");
+  TORCH_CHECK(group_clip > 0, "fgsgd: group_clip must be positive");
+  Tensor out = at::empty({offsets.size(0) - 1}, sqnorm.options());
+  if (out.numel() == 0) return out;
+  FGSGD_FLOATING(sqnorm.scalar_type(), [&] {
+    Backend::group_scale(GroupScaleArgs<T>{sqnorm.data_ptr<T>(), members.data_ptr<int64_t>(),
+                                           offsets.data_ptr<int64_t>(), out.data_ptr<T>(), out.numel(), group_clip},
+                         sqnorm);
+  });
+  return out;
+}
+
 // Registers every op of one device backend under `m`.
 template <class Backend>
 void register_impls(torch::Library& m) {
@@ -259,6 +283,7 @@ void register_impls(torch::Library& m) {
   m.impl("tangent_sqnorm", &tangent_sqnorm<Backend>);
   m.impl("projx_", &projx_<Backend>);
   m.impl("rescale_", &rescale_<Backend>);
+  m.impl("group_scale", &group_scale<Backend>);
 }
 
 }  // namespace ops

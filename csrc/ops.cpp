@@ -12,6 +12,8 @@
 //       concatenated over the tensors (the input of the group step size, step 2).
 //   projx_(params, codes, rescale): p ← R·projx(p/R) in place.
 //   rescale_(params, codes, ratio): p ← ratio·p per component, in place (a new rescale R).
+//   group_scale(sqnorm, members, offsets, group_clip) -> s_g of every group (step 2): members (int64) lists
+//       the components of group g at [offsets[g], offsets[g+1]) (int64, G + 1 entries).
 #include "op_impl.h"
 #include "cpu/kernels.h"
 
@@ -35,6 +37,7 @@ struct CpuBackend {
   template <class T> static void rescale_slots(const std::vector<TensorSlot<T>>& s, const Tensor& p0) {
     cpu::multi_rescale(s, int(p0.size(1)), int(p0.size(2)));
   }
+  template <class T> static void group_scale(const GroupScaleArgs<T>& a, const Tensor&) { cpu::group_scale(a); }
 };
 
 }  // namespace ops
@@ -52,6 +55,7 @@ TORCH_LIBRARY(fgsgd, m) {
   m.def("tangent_sqnorm(Tensor[] params, Tensor[] grads, Tensor[] codes, Tensor[] rescale, float weight_decay) -> Tensor");
   m.def("projx_(Tensor(a!)[] params, Tensor[] codes, Tensor[] rescale) -> ()");
   m.def("rescale_(Tensor(a!)[] params, Tensor[] codes, Tensor[] ratio) -> ()");
+  m.def("group_scale(Tensor sqnorm, Tensor members, Tensor offsets, float group_clip) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fgsgd, CPU, m) { fgsgd::ops::register_impls<fgsgd::ops::CpuBackend>(m); }

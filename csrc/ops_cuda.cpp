@@ -39,6 +39,10 @@ struct CudaBackend {
     c10::cuda::CUDAGuard guard(p0.device());
     cuda_ok(cuda::multi_rescale(s.data(), int(s.size()), int(p0.size(1)), int(p0.size(2)), stream(p0)));
   }
+  template <class T> static void group_scale(const GroupScaleArgs<T>& a, const Tensor& sq) {
+    c10::cuda::CUDAGuard guard(sq.device());
+    cuda_ok(cuda::group_scale(a, stream(sq)));
+  }
 };
 
 }  // namespace ops

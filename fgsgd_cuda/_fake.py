@@ -70,6 +70,12 @@ def register() -> None:
             _lists(params, None, None, codes, rescale)
         return None
 
+    @torch.library.register_fake(lib + "group_scale")
+    def _group_scale(sqnorm, members, offsets, group_clip):
+        from .ops import check_group_scale
+        check_group_scale(sqnorm, members, offsets, group_clip)
+        return sqnorm.new_empty((offsets.shape[0] - 1,))
+
     @torch.library.register_fake(lib + "rescale_")
     def _rescale_(params, codes, ratio):
         if params:

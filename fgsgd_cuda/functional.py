@@ -38,22 +38,21 @@ def group_step_sizes(impl, ps, gs, codes, rescale, group_index_of, num_groups, *
     """(group_index, s_g): the (N,) int32 groups of every tensor and s_g = 1 / max(1, ‖ξ_g‖/c) of every
     group (step 2), one list entry per tensor.
 
-    ‖ξ_g‖² is summed in float64 over the members of each group sorted by group (a deterministic
-    segmented sum: the same bits on every run and every DDP rank). The groups (``group_index_of(j)`` for
-    tensor j) and their sort are made once per ``key`` (the batch) and kept in ``cache``.
+    ‖ξ_g‖² is summed in float64 over the members of each group in index order (``impl.group_scale``: a
+    deterministic segmented sum, the same bits on every run and every DDP rank). The groups
+    (``group_index_of(j)`` for tensor j), their members sorted by group and the group offsets are made
+    once per ``key`` (the batch) and kept in ``cache``.
     """
     sq = impl.tangent_sqnorm(ps, gs, codes, rescale, weight_decay)
     if key not in cache:
         gidx = [group_index_of(j).to(device=sq.device, dtype=torch.int32) for j in range(len(ps))]
         offsets = torch.tensor([0] + num_groups[:-1]).cumsum(0).tolist()
         gid = torch.cat([gi.long() + off for gi, off in zip(gidx, offsets)])
-        perm = torch.argsort(gid, stable=True)
-        ends = torch.bincount(gid, minlength=sum(num_groups)).cumsum(0) - 1
-        cache[key] = (gidx, perm, ends)
-    gidx, perm, ends = cache[key]
-    csum = sq[perm].double().cumsum(0)[ends]
-    total = torch.diff(csum, prepend=csum.new_zeros(1))
-    scale = (1.0 / torch.clamp(total.sqrt() / group_clip, min=1.0)).to(ps[0].dtype)
+        members = torch.argsort(gid, stable=True)
+        offsets = torch.cat([gid.new_zeros(1), torch.bincount(gid, minlength=sum(num_groups)).cumsum(0)])
+        cache[key] = (gidx, members, offsets)
+    gidx, members, offsets = cache[key]
+    scale = impl.group_scale(sq, members, offsets, group_clip)
     return gidx, list(scale.split(num_groups))
 
 

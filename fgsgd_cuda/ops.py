@@ -130,6 +130,28 @@ def tangent_sqnorm(params: Tensors, grads: Tensors, codes: Tensors, *, rescale: 
         list(params), list(grads), list(codes), list(rescale), weight_decay)
 
 
+def check_group_scale(sqnorm, members, offsets, group_clip) -> None:
+    """The checks of :func:`group_scale` (shapes, dtypes, devices)."""
+    if sqnorm.dim() != 1 or sqnorm.dtype not in checks.FLOAT_DTYPES:
+        raise ValueError(f"sqnorm: expected a 1-D float32 or float64 tensor, got {sqnorm.dtype} {tuple(sqnorm.shape)}")
+    if members.dtype != torch.int64 or members.shape != sqnorm.shape or members.device != sqnorm.device:
+        raise ValueError(f"members: expected an int64 tensor of shape {tuple(sqnorm.shape)} on {sqnorm.device}, got "
+                         f"{members.dtype} {tuple(members.shape)} on {members.device}")
+    if offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.numel() < 1 or offsets.device != sqnorm.device:
+        raise ValueError(f"offsets: expected a 1-D int64 tensor of G + 1 >= 1 entries on {sqnorm.device}, got "
+                         f"{offsets.dtype} {tuple(offsets.shape)} on {offsets.device}")
+    if not group_clip > 0:
+        raise ValueError(f"group_clip: must be positive, got {group_clip!r}")
+
+
+def group_scale(sqnorm: torch.Tensor, members: torch.Tensor, offsets: torch.Tensor, group_clip: float,
+                backend: str = "auto") -> torch.Tensor:
+    """s_g = 1 / max(1, ‖ξ_g‖/c) of every group (DESIGN.md §1 step 2), ‖ξ_g‖² summed in float64 over
+    ``members[offsets[g]:offsets[g+1]]`` (indices into ``sqnorm``, the ‖ξ_i‖² of tangent_sqnorm) in that order."""
+    check_group_scale(sqnorm, members, offsets, group_clip)
+    return dispatch.get(backend, sqnorm.device).group_scale(sqnorm, members, offsets, group_clip)
+
+
 def projx_(params: Tensors, codes: Tensors, *, rescale: Tensors = (), backend: str = "auto") -> None:
     """p ← R·projx(p/R) in place: every component moved exactly onto its manifold."""
     if not params:

@@ -501,3 +501,47 @@ def test_rows_other_long_shapes_are_refused(backend, device):
             ops.step_([p], [p.clone()], [], [codes], lr=0.1, backend=backend)
         with pytest.raises(RuntimeError, match=r"params\[0\] components must have 1 <= A\*B <= 64 \(or be n×1 rows"):
             torch.ops.fgsgd.step_([p], [p.clone()], [], [codes], [], [], [], 0.1, 0.0, 0.0, False, 0.0, False, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# group_scale: s_g from the ‖ξ_i‖² of each group's members (step 2)
+# ----------------------------------------------------------------------------------------------
+
+def _group_inputs(n, groups, gen, dtype):
+    """‖ξ_i‖² (random, > 0), a random group per component (group 3 left empty), its CSR form, the reference."""
+    sq = (torch.rand(n, generator=gen, dtype=F64) * 3).to(dtype)
+    gi = torch.randint(groups, (n,), generator=gen)
+    gi[gi == 3] = 4
+    members = torch.argsort(gi, stable=True)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(gi, minlength=groups).cumsum(0)])
+    return sq, members, offsets, gi
+
+
+@pytest.mark.parametrize("n,groups", [(1, 5), (257, 20), (5000, 400)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,device", BACKENDS + [pytest.param("torch", "cpu", id="torch")])
+def test_group_scale(backend, device, dtype, n, groups):
+    gen = _seed("group-scale", dtype, n, groups)
+    sq, members, offsets, gi = _group_inputs(n, groups, gen, dtype)
+    clip = 2.0
+    got = ops.group_scale(sq.to(device), members.to(device), offsets.to(device), clip, backend=backend).cpu()
+    ref = R.group_step_size(sq.double(), gi.to(torch.int32), groups, clip)
+    assert got.shape == (groups,) and got.dtype == dtype
+    assert float(got[3]) == 1.0                                    # an empty group: s_g = 1
+    if n > groups:
+        assert bool((got < 1).any()) and bool((got == 1).any())    # some groups clipped, some not
+    _assert_close(got, ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_group_scale_refuses_bad_input_by_name(backend, device):
+    sq, members, offsets, _ = _group_inputs(50, 6, make_gen(1), torch.float32)
+    sq, members, offsets = sq.to(device), members.to(device), offsets.to(device)
+    with pytest.raises(ValueError, match=r"^members: expected an int64 tensor of shape \(50,\)"):
+        ops.group_scale(sq, members.int(), offsets, 1.0, backend=backend)
+    with pytest.raises(ValueError, match=r"^offsets: expected a 1-D int64 tensor"):
+        ops.group_scale(sq, members, offsets.float(), 1.0, backend=backend)
+    with pytest.raises(ValueError, match=r"^group_clip: must be positive"):
+        ops.group_scale(sq, members, offsets, 0.0, backend=backend)
+    with pytest.raises(RuntimeError, match=r"fgsgd: members must have dtype Long"):
+        torch.ops.fgsgd.group_scale(sq, members.int(), offsets, 1.0)

@@ -17,7 +17,7 @@ from fgsgd_cuda import codes as C
 from fgsgd_cuda import manifolds as M
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS = ["proj", "retr", "projx", "norms", "step_", "tangent_sqnorm", "projx_", "rescale_"]
+OPS = ["proj", "retr", "projx", "norms", "step_", "tangent_sqnorm", "projx_", "rescale_", "group_scale"]
 MUTATED = {"step_": {"params", "momentum_buffers"}, "projx_": {"params"}, "rescale_": {"params"}}
 
 
@@ -79,6 +79,8 @@ def _samples():
             ("tangent_sqnorm", (params, grads, codes, rescale, 0.01), tag),
             ("projx_", ([p * 1.3 for p in params], codes, rescale), tag),
             ("rescale_", (params, codes, [r * 1.1 for r in rescale]), tag),
+            ("group_scale", (torch.rand(14, generator=gen, dtype=torch.float64).to(dtype) * 3,
+                             torch.randperm(14, generator=gen), torch.tensor([0, 5, 5, 9, 14]), 1.5), tag),
         ]
     return [pytest.param(name, args, id=f"{name}-{tag}") for name, args, tag in out]
 

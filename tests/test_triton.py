@@ -510,3 +510,15 @@ def test_tangent_sqnorm_rows(device, dtype, wd):
                            torch.cat([t["codes"] for t in ts]), torch.cat([t["r"].double() for t in ts]), wd)
     assert rel_err(got, ref) <= (FP32_RTOL if dtype == torch.float32 else 1e-12)
 
+
+
+def test_group_scale_on_triton(device):
+    """The triton backend's group_scale (torch ops on the device) against the float64 reference."""
+    gen = make_gen(77)
+    sq = torch.rand(300, generator=gen, dtype=torch.float64) * 3
+    gi = torch.randint(40, (300,), generator=gen)
+    members = torch.argsort(gi, stable=True)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(gi, minlength=40).cumsum(0)])
+    got = ops.group_scale(sq.float().to(device), members.to(device), offsets.to(device), 2.0, backend="triton")
+    ref = R.group_step_size(sq.float().double(), gi.to(torch.int32), 40, 2.0)
+    assert rel_err(got.cpu(), ref) <= FP32_RTOL

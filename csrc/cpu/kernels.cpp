@@ -9,6 +9,7 @@
 
 #include "fast.h"
 #include "serial_row.h"
+#include "../fgsgd/group_scale.h"
 
 namespace fgsgd {
 namespace cpu {
@@ -174,6 +175,13 @@ void multi_rescale(const std::vector<TensorSlot<T>>& slots, int A, int B) {
   with_shape(A, B, [&](auto s) { each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) { rescale_slot_at(s, t, i); }); });
 }
 
+template <class T>
+void group_scale(const GroupScaleArgs<T>& a) {
+  at::parallel_for(0, a.groups, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) a.out[g] = group_scale_at(a, g);
+  });
+}
+
 #define FGSGD_INSTANTIATE(T)                                                                          \
   template void proj<T>(const UnaryArgs<T>&, int, int);                                              \
   template void retr<T>(const UnaryArgs<T>&, int, int);                                              \
@@ -182,7 +190,8 @@ void multi_rescale(const std::vector<TensorSlot<T>>& slots, int A, int B) {
   template void multi_step<T>(const std::vector<TensorSlot<T>>&, int, int, const StepHParams<T>&);  \
   template void multi_sqnorm<T>(const std::vector<TensorSlot<T>>&, int, int, T);                     \
   template void multi_projx<T>(const std::vector<TensorSlot<T>>&, int, int);                         \
-  template void multi_rescale<T>(const std::vector<TensorSlot<T>>&, int, int);
+  template void multi_rescale<T>(const std::vector<TensorSlot<T>>&, int, int);                      \
+  template void group_scale<T>(const GroupScaleArgs<T>&);
 FGSGD_INSTANTIATE(float)
 FGSGD_INSTANTIATE(double)
 #undef FGSGD_INSTANTIATE

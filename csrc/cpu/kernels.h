@@ -16,6 +16,7 @@ template <class T> void multi_step(const std::vector<TensorSlot<T>>& slots, int 
 template <class T> void multi_sqnorm(const std::vector<TensorSlot<T>>& slots, int A, int B, T weight_decay);
 template <class T> void multi_projx(const std::vector<TensorSlot<T>>& slots, int A, int B);
 template <class T> void multi_rescale(const std::vector<TensorSlot<T>>& slots, int A, int B);
+template <class T> void group_scale(const GroupScaleArgs<T>& a);
 
 // The instruction set of the fused step's fast path (csrc/cpu/fast.h): "avx2" (AVX2 + FMA, where
 // the CPU has them), "base" (the build's baseline: SSE2 on x86-64), or "scalar" (one component at

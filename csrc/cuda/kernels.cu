@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../fgsgd/group_scale.h"
 #include "rows.cuh"
 #include "staged.cuh"
 
@@ -58,6 +59,12 @@ template <class T>
 __global__ void __launch_bounds__(kRowThreads) row_sqnorm_kernel(const SlotTable<T> table, const Extra<T> x, int64_t n) {
   __shared__ T red[2 * kRowThreads];
   row_sqnorm_block<kRowThreads>(table, x.weight_decay, n, blockIdx.x, red);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) group_scale_kernel(const GroupScaleArgs<T> a) {
+  const int64_t g = blockIdx.x * int64_t(kThreads) + threadIdx.x;
+  if (g < a.groups) a.out[g] = group_scale_at(a, g);
 }
 
 // Which step kernel runs for 3×3 components, by FGSGD_CUDA_STEP: "staged" (the default), "sorted" (staged,
@@ -166,6 +173,13 @@ cudaError_t multi_rescale(const TensorSlot<T>* slots, int count, int A, int B, c
   return launch_slots<Op::kRescale>(slots, count, A, B, Extra<T>{StepHParams<T>{}, T(0)}, stream);
 }
 
+template <class T>
+cudaError_t group_scale(const GroupScaleArgs<T>& a, cudaStream_t stream) {
+  if (a.groups == 0) return cudaSuccess;
+  group_scale_kernel<<<unsigned((a.groups + kThreads - 1) / kThreads), kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
 #define FGSGD_INSTANTIATE(T)                                                                                    \
   template cudaError_t proj<T>(const UnaryArgs<T>&, int, int, cudaStream_t);                                   \
   template cudaError_t retr<T>(const UnaryArgs<T>&, int, int, cudaStream_t);                                   \
@@ -174,7 +188,8 @@ cudaError_t multi_rescale(const TensorSlot<T>* slots, int count, int A, int B, c
   template cudaError_t multi_step<T>(const TensorSlot<T>*, int, int, int, const StepHParams<T>&, cudaStream_t); \
   template cudaError_t multi_sqnorm<T>(const TensorSlot<T>*, int, int, int, T, cudaStream_t);                   \
   template cudaError_t multi_projx<T>(const TensorSlot<T>*, int, int, int, cudaStream_t);                       \
-  template cudaError_t multi_rescale<T>(const TensorSlot<T>*, int, int, int, cudaStream_t);
+  template cudaError_t multi_rescale<T>(const TensorSlot<T>*, int, int, int, cudaStream_t);                     \
+  template cudaError_t group_scale<T>(const GroupScaleArgs<T>&, cudaStream_t);
 FGSGD_INSTANTIATE(float)
 FGSGD_INSTANTIATE(double)
 #undef FGSGD_INSTANTIATE

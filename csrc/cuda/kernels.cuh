@@ -23,6 +23,9 @@ template <class T>
 cudaError_t multi_projx(const TensorSlot<T>* slots, int count, int A, int B, cudaStream_t stream);
 template <class T>
 cudaError_t multi_rescale(const TensorSlot<T>* slots, int count, int A, int B, cudaStream_t stream);
+// s_g of every group (csrc/fgsgd/group_scale.h), one thread per group.
+template <class T>
+cudaError_t group_scale(const GroupScaleArgs<T>& a, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fgsgd

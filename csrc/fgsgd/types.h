@@ -38,4 +38,16 @@ struct TensorSlot {
   int64_t n;
 };
 
+// The group step sizes of G groups (group_scale.h): members[offsets[g] .. offsets[g+1]) are the components
+// of group g (indices into sqnorm, ‖ξ_i‖² per component); out[g] = s_g; clip = c.
+template <class T>
+struct GroupScaleArgs {
+  const T* sqnorm;
+  const int64_t* members;
+  const int64_t* offsets;
+  T* out;
+  int64_t groups;
+  double clip;
+};
+
 }  // namespace fgsgd

@@ -38,3 +38,6 @@ class CompiledBackend:
 
     def rescale_(self, params, codes, ratio):
         self._ops.rescale_(params, codes, ratio)
+
+    def group_scale(self, sqnorm, members, offsets, group_clip):
+        return self._ops.group_scale(sqnorm, members, offsets, float(group_clip))

@@ -50,3 +50,10 @@ class TorchBackend:
     def rescale_(self, params, codes, ratio):
         for k, p in enumerate(params):
             p.mul_(ratio[k].reshape(-1, 1, 1))
+
+    def group_scale(self, sqnorm, members, offsets, group_clip):
+        """s_g = 1/max(1, ‖ξ_g‖/c) from the ‖ξ_i‖² of the members of each group: a float64 cumulative sum in
+        member order, differenced at the group ends (deterministic on every device: no atomics)."""
+        csum = torch.cat([sqnorm.new_zeros(1, dtype=torch.float64), sqnorm[members].double().cumsum(0)])
+        total = csum[offsets[1:]] - csum[offsets[:-1]]
+        return (1.0 / torch.clamp(total.sqrt() / group_clip, min=1.0)).to(sqnorm.dtype)

@@ -41,3 +41,7 @@ class TritonBackend:
     def rescale_(self, params, codes, ratio):
         if params:
             _k.rescale_(list(params), list(codes), list(ratio))
+
+    def group_scale(self, sqnorm, members, offsets, group_clip):
+        from .torch_ref import TorchBackend  # a handful of torch ops: no Triton kernel of its own
+        return TorchBackend.group_scale(self, sqnorm, members, offsets, group_clip)
