@@ -237,16 +237,18 @@ def is_row_weight(shape) -> bool:
     return len(shape) == 2 or (len(shape) == 4 and shape[2] == shape[3] == 1)
 
 
-def build_fgsgd(kinds, retraction, backend, ekw, stabilize, rows_backend=None):
+def build_fgsgd(kinds, retraction, backend, ekw, stabilize, rows_backend=None, group_clip=None):
     """FGSGD: the k×k filters on ``kinds``; with ``rows_backend`` the row view too (1×1 convs and the linear
-    weight, one row per output channel, on sphere+oblique) on that backend."""
+    weight, one row per output channel, on sphere+oblique) on that backend; ``group_clip``: the group step
+    size s_g on (DESIGN.md §1 step 2)."""
     def build(ps: ParamSet):
         params = fresh_params(ps)
         filters = [p for p in params if is_filter(p.shape)]
         rows = [p for p in params if rows_backend and is_row_weight(p.shape)]
         rest = [p for p in params if not is_filter(p.shape) and not (rows_backend and is_row_weight(p.shape))]
         groups = [dict(params=filters, manifolds=list(kinds), collection="PIO", group_size=16,
-                       retraction=dict(retraction), backend=backend, check_finite=False, stabilize=stabilize)]
+                       retraction=dict(retraction), backend=backend, check_finite=False, stabilize=stabilize,
+                       group_clip=group_clip)]
         if rows:
             groups.append(dict(params=rows, manifolds=["sphere", "oblique"], collection="PIO", group_size=16,
                                retraction=dict(retraction), backend=rows_backend, check_finite=False,
@@ -322,7 +324,7 @@ def build_geoopt(kinds, retraction):
 
 
 def make_cases(device, backends, *, geoopt_reason, support, stabilize, retractions=("default", "alt"),
-               row_view=False) -> list[Case]:
+               row_view=False, group_clip=None) -> list[Case]:
     cases = []
     for variant, kw in (("forloop", dict(foreach=False, fused=False)), ("foreach", dict(foreach=True)),
                         ("fused", dict(fused=True))):
@@ -341,6 +343,10 @@ def make_cases(device, backends, *, geoopt_reason, support, stabilize, retractio
                        f"(fgsgd_cuda.dispatch.available is False)"
             cases.append(Case(name, "fgsgd", backend=backend, mix=mix, retraction=ret, slow=backend == "torch",
                               skip=skip, build=build_fgsgd(kinds, ret, backend, ekw, stabilize)))
+            if group_clip and mix == MAIN_MIX:
+                cases.append(Case(f"{name} +clip", "fgsgd", backend=backend, mix=mix, retraction=ret,
+                                  slow=backend == "torch", skip=skip,
+                                  build=build_fgsgd(kinds, ret, backend, ekw, stabilize, group_clip=group_clip)))
             if row_view and mix == MAIN_MIX and backend != "torch":
                 # the row view on the same backend, and with its rows on the per-tensor torch backend (what
                 # FGSGD did before the row kernels)
@@ -891,6 +897,8 @@ def parse_args(argv=None):
     ap.add_argument("--replot", metavar="JSON", default=None,
                     help="only redraw the plot of an earlier run's JSON (next to it, .png) and exit")
     ap.add_argument("--no-geoopt", action="store_true")
+    ap.add_argument("--group-clip", type=float, default=None,
+                    help="also FGSGD (main mix) with group_clip=C, the group step size on: case name '+clip'")
     ap.add_argument("--row-view", action="store_true",
                     help="also FGSGD with the row view (1×1 convs and the linear weight on sphere+oblique), its rows "
                          "on the same backend and on the torch backend")
@@ -973,7 +981,7 @@ def main(argv=None) -> dict:
                            (geoopt_reason or f"geoopt runs only on {','.join(geoopt_models) or 'no model'} "
                                              "(--geoopt-models)"),
                            support=support, stabilize=args.stabilize, retractions=retractions,
-                           row_view=args.row_view)
+                           row_view=args.row_view, group_clip=args.group_clip)
         cases = [c for c in cases if c.family == "sgd" or c.mix in mixes]
         if args.slow_cases:
             cases = [c for c in cases if not c.slow or re.search(args.slow_cases, c.name)]

@@ -129,3 +129,12 @@ def test_fgsgd_cpu_row_view(benchmark, half, rows_backend):
     rows = opt.param_groups[1]["params"]
     assert opt.param_groups[1]["backend"] == rows_backend and len(rows) == 4  # 3 downsample convs + the linear
     assert max(opt.state[p]["shape"][0] for p in rows) == 256
+
+
+@needs_cpu_backend
+def test_fgsgd_cpu_group_clip(benchmark, small):
+    """bench_step.py --group-clip: the group step size on (tangent_sqnorm + group_scale + the step)."""
+    build = B.build_fgsgd(B.MIXES[B.MAIN_MIX], B.RETRACTION_SETS["default"], "cpu", EUCLID, stabilize=50,
+                          group_clip=0.05)
+    opt = _run(benchmark, small, build, "fgsgd-cpu group clip")
+    assert opt.param_groups[0]["group_clip"] == 0.05
