@@ -80,34 +80,24 @@ void each_slot(const std::vector<TensorSlot<T>>& slots, F&& f) {
 
 inline int64_t row_grain(int n) { return std::max<int64_t>(1, 16 * kGrain / n); }  // ~32k elements per task
 
-// Row components (serial_row.h) on the chosen instruction set: the step, or ‖ξ‖² when `wd` is given.
-template <class T>
-void multi_rows(const std::vector<TensorSlot<T>>& slots, int n, const StepHParams<T>* h, T wd) {
-  const int v = isa_state().load();
-  each_range(slots, row_grain(n), [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
+// In a void function: returns NAME_avx2(args) or NAME_base(args), the fast-path entry (fast.h) of
+// instruction set `isa`; does nothing for kScalar (the caller's scalar code follows) or in a build
+// without the fast path.
 #if FGSGD_CPU_HAVE_AVX2_TU
-    if (v == kAvx2) return h ? step_rows_avx2(t, *h, n, begin, end) : sqnorm_rows_avx2(t, wd, n, begin, end);
+#define FGSGD_CALL_AVX2(isa, NAME, ...) \
+  if ((isa) == kAvx2) return NAME##_avx2(__VA_ARGS__);
+#else
+#define FGSGD_CALL_AVX2(isa, NAME, ...)
 #endif
 #if FGSGD_CPU_HAVE_FAST
-    if (v == kBase) return h ? step_rows_base(t, *h, n, begin, end) : sqnorm_rows_base(t, wd, n, begin, end);
+#define FGSGD_CALL_FAST(isa, NAME, ...)        \
+  {                                            \
+    FGSGD_CALL_AVX2(isa, NAME, __VA_ARGS__)    \
+    if ((isa) == kBase) return NAME##_base(__VA_ARGS__); \
+  }
+#else
+#define FGSGD_CALL_FAST(isa, NAME, ...)
 #endif
-    return h ? cpu_rows::step_rows(t, *h, n, begin, end) : cpu_rows::sqnorm_rows(t, wd, n, begin, end);
-  });
-}
-
-// The fused step of slots on the fast path: each task hands whole runs of one tensor to the vectorised
-// range function.
-template <class T>
-void fast_multi_step(const std::vector<TensorSlot<T>>& slots, int A, int B, const StepHParams<T>& h, int isa) {
-  each_range(slots, kGrain, [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
-#if FGSGD_CPU_HAVE_AVX2_TU
-    if (isa == kAvx2) return step_range_avx2(t, h, A, B, begin, end);
-#endif
-#if FGSGD_CPU_HAVE_FAST
-    step_range_base(t, h, A, B, begin, end);
-#endif
-  });
-}
 
 }  // namespace
 
@@ -143,29 +133,43 @@ void norms(const UnaryArgs<T>& a, int A, int B) {
   with_shape(A, B, [&](auto s) { each(a.n, [&](int64_t i) { norms_at(s, a, i); }); });
 }
 
+// Row components (serial_row.h) and 3×3 components (fast.h) go to the fast path of the chosen instruction
+// set, one run of one tensor per call; the other shapes (and the scalar choice) to the per-component code.
 template <class T>
 void multi_step(const std::vector<TensorSlot<T>>& slots, int A, int B, const StepHParams<T>& h) {
-  if (is_row_shape(A, B)) return multi_rows(slots, A, &h, T(0));
   const int v = isa_state().load();
-  if (v != kScalar && fast_shape(A, B)) return fast_multi_step(slots, A, B, h, v);
+  if (is_row_shape(A, B)) {
+    return each_range(slots, row_grain(A), [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
+      FGSGD_CALL_FAST(v, step_rows, t, h, A, begin, end);
+      cpu_rows::step_rows(t, h, A, begin, end);
+    });
+  }
+  if (v != kScalar && fast_shape(A, B)) {
+    return each_range(slots, kGrain, [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
+      FGSGD_CALL_FAST(v, step_range, t, h, A, B, begin, end);
+    });
+  }
   with_shape(A, B, [&](auto s) { each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) { step_at(s, t, h, i); }); });
 }
 template <class T>
 void multi_sqnorm(const std::vector<TensorSlot<T>>& slots, int A, int B, T wd) {
-  if (is_row_shape(A, B)) return multi_rows(slots, A, static_cast<const StepHParams<T>*>(nullptr), wd);
   const int v = isa_state().load();
+  if (is_row_shape(A, B)) {
+    return each_range(slots, row_grain(A), [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
+      FGSGD_CALL_FAST(v, sqnorm_rows, t, wd, A, begin, end);
+      cpu_rows::sqnorm_rows(t, wd, A, begin, end);
+    });
+  }
   if (v != kScalar && fast_shape(A, B)) {
     return each_range(slots, kGrain, [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
-#if FGSGD_CPU_HAVE_AVX2_TU
-      if (v == kAvx2) return sqnorm_range_avx2(t, wd, A, B, begin, end);
-#endif
-#if FGSGD_CPU_HAVE_FAST
-      sqnorm_range_base(t, wd, A, B, begin, end);
-#endif
+      FGSGD_CALL_FAST(v, sqnorm_range, t, wd, A, B, begin, end);
     });
   }
   with_shape(A, B, [&](auto s) { each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) { sqnorm_at(s, t, wd, i); }); });
 }
+#undef FGSGD_CALL_FAST
+#undef FGSGD_CALL_AVX2
+
 template <class T>
 void multi_projx(const std::vector<TensorSlot<T>>& slots, int A, int B) {
   with_shape(A, B, [&](auto s) { each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) { projx_slot_at(s, t, i); }); });
