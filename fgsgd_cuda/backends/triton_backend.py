@@ -6,6 +6,7 @@ checked by :mod:`fgsgd_cuda.ops` before they get here.
 from __future__ import annotations
 
 from ..triton_kernels import launch as _k
+from .torch_ref import group_scale as _torch_group_scale
 
 
 class TritonBackend:
@@ -43,5 +44,4 @@ class TritonBackend:
             _k.rescale_(list(params), list(codes), list(ratio))
 
     def group_scale(self, sqnorm, members, offsets, group_clip):
-        from .torch_ref import TorchBackend  # a handful of torch ops: no Triton kernel of its own
-        return TorchBackend.group_scale(self, sqnorm, members, offsets, group_clip)
+        return _torch_group_scale(sqnorm, members, offsets, group_clip)  # torch ops: no Triton kernel of its own

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl  # noqa: F401  (the generated sources use it)
 
+from .. import checks
 from . import codegen as _cg
 from . import interpreting
 from . import rows as _rows
@@ -129,10 +130,6 @@ def _ptr(t) -> int:
     return t.data_ptr() if t is not None else 0
 
 
-def _is_row(params) -> bool:
-    return params[0].shape[2] == 1 and params[0].shape[1] > 64  # checks.is_row_shape
-
-
 def _run_rows(kind, params, rows, hyper=None, **flags):
     """Row components (n×1, any n): one program per row (rows.py), BLOCK elements per chunk."""
     n_row = params[0].shape[1]
@@ -147,7 +144,7 @@ def _run_rows(kind, params, rows, hyper=None, **flags):
 
 
 def _run(kind, params, rows, hyper=None, **flags):
-    if _is_row(params):
+    if checks.is_row_shape(params[0].shape[1], params[0].shape[2]):
         return _run_rows("row" + kind, params, rows, hyper, **flags)
     a, b = params[0].shape[1], params[0].shape[2]
     block, warps = config(a * b)
