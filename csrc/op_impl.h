@@ -9,6 +9,7 @@
 
 #include "fgsgd/batched.h"
 #include "fgsgd/group_scale.h"
+#include "fgsgd/step_control.h"
 
 namespace fgsgd {
 namespace ops {
@@ -196,21 +197,58 @@ std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, Tenso
   return slots;
 }
 
+// A one-element float32 (or, for lr, float64) tensor on the parameters' device: the step reads it when it runs.
+inline void check_scalar(const Tensor& t, const Tensor& ref, const char* name, bool allow_f64) {
+  check_dense(t, name);
+  TORCH_CHECK(t.numel() == 1 && (t.scalar_type() == at::kFloat || (allow_f64 && t.scalar_type() == at::kDouble)),
+              "fgsgd: ", name, " must be a one-element float32", allow_f64 ? " or float64" : "", " tensor, got ",
+              shape_str(t), " ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "fgsgd: ", name, " is on ", t.device(), " but the parameters are on ",
+              ref.device());
+}
+
+// The step's run-time controls (csrc/fgsgd/step_control.h): GradScaler's found_inf, a learning-rate tensor, and
+// per-tensor step counts that decide first_step and stabilize in place of the flags (then incremented by
+// the step unless found_inf skips it).
+inline StepControl make_control(TensorList steps, const std::optional<Tensor>& found_inf,
+                                const std::optional<Tensor>& lr_tensor, int64_t stabilize_every, TensorList params) {
+  StepControl c{nullptr, nullptr, nullptr, stabilize_every};
+  TORCH_CHECK(stabilize_every >= 0, "fgsgd: stabilize_every must be >= 0, got ", num(stabilize_every));
+  check_list_len(steps, params.size(), "steps");
+  for (size_t k = 0; k < steps.size(); ++k) check_scalar(steps[k], params[k], at_("steps", k).c_str(), false);
+  if (found_inf.has_value()) {
+    check_scalar(*found_inf, params[0], "found_inf", false);
+    c.found_inf = found_inf->data_ptr<float>();
+  }
+  if (lr_tensor.has_value()) {
+    check_scalar(*lr_tensor, params[0], "lr_tensor", true);
+    if (lr_tensor->scalar_type() == at::kFloat)
+      c.lr_f32 = lr_tensor->data_ptr<float>();
+    else
+      c.lr_f64 = lr_tensor->data_ptr<double>();
+  }
+  return c;
+}
+
 template <class Backend>
 void step_(TensorList params, TensorList grads, TensorList momenta, TensorList codes, TensorList rescale,
            TensorList group_index, TensorList group_scale, double lr, double momentum, double dampening, bool nesterov,
-           double weight_decay, bool first_step, bool stabilize) {
+           double weight_decay, bool first_step, bool stabilize, std::optional<TensorList> steps_opt,
+           const std::optional<Tensor>& found_inf, const std::optional<Tensor>& lr_tensor, int64_t stabilize_every) {
   if (params.empty()) return;
   TORCH_CHECK(grads.size() == params.size(), "fgsgd: grads must hold one tensor per parameter (", num(params.size()),
               "), got ", num(grads.size()));
   TORCH_CHECK(momentum == 0 || momenta.size() == params.size(), "fgsgd: momentum_buffers must hold one tensor per "
               "parameter (", num(params.size()), ") when momentum != 0, got ", num(momenta.size()));
   TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0), "fgsgd: nesterov needs momentum > 0 and dampening = 0");
+  const TensorList steps = steps_opt.value_or(TensorList());
+  const StepControl ctl = make_control(steps, found_inf, lr_tensor, stabilize_every, params);
   FGSGD_FLOATING(params[0].scalar_type(), [&] {
     auto slots = make_slots<T>(params, grads, momentum == 0 ? TensorList() : momenta, codes, rescale, group_index,
                                group_scale, "rescale", /*rows=*/true);
+    for (size_t k = 0; k < steps.size(); ++k) slots[k].step = steps[k].data_ptr<float>();
     StepHParams<T> h{T(lr), T(momentum), T(dampening), T(weight_decay), nesterov, first_step, stabilize};
-    Backend::step(slots, params[0], h);
+    Backend::step(slots, params[0], h, ctl);
   });
 }
 

@@ -4,10 +4,15 @@
 //   proj(x, u, code) -> Π_x(u)                      retr(x, v, code) -> Retr_x(v)
 //   projx(x, code)   -> exact projection of x       norms(x) -> (N, 3) [Frobenius, spectral, ℓ2→1]
 //   step_(params, grads, momentum_buffers, codes, rescale, group_index, group_scale, lr, momentum,
-//         dampening, nesterov, weight_decay, first_step, stabilize)
+//         dampening, nesterov, weight_decay, first_step, stabilize, steps=None, found_inf=None, lr_tensor=None,
+//         stabilize_every=0)
 //       the fused FG-SGD step (DESIGN.md §1 steps 1, 3, 4, 5) of many tensors of one component shape, in
 //       place. codes: uint8 (N,) per tensor (fgsgd_cuda/codes.py); rescale R: (N,) or an empty list (R = 1);
 //       group_index int32 (N,) with group_scale (G,): the group step size s_g, or both empty (s_g = 1).
+//       Run-time controls (csrc/fgsgd/step_control.h), read when the step runs, never on the host of a CUDA
+//       step: found_inf (float32, one element) skips the whole step when nonzero; lr_tensor replaces lr;
+//       steps (one float32 count per tensor) replace first_step and stabilize (stabilize_every) and are
+//       incremented by a step that is not skipped.
 //   tangent_sqnorm(params, grads, codes, rescale, weight_decay) -> ‖Π_ω(R·g)‖² of every component,
 //       concatenated over the tensors (the input of the group step size, step 2).
 //   projx_(params, codes, rescale): p ← R·projx(p/R) in place.
@@ -25,8 +30,22 @@ struct CpuBackend {
   template <class T> static void retr(const UnaryArgs<T>& a, const Tensor& x) { cpu::retr(a, int(x.size(1)), int(x.size(2))); }
   template <class T> static void projx(const UnaryArgs<T>& a, const Tensor& x) { cpu::projx(a, int(x.size(1)), int(x.size(2))); }
   template <class T> static void norms(const UnaryArgs<T>& a, const Tensor& x) { cpu::norms(a, int(x.size(1)), int(x.size(2))); }
-  template <class T> static void step(const std::vector<TensorSlot<T>>& s, const Tensor& p0, const StepHParams<T>& h) {
-    cpu::multi_step(s, int(p0.size(1)), int(p0.size(2)), h);
+  // The controls are read here, on the host: tensors whose resolved hyper-parameters agree run together.
+  template <class T>
+  static void step(const std::vector<TensorSlot<T>>& s, const Tensor& p0, const StepHParams<T>& h, const StepControl& c) {
+    if (step_skipped(c)) return;
+    std::vector<TensorSlot<T>> part[4];  // by (first_step, stabilize)
+    StepHParams<T> hp[4];
+    for (const TensorSlot<T>& t : s) {
+      const StepHParams<T> r = resolve_step(h, c, t.step);
+      const int k = 2 * int(r.first_step) + int(r.stabilize);
+      part[k].push_back(t);
+      hp[k] = r;
+    }
+    for (int k = 0; k < 4; ++k)
+      if (!part[k].empty()) cpu::multi_step(part[k], int(p0.size(1)), int(p0.size(2)), hp[k]);
+    for (const TensorSlot<T>& t : s)
+      if (t.step != nullptr) *t.step += 1.0f;
   }
   template <class T> static void sqnorm(const std::vector<TensorSlot<T>>& s, const Tensor& p0, T wd) {
     cpu::multi_sqnorm(s, int(p0.size(1)), int(p0.size(2)), wd);
@@ -51,7 +70,8 @@ TORCH_LIBRARY(fgsgd, m) {
   m.def(
       "step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor[] codes, Tensor[] rescale, "
       "Tensor[] group_index, Tensor[] group_scale, float lr, float momentum, float dampening, bool nesterov, "
-      "float weight_decay, bool first_step, bool stabilize) -> ()");
+      "float weight_decay, bool first_step, bool stabilize, Tensor(c!)[]? steps=None, Tensor? found_inf=None, "
+      "Tensor? lr_tensor=None, int stabilize_every=0) -> ()");
   m.def("tangent_sqnorm(Tensor[] params, Tensor[] grads, Tensor[] codes, Tensor[] rescale, float weight_decay) -> Tensor");
   m.def("projx_(Tensor(a!)[] params, Tensor[] codes, Tensor[] rescale) -> ()");
   m.def("rescale_(Tensor(a!)[] params, Tensor[] codes, Tensor[] ratio) -> ()");

@@ -23,9 +23,11 @@ struct CudaBackend {
   FGSGD_CUDA_UNARY(projx)
   FGSGD_CUDA_UNARY(norms)
 #undef FGSGD_CUDA_UNARY
-  template <class T> static void step(const std::vector<TensorSlot<T>>& s, const Tensor& p0, const StepHParams<T>& h) {
+  // The controls stay on the device: the kernels read them (no host synchronisation, capturable).
+  template <class T>
+  static void step(const std::vector<TensorSlot<T>>& s, const Tensor& p0, const StepHParams<T>& h, const StepControl& c) {
     c10::cuda::CUDAGuard guard(p0.device());
-    cuda_ok(cuda::multi_step(s.data(), int(s.size()), int(p0.size(1)), int(p0.size(2)), h, stream(p0)));
+    cuda_ok(cuda::multi_step(s.data(), int(s.size()), int(p0.size(1)), int(p0.size(2)), h, c, stream(p0)));
   }
   template <class T> static void sqnorm(const std::vector<TensorSlot<T>>& s, const Tensor& p0, T wd) {
     c10::cuda::CUDAGuard guard(p0.device());

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from . import checks, dispatch
+from . import checks, controls, dispatch
 
 Tensors = Sequence[torch.Tensor]
 
@@ -96,7 +96,8 @@ def check_lists(params: Tensors, grads: Tensors | None, momenta: Tensors | None,
 def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Tensors, *, lr: float,
           momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
           first_step: bool = False, stabilize: bool = False, rescale: Tensors = (), group_index: Tensors = (),
-          group_scale: Tensors = (), backend: str = "auto") -> None:
+          group_scale: Tensors = (), steps: Tensors = (), found_inf: torch.Tensor | None = None,
+          lr_tensor: torch.Tensor | None = None, stabilize_every: int = 0, backend: str = "auto") -> None:
     """The fused FG-SGD step (DESIGN.md §1 steps 1, 3, 4, 5) of many tensors, in place.
 
     Components are A×B with A·B <= 64, or n×1 rows of any length (euclidean, sphere, oblique and stiefel
@@ -105,6 +106,11 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
     ``group_scale[k][group_index[k][i]]`` is the group step size s_g of component i of tensor k
     (both empty: s_g = 1); ``rescale[k]`` is R per component (empty: R = 1). With ``first_step`` the
     momentum buffers are written, not read (m = s_g·ξ).
+
+    Run-time controls (:mod:`fgsgd_cuda.controls`): ``found_inf`` skips the step when nonzero, ``lr_tensor``
+    replaces ``lr``, and per-tensor ``steps`` counts replace ``first_step`` and ``stabilize``
+    (``stabilize_every``) and are incremented. The ``cpu`` and ``cuda`` backends read them in the step
+    (no host synchronisation: capturable in a CUDA graph); ``triton`` and ``torch`` read them on the host.
     """
     if not params:
         return
@@ -115,9 +121,10 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
                          f"got {len(momentum_buffers)}")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov: needs momentum > 0 and dampening = 0")
-    dispatch.get(backend, params[0].device).step_(
-        list(params), list(grads), list(momentum_buffers), list(codes), list(rescale), list(group_index),
-        list(group_scale), lr, momentum, dampening, nesterov, weight_decay, first_step, stabilize)
+    controls.check(params, steps, found_inf, lr_tensor, stabilize_every)
+    controls.step(dispatch.get(backend, params[0].device), list(params), list(grads), list(momentum_buffers),
+                  list(codes), list(rescale), list(group_index), list(group_scale), lr, momentum, dampening, nesterov,
+                  weight_decay, first_step, stabilize, list(steps), found_inf, lr_tensor, stabilize_every)
 
 
 def tangent_sqnorm(params: Tensors, grads: Tensors, codes: Tensors, *, rescale: Tensors = (),

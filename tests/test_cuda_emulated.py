@@ -39,13 +39,19 @@ def _fmt(t: torch.Tensor) -> str:
     return " ".join(repr(float(v)) if t.is_floating_point() else str(int(v)) for v in t.reshape(-1).tolist())
 
 
-def _run(emulator, dtype, hp, tensors, offsets, use_rescale, use_groups, variant="staged"):
+def _run(emulator, dtype, hp, tensors, offsets, use_rescale, use_groups, variant="staged", control=None):
+    """The emulator's p and m per tensor; with ``control`` (found_inf, lr_kind, lr_value, stabilize_every, steps:
+    csrc/fgsgd/step_control.h), also the step counts after the step."""
+    c = {**dict(found_inf=-1, lr_kind=0, lr_value=0.0, stabilize_every=0, steps=None), **(control or {})}
     lines = [str(8 if dtype == torch.float64 else 4),
              " ".join(str(v) for v in (hp["momentum"], hp["dampening"], int(hp["nesterov"]), hp["weight_decay"],
                                        hp["lr"], int(hp["first_step"]), int(hp["stabilize"]), int(use_rescale),
-                                       int(use_groups), len(tensors)))]
-    for t, off in zip(tensors, offsets):
-        lines.append(" ".join(str(v) for v in (t["p"].shape[0], *off, t["gs"].numel())))
+                                       int(use_groups), len(tensors))),
+             " ".join(str(v) for v in (c["found_inf"], c["lr_kind"], repr(float(c["lr_value"])), c["stabilize_every"],
+                                       int(c["steps"] is not None)))]
+    for k, (t, off) in enumerate(zip(tensors, offsets)):
+        step = () if c["steps"] is None else (c["steps"][k],)
+        lines.append(" ".join(str(v) for v in (t["p"].shape[0], *off, t["gs"].numel(), *step)))
     for t in tensors:
         for key in ("p", "g", "m", "codes") + (("r",) if use_rescale else ()) + (("gi", "gs") if use_groups else ()):
             lines.append(_fmt(t[key]))
@@ -58,6 +64,11 @@ def _run(emulator, dtype, hp, tensors, offsets, use_rescale, use_groups, variant
         k = t["p"].numel()
         out.append((values[start:start + k].view_as(t["p"]), values[start + k:start + 2 * k].view_as(t["p"])))
         start += 2 * k
+    if c["steps"] is not None:
+        steps = values[start:start + len(tensors)].tolist()
+        start += len(tensors)
+        assert start == values.numel()
+        return out, steps
     assert start == values.numel()
     return out
 
@@ -148,3 +159,35 @@ def test_row_step_block(emulator, dtype, config, n):
             assert rel_err(m, m_ref) <= TOL[dtype], f"momentum_buffers[{k}]"
         else:
             assert torch.equal(m, t["m"].double())
+
+
+def _expected(t, hp, use_rescale=True):
+    p_ref, m_ref = R.step(t["p"].double(), t["g"].double(), t["m"].double() if hp["momentum"] else None, t["codes"],
+                          t["r"].double() if use_rescale else None, None, **hp)
+    return p_ref, m_ref
+
+
+@pytest.mark.parametrize("variant", ["staged", "sorted", "rows 150"])
+def test_run_time_controls(emulator, variant):
+    """csrc/fgsgd/step_control.h in the CUDA block code: per-tensor step counts decide first_step and stabilize
+    (the launch's flags say the opposite, and are ignored), the lr tensor replaces lr, every count goes up by
+    one; found_inf = 1 leaves every value and count as it was."""
+    shape = (150, 1) if variant.startswith("rows") else (3, 3)
+    gen = make_gen(zlib.crc32(variant.encode()))
+    ts = make_step_tensors([129, 5, 40, 1], shape, torch.float32, gen)
+    steps = [0, 3, 4, 9]                                    # stabilize_every 5: tensors 2 and 3 re-project
+    launch = dict(lr=0.5, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, first_step=False,
+                  stabilize=True)
+    control = dict(found_inf=0, lr_kind=2, lr_value=0.03, stabilize_every=5, steps=steps)
+    got, counts = _run(emulator, torch.float32, launch, ts, [(0, 0, 0)] * 4, True, False, variant, control)
+    assert counts == [1, 4, 5, 10]
+    for k, (t, (p, m)) in enumerate(zip(ts, got)):
+        hp = dict(launch, lr=0.03, first_step=steps[k] == 0, stabilize=(steps[k] + 1) % 5 == 0)
+        p_ref, m_ref = _expected(t, hp)
+        assert rel_err(p, p_ref) <= FP32_RTOL, f"params[{k}]"
+        assert rel_err(m, m_ref) <= FP32_RTOL, f"momentum_buffers[{k}]"
+    skipped, counts = _run(emulator, torch.float32, launch, ts, [(0, 0, 0)] * 4, True, False, variant,
+                           dict(control, found_inf=1, lr_kind=1))
+    assert counts == [float(s) for s in steps]
+    for t, (p, m) in zip(ts, skipped):
+        assert torch.equal(p, t["p"].double()) and torch.equal(m, t["m"].double())

@@ -18,7 +18,7 @@ from fgsgd_cuda import manifolds as M
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ["proj", "retr", "projx", "norms", "step_", "tangent_sqnorm", "projx_", "rescale_", "group_scale"]
-MUTATED = {"step_": {"params", "momentum_buffers"}, "projx_": {"params"}, "rescale_": {"params"}}
+MUTATED = {"step_": {"params", "momentum_buffers", "steps"}, "projx_": {"params"}, "rescale_": {"params"}}
 
 
 @requires_cpu_kernels
@@ -76,6 +76,9 @@ def _samples():
         out += [
             ("step_", (params, grads, moms, codes, rescale, gidx, gscale, 0.1, 0.9, 0.0, True, 0.01, False, True), tag),
             ("step_", (params, grads, [], codes, [], [], [], 0.1, 0.0, 0.0, False, 0.0, True, False), tag + "-plain"),
+            ("step_", (params, grads, moms, codes, rescale, [], [], 0.1, 0.9, 0.0, False, 0.0, True, False,
+                       [torch.tensor(3.0), torch.tensor(0.0)], torch.zeros(()), torch.tensor(0.05, dtype=torch.float64),
+                       4), tag + "-controls"),
             ("tangent_sqnorm", (params, grads, codes, rescale, 0.01), tag),
             ("projx_", ([p * 1.3 for p in params], codes, rescale), tag),
             ("rescale_", (params, codes, [r * 1.1 for r in rescale]), tag),

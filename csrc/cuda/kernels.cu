@@ -11,6 +11,9 @@ namespace fgsgd {
 namespace cuda {
 namespace {
 
+// A launch's arguments travel in the kernel parameter space (4 KiB before CUDA 12.1): the slot table and Extra.
+static_assert(sizeof(SlotTable<double>) + sizeof(Extra<double>) + 64 <= 4096, "the slot table outgrew 4 KiB");
+
 enum class Op { kProj, kRetr, kProjx, kNorms, kStep, kSqnorm, kSlotProjx, kRescale };
 
 template <Op OP, class S, class T>
@@ -31,7 +34,9 @@ __global__ void __launch_bounds__(kThreads) slot_kernel(S s, const SlotTable<T> 
   const TensorSlot<T>& slot = table.slot[t];
   const int64_t i = (b - table.block_start[t]) * kThreads + threadIdx.x;
   if (i >= slot.n) return;
-  if constexpr (OP == Op::kStep) step_at(s, slot, x.h, i);
+  if constexpr (OP == Op::kStep) {
+    if (!step_skipped(x.ctl)) step_at(s, slot, resolve_step(x.h, x.ctl, slot.step), i);
+  }
   if constexpr (OP == Op::kSqnorm) sqnorm_at(s, slot, x.weight_decay, i);
   if constexpr (OP == Op::kSlotProjx) projx_slot_at(s, slot, i);
   if constexpr (OP == Op::kRescale) rescale_slot_at(s, slot, i);
@@ -45,14 +50,25 @@ __global__ void __launch_bounds__(kThreads) staged_step_kernel(S s, const SlotTa
   __shared__ __align__(16) T sg[kThreads * S::kCap];
   __shared__ __align__(16) T sm[kThreads * S::kCap];
   __shared__ int scratch[kSort ? kSortScratchInts<kThreads> : 1];
-  staged_step_block<kThreads, kSort>(s, table, x.h, blockIdx.x, sp, sg, sm, scratch);
+  staged_step_block<kThreads, kSort>(s, table, x.h, x.ctl, blockIdx.x, sp, sg, sm, scratch);
+}
+
+// After the step launch of a table whose tensors carry step counts: one thread per tensor (count_step_of_slot).
+template <class T>
+__global__ void __launch_bounds__(kSlotsPerLaunch) count_steps_kernel(const SlotTable<T> table, const StepControl ctl) {
+  count_step_of_slot(table, ctl, int(threadIdx.x));
+}
+
+template <class T>
+void launch_count_steps(const SlotTable<T>& table, const StepControl& ctl, cudaStream_t stream) {
+  if (has_step_counts(table)) count_steps_kernel<<<1, kSlotsPerLaunch, 0, stream>>>(table, ctl);
 }
 
 // Row components: one block per row (rows.cuh); n = the row length.
 template <class T>
 __global__ void __launch_bounds__(kRowThreads) row_step_kernel(const SlotTable<T> table, const Extra<T> x, int64_t n) {
   __shared__ T red[2 * kRowThreads];
-  row_step_block<kRowThreads>(table, x.h, n, blockIdx.x, red);
+  row_step_block<kRowThreads>(table, x.h, x.ctl, n, blockIdx.x, red);
 }
 
 template <class T>
@@ -114,9 +130,10 @@ cudaError_t launch_rows(const TensorSlot<T>* slots, int count, int64_t n, const 
     const SlotTable<T> table = next_table(slots, count, first, 1);
     const int64_t blocks = table.block_start[table.count];
     if (blocks == 0) continue;
-    if constexpr (OP == Op::kStep)
+    if constexpr (OP == Op::kStep) {
       row_step_kernel<<<unsigned(blocks), kRowThreads, 0, stream>>>(table, x, n);
-    else
+      launch_count_steps(table, x.ctl, stream);
+    } else
       row_sqnorm_kernel<<<unsigned(blocks), kRowThreads, 0, stream>>>(table, x, n);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -134,9 +151,10 @@ cudaError_t launch_slots(const TensorSlot<T>* slots, int count, int A, int B, co
     const int64_t blocks = table.block_start[table.count];
     if (blocks == 0) continue;
     with_shape(A, B, [&](auto s) {
-      if constexpr (OP == Op::kStep)
+      if constexpr (OP == Op::kStep) {
         launch_step(s, table, x, blocks, stream);
-      else
+        launch_count_steps(table, x.ctl, stream);
+      } else
         slot_kernel<OP><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
     });
     const cudaError_t err = cudaGetLastError();
@@ -157,8 +175,9 @@ template <class T>
 cudaError_t norms(const UnaryArgs<T>& a, int A, int B, cudaStream_t stream) { return launch_unary<Op::kNorms>(a, A, B, stream); }
 
 template <class T>
-cudaError_t multi_step(const TensorSlot<T>* slots, int count, int A, int B, const StepHParams<T>& h, cudaStream_t stream) {
-  return launch_slots<Op::kStep>(slots, count, A, B, Extra<T>{h, T(0)}, stream);
+cudaError_t multi_step(const TensorSlot<T>* slots, int count, int A, int B, const StepHParams<T>& h,
+                       const StepControl& c, cudaStream_t stream) {
+  return launch_slots<Op::kStep>(slots, count, A, B, Extra<T>{h, T(0), c}, stream);
 }
 template <class T>
 cudaError_t multi_sqnorm(const TensorSlot<T>* slots, int count, int A, int B, T wd, cudaStream_t stream) {
@@ -185,7 +204,8 @@ cudaError_t group_scale(const GroupScaleArgs<T>& a, cudaStream_t stream) {
   template cudaError_t retr<T>(const UnaryArgs<T>&, int, int, cudaStream_t);                                   \
   template cudaError_t projx<T>(const UnaryArgs<T>&, int, int, cudaStream_t);                                  \
   template cudaError_t norms<T>(const UnaryArgs<T>&, int, int, cudaStream_t);                                  \
-  template cudaError_t multi_step<T>(const TensorSlot<T>*, int, int, int, const StepHParams<T>&, cudaStream_t); \
+  template cudaError_t multi_step<T>(const TensorSlot<T>*, int, int, int, const StepHParams<T>&,                \
+                                     const StepControl&, cudaStream_t);                                          \
   template cudaError_t multi_sqnorm<T>(const TensorSlot<T>*, int, int, int, T, cudaStream_t);                   \
   template cudaError_t multi_projx<T>(const TensorSlot<T>*, int, int, int, cudaStream_t);                       \
   template cudaError_t multi_rescale<T>(const TensorSlot<T>*, int, int, int, cudaStream_t);                     \

@@ -15,8 +15,11 @@ template <class T> cudaError_t projx(const UnaryArgs<T>& a, int A, int B, cudaSt
 template <class T> cudaError_t norms(const UnaryArgs<T>& a, int A, int B, cudaStream_t stream);
 
 // Multi-tensor ops: `count` slots of one shape, ceil(count / kSlotsPerLaunch) launches.
+// multi_step: `c` holds the run-time controls (csrc/fgsgd/step_control.h); tensors with step counts get them
+// incremented by a launch after the step's, unless c.found_inf skips the step.
 template <class T>
-cudaError_t multi_step(const TensorSlot<T>* slots, int count, int A, int B, const StepHParams<T>& h, cudaStream_t stream);
+cudaError_t multi_step(const TensorSlot<T>* slots, int count, int A, int B, const StepHParams<T>& h,
+                       const StepControl& c, cudaStream_t stream);
 template <class T>
 cudaError_t multi_sqnorm(const TensorSlot<T>* slots, int count, int A, int B, T weight_decay, cudaStream_t stream);
 template <class T>

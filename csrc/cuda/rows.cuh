@@ -45,9 +45,12 @@ struct BlockRow {
 
 // Block b of a row launch (the table counts one block per row: next_table(..., 1)): the step of one row.
 template <int kT, class T>
-__device__ void row_step_block(const SlotTable<T>& table, const StepHParams<T>& h, int64_t n, int64_t b, T* red) {
+__device__ void row_step_block(const SlotTable<T>& table, const StepHParams<T>& h_launch, const StepControl& ctl,
+                               int64_t n, int64_t b, T* red) {
+  if (step_skipped(ctl)) return;  // uniform over the launch
   const int t = slot_of_block(table, b);
   const TensorSlot<T>& s = table.slot[t];
+  const StepHParams<T> h = resolve_step(h_launch, ctl, s.step);
   const int64_t i = b - table.block_start[t];
   BlockRow<T, kT> ctx{red};
   row_step(ctx, int(s.codes[i]), s.p + i * n, s.g + i * n, s.m ? s.m + i * n : nullptr, n, rescale_at(s, i),

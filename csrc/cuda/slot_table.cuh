@@ -6,6 +6,7 @@
 
 #include <stdint.h>
 
+#include "../fgsgd/step_control.h"
 #include "../fgsgd/types.h"
 
 namespace fgsgd {
@@ -26,6 +27,7 @@ template <class T>
 struct Extra {
   StepHParams<T> h;
   T weight_decay;
+  StepControl ctl;  // the step's run-time controls (step_control.h); all null for the other ops
 };
 
 // The table of slots[first ...] (at most kSlotsPerLaunch of them); its block count is
@@ -49,6 +51,20 @@ __device__ __forceinline__ int slot_of_block(const SlotTable<T>& table, int64_t 
   int t = 0;
   while (t + 1 < table.count && b >= table.block_start[t + 1]) ++t;
   return t;
+}
+
+// After a step launch, thread t of one block: slot t's step count + 1, unless found_inf skipped the step (the
+// step's blocks read the counts, so this runs as the next launch on the stream).
+template <class T>
+__device__ __forceinline__ void count_step_of_slot(const SlotTable<T>& table, const StepControl& c, int t) {
+  if (t < table.count && table.slot[t].step != nullptr && !step_skipped(c)) *table.slot[t].step += 1.0f;
+}
+
+template <class T>
+inline bool has_step_counts(const SlotTable<T>& table) {
+  for (int t = 0; t < table.count; ++t)
+    if (table.slot[t].step != nullptr) return true;
+  return false;
 }
 
 }  // namespace cuda

@@ -152,18 +152,22 @@ __device__ __forceinline__ T group_step(const TensorSlot<T>& slot, const Compone
   return slot.group_scale ? slot.group_scale[in.group] : T(1);
 }
 
-// Block b of a staged step launch (one block per kThreadsT components of one tensor): stage p, g (and m)
+// Block b of a staged step launch (one block per kThreadsT components of one tensor), with the hyper-parameters
+// that h_launch and ctl give its tensor (step_control.h; nothing at all when ctl skips the step): stage p, g (and m)
 // into sp, sg, sm (kThreadsT·A·B values each, 16-byte aligned, shared by the block's threads), run
 // component_step (csrc/fgsgd/step.h) of one component per thread, write p (and m) back. With kSort the
 // components are handed to the threads in order of their codes (component_of_thread; `scratch` holds
 // kSortScratchInts<kThreadsT> shared ints), else scratch is unused.
 template <int kThreadsT, bool kSort = false, class S, class T>
-__device__ __forceinline__ void staged_step_block(S s, const SlotTable<T>& table, const StepHParams<T>& h, int64_t b,
-                                                  T* sp, T* sg, T* sm, int* scratch = nullptr) {
+__device__ __forceinline__ void staged_step_block(S s, const SlotTable<T>& table, const StepHParams<T>& h_launch,
+                                                  const StepControl& ctl, int64_t b, T* sp, T* sg, T* sm,
+                                                  int* scratch = nullptr) {
   constexpr int E = S::kCap;
   constexpr int kChunk = kThreadsT * E;
+  if (step_skipped(ctl)) return;  // uniform over the launch: every thread leaves before the first barrier
   const int t = slot_of_block(table, b);
   const TensorSlot<T>& slot = table.slot[t];
+  const StepHParams<T> h = resolve_step(h_launch, ctl, slot.step);
   const int64_t c0 = (b - table.block_start[t]) * kThreadsT;
   const int nc = int(slot.n - c0 < kThreadsT ? slot.n - c0 : kThreadsT);
   const int ne = nc * E;

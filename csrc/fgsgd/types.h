@@ -12,6 +12,14 @@ struct StepHParams {
   bool nesterov, first_step, stabilize;
 };
 
+// What a step reads from memory when it runs (step_control.h); null pointers: the launch's values.
+struct StepControl {
+  const float* found_inf;   // torch.amp.GradScaler's flag (float32): nonzero skips the whole step
+  const float* lr_f32;      // the learning rate as a one-element tensor, float32 or float64
+  const double* lr_f64;
+  int64_t stabilize_every;  // with per-tensor step counts: re-project when (step + 1) % stabilize_every == 0
+};
+
 // Elementwise (single-tensor) ops on x of shape (N, A, B).
 template <class T>
 struct UnaryArgs {  // proj, retr: out_i = op(x_i, u_i); projx: out_i = op(x_i)
@@ -36,6 +44,7 @@ struct TensorSlot {
   const T* group_scale;
   T* out;  // tangent_sqnorm: N outputs
   int64_t n;
+  float* step;  // the step: this tensor's count of steps taken (float32, one element), or null (step_control.h)
 };
 
 // The group step sizes of G groups (group_scale.h): members[offsets[g] .. offsets[g+1]) are the components

@@ -4,11 +4,14 @@
 // "rows L" (csrc/cuda/rows.cuh: L×1 row components, one block per row).
 //
 // stdin (whitespace separated): T_bytes momentum dampening nesterov weight_decay lr first_step stabilize
-//   use_rescale use_groups ntensors, then per tensor: n off_p off_g off_m ngroups, then per tensor its
+//   use_rescale use_groups ntensors, then the run-time controls (csrc/fgsgd/step_control.h): found_inf (-1: none)
+//   lr_kind (0: none, 1: float32, 2: float64) lr_value stabilize_every use_steps, then per tensor: n off_p off_g
+//   off_m ngroups [step count, with use_steps], then per tensor its
 //   p g m (n·E each, E = 9 or L), codes (n), rescale (n, if used), group_index (n) and group_scale (ngroups)
 //   (if used).
 //   off_*: the tensor's first element sits that many elements past a 64-byte boundary.
-// stdout: per tensor, p then m (n·E each), "%.17g".
+// stdout: per tensor, p then m (n·E each), "%.17g"; then, with use_steps, every tensor's step count after the
+// step (the count launch of kernels.cu, count_step_of_slot, after each table's blocks).
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -48,9 +51,24 @@ int run(bool sorted, int64_t row_len) {
   int nest, first, stab, use_r, use_g, nt;
   std::cin >> mom >> damp >> nest >> wd >> lr >> first >> stab >> use_r >> use_g >> nt;
   StepHParams<T> h{T(lr), T(mom), T(damp), T(wd), nest != 0, first != 0, stab != 0};
+  double found_inf_v, lr_v;
+  int lr_kind, use_steps;
+  int64_t every;
+  std::cin >> found_inf_v >> lr_kind >> lr_v >> every >> use_steps;
+  static float found_inf_f, lr_f32;
+  static double lr_f64;
+  found_inf_f = float(found_inf_v);
+  lr_f32 = float(lr_v);
+  lr_f64 = lr_v;
+  const StepControl ctl{found_inf_v >= 0 ? &found_inf_f : nullptr, lr_kind == 1 ? &lr_f32 : nullptr,
+                        lr_kind == 2 ? &lr_f64 : nullptr, every};
   std::vector<int64_t> n(nt);
   std::vector<int> op(nt), og(nt), om(nt), ng(nt);
-  for (int k = 0; k < nt; ++k) std::cin >> n[k] >> op[k] >> og[k] >> om[k] >> ng[k];
+  std::vector<float> steps(nt, 0.0f);
+  for (int k = 0; k < nt; ++k) {
+    std::cin >> n[k] >> op[k] >> og[k] >> om[k] >> ng[k];
+    if (use_steps) std::cin >> steps[k];
+  }
   std::vector<Buffer<T>> p, g, m, r, gs;
   std::vector<std::vector<uint8_t>> codes(nt);
   std::vector<std::vector<int32_t>> gi(nt);
@@ -84,7 +102,8 @@ int run(bool sorted, int64_t row_len) {
       read(gs[k].data, ng[k]);
     }
     slots[k] = TensorSlot<T>{p[k].data, g[k].data, m[k].data, codes[k].data(), use_r ? r[k].data : nullptr,
-                             use_g ? gi[k].data() : nullptr, use_g ? gs[k].data : nullptr, nullptr, n[k]};
+                             use_g ? gi[k].data() : nullptr, use_g ? gs[k].data : nullptr, nullptr, n[k],
+                             use_steps ? &steps[k] : nullptr};
   }
   if (!std::cin) {
     std::fprintf(stderr, "bad input\n");
@@ -107,10 +126,11 @@ int run(bool sorted, int64_t row_len) {
           threads.emplace_back([&, t] {
             threadIdx.x = unsigned(t);
             blockIdx.x = unsigned(b);
-            cuda::row_step_block<cuda::kRowThreads>(table, h, row_len, b, red);
+            cuda::row_step_block<cuda::kRowThreads>(table, h, ctl, row_len, b, red);
           });
         for (auto& th : threads) th.join();
       }
+      for (int t = 0; t < cuda::kSlotsPerLaunch; ++t) cuda::count_step_of_slot(table, ctl, t);
     }
   }
   for (int first_slot = 0; first_slot < nt && row_len == 0; first_slot += cuda::kSlotsPerLaunch) {
@@ -124,12 +144,13 @@ int run(bool sorted, int64_t row_len) {
           threadIdx.x = unsigned(t);
           blockIdx.x = unsigned(b);
           if (sorted)
-            cuda::staged_step_block<kT, true>(Fixed<3, 3>{}, table, h, b, sp, sg, sm, scratch);
+            cuda::staged_step_block<kT, true>(Fixed<3, 3>{}, table, h, ctl, b, sp, sg, sm, scratch);
           else
-            cuda::staged_step_block<kT, false>(Fixed<3, 3>{}, table, h, b, sp, sg, sm);
+            cuda::staged_step_block<kT, false>(Fixed<3, 3>{}, table, h, ctl, b, sp, sg, sm);
         });
       for (auto& th : threads) th.join();
     }
+    for (int t = 0; t < cuda::kSlotsPerLaunch; ++t) cuda::count_step_of_slot(table, ctl, t);
   }
   for (int k = 0; k < nt; ++k) {
     if (!p[k].outside_untouched() || !m[k].outside_untouched() || !g[k].outside_untouched()) {
@@ -141,6 +162,8 @@ int run(bool sorted, int64_t row_len) {
     for (int64_t i = 0; i < n[k] * E; ++i) std::printf("%.17g\n", double(p[k].data[i]));
     for (int64_t i = 0; i < n[k] * E; ++i) std::printf("%.17g\n", double(m[k].data[i]));
   }
+  if (use_steps)
+    for (int k = 0; k < nt; ++k) std::printf("%.17g\n", double(steps[k]));
   return 0;
 }
 

@@ -1,0 +1,71 @@
+"""Run-time controls of the fused step (csrc/fgsgd/step_control.h): values the step reads when it runs, so
+that it can live in a CUDA graph and run under ``torch.amp.GradScaler`` without a host synchronisation.
+
+- ``found_inf``: a one-element float32 tensor; nonzero skips the whole step (parameters, buffers and step
+  counts stay as they were).
+- ``lr_tensor``: the learning rate as a one-element float32/float64 tensor (an LR schedule under a graph).
+- ``steps``: one float32 one-element tensor per parameter, the steps it has taken. They decide the step's
+  first_step (momentum != 0 and steps == 0) and stabilize ((steps + 1) % stabilize_every == 0) in place of
+  the flags, and a step that is not skipped adds one to each.
+
+The compiled backends (``cpu``, ``cuda``) read them in their kernels (``device_controls``); for the others
+:func:`step_on_host` reads them on the host (one synchronisation on a GPU) and calls the plain step.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def check(params, steps, found_inf, lr_tensor, stabilize_every) -> None:
+    """Shapes, dtypes and devices of the controls (errors name the argument)."""
+    if steps and len(steps) != len(params):
+        raise ValueError(f"steps: expected one tensor per parameter ({len(params)}) or none, got {len(steps)}")
+    device = params[0].device if params else None
+    named = [(f"steps[{k}]", s, (torch.float32,)) for k, s in enumerate(steps or ())]
+    named += [("found_inf", found_inf, (torch.float32,)), ("lr_tensor", lr_tensor, (torch.float32, torch.float64))]
+    for name, t, dtypes in named:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.numel() != 1 or t.dtype not in dtypes or t.is_sparse:
+            raise ValueError(f"{name}: expected a one-element {' or '.join(str(d) for d in dtypes)} tensor, got "
+                             f"{type(t).__name__ if not isinstance(t, torch.Tensor) else (t.dtype, tuple(t.shape))}")
+        if t.device != device:
+            raise ValueError(f"{name}: is on {t.device} but the parameters are on {device}")
+    if not isinstance(stabilize_every, int) or isinstance(stabilize_every, bool) or stabilize_every < 0:
+        raise ValueError(f"stabilize_every: must be a non-negative integer, got {stabilize_every!r}")
+
+
+def step_on_host(impl, params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening,
+                 nesterov, weight_decay, first_step, stabilize, steps, found_inf, lr_tensor, stabilize_every) -> None:
+    """The step with its controls read on the host, for backends whose kernels do not read them: the tensors
+    whose counts give the same (first_step, stabilize) run together, as csrc/ops.cpp's CPU step does."""
+    if found_inf is not None and float(found_inf) != 0:
+        return
+    if lr_tensor is not None:
+        lr = float(lr_tensor)
+    parts: dict = {}
+    for k in range(len(params)):
+        first, stab = first_step, stabilize
+        if steps:
+            n = int(float(steps[k]))
+            first, stab = momentum != 0 and n == 0, stabilize_every > 0 and (n + 1) % stabilize_every == 0
+        parts.setdefault((first, stab), []).append(k)
+    for (first, stab), idx in parts.items():
+        pick = lambda lst: [lst[k] for k in idx] if lst else []  # noqa: E731
+        impl.step_(pick(params), pick(grads), pick(momenta), pick(codes), pick(rescale), pick(group_index),
+                   pick(group_scale), lr, momentum, dampening, nesterov, weight_decay, first, stab)
+    for s in steps or ():
+        s.add_(1)
+
+
+def step(impl, params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening, nesterov,
+         weight_decay, first_step, stabilize, steps=(), found_inf=None, lr_tensor=None, stabilize_every=0) -> None:
+    """impl's step with the controls: in its kernels when it reads them, else on the host (step_on_host)."""
+    args = (params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening, nesterov,
+            weight_decay, first_step, stabilize)
+    if not steps and found_inf is None and lr_tensor is None:
+        impl.step_(*args)
+    elif getattr(impl, "device_controls", False):
+        impl.step_(*args, list(steps), found_inf, lr_tensor, stabilize_every)
+    else:
+        step_on_host(impl, *args, list(steps), found_inf, lr_tensor, stabilize_every)

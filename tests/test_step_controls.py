@@ -1,0 +1,140 @@
+"""The step's run-time controls (fgsgd_cuda/controls.py, csrc/fgsgd/step_control.h) on every backend: found_inf
+skips the whole step, a tensor lr replaces lr, per-tensor step counts decide first_step and stabilize and are
+incremented. A controlled step must give the same bits as the plain step with the flags the counts imply."""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from conftest import FP32_RTOL, make_gen, make_row_tensors, make_step_tensors, rel_err
+from fgsgd_cuda import dispatch, ops
+from fgsgd_cuda import reference as R
+
+
+def _backends():
+    out = []
+    for name, device in (("cpu", "cpu"), ("torch", "cpu"), ("triton", "cpu"), ("cuda", "cuda"), ("triton", "cuda")):
+        ok = (device == "cpu" or torch.cuda.is_available()) and dispatch.available(name, torch.device(device))
+        out.append(pytest.param(name, device, id=f"{name}-{device}",
+                                marks=() if ok else pytest.mark.skip(reason=f"{name} is not available on {device}")))
+    return out
+
+
+BACKENDS = _backends()
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")]
+SHAPES = [pytest.param((3, 3), id="3x3"), pytest.param((2, 3), id="2x3"), pytest.param((100, 1), id="row100")]
+STEPS = [0, 4, 9, 2]          # with stabilize_every 5: tensor 0 takes its first step, tensors 1 and 2 re-project
+EVERY = 5
+HP = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0)
+
+
+def _tensors(shape, dtype, device, seed):
+    gen = make_gen(seed)
+    sizes = [7, 130, 1, 40]
+    ts = (make_row_tensors(sizes, shape[0], dtype, gen) if shape[1] == 1 and shape[0] > 64
+          else make_step_tensors(sizes, shape, dtype, gen))
+    return [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in ts]
+
+
+def _call(ts, backend, **kw):
+    ops.step_([t["p"] for t in ts], [t["g"] for t in ts], [t["m"] for t in ts], [t["codes"] for t in ts],
+              rescale=[t["r"] for t in ts], backend=backend, **HP, **kw)
+
+
+def _clone(ts):
+    return [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in ts]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_counts_and_lr_tensor_follow_the_plain_step(backend, device, dtype, shape):
+    """Counts [0, 4, 9, 2] with stabilize_every 5 and an lr tensor against the plain step of each tensor with the
+    flags and lr they imply (the launch's own flags say the opposite): the same bits; every count + 1; and the
+    float64 reference."""
+    ts = _tensors(shape, dtype, device, zlib.crc32(repr((backend, dtype, shape)).encode()))
+    lr_t = torch.tensor(0.07, dtype=torch.float32, device=device)
+    plain = _clone(ts)
+    for k, t in enumerate(plain):
+        _call([t], backend, lr=float(lr_t), first_step=STEPS[k] == 0, stabilize=(STEPS[k] + 1) % EVERY == 0)
+    steps = [torch.tensor(float(s), device=device) for s in STEPS]
+    got = _clone(ts)
+    _call(got, backend, lr=5.0, first_step=False, stabilize=True, steps=steps, lr_tensor=lr_t, stabilize_every=EVERY)
+    assert [float(s) for s in steps] == [s + 1 for s in STEPS]
+    tol = FP32_RTOL if dtype == torch.float32 else 1e-12
+    for k, (a, b, t) in enumerate(zip(got, plain, ts)):
+        assert torch.equal(a["p"], b["p"]) and torch.equal(a["m"], b["m"]), f"tensor {k}"
+        p_ref, m_ref = R.step(t["p"].double(), t["g"].double(), t["m"].double(), t["codes"], t["r"].double(), None,
+                              lr=float(lr_t), first_step=STEPS[k] == 0, stabilize=(STEPS[k] + 1) % EVERY == 0, **HP)
+        assert rel_err(a["p"], p_ref) <= tol and rel_err(a["m"], m_ref) <= tol, f"tensor {k}"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_found_inf_skips_everything(backend, device, shape):
+    """found_inf = 1: parameters, buffers and counts keep their bits; found_inf = 0: the same step as none."""
+    ts = _tensors(shape, torch.float32, device, zlib.crc32(repr(("inf", backend, shape)).encode()))
+    for t in ts:
+        t["g"][0].view(-1)[0] = float("inf")
+    steps = [torch.tensor(float(s), device=device) for s in STEPS]
+    got = _clone(ts)
+    _call(got, backend, lr=0.1, steps=steps, stabilize_every=EVERY,
+          found_inf=torch.ones((), device=device), lr_tensor=torch.tensor(0.1, device=device))
+    assert [float(s) for s in steps] == [float(s) for s in STEPS]
+    for a, t in zip(got, ts):
+        assert torch.equal(a["p"], t["p"]) and torch.equal(a["m"], t["m"])
+    for t in ts:
+        t["g"][0].view(-1)[0] = 0.5
+    zero, none = _clone(ts), _clone(ts)
+    _call(zero, backend, lr=0.1, found_inf=torch.zeros(1, device=device))
+    _call(none, backend, lr=0.1)
+    for a, b, t in zip(zero, none, ts):
+        assert torch.equal(a["p"], b["p"]) and torch.equal(a["m"], b["m"])
+        assert not torch.equal(a["p"], t["p"])
+
+
+BAD = {
+    "steps dtype": (dict(steps="int"), r"steps\[1\]: expected a one-element torch.float32"),
+    "steps count": (dict(steps="short"), r"steps: expected one tensor per parameter \(4\)"),
+    "found_inf dtype": (dict(found_inf=torch.ones((), dtype=torch.float64)), r"found_inf: expected a one-element"),
+    "found_inf shape": (dict(found_inf=torch.zeros(2)), r"found_inf: expected a one-element"),
+    "lr_tensor dtype": (dict(lr_tensor=torch.tensor(1, dtype=torch.int32)), r"lr_tensor: expected a one-element"),
+    "stabilize_every": (dict(stabilize_every=-1), r"stabilize_every: must be a non-negative integer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_bad_controls_are_refused_by_name(backend, case):
+    if not dispatch.available(backend, torch.device("cpu")):
+        pytest.skip(f"{backend} is not available")
+    ts = _tensors((3, 3), torch.float32, "cpu", 3)
+    kw, msg = BAD[case]
+    if kw.get("steps") == "int":
+        kw = dict(steps=[torch.zeros(()), torch.zeros((), dtype=torch.int64), torch.zeros(()), torch.zeros(())])
+    elif kw.get("steps") == "short":
+        kw = dict(steps=[torch.zeros(())])
+    got = _clone(ts)
+    with pytest.raises(ValueError, match=msg):
+        _call(got, backend, lr=0.1, **kw)
+    for a, t in zip(got, ts):
+        assert torch.equal(a["p"], t["p"]) and torch.equal(a["m"], t["m"])
+
+
+@pytest.mark.skipif(not dispatch.available("cpu", torch.device("cpu")), reason="needs the compiled extension")
+def test_compiled_op_checks_the_controls():
+    """torch.ops.fgsgd.step_ itself (no Python checks) refuses a float64 count and a found_inf of two values."""
+    ts = _tensors((3, 3), torch.float32, "cpu", 4)
+    args = ([t["p"] for t in ts], [t["g"] for t in ts], [t["m"] for t in ts], [t["codes"] for t in ts],
+            [t["r"] for t in ts], [], [], 0.1, 0.9, 0.0, False, 0.0, False, False)
+    with pytest.raises(RuntimeError, match=r"steps\[2\] must be a one-element float32 tensor"):
+        torch.ops.fgsgd.step_(*args, [torch.zeros(()), torch.zeros(()), torch.zeros((), dtype=torch.float64),
+                                      torch.zeros(())])
+    with pytest.raises(RuntimeError, match=r"found_inf must be a one-element float32 tensor"):
+        torch.ops.fgsgd.step_(*args, [], torch.zeros(2))
+    with pytest.raises(RuntimeError, match=r"stabilize_every must be >= 0"):
+        torch.ops.fgsgd.step_(*args, [], None, None, -3)
+    for a, t in zip(args[0], ts):
+        assert torch.equal(a, t["p"])
