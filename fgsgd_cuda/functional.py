@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import torch
 
-from . import checks, dispatch
+from . import checks, controls, dispatch
 
 
 def component_view(t: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -57,19 +57,24 @@ def group_step_sizes(impl, ps, gs, codes, rescale, group_index_of, num_groups, *
 
 
 def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, weight_decay, group_clip,
-                  stabilize, backend, cache, views=None, group_index=None):
+                  stabilize, backend, cache, views=None, group_index=None, capturable=False, found_inf=None):
     """One step of the manifold parameters of a group; ``states`` are the optimizer's per-parameter states.
 
     Every state holds ``shape`` (A, B), ``codes`` (N,) uint8, ``num_groups``, ``step`` and optionally
     ``rescale`` (N,) and ``momentum_buffer``. With ``group_clip``, ``group_index(k)`` gives the (N,) int32
     groups of params[k]; it is called once per batch, the work built from it is kept in ``cache`` (keyed
     by the parameters' ids). ``views`` (optional) keeps the component views of weights and buffers.
+
+    ``capturable``: every ``step`` is a float32 tensor on the parameter's device that the kernels read (first
+    step, stabilize) and increment, ``lr`` may be a one-element tensor, and ``found_inf`` (a float32 flag)
+    skips the step on the device (fgsgd_cuda/controls.py): no host synchronisation.
     """
     batches = defaultdict(list)
     for k, (p, st) in enumerate(zip(params, states)):
         a, b = st["shape"]
         first = momentum != 0 and st.get("momentum_buffer") is None
-        stab = bool(stabilize) and (st["step"] + 1) % int(stabilize) == 0
+        # capturable: the kernels decide from the counts they read (csrc/fgsgd/step_control.h)
+        stab = None if capturable else bool(stabilize) and (st["step"] + 1) % int(stabilize) == 0
         name = backend if a * b <= checks.MAX_ELEMS or checks.is_row_shape(a, b) else "torch"
         batches[(a, b, first, stab, st.get("rescale") is not None, name)].append(k)
     new_buffers = {}
@@ -96,9 +101,16 @@ def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, w
                                             [states[k]["num_groups"] for k in idx], weight_decay=weight_decay,
                                             group_clip=group_clip, cache=cache,
                                             key=tuple(id(params[k]) for k in idx))
-        impl.step_(ps, gs, ms, codes, rescale, gidx, gscale, lr, momentum, dampening, nesterov, weight_decay,
-                   first, stab)
+        if capturable:
+            lr_t = lr if isinstance(lr, torch.Tensor) else None
+            controls.step(impl, ps, gs, ms, codes, rescale, gidx, gscale, 0.0 if lr_t is not None else lr, momentum,
+                          dampening, nesterov, weight_decay, first, False, [states[k]["step"] for k in idx],
+                          found_inf, lr_t, int(stabilize or 0))
+        else:
+            impl.step_(ps, gs, ms, codes, rescale, gidx, gscale, lr, momentum, dampening, nesterov, weight_decay,
+                       first, stab)
     for k, buf in new_buffers.items():
         states[k]["momentum_buffer"] = buf
-    for st in states:
-        st["step"] += 1
+    if not capturable:  # else the step counted on the device
+        for st in states:
+            st["step"] += 1

@@ -28,7 +28,8 @@ MANIFOLD_DEFAULTS = dict(
     group_clip=None,         # c of the group step size s_g = 1/max(1, ‖ξ_g‖/c); None: s_g = 1
     stabilize=50,            # re-project onto the manifolds every `stabilize` steps (0 / None: never)
     backend="auto",          # "auto" | "cpu" | "cuda" | "triton" | "torch"
-    check_finite=True,       # refuse a step whose gradients hold inf/nan (one host sync per step)
+    check_finite=True,       # refuse a step whose gradients hold inf/nan (one host sync per step; capturable: skip it)
+    capturable=False,        # no host sync in the step: it captures in a CUDA graph (see the class docstring)
     foreach=None,            # Euclidean groups: passed to torch.optim.sgd
     fused=None,
 )
@@ -53,6 +54,20 @@ class FGSGD(Optimizer):
     Use :func:`fgsgd_cuda.param_groups` to split a model: ``FGSGD(param_groups(model), lr=0.1,
     momentum=0.9)``. Construct the optimizer before loading a checkpoint into the model, then load the
     optimizer's state: resuming is then exact.
+
+    ``capturable=True`` (the same for every group) makes the step free of host synchronisation, so that it
+    can be captured in a CUDA graph and replayed, and lets ``torch.amp.GradScaler`` hand it its scale and
+    inf flag instead of synchronising (``_step_supports_amp_scaling``):
+
+    - every manifold parameter counts its steps in a float32 tensor on its device (``state["step"]``); the
+      kernels read the counts to decide the first step and every ``stabilize``-th re-projection, and add one;
+    - ``lr`` may be a one-element tensor on the parameters' device (an LR scheduler then updates it in
+      place, which a replayed graph sees);
+    - under GradScaler the gradients are unscaled in place (one multi-tensor op) and a step with inf/nan is
+      skipped on the device: weights, buffers and counts keep their bits. Without GradScaler,
+      ``check_finite`` computes that flag itself (one pass over the gradients) instead of raising;
+    - manifold groups need the compiled backends (``cpu``, ``cuda``); Euclidean groups run torch's fused SGD,
+      whose momentum buffers then start at zero (so with dampening τ the first buffer is (1-τ)·g, not g).
     """
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
@@ -68,6 +83,9 @@ class FGSGD(Optimizer):
         # the initial projections wait until every group is checked: a bad group leaves the weights alone
         self._pending_projx: list | None = []
         super().__init__(params, defaults)
+        #: GradScaler passes grad_scale / found_inf to a capturable step instead of synchronising
+        self._step_supports_amp_scaling = bool(self.defaults["capturable"])
+        self._finite_flags: dict = {}  # capturable check_finite: device -> persistent (found_inf, one)
         pending, self._pending_projx = self._pending_projx, None
         with torch.no_grad():
             for args in pending:
@@ -90,12 +108,24 @@ class FGSGD(Optimizer):
                 self.state.pop(p, None)
             raise
 
-    @staticmethod
-    def _check_hyperparameters(group: dict) -> None:
+    def _check_hyperparameters(self, group: dict) -> None:
+        if not isinstance(group["capturable"], bool) or group["capturable"] != self.defaults["capturable"]:
+            raise ValueError(f"capturable: must be the same bool for every param group (the optimizer's is "
+                             f"{self.defaults['capturable']}), got {group['capturable']!r}")
         for key in ("lr", "momentum", "dampening", "weight_decay"):
             v = group[key]
+            if key == "lr" and isinstance(v, torch.Tensor):
+                if not group["capturable"]:
+                    raise ValueError("lr: a tensor learning rate needs capturable=True (else pass a number)")
+                if v.numel() != 1 or v.dtype not in checks.FLOAT_DTYPES:
+                    raise ValueError(f"lr: a tensor learning rate must be a one-element float32 or float64 tensor, "
+                                     f"got {v.dtype} of shape {tuple(v.shape)}")
+                v = float(v)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or v != v:
                 raise ValueError(f"{key}: must be a non-negative number, got {v!r}")
+        if group["capturable"] and not group["manifolds"] and (group["foreach"] or group["fused"] is False):
+            raise ValueError("capturable: Euclidean groups run torch's fused SGD (found_inf and a tensor lr without "
+                             f"a host sync); got foreach={group['foreach']!r}, fused={group['fused']!r}")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("nesterov: needs momentum > 0 and dampening = 0")
         if group["backend"] not in dispatch.BACKENDS:
@@ -138,7 +168,18 @@ class FGSGD(Optimizer):
                 raise ValueError(f"{name}: manifold parameters must be contiguous (channels_last weights are not "
                                  "supported)")
             out_ch, in_ch, shape, is_row = self._component_layout(p, name)
-            dispatch.get(group["backend"] if shape[0] * shape[1] <= checks.MAX_ELEMS else "torch", p.device)
+            impl = dispatch.get(group["backend"] if shape[0] * shape[1] <= checks.MAX_ELEMS or is_row else "torch",
+                                p.device)
+            if group["capturable"]:
+                if not getattr(impl, "device_controls", False):
+                    raise ValueError(f"{name}: capturable=True needs the compiled kernels (backend 'cpu' or 'cuda', "
+                                     f"components of at most {checks.MAX_ELEMS} entries or rows); this parameter "
+                                     f"would run on the {impl.__class__.__name__}, which reads the step's controls "
+                                     "on the host")
+                lr = group["lr"]
+                if isinstance(lr, torch.Tensor) and lr.device != p.device:
+                    raise ValueError(f"lr: a tensor learning rate must be on the parameters' device ({p.device}), "
+                                     f"got {lr.device}")
             if is_row and "stiefel" in kinds:
                 raise ValueError(f"{name}: the row view (1×1 convs, linear weights) supports sphere, oblique and "
                                  f"euclidean only, got manifolds={kinds}")
@@ -158,7 +199,8 @@ class FGSGD(Optimizer):
             state = self.state[p]
             # per component only the code, which the kernels read; the membership is kept as its options
             state.update(shape=shape, codes=grouping.codes.to(p.device), group_codes=grouping.group_codes.to(p.device),
-                         num_groups=grouping.num_groups, membership=options, step=0, rescale=None)
+                         num_groups=grouping.num_groups, membership=options, step=self._new_step_count(group, p),
+                         rescale=None)
             views.append(component_view(p.detach(), shape))
             codes.append(state["codes"])
         if self._init_projx:
@@ -167,6 +209,11 @@ class FGSGD(Optimizer):
             else:
                 with torch.no_grad():
                     self._projx_views(views, codes, [], group["backend"])
+
+    @staticmethod
+    def _new_step_count(group: dict, p: torch.Tensor, value: float = 0.0):
+        """A manifold parameter's count of steps taken: an int, or (capturable) a float32 tensor on its device."""
+        return torch.tensor(float(value), dtype=torch.float32, device=p.device) if group["capturable"] else int(value)
 
     def _projx_views(self, views, codes, rescale, backend) -> None:
         by_shape: dict = {}
@@ -189,7 +236,10 @@ class FGSGD(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         # a checkpoint from before the membership options were kept: they are the ones this optimizer made
         membership_now = {i: self.state[p].get("membership") for i, p in zip(saved_ids, params) if p in self.state}
+        capturable = self.defaults["capturable"]
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # how the step runs is this optimizer's choice, not the checkpoint's
+            group["capturable"] = capturable
         for i, p in zip(saved_ids, params):
             st = self.state[p]
             for k, v in ints[i].items():
@@ -197,6 +247,11 @@ class FGSGD(Optimizer):
             st.pop("group_index", None)  # older checkpoints stored it; it is recomputed now
             if "codes" in st and "membership" not in st and membership_now.get(i) is not None:
                 st["membership"] = dict(membership_now[i])
+        for group in self.param_groups:  # step counts as this optimizer keeps them (a capturable one: tensors)
+            for p in group["params"] if group["manifolds"] else ():
+                st = self.state.get(p, {})
+                if "step" in st and isinstance(st["step"], torch.Tensor) != group["capturable"]:
+                    st["step"] = self._new_step_count(group, p, float(st["step"]))
         self._group_cache.clear()  # keyed by the ids of the parameters: the groups are rebuilt from the state
         self._view_cache.clear()   # holds views of the old momentum buffers
 
@@ -296,6 +351,60 @@ class FGSGD(Optimizer):
                         raise ValueError(f"param_groups[{gi}]['params'][{j}]: the gradient holds inf or nan; the step "
                                          "was not taken (use torch.amp.GradScaler, or check_finite=False to allow it)")
 
+    # ---------------------------------------------------------------- capturable steps and GradScaler
+    def _amp_prologue(self, work) -> dict | None:
+        """GradScaler's part of a step (only a capturable optimizer gets it: _step_supports_amp_scaling): the
+        gradients unscaled in place by its scale (when it has not done so), and its found_inf per device
+        (None when GradScaler is not in play)."""
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        grads = [g for _, _, gs in work for g in gs]
+        devices = _by_device(grads)
+        if grad_scale is not None:
+            for device, idx in devices.items():
+                torch._foreach_div_([grads[k] for k in idx], grad_scale.to(device=device, dtype=torch.float32))
+        if found_inf is None:
+            return None
+        return {device: found_inf.to(device=device, dtype=torch.float32) for device in devices}
+
+    def _device_finite_flags(self, finite_checks) -> dict:
+        """check_finite without a host sync (capturable): a float32 flag per device, nonzero when any gradient of
+        a group with check_finite holds inf/nan; the step is then skipped on the device. Persistent buffers:
+        nothing is allocated once the first step has made them."""
+        grads = [g for _, _, _, gs in finite_checks for g in gs]
+        flags = {}
+        for device, idx in _by_device(grads).items():
+            if device not in self._finite_flags:
+                self._finite_flags[device] = (torch.zeros(1, dtype=torch.float32, device=device),
+                                              torch.ones(1, dtype=torch.float32, device=device))
+            flag, one = self._finite_flags[device]
+            flag.zero_()
+            torch._amp_foreach_non_finite_check_and_unscale_([grads[k] for k in idx], flag, one)
+            flags[device] = flag
+        for device, flag in flags.items():  # one device's inf skips the step on every device
+            for other, f in flags.items():
+                if other != device:
+                    flag.add_(f.to(device))
+        return flags
+
+    def _euclidean_capturable(self, group, params, grads, found_inf) -> None:
+        """A Euclidean group of a capturable step: torch's fused SGD, which reads found_inf and a tensor lr on the
+        device. Momentum buffers that do not exist yet start at zero when the step may be skipped, so that a
+        skipped first step leaves buffers a later step can read."""
+        for device, idx in _by_device(params).items():
+            ps, gs = [params[k] for k in idx], [grads[k] for k in idx]
+            states = [self.state[p] for p in ps]
+            f = _flag_for(found_inf, device)
+            if group["momentum"] != 0 and f is not None:
+                for p, st in zip(ps, states):
+                    if st.get("momentum_buffer") is None:
+                        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            bufs = [st.get("momentum_buffer") for st in states]
+            sgd(ps, gs, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+                dampening=group["dampening"], nesterov=group["nesterov"], maximize=False, fused=True, found_inf=f)
+            if group["momentum"] != 0:
+                for st, buf in zip(states, bufs):
+                    st["momentum_buffer"] = buf
+
     @torch.no_grad()
     def step(self, closure=None):
         """Performs one optimization step (nothing is changed when it raises)."""
@@ -304,7 +413,14 @@ class FGSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work, finite_checks = self._gather()
-        self._check_finite(finite_checks)
+        found_inf = self._amp_prologue(work)
+        if self.defaults["capturable"]:
+            if found_inf is None and finite_checks:
+                found_inf = self._device_finite_flags(finite_checks)
+        else:
+            if found_inf and float(next(iter(found_inf.values()))) != 0:
+                return loss  # set by hand on a non-capturable optimizer: read on the host
+            self._check_finite(finite_checks)
         for group, params, _ in work:  # the groups of group_clip, before anything changes (a bad state raises here)
             if group["manifolds"] and group["group_clip"] is not None:
                 for p in params:
@@ -313,11 +429,17 @@ class FGSGD(Optimizer):
             if not params:
                 continue
             if group["manifolds"]:
-                manifold_step(params, grads, [self.state[p] for p in params], lr=group["lr"],
-                              momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
-                              weight_decay=group["weight_decay"], group_clip=group["group_clip"],
-                              stabilize=group["stabilize"], backend=group["backend"], cache=self._group_cache,
-                              views=self._view_cache, group_index=lambda k, ps=params: self._group_index(ps[k]))
+                for device, idx in _by_device(params).items():
+                    ps, gs = [params[k] for k in idx], [grads[k] for k in idx]
+                    manifold_step(ps, gs, [self.state[p] for p in ps], lr=group["lr"],
+                                  momentum=group["momentum"], dampening=group["dampening"],
+                                  nesterov=group["nesterov"], weight_decay=group["weight_decay"],
+                                  group_clip=group["group_clip"], stabilize=group["stabilize"],
+                                  backend=group["backend"], cache=self._group_cache, views=self._view_cache,
+                                  group_index=lambda k, ps=ps: self._group_index(ps[k]),
+                                  capturable=group["capturable"], found_inf=_flag_for(found_inf, device))
+            elif group["capturable"]:
+                self._euclidean_capturable(group, params, grads, found_inf)
             else:
                 bufs = [self.state[p].get("momentum_buffer") for p in params]
                 new_buffers = any(b is None for b in bufs)
@@ -328,3 +450,19 @@ class FGSGD(Optimizer):
                     for p, buf in zip(params, bufs):
                         self.state[p]["momentum_buffer"] = buf
         return loss
+
+
+def _by_device(tensors) -> dict:
+    """device -> indices of the tensors on it, in order."""
+    out: dict = {}
+    for k, t in enumerate(tensors):
+        out.setdefault(t.device, []).append(k)
+    return out
+
+
+def _flag_for(found_inf: dict | None, device):
+    """The step's found_inf flag on ``device`` (None: no flag; a device without its own gets a copy)."""
+    if not found_inf:
+        return None
+    flag = found_inf.get(device)
+    return flag if flag is not None else next(iter(found_inf.values())).to(device)

@@ -207,6 +207,83 @@ def test_capture_with_check_finite_is_refused():
         assert torch.equal(a, b)
 
 
+def _capturable_setup(lr):
+    model = _model(3).cuda()
+    opt = FGSGD(param_groups(model, group_size=4, group_clip=1.0, stabilize=3), lr=lr, momentum=0.9,
+                backend="cuda", capturable=True, fused=True)
+    return model, opt
+
+
+def _set_grads(model, k):
+    gen = torch.Generator().manual_seed(1000 + k)
+    for p in model.parameters():
+        g = torch.randn(p.shape, generator=gen).cuda()
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.copy_(g)  # a captured graph reads the gradients where they were at capture
+
+
+def test_capturable_step_replays_follow_eager_steps():
+    """FGSGD(capturable=True) captured once and replayed 7 times, with new gradients and a tensor lr changed in
+    place between replays: the counts advance on the device (re-projection every 3 steps, check_finite's flag
+    made on the device) and the bits equal eager capturable steps."""
+    eager_model, eager_opt = _capturable_setup(torch.tensor(0.05, device="cuda"))
+    graph_model, graph_opt = _capturable_setup(torch.tensor(0.05, device="cuda"))
+    for k in range(2):                                      # warm-up outside the graph (buffers, caches)
+        for m, o in ((eager_model, eager_opt), (graph_model, graph_opt)):
+            _set_grads(m, k)
+            o.step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _set_grads(graph_model, 2)
+        graph_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    _set_grads(eager_model, 2)
+    eager_opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_opt.step()
+    for k in range(3, 10):
+        lr = 0.05 * 0.8 ** k
+        for o in (eager_opt, graph_opt):
+            for g in o.param_groups:
+                g["lr"].fill_(lr)
+        _set_grads(graph_model, k)
+        graph.replay()
+        _set_grads(eager_model, k)
+        eager_opt.step()
+    torch.cuda.synchronize()
+    for a, b in zip(graph_model.parameters(), eager_model.parameters()):
+        assert torch.equal(a, b)
+    for p, q in zip(graph_opt.param_groups[0]["params"], eager_opt.param_groups[0]["params"]):
+        assert float(graph_opt.state[p]["step"]) == float(eager_opt.state[q]["step"]) == 10.0
+
+
+def test_capturable_grad_scaler_skips_without_a_sync():
+    """GradScaler with a capturable FGSGD on CUDA: an inf step changes nothing (the flag is read by the kernels),
+    and the finite steps after it equal those of a run that never had it."""
+    m1, o1 = _capturable_setup(0.05)
+    m2, o2 = _capturable_setup(0.05)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10)
+    scaler.scale(torch.ones((), device="cuda"))
+    for k in range(4):
+        _set_grads(m1, k)
+        for p in m1.parameters():
+            p.grad.mul_(scaler.get_scale())
+        if k == 0:
+            next(m1.parameters()).grad.view(-1)[0] = float("inf")
+        scaler.step(o1)
+        scaler.update()
+        if k:
+            _set_grads(m2, k)
+            o2.step()
+    torch.cuda.synchronize()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+
+
 def _ops_per_step(depth: int) -> tuple[int, int]:
     """(ops dispatched, fgsgd ops among them) by one steady-state step (a TorchDispatchMode count: each fgsgd
     op is one kernel launch per 40 tensors; torch.profiler was too slow to start on the lent GPU machine)."""

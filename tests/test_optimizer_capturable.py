@@ -1,0 +1,193 @@
+"""FGSGD(capturable=True): step counts on the device, a tensor lr, GradScaler's scale and inf flag read by the
+step (no host synchronisation), against the eager optimizer bit for bit. CPU here; tests/test_cuda_step.py
+captures the same step in a CUDA graph on a GPU."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_gen, requires_cpu_kernels
+from fgsgd_cuda import FGSGD, param_groups
+
+pytestmark = requires_cpu_kernels
+
+
+def model_of(seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 6, 3), nn.Conv2d(6, 80, 1),
+                         nn.Flatten(), nn.Linear(80, 5))
+
+
+def make(capturable, seed=0, lr=0.05, row_view=True, **kw):
+    """A model and its FGSGD; the Euclidean group runs torch's fused SGD in both modes (a capturable step
+    always does, and fused and foreach SGD differ in the last bit)."""
+    model = model_of(seed)
+    kw.setdefault("fused", True)
+    opts = dict(group_size=4, stabilize=3, group_clip=kw.pop("group_clip", 0.5))
+    opt = FGSGD(param_groups(model, row_view=row_view, **opts), lr=lr, momentum=0.9, capturable=capturable, **kw)
+    return model, opt
+
+
+def grads_for(model, k, scale=1.0):
+    gen = make_gen(100 + k)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * scale
+
+
+def manifold_params(opt):
+    return [p for g in opt.param_groups if g["manifolds"] for p in g["params"]]
+
+
+def assert_same(m1, o1, m2, o2):
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.equal(a, b), n
+    for a, b in zip(manifold_params(o1), manifold_params(o2)):
+        s1, s2 = o1.state[a], o2.state[b]
+        assert torch.equal(s1["momentum_buffer"], s2["momentum_buffer"])
+        assert float(s1["step"]) == float(s2["step"])
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_capturable_steps_follow_the_eager_steps(nesterov):
+    """8 steps over stabilize=3 boundaries, group_clip, the row view, a parameter without a gradient in one step:
+    the same bits as the eager optimizer; the counts are float32 tensors on the parameters' device."""
+    m1, o1 = make(False, nesterov=nesterov)
+    m2, o2 = make(True, nesterov=nesterov)
+    for k in range(8):
+        for m in (m1, m2):
+            grads_for(m, k)
+            if k == 4:
+                m[2].weight.grad = None
+        o1.step()
+        o2.step()
+    assert_same(m1, o1, m2, o2)
+    counts = [o2.state[p]["step"] for p in manifold_params(o2)]
+    assert all(isinstance(c, torch.Tensor) and c.dtype == torch.float32 for c in counts)
+    assert [float(c) for c in counts] == [8.0, 7.0, 8.0, 8.0]
+    assert [o1.state[p]["step"] for p in manifold_params(o1)] == [8, 7, 8, 8]
+
+
+def test_tensor_lr_changed_in_place():
+    """A tensor lr that an LR scheduler changes in place (as a replayed CUDA graph would see it) against float lrs."""
+    m1, o1 = make(False, lr=0.1)
+    m2, o2 = make(True, lr=torch.tensor(0.1))
+    sched = torch.optim.lr_scheduler.StepLR(o2, step_size=2, gamma=0.5)
+    lrs = []
+    for k in range(6):
+        lrs.append(float(o2.param_groups[0]["lr"]))
+        for g in o1.param_groups:
+            g["lr"] = lrs[-1]
+        for m in (m1, m2):
+            grads_for(m, k)
+        o1.step()
+        o2.step()
+        sched.step()
+    assert lrs == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025], rel=1e-6)
+    assert isinstance(o2.param_groups[0]["lr"], torch.Tensor)
+    assert_same(m1, o1, m2, o2)
+
+
+def _scaled_step(opt, model, scaler, k, inf=False, monkeypatch=None):
+    """Gradients of step k times the scale (inf in one entry), then GradScaler's step and update; with
+    ``monkeypatch`` those two must not call Tensor.item (a host synchronisation)."""
+    grads_for(model, k, scale=float(scaler.get_scale()))
+    if inf:
+        model[2].weight.grad[0, 0, 0, 0] = float("inf")
+    if monkeypatch is not None:
+        def no_item(t):
+            raise AssertionError("the step synchronised with the host (Tensor.item)")
+        monkeypatch.setattr(torch.Tensor, "item", no_item)
+    scaler.step(opt)
+    scaler.update()
+    if monkeypatch is not None:
+        monkeypatch.undo()
+
+
+def test_grad_scaler_unscales_and_skips_on_the_device(monkeypatch):
+    """Under torch.amp.GradScaler a capturable FGSGD unscales the gradients itself and skips an inf step without a
+    host synchronisation (GradScaler.step and update never call Tensor.item); a run whose very first step
+    overflows then matches a run without that step, bit for bit; a later inf step changes nothing."""
+    assert make(True)[1]._step_supports_amp_scaling and not make(False)[1]._step_supports_amp_scaling
+    m1, o1 = make(True)
+    m2, o2 = make(True)
+    s1 = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    s1.scale(torch.ones(()))  # makes the scale tensor
+    _scaled_step(o1, m1, s1, 0, inf=True, monkeypatch=monkeypatch)
+    assert float(s1.get_scale()) == 2.0 ** 11
+    for p in manifold_params(o1):
+        assert float(o1.state[p]["step"]) == 0.0
+    for k in range(1, 5):
+        _scaled_step(o1, m1, s1, k, monkeypatch=monkeypatch)
+        grads_for(m2, k)
+        o2.step()
+    assert_same(m1, o1, m2, o2)
+    before = [p.detach().clone() for p in m1.parameters()]
+    states = {id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in o1.state[p].items()}
+              for p in m1.parameters()}
+    _scaled_step(o1, m1, s1, 9, inf=True, monkeypatch=monkeypatch)
+    for p, b in zip(m1.parameters(), before):
+        assert torch.equal(p, b)
+        for key, v in states[id(p)].items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(o1.state[p][key], v), key
+
+
+def test_check_finite_skips_on_the_device():
+    """capturable with check_finite: an inf gradient skips the step (nothing changes, counts stay) instead of
+    raising (which would need the host); the next finite step goes on as if the bad one never came."""
+    m1, o1 = make(True, check_finite=True)
+    m2, o2 = make(True, check_finite=False)
+    grads_for(m1, 0)
+    m1[0].weight.grad[1, 1, 1, 1] = float("nan")
+    o1.step()
+    for k in range(1, 4):
+        for m in (m1, m2):
+            grads_for(m, k)
+        o1.step()
+        o2.step()
+    assert_same(m1, o1, m2, o2)
+
+
+def test_state_dict_between_capturable_and_eager():
+    """A checkpoint of an eager optimizer resumes in a capturable one (counts become tensors) and back, exactly."""
+    m1, o1 = make(False)
+    for k in range(4):
+        grads_for(m1, k)
+        o1.step()
+    m2, o2 = make(True)
+    m2.load_state_dict(m1.state_dict())
+    o2.load_state_dict(copy.deepcopy(o1.state_dict()))  # a state_dict holds the optimizer's own tensors
+    assert all(isinstance(o2.state[p]["step"], torch.Tensor) for p in manifold_params(o2))
+    m3, o3 = make(False)
+    m3.load_state_dict(m1.state_dict())
+    o3.load_state_dict(copy.deepcopy(o2.state_dict()))
+    assert all(o3.state[p]["step"] == 4 for p in manifold_params(o3))
+    for k in range(4, 7):
+        for m in (m1, m2, m3):
+            grads_for(m, k)
+        for o in (o1, o2, o3):
+            o.step()
+    assert_same(m1, o1, m2, o2)
+    assert_same(m1, o1, m3, o3)
+
+
+def test_capturable_errors_name_the_problem():
+    model = model_of()
+    with pytest.raises(ValueError, match=r"capturable=True needs the compiled kernels"):
+        FGSGD(param_groups(model, backend="torch"), lr=0.1, capturable=True)
+    with pytest.raises(ValueError, match=r"lr: a tensor learning rate needs capturable=True"):
+        FGSGD(param_groups(model), lr=torch.tensor(0.1))
+    with pytest.raises(ValueError, match=r"lr: a tensor learning rate must be a one-element"):
+        FGSGD(param_groups(model), lr=torch.tensor([0.1, 0.2]), capturable=True)
+    with pytest.raises(ValueError, match=r"capturable: must be the same bool for every param group"):
+        FGSGD(param_groups(model, capturable=True), lr=0.1)
+    groups = param_groups(model)
+    groups[-1]["foreach"] = True
+    with pytest.raises(ValueError, match=r"capturable: Euclidean groups run torch's fused SGD"):
+        FGSGD(groups, lr=0.1, capturable=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
