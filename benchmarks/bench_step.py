@@ -237,10 +237,11 @@ def is_row_weight(shape) -> bool:
     return len(shape) == 2 or (len(shape) == 4 and shape[2] == shape[3] == 1)
 
 
-def build_fgsgd(kinds, retraction, backend, ekw, stabilize, rows_backend=None, group_clip=None):
+def build_fgsgd(kinds, retraction, backend, ekw, stabilize, rows_backend=None, group_clip=None, capturable=False):
     """FGSGD: the k×k filters on ``kinds``; with ``rows_backend`` the row view too (1×1 convs and the linear
     weight, one row per output channel, on sphere+oblique) on that backend; ``group_clip``: the group step
-    size s_g on (DESIGN.md §1 step 2)."""
+    size s_g on (DESIGN.md §1 step 2); ``capturable``: FGSGD(capturable=True) with a tensor lr (step counts
+    and lr read by the kernels, Euclidean parameters on torch's fused SGD)."""
     def build(ps: ParamSet):
         params = fresh_params(ps)
         filters = [p for p in params if is_filter(p.shape)]
@@ -254,8 +255,10 @@ def build_fgsgd(kinds, retraction, backend, ekw, stabilize, rows_backend=None, g
                                retraction=dict(retraction), backend=rows_backend, check_finite=False,
                                stabilize=stabilize))
         if rest:
-            groups.append(dict(params=rest, manifolds=None, check_finite=False, **ekw))
-        opt = FGSGD(groups, lr=LR, momentum=MOMENTUM)
+            groups.append(dict(params=rest, manifolds=None, check_finite=False,
+                               **(dict(fused=True) if capturable else ekw)))
+        lr = torch.tensor(LR, device=params[0].device) if capturable else LR
+        opt = FGSGD(groups, lr=lr, momentum=MOMENTUM, capturable=capturable)
         return opt.step, opt, params
     return build
 
@@ -324,7 +327,7 @@ def build_geoopt(kinds, retraction):
 
 
 def make_cases(device, backends, *, geoopt_reason, support, stabilize, retractions=("default", "alt"),
-               row_view=False, group_clip=None) -> list[Case]:
+               row_view=False, group_clip=None, capturable=False) -> list[Case]:
     cases = []
     for variant, kw in (("forloop", dict(foreach=False, fused=False)), ("foreach", dict(foreach=True)),
                         ("fused", dict(fused=True))):
@@ -347,6 +350,10 @@ def make_cases(device, backends, *, geoopt_reason, support, stabilize, retractio
                 cases.append(Case(f"{name} +clip", "fgsgd", backend=backend, mix=mix, retraction=ret,
                                   slow=backend == "torch", skip=skip,
                                   build=build_fgsgd(kinds, ret, backend, ekw, stabilize, group_clip=group_clip)))
+            if capturable and mix == MAIN_MIX and backend in ("cpu", "cuda"):
+                cases.append(Case(f"{name} capturable", "fgsgd", backend=backend, mix=mix, retraction=ret,
+                                  skip=skip or support["fused"],
+                                  build=build_fgsgd(kinds, ret, backend, ekw, stabilize, capturable=True)))
             if row_view and mix == MAIN_MIX and backend != "torch":
                 # the row view on the same backend, and with its rows on the per-tensor torch backend (what
                 # FGSGD did before the row kernels)
@@ -899,6 +906,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-geoopt", action="store_true")
     ap.add_argument("--group-clip", type=float, default=None,
                     help="also FGSGD (main mix) with group_clip=C, the group step size on: case name '+clip'")
+    ap.add_argument("--capturable", action="store_true",
+                    help="also FGSGD (main mix, cpu/cuda) with capturable=True and a tensor lr: case name 'capturable'")
     ap.add_argument("--row-view", action="store_true",
                     help="also FGSGD with the row view (1×1 convs and the linear weight on sphere+oblique), its rows "
                          "on the same backend and on the torch backend")
@@ -981,7 +990,7 @@ def main(argv=None) -> dict:
                            (geoopt_reason or f"geoopt runs only on {','.join(geoopt_models) or 'no model'} "
                                              "(--geoopt-models)"),
                            support=support, stabilize=args.stabilize, retractions=retractions,
-                           row_view=args.row_view, group_clip=args.group_clip)
+                           row_view=args.row_view, group_clip=args.group_clip, capturable=args.capturable)
         cases = [c for c in cases if c.family == "sgd" or c.mix in mixes]
         if args.slow_cases:
             cases = [c for c in cases if not c.slow or re.search(args.slow_cases, c.name)]

@@ -49,7 +49,7 @@ log "bench_kernels"
 timeout 180 "$PY" benchmarks/bench_kernels.py --models "$MODELS" --out "$OUT/kernels.json" >>"$OUT/bench.log" 2>&1
 log "bench_kernels exit $?"
 timeout 300 "$PY" benchmarks/bench_step.py --models "$MODELS" --backends cuda --torch-backend-models none \
-  --slow-cases 'sphere\+oblique\+stiefel normalize/qr$' --repeats "$REPEATS" --row-view --group-clip 1.0 --out "$OUT/step.json" \
+  --slow-cases 'sphere\+oblique\+stiefel normalize/qr$' --repeats "$REPEATS" --row-view --group-clip 1.0 --capturable --out "$OUT/step.json" \
   >>"$OUT/bench.log" 2>&1
 log "bench_step exit $?"
 

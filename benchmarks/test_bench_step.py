@@ -138,3 +138,13 @@ def test_fgsgd_cpu_group_clip(benchmark, small):
                           group_clip=0.05)
     opt = _run(benchmark, small, build, "fgsgd-cpu group clip")
     assert opt.param_groups[0]["group_clip"] == 0.05
+
+
+@needs_cpu_backend
+def test_fgsgd_cpu_capturable(benchmark, small):
+    """bench_step.py --capturable: step counts and a tensor lr read by the kernels (no host sync)."""
+    build = B.build_fgsgd(B.MIXES[B.MAIN_MIX], B.RETRACTION_SETS["default"], "cpu", EUCLID, stabilize=50,
+                          capturable=True)
+    opt = _run(benchmark, small, build, "fgsgd-cpu capturable")
+    counts = {float(st["step"]) for _, _, st in opt.manifold_params()}
+    assert len(counts) == 1 and counts.pop() > 1 and isinstance(opt.param_groups[0]["lr"], torch.Tensor)
