@@ -211,14 +211,21 @@ inline void check_scalar(const Tensor& t, const Tensor& ref, const char* name, b
 // per-tensor step counts that decide first_step and stabilize in place of the flags (then incremented by
 // the step unless found_inf skips it).
 inline StepControl make_control(TensorList steps, const std::optional<Tensor>& found_inf,
-                                const std::optional<Tensor>& lr_tensor, int64_t stabilize_every, TensorList params) {
-  StepControl c{nullptr, nullptr, nullptr, stabilize_every};
+                                const std::optional<Tensor>& lr_tensor, int64_t stabilize_every,
+                                const std::optional<Tensor>& grad_scale, double weight_decay, TensorList params) {
+  StepControl c{nullptr, nullptr, nullptr, nullptr, stabilize_every};
   TORCH_CHECK(stabilize_every >= 0, "fgsgd: stabilize_every must be >= 0, got ", num(stabilize_every));
   check_list_len(steps, params.size(), "steps");
   for (size_t k = 0; k < steps.size(); ++k) check_scalar(steps[k], params[k], at_("steps", k).c_str(), false);
   if (found_inf.has_value()) {
     check_scalar(*found_inf, params[0], "found_inf", false);
     c.found_inf = found_inf->data_ptr<float>();
+  }
+  if (grad_scale.has_value()) {
+    check_scalar(*grad_scale, params[0], "grad_scale", false);
+    TORCH_CHECK(weight_decay == 0, "fgsgd: grad_scale needs weight_decay = 0 (the step folds 1/scale into s_g, "
+                "which weight decay breaks); unscale the gradients first");
+    c.grad_scale = grad_scale->data_ptr<float>();
   }
   if (lr_tensor.has_value()) {
     check_scalar(*lr_tensor, params[0], "lr_tensor", true);
@@ -234,7 +241,8 @@ template <class Backend>
 void step_(TensorList params, TensorList grads, TensorList momenta, TensorList codes, TensorList rescale,
            TensorList group_index, TensorList group_scale, double lr, double momentum, double dampening, bool nesterov,
            double weight_decay, bool first_step, bool stabilize, std::optional<TensorList> steps_opt,
-           const std::optional<Tensor>& found_inf, const std::optional<Tensor>& lr_tensor, int64_t stabilize_every) {
+           const std::optional<Tensor>& found_inf, const std::optional<Tensor>& lr_tensor, int64_t stabilize_every,
+           const std::optional<Tensor>& grad_scale) {
   if (params.empty()) return;
   TORCH_CHECK(grads.size() == params.size(), "fgsgd: grads must hold one tensor per parameter (", num(params.size()),
               "), got ", num(grads.size()));
@@ -242,7 +250,7 @@ void step_(TensorList params, TensorList grads, TensorList momenta, TensorList c
               "parameter (", num(params.size()), ") when momentum != 0, got ", num(momenta.size()));
   TORCH_CHECK(!nesterov || (momentum > 0 && dampening == 0), "fgsgd: nesterov needs momentum > 0 and dampening = 0");
   const TensorList steps = steps_opt.value_or(TensorList());
-  const StepControl ctl = make_control(steps, found_inf, lr_tensor, stabilize_every, params);
+  const StepControl ctl = make_control(steps, found_inf, lr_tensor, stabilize_every, grad_scale, weight_decay, params);
   FGSGD_FLOATING(params[0].scalar_type(), [&] {
     auto slots = make_slots<T>(params, grads, momentum == 0 ? TensorList() : momenta, codes, rescale, group_index,
                                group_scale, "rescale", /*rows=*/true);

@@ -5,14 +5,15 @@
 //   projx(x, code)   -> exact projection of x       norms(x) -> (N, 3) [Frobenius, spectral, ℓ2→1]
 //   step_(params, grads, momentum_buffers, codes, rescale, group_index, group_scale, lr, momentum,
 //         dampening, nesterov, weight_decay, first_step, stabilize, steps=None, found_inf=None, lr_tensor=None,
-//         stabilize_every=0)
+//         stabilize_every=0, grad_scale=None)
 //       the fused FG-SGD step (DESIGN.md §1 steps 1, 3, 4, 5) of many tensors of one component shape, in
 //       place. codes: uint8 (N,) per tensor (fgsgd_cuda/codes.py); rescale R: (N,) or an empty list (R = 1);
 //       group_index int32 (N,) with group_scale (G,): the group step size s_g, or both empty (s_g = 1).
 //       Run-time controls (csrc/fgsgd/step_control.h), read when the step runs, never on the host of a CUDA
 //       step: found_inf (float32, one element) skips the whole step when nonzero; lr_tensor replaces lr;
 //       steps (one float32 count per tensor) replace first_step and stabilize (stabilize_every) and are
-//       incremented by a step that is not skipped.
+//       incremented by a step that is not skipped; grad_scale (float32, one element: GradScaler's scale) makes
+//       the step read g / grad_scale (weight_decay must be 0).
 //   tangent_sqnorm(params, grads, codes, rescale, weight_decay) -> ‖Π_ω(R·g)‖² of every component,
 //       concatenated over the tensors (the input of the group step size, step 2).
 //   projx_(params, codes, rescale): p ← R·projx(p/R) in place.
@@ -71,7 +72,7 @@ TORCH_LIBRARY(fgsgd, m) {
       "step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor[] codes, Tensor[] rescale, "
       "Tensor[] group_index, Tensor[] group_scale, float lr, float momentum, float dampening, bool nesterov, "
       "float weight_decay, bool first_step, bool stabilize, Tensor(c!)[]? steps=None, Tensor? found_inf=None, "
-      "Tensor? lr_tensor=None, int stabilize_every=0) -> ()");
+      "Tensor? lr_tensor=None, int stabilize_every=0, Tensor? grad_scale=None) -> ()");
   m.def("tangent_sqnorm(Tensor[] params, Tensor[] grads, Tensor[] codes, Tensor[] rescale, float weight_decay) -> Tensor");
   m.def("projx_(Tensor(a!)[] params, Tensor[] codes, Tensor[] rescale) -> ()");
   m.def("rescale_(Tensor(a!)[] params, Tensor[] codes, Tensor[] ratio) -> ()");

@@ -56,7 +56,8 @@ def register() -> None:
 
     @torch.library.register_fake(lib + "step_")
     def _step(params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening,
-              nesterov, weight_decay, first_step, stabilize, steps=None, found_inf=None, lr_tensor=None, stabilize_every=0):
+              nesterov, weight_decay, first_step, stabilize, steps=None, found_inf=None, lr_tensor=None, stabilize_every=0,
+              grad_scale=None):
         if params:
             if momentum and len(momenta) != len(params):
                 raise ValueError(f"momentum_buffers: momentum={momentum} needs one buffer per parameter "

@@ -7,6 +7,8 @@ that it can live in a CUDA graph and run under ``torch.amp.GradScaler`` without 
 - ``steps``: one float32 one-element tensor per parameter, the steps it has taken. They decide the step's
   first_step (momentum != 0 and steps == 0) and stabilize ((steps + 1) % stabilize_every == 0) in place of
   the flags, and a step that is not skipped adds one to each.
+- ``grad_scale``: GradScaler's scale (float32, one element): the gradients arrive scaled and the step
+  reads g / grad_scale (folded into s_g, so weight_decay must be 0; the gradients are not written).
 
 The compiled backends (``cpu``, ``cuda``) read them in their kernels (``device_controls``); for the others
 :func:`step_on_host` reads them on the host (one synchronisation on a GPU) and calls the plain step.
@@ -16,13 +18,14 @@ from __future__ import annotations
 import torch
 
 
-def check(params, steps, found_inf, lr_tensor, stabilize_every) -> None:
+def check(params, steps, found_inf, lr_tensor, stabilize_every, grad_scale=None, weight_decay=0.0) -> None:
     """Shapes, dtypes and devices of the controls (errors name the argument)."""
     if steps and len(steps) != len(params):
         raise ValueError(f"steps: expected one tensor per parameter ({len(params)}) or none, got {len(steps)}")
     device = params[0].device if params else None
     named = [(f"steps[{k}]", s, (torch.float32,)) for k, s in enumerate(steps or ())]
-    named += [("found_inf", found_inf, (torch.float32,)), ("lr_tensor", lr_tensor, (torch.float32, torch.float64))]
+    named += [("found_inf", found_inf, (torch.float32,)), ("lr_tensor", lr_tensor, (torch.float32, torch.float64)),
+              ("grad_scale", grad_scale, (torch.float32,))]
     for name, t, dtypes in named:
         if t is None:
             continue
@@ -33,16 +36,22 @@ def check(params, steps, found_inf, lr_tensor, stabilize_every) -> None:
             raise ValueError(f"{name}: is on {t.device} but the parameters are on {device}")
     if not isinstance(stabilize_every, int) or isinstance(stabilize_every, bool) or stabilize_every < 0:
         raise ValueError(f"stabilize_every: must be a non-negative integer, got {stabilize_every!r}")
+    if grad_scale is not None and weight_decay != 0:
+        raise ValueError("grad_scale: needs weight_decay = 0 (the step folds 1/scale into s_g, which weight decay "
+                         "breaks); unscale the gradients first")
 
 
 def step_on_host(impl, params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening,
-                 nesterov, weight_decay, first_step, stabilize, steps, found_inf, lr_tensor, stabilize_every) -> None:
+                 nesterov, weight_decay, first_step, stabilize, steps, found_inf, lr_tensor, stabilize_every,
+                 grad_scale=None) -> None:
     """The step with its controls read on the host, for backends whose kernels do not read them: the tensors
     whose counts give the same (first_step, stabilize) run together, as csrc/ops.cpp's CPU step does."""
     if found_inf is not None and float(found_inf) != 0:
         return
     if lr_tensor is not None:
         lr = float(lr_tensor)
+    if grad_scale is not None:  # unscaled copies: the step does not write the gradients
+        grads = list(torch._foreach_div(list(grads), grad_scale))
     parts: dict = {}
     for k in range(len(params)):
         first, stab = first_step, stabilize
@@ -59,13 +68,14 @@ def step_on_host(impl, params, grads, momenta, codes, rescale, group_index, grou
 
 
 def step(impl, params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening, nesterov,
-         weight_decay, first_step, stabilize, steps=(), found_inf=None, lr_tensor=None, stabilize_every=0) -> None:
+         weight_decay, first_step, stabilize, steps=(), found_inf=None, lr_tensor=None, stabilize_every=0,
+         grad_scale=None) -> None:
     """impl's step with the controls: in its kernels when it reads them, else on the host (step_on_host)."""
     args = (params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening, nesterov,
             weight_decay, first_step, stabilize)
-    if not steps and found_inf is None and lr_tensor is None:
+    if not steps and found_inf is None and lr_tensor is None and grad_scale is None:
         impl.step_(*args)
     elif getattr(impl, "device_controls", False):
-        impl.step_(*args, list(steps), found_inf, lr_tensor, stabilize_every)
+        impl.step_(*args, list(steps), found_inf, lr_tensor, stabilize_every, grad_scale)
     else:
-        step_on_host(impl, *args, list(steps), found_inf, lr_tensor, stabilize_every)
+        step_on_host(impl, *args, list(steps), found_inf, lr_tensor, stabilize_every, grad_scale)

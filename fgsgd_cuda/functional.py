@@ -57,7 +57,8 @@ def group_step_sizes(impl, ps, gs, codes, rescale, group_index_of, num_groups, *
 
 
 def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, weight_decay, group_clip,
-                  stabilize, backend, cache, views=None, group_index=None, capturable=False, found_inf=None):
+                  stabilize, backend, cache, views=None, group_index=None, capturable=False, found_inf=None,
+                  grad_scale=None):
     """One step of the manifold parameters of a group; ``states`` are the optimizer's per-parameter states.
 
     Every state holds ``shape`` (A, B), ``codes`` (N,) uint8, ``num_groups``, ``step`` and optionally
@@ -67,7 +68,8 @@ def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, w
 
     ``capturable``: every ``step`` is a float32 tensor on the parameter's device that the kernels read (first
     step, stabilize) and increment, ``lr`` may be a one-element tensor, and ``found_inf`` (a float32 flag)
-    skips the step on the device (fgsgd_cuda/controls.py): no host synchronisation.
+    skips the step on the device, ``grad_scale`` (GradScaler's scale) is read by the kernels that unscale the
+    gradients on the fly (fgsgd_cuda/controls.py): no host synchronisation.
     """
     batches = defaultdict(list)
     for k, (p, st) in enumerate(zip(params, states)):
@@ -105,7 +107,7 @@ def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, w
             lr_t = lr if isinstance(lr, torch.Tensor) else None
             controls.step(impl, ps, gs, ms, codes, rescale, gidx, gscale, 0.0 if lr_t is not None else lr, momentum,
                           dampening, nesterov, weight_decay, first, False, [states[k]["step"] for k in idx],
-                          found_inf, lr_t, int(stabilize or 0))
+                          found_inf, lr_t, int(stabilize or 0), grad_scale)
         else:
             impl.step_(ps, gs, ms, codes, rescale, gidx, gscale, lr, momentum, dampening, nesterov, weight_decay,
                        first, stab)

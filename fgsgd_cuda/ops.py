@@ -97,7 +97,8 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
           momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
           first_step: bool = False, stabilize: bool = False, rescale: Tensors = (), group_index: Tensors = (),
           group_scale: Tensors = (), steps: Tensors = (), found_inf: torch.Tensor | None = None,
-          lr_tensor: torch.Tensor | None = None, stabilize_every: int = 0, backend: str = "auto") -> None:
+          lr_tensor: torch.Tensor | None = None, stabilize_every: int = 0, grad_scale: torch.Tensor | None = None,
+          backend: str = "auto") -> None:
     """The fused FG-SGD step (DESIGN.md §1 steps 1, 3, 4, 5) of many tensors, in place.
 
     Components are A×B with A·B <= 64, or n×1 rows of any length (euclidean, sphere, oblique and stiefel
@@ -108,8 +109,9 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
     momentum buffers are written, not read (m = s_g·ξ).
 
     Run-time controls (:mod:`fgsgd_cuda.controls`): ``found_inf`` skips the step when nonzero, ``lr_tensor``
-    replaces ``lr``, and per-tensor ``steps`` counts replace ``first_step`` and ``stabilize``
-    (``stabilize_every``) and are incremented. The ``cpu`` and ``cuda`` backends read them in the step
+    replaces ``lr``, per-tensor ``steps`` counts replace ``first_step`` and ``stabilize``
+    (``stabilize_every``) and are incremented, and ``grad_scale`` (GradScaler's scale) makes the step read
+    g / grad_scale. The ``cpu`` and ``cuda`` backends read them in the step
     (no host synchronisation: capturable in a CUDA graph); ``triton`` and ``torch`` read them on the host.
     """
     if not params:
@@ -121,10 +123,10 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
                          f"got {len(momentum_buffers)}")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov: needs momentum > 0 and dampening = 0")
-    controls.check(params, steps, found_inf, lr_tensor, stabilize_every)
+    controls.check(params, steps, found_inf, lr_tensor, stabilize_every, grad_scale, weight_decay)
     controls.step(dispatch.get(backend, params[0].device), list(params), list(grads), list(momentum_buffers),
                   list(codes), list(rescale), list(group_index), list(group_scale), lr, momentum, dampening, nesterov,
-                  weight_decay, first_step, stabilize, list(steps), found_inf, lr_tensor, stabilize_every)
+                  weight_decay, first_step, stabilize, list(steps), found_inf, lr_tensor, stabilize_every, grad_scale)
 
 
 def tangent_sqnorm(params: Tensors, grads: Tensors, codes: Tensors, *, rescale: Tensors = (),

@@ -63,8 +63,9 @@ class FGSGD(Optimizer):
       kernels read the counts to decide the first step and every ``stabilize``-th re-projection, and add one;
     - ``lr`` may be a one-element tensor on the parameters' device (an LR scheduler then updates it in
       place, which a replayed graph sees);
-    - under GradScaler the gradients are unscaled in place (one multi-tensor op) and a step with inf/nan is
-      skipped on the device: weights, buffers and counts keep their bits. Without GradScaler,
+    - under GradScaler the kernels read the scaled gradients and unscale them on the fly (1/scale folded into
+      s_g; a group with ``group_clip`` gets its gradients unscaled in place first, by one multi-tensor op),
+      and a step with inf/nan is skipped on the device: weights, buffers and counts keep their bits. Without GradScaler,
       ``check_finite`` computes that flag itself (one pass over the gradients) instead of raising;
     - manifold groups need the compiled backends (``cpu``, ``cuda``); Euclidean groups run torch's fused SGD,
       whose momentum buffers then start at zero (so with dampening τ the first buffer is (1-τ)·g, not g).
@@ -352,19 +353,29 @@ class FGSGD(Optimizer):
                                          "was not taken (use torch.amp.GradScaler, or check_finite=False to allow it)")
 
     # ---------------------------------------------------------------- capturable steps and GradScaler
-    def _amp_prologue(self, work) -> dict | None:
-        """GradScaler's part of a step (only a capturable optimizer gets it: _step_supports_amp_scaling): the
-        gradients unscaled in place by its scale (when it has not done so), and its found_inf per device
-        (None when GradScaler is not in play)."""
+    @staticmethod
+    def _unscales_in_kernel(group: dict) -> bool:
+        """Whether the step of this group reads GradScaler's scaled gradients itself: manifold groups without
+        weight decay and group_clip (the kernels fold 1/scale into s_g) and Euclidean groups (torch's fused
+        SGD takes grad_scale)."""
+        return not group["manifolds"] or (group["weight_decay"] == 0 and group["group_clip"] is None)
+
+    def _amp_prologue(self, work) -> tuple[dict | None, dict | None]:
+        """GradScaler's part of a step (only a capturable optimizer gets it: _step_supports_amp_scaling), as
+        (grad_scale, found_inf), each per device or None when GradScaler did not pass it. grad_scale is set
+        when the gradients are still scaled: the groups that cannot read them so (_unscales_in_kernel) get them
+        unscaled in place here (one multi-tensor op)."""
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        grads = [g for _, _, gs in work for g in gs]
-        devices = _by_device(grads)
+        devices = _by_device([g for _, _, gs in work for g in gs])
+        scales = flags = None
         if grad_scale is not None:
-            for device, idx in devices.items():
-                torch._foreach_div_([grads[k] for k in idx], grad_scale.to(device=device, dtype=torch.float32))
-        if found_inf is None:
-            return None
-        return {device: found_inf.to(device=device, dtype=torch.float32) for device in devices}
+            scales = {d: grad_scale.to(device=d, dtype=torch.float32) for d in devices}
+            rest = [g for group, _, gs in work if not self._unscales_in_kernel(group) for g in gs]
+            for device, idx in _by_device(rest).items():
+                torch._foreach_div_([rest[k] for k in idx], scales[device])
+        if found_inf is not None:
+            flags = {d: found_inf.to(device=d, dtype=torch.float32) for d in devices}
+        return scales, flags
 
     def _device_finite_flags(self, finite_checks) -> dict:
         """check_finite without a host sync (capturable): a float32 flag per device, nonzero when any gradient of
@@ -386,9 +397,9 @@ class FGSGD(Optimizer):
                     flag.add_(f.to(device))
         return flags
 
-    def _euclidean_capturable(self, group, params, grads, found_inf) -> None:
-        """A Euclidean group of a capturable step: torch's fused SGD, which reads found_inf and a tensor lr on the
-        device. Momentum buffers that do not exist yet start at zero when the step may be skipped, so that a
+    def _euclidean_capturable(self, group, params, grads, found_inf, grad_scale) -> None:
+        """A Euclidean group of a capturable step: torch's fused SGD, which reads found_inf, grad_scale and a
+        tensor lr on the device. Momentum buffers that do not exist yet start at zero when the step may be skipped, so that a
         skipped first step leaves buffers a later step can read."""
         for device, idx in _by_device(params).items():
             ps, gs = [params[k] for k in idx], [grads[k] for k in idx]
@@ -400,7 +411,8 @@ class FGSGD(Optimizer):
                         st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             bufs = [st.get("momentum_buffer") for st in states]
             sgd(ps, gs, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
-                dampening=group["dampening"], nesterov=group["nesterov"], maximize=False, fused=True, found_inf=f)
+                dampening=group["dampening"], nesterov=group["nesterov"], maximize=False, fused=True, found_inf=f,
+                grad_scale=_flag_for(grad_scale, device))
             if group["momentum"] != 0:
                 for st, buf in zip(states, bufs):
                     st["momentum_buffer"] = buf
@@ -413,7 +425,7 @@ class FGSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work, finite_checks = self._gather()
-        found_inf = self._amp_prologue(work)
+        grad_scale, found_inf = self._amp_prologue(work)
         if self.defaults["capturable"]:
             if found_inf is None and finite_checks:
                 found_inf = self._device_finite_flags(finite_checks)
@@ -437,9 +449,11 @@ class FGSGD(Optimizer):
                                   group_clip=group["group_clip"], stabilize=group["stabilize"],
                                   backend=group["backend"], cache=self._group_cache, views=self._view_cache,
                                   group_index=lambda k, ps=ps: self._group_index(ps[k]),
-                                  capturable=group["capturable"], found_inf=_flag_for(found_inf, device))
+                                  capturable=group["capturable"], found_inf=_flag_for(found_inf, device),
+                                  grad_scale=_flag_for(grad_scale, device) if self._unscales_in_kernel(group)
+                                  else None)
             elif group["capturable"]:
-                self._euclidean_capturable(group, params, grads, found_inf)
+                self._euclidean_capturable(group, params, grads, found_inf, grad_scale)
             else:
                 bufs = [self.state[p].get("momentum_buffer") for p in params]
                 new_buffers = any(b is None for b in bufs)

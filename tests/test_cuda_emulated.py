@@ -40,15 +40,17 @@ def _fmt(t: torch.Tensor) -> str:
 
 
 def _run(emulator, dtype, hp, tensors, offsets, use_rescale, use_groups, variant="staged", control=None):
-    """The emulator's p and m per tensor; with ``control`` (found_inf, lr_kind, lr_value, stabilize_every, steps:
+    """The emulator's p and m per tensor; with ``control`` (found_inf, lr_kind, lr_value, stabilize_every, steps,
+    grad_scale:
     csrc/fgsgd/step_control.h), also the step counts after the step."""
-    c = {**dict(found_inf=-1, lr_kind=0, lr_value=0.0, stabilize_every=0, steps=None), **(control or {})}
+    c = {**dict(found_inf=-1, lr_kind=0, lr_value=0.0, stabilize_every=0, steps=None, grad_scale=0),
+         **(control or {})}
     lines = [str(8 if dtype == torch.float64 else 4),
              " ".join(str(v) for v in (hp["momentum"], hp["dampening"], int(hp["nesterov"]), hp["weight_decay"],
                                        hp["lr"], int(hp["first_step"]), int(hp["stabilize"]), int(use_rescale),
                                        int(use_groups), len(tensors))),
              " ".join(str(v) for v in (c["found_inf"], c["lr_kind"], repr(float(c["lr_value"])), c["stabilize_every"],
-                                       int(c["steps"] is not None)))]
+                                       int(c["steps"] is not None), repr(float(c["grad_scale"]))))]
     for k, (t, off) in enumerate(zip(tensors, offsets)):
         step = () if c["steps"] is None else (c["steps"][k],)
         lines.append(" ".join(str(v) for v in (t["p"].shape[0], *off, t["gs"].numel(), *step)))
@@ -170,16 +172,18 @@ def _expected(t, hp, use_rescale=True):
 @pytest.mark.parametrize("variant", ["staged", "sorted", "rows 150"])
 def test_run_time_controls(emulator, variant):
     """csrc/fgsgd/step_control.h in the CUDA block code: per-tensor step counts decide first_step and stabilize
-    (the launch's flags say the opposite, and are ignored), the lr tensor replaces lr, every count goes up by
-    one; found_inf = 1 leaves every value and count as it was."""
+    (the launch's flags say the opposite, and are ignored), the lr tensor replaces lr, gradients scaled by
+    1024 are read unscaled (grad_scale), every count goes up by one; found_inf = 1 leaves every value and
+    count as it was."""
     shape = (150, 1) if variant.startswith("rows") else (3, 3)
     gen = make_gen(zlib.crc32(variant.encode()))
     ts = make_step_tensors([129, 5, 40, 1], shape, torch.float32, gen)
     steps = [0, 3, 4, 9]                                    # stabilize_every 5: tensors 2 and 3 re-project
     launch = dict(lr=0.5, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, first_step=False,
                   stabilize=True)
-    control = dict(found_inf=0, lr_kind=2, lr_value=0.03, stabilize_every=5, steps=steps)
-    got, counts = _run(emulator, torch.float32, launch, ts, [(0, 0, 0)] * 4, True, False, variant, control)
+    control = dict(found_inf=0, lr_kind=2, lr_value=0.03, stabilize_every=5, steps=steps, grad_scale=1024.0)
+    scaled = [dict(t, g=t["g"] * 1024) for t in ts]         # read as g / 1024 (exact: a power of two)
+    got, counts = _run(emulator, torch.float32, launch, scaled, [(0, 0, 0)] * 4, True, False, variant, control)
     assert counts == [1, 4, 5, 10]
     for k, (t, (p, m)) in enumerate(zip(ts, got)):
         hp = dict(launch, lr=0.03, first_step=steps[k] == 0, stabilize=(steps[k] + 1) % 5 == 0)

@@ -106,13 +106,14 @@ def _scaled_step(opt, model, scaler, k, inf=False, monkeypatch=None):
         monkeypatch.undo()
 
 
-def test_grad_scaler_unscales_and_skips_on_the_device(monkeypatch):
+@pytest.mark.parametrize("group_clip", [None, 0.5], ids=["unscaled-in-kernel", "group-clip-unscaled-first"])
+def test_grad_scaler_unscales_and_skips_on_the_device(monkeypatch, group_clip):
     """Under torch.amp.GradScaler a capturable FGSGD unscales the gradients itself and skips an inf step without a
     host synchronisation (GradScaler.step and update never call Tensor.item); a run whose very first step
-    overflows then matches a run without that step, bit for bit; a later inf step changes nothing."""
-    assert make(True)[1]._step_supports_amp_scaling and not make(False)[1]._step_supports_amp_scaling
-    m1, o1 = make(True)
-    m2, o2 = make(True)
+    overflows then matches a run without that step, bit for bit; a later inf step changes nothing. Without
+    group_clip the kernels read the scaled gradients (they stay scaled), with it they are unscaled first."""
+    m1, o1 = make(True, group_clip=group_clip)
+    m2, o2 = make(True, group_clip=group_clip)
     s1 = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
     s1.scale(torch.ones(()))  # makes the scale tensor
     _scaled_step(o1, m1, s1, 0, inf=True, monkeypatch=monkeypatch)
@@ -123,6 +124,8 @@ def test_grad_scaler_unscales_and_skips_on_the_device(monkeypatch):
         _scaled_step(o1, m1, s1, k, monkeypatch=monkeypatch)
         grads_for(m2, k)
         o2.step()
+        w1, w2 = m1[0].weight, m2[0].weight
+        assert torch.equal(w1.grad, w2.grad * (2.0 ** 11 if group_clip is None else 1.0))
     assert_same(m1, o1, m2, o2)
     before = [p.detach().clone() for p in m1.parameters()]
     states = {id(p): {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in o1.state[p].items()}

@@ -39,8 +39,9 @@ def _tensors(shape, dtype, device, seed):
 
 
 def _call(ts, backend, **kw):
+    hp = {**HP, **{k: kw.pop(k) for k in list(kw) if k in HP}}
     ops.step_([t["p"] for t in ts], [t["g"] for t in ts], [t["m"] for t in ts], [t["codes"] for t in ts],
-              rescale=[t["r"] for t in ts], backend=backend, **HP, **kw)
+              rescale=[t["r"] for t in ts], backend=backend, **hp, **kw)
 
 
 def _clone(ts):
@@ -95,6 +96,35 @@ def test_found_inf_skips_everything(backend, device, shape):
         assert not torch.equal(a["p"], t["p"])
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_grad_scale_reads_unscaled_gradients(backend, device, dtype, shape):
+    """Gradients times 2^13 with grad_scale = 2^13: the same bits as the plain step on the gradients (the
+    unscale is exact for a power of two, as GradScaler's scales are); with a scale of 3, the float64 reference
+    on g / 3. The gradients themselves are not written."""
+    ts = _tensors(shape, dtype, device, zlib.crc32(repr(("scale", backend, dtype, shape)).encode()))
+    plain = _clone(ts)
+    _call(plain, backend, lr=0.1, first_step=False, stabilize=True)
+    scaled = _clone(ts)
+    for t in scaled:
+        t["g"] = t["g"] * 2.0 ** 13
+    g_before = [t["g"].clone() for t in scaled]
+    _call(scaled, backend, lr=0.1, stabilize=True, grad_scale=torch.tensor(2.0 ** 13, device=device))
+    for k, (a, b, g) in enumerate(zip(scaled, plain, g_before)):
+        assert torch.equal(a["p"], b["p"]) and torch.equal(a["m"], b["m"]), f"tensor {k}"
+        assert torch.equal(a["g"], g)
+    three = _clone(ts)
+    for t in three:
+        t["g"] = t["g"] * 3
+    _call(three, backend, lr=0.1, grad_scale=torch.tensor(3.0, device=device))
+    tol = FP32_RTOL if dtype == torch.float32 else 1e-12
+    for k, (a, t) in enumerate(zip(three, ts)):
+        p_ref, m_ref = R.step(t["p"].double(), t["g"].double(), t["m"].double(), t["codes"], t["r"].double(), None,
+                              lr=0.1, first_step=False, stabilize=False, **HP)
+        assert rel_err(a["p"], p_ref) <= tol and rel_err(a["m"], m_ref) <= tol, f"tensor {k}"
+
+
 BAD = {
     "steps dtype": (dict(steps="int"), r"steps\[1\]: expected a one-element torch.float32"),
     "steps count": (dict(steps="short"), r"steps: expected one tensor per parameter \(4\)"),
@@ -102,6 +132,9 @@ BAD = {
     "found_inf shape": (dict(found_inf=torch.zeros(2)), r"found_inf: expected a one-element"),
     "lr_tensor dtype": (dict(lr_tensor=torch.tensor(1, dtype=torch.int32)), r"lr_tensor: expected a one-element"),
     "stabilize_every": (dict(stabilize_every=-1), r"stabilize_every: must be a non-negative integer"),
+    "grad_scale dtype": (dict(grad_scale=torch.tensor(2.0, dtype=torch.float64)), r"grad_scale: expected a one-element"),
+    "grad_scale with weight decay": (dict(grad_scale=torch.tensor(2.0), weight_decay=0.1),
+                                     r"grad_scale: needs weight_decay = 0"),
 }
 
 
@@ -136,5 +169,8 @@ def test_compiled_op_checks_the_controls():
         torch.ops.fgsgd.step_(*args, [], torch.zeros(2))
     with pytest.raises(RuntimeError, match=r"stabilize_every must be >= 0"):
         torch.ops.fgsgd.step_(*args, [], None, None, -3)
+    wd = args[:11] + (0.1,) + args[12:]
+    with pytest.raises(RuntimeError, match=r"grad_scale needs weight_decay = 0"):
+        torch.ops.fgsgd.step_(*wd, [], None, None, 0, torch.tensor(4.0))
     for a, t in zip(args[0], ts):
         assert torch.equal(a, t["p"])

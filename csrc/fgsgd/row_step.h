@@ -68,8 +68,9 @@ FGSGD_HD void row_step_impl(Ctx& ctx, int code, T* p, const T* g, T* m, int64_t 
   const T wd = curved ? T(0) : h.weight_decay;
   const T a = row_tangent_dot(ctx, code, p, g, n, r);
   const T mom = h.momentum, omd = T(1) - h.dampening, lr = h.lr;
+  const T sgu = sg * h.grad_unscale;  // s_g and GradScaler's unscale (ξ is linear in g: wd = 0 then)
   auto xi_at = [&](int64_t i, T w) {  // s_g·Π_ω(R·(g + wd·p)) at i
-    return sg * (r * (g[i] + wd * p[i]) - a * w);
+    return sgu * (r * (g[i] + wd * p[i]) - a * w);
   };
   auto buf_at = [&](int64_t i, T xi) {  // step 3: the new momentum buffer
     if constexpr (kMom == kRowFirstStep) return xi;

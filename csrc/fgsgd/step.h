@@ -57,8 +57,9 @@ FGSGD_HD void step_tangent(const S& s, int code, const T* p, const T* g, T r, T 
   using E = scalar_of<T>;
   const int n = s.size();
   tangent(s, code, p, g, r, manifold_of(code) == kManEuclidean ? h.weight_decay : E(0), w, xi);
+  const T f = sg * T(h.grad_unscale);  // s_g, and the unscale of a GradScaler's gradients (exact for powers of 2)
   FGSGD_UNROLL
-  for (int i = 0; i < n; ++i) xi[i] *= sg;
+  for (int i = 0; i < n; ++i) xi[i] *= f;
 }
 
 // Phase 2, steps 3 to 5, from phase 1's w and xi (xi is overwritten): p ← R·ω', m ← Π_ω'(buffer)

@@ -11,8 +11,8 @@ FGSGD_NAMESPACE_BEGIN
 // True when the step must change nothing: GradScaler found inf/nan in this step's gradients.
 FGSGD_HD bool step_skipped(const StepControl& c) { return c.found_inf != nullptr && *c.found_inf != 0.0f; }
 
-// The hyper-parameters of one tensor's step: the launch's `h`, with the learning rate from c.lr (when
-// given) and, when the tensor carries its own step count (TensorSlot::step = k, the steps it has taken),
+// The hyper-parameters of one tensor's step: the launch's `h`, with the learning rate from c.lr and the
+// gradients' unscale factor 1 / c.grad_scale (when given) and, when the tensor carries its own step count (TensorSlot::step = k, the steps it has taken),
 // first_step = (momentum != 0 and k == 0) and stabilize = ((k + 1) mod stabilize_every == 0), as
 // fgsgd_cuda/functional.py decides them on the host from its own counts.
 template <class T>
@@ -20,6 +20,7 @@ FGSGD_HD StepHParams<T> resolve_step(const StepHParams<T>& h, const StepControl&
   StepHParams<T> r = h;
   if (c.lr_f32 != nullptr) r.lr = T(*c.lr_f32);
   if (c.lr_f64 != nullptr) r.lr = T(*c.lr_f64);
+  if (c.grad_scale != nullptr) r.grad_unscale = T(1) / T(*c.grad_scale);
   if (step != nullptr) {
     const int64_t k = int64_t(*step);
     r.first_step = h.momentum != T(0) && k == 0;

@@ -10,6 +10,9 @@ template <class T>
 struct StepHParams {
   T lr, momentum, dampening, weight_decay;
   bool nesterov, first_step, stabilize;
+  // 1 / GradScaler's scale: the gradients arrive scaled and the step unscales them on the fly, folded into
+  // s_g (ξ is linear in g when weight_decay = 0, which is then required: csrc/op_impl.h)
+  T grad_unscale = T(1);
 };
 
 // What a step reads from memory when it runs (step_control.h); null pointers: the launch's values.
@@ -17,6 +20,7 @@ struct StepControl {
   const float* found_inf;   // torch.amp.GradScaler's flag (float32): nonzero skips the whole step
   const float* lr_f32;      // the learning rate as a one-element tensor, float32 or float64
   const double* lr_f64;
+  const float* grad_scale;  // GradScaler's scale (float32): the step reads g / scale
   int64_t stabilize_every;  // with per-tensor step counts: re-project when (step + 1) % stabilize_every == 0
 };
 

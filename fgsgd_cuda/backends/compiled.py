@@ -24,15 +24,17 @@ class CompiledBackend:
     def norms(self, x):
         return self._ops.norms(x)
 
-    #: the step reads found_inf, a tensor lr and per-tensor step counts when it runs (csrc/fgsgd/step_control.h)
+    #: the step reads found_inf, a tensor lr, per-tensor step counts and GradScaler's scale when it runs
+    #: (csrc/fgsgd/step_control.h)
     device_controls = True
 
     def step_(self, params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening,
               nesterov, weight_decay, first_step, stabilize, steps=(), found_inf=None, lr_tensor=None,
-              stabilize_every=0):
+              stabilize_every=0, grad_scale=None):
         self._ops.step_(params, grads, momenta if momentum else [], codes, rescale, group_index, group_scale,
                         float(lr), float(momentum), float(dampening), bool(nesterov), float(weight_decay),
-                        bool(first_step), bool(stabilize), list(steps), found_inf, lr_tensor, int(stabilize_every))
+                        bool(first_step), bool(stabilize), list(steps), found_inf, lr_tensor, int(stabilize_every),
+                        grad_scale)
 
     def tangent_sqnorm(self, params, grads, codes, rescale, weight_decay):
         return self._ops.tangent_sqnorm(params, grads, codes, rescale, float(weight_decay))

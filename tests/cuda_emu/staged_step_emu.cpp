@@ -5,7 +5,8 @@
 //
 // stdin (whitespace separated): T_bytes momentum dampening nesterov weight_decay lr first_step stabilize
 //   use_rescale use_groups ntensors, then the run-time controls (csrc/fgsgd/step_control.h): found_inf (-1: none)
-//   lr_kind (0: none, 1: float32, 2: float64) lr_value stabilize_every use_steps, then per tensor: n off_p off_g
+//   lr_kind (0: none, 1: float32, 2: float64) lr_value stabilize_every use_steps grad_scale (0: none), then per
+//   tensor: n off_p off_g
 //   off_m ngroups [step count, with use_steps], then per tensor its
 //   p g m (n·E each, E = 9 or L), codes (n), rescale (n, if used), group_index (n) and group_scale (ngroups)
 //   (if used).
@@ -51,17 +52,18 @@ int run(bool sorted, int64_t row_len) {
   int nest, first, stab, use_r, use_g, nt;
   std::cin >> mom >> damp >> nest >> wd >> lr >> first >> stab >> use_r >> use_g >> nt;
   StepHParams<T> h{T(lr), T(mom), T(damp), T(wd), nest != 0, first != 0, stab != 0};
-  double found_inf_v, lr_v;
+  double found_inf_v, lr_v, grad_scale_v;
   int lr_kind, use_steps;
   int64_t every;
-  std::cin >> found_inf_v >> lr_kind >> lr_v >> every >> use_steps;
-  static float found_inf_f, lr_f32;
+  std::cin >> found_inf_v >> lr_kind >> lr_v >> every >> use_steps >> grad_scale_v;
+  static float found_inf_f, lr_f32, grad_scale_f;
+  grad_scale_f = float(grad_scale_v);
   static double lr_f64;
   found_inf_f = float(found_inf_v);
   lr_f32 = float(lr_v);
   lr_f64 = lr_v;
   const StepControl ctl{found_inf_v >= 0 ? &found_inf_f : nullptr, lr_kind == 1 ? &lr_f32 : nullptr,
-                        lr_kind == 2 ? &lr_f64 : nullptr, every};
+                        lr_kind == 2 ? &lr_f64 : nullptr, grad_scale_v > 0 ? &grad_scale_f : nullptr, every};
   std::vector<int64_t> n(nt);
   std::vector<int> op(nt), og(nt), om(nt), ng(nt);
   std::vector<float> steps(nt, 0.0f);
