@@ -214,7 +214,8 @@ inline StepControl make_control(TensorList steps, const std::optional<Tensor>& f
                                 const std::optional<Tensor>& lr_tensor, int64_t stabilize_every,
                                 const std::optional<Tensor>& grad_scale, double weight_decay, TensorList params) {
   StepControl c{nullptr, nullptr, nullptr, nullptr, stabilize_every};
-  TORCH_CHECK(stabilize_every >= 0, "fgsgd: stabilize_every must be >= 0, got ", num(stabilize_every));
+  TORCH_CHECK(stabilize_every >= 0 && stabilize_every < (int64_t(1) << 31), "fgsgd: stabilize_every must be >= 0 and "
+              "< 2^31, got ", num(stabilize_every));
   check_list_len(steps, params.size(), "steps");
   for (size_t k = 0; k < steps.size(); ++k) check_scalar(steps[k], params[k], at_("steps", k).c_str(), false);
   if (found_inf.has_value()) {

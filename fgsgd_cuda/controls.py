@@ -4,7 +4,8 @@ that it can live in a CUDA graph and run under ``torch.amp.GradScaler`` without 
 - ``found_inf``: a one-element float32 tensor; nonzero skips the whole step (parameters, buffers and step
   counts stay as they were).
 - ``lr_tensor``: the learning rate as a one-element float32/float64 tensor (an LR schedule under a graph).
-- ``steps``: one float32 one-element tensor per parameter, the steps it has taken. They decide the step's
+- ``steps``: one float32 one-element tensor per parameter, the steps it has taken (exact up to 2^24 steps,
+  as torch's own capturable step counts). They decide the step's
   first_step (momentum != 0 and steps == 0) and stabilize ((steps + 1) % stabilize_every == 0) in place of
   the flags, and a step that is not skipped adds one to each.
 - ``grad_scale``: GradScaler's scale (float32, one element): the gradients arrive scaled and the step
@@ -34,8 +35,8 @@ def check(params, steps, found_inf, lr_tensor, stabilize_every, grad_scale=None,
                              f"{type(t).__name__ if not isinstance(t, torch.Tensor) else (t.dtype, tuple(t.shape))}")
         if t.device != device:
             raise ValueError(f"{name}: is on {t.device} but the parameters are on {device}")
-    if not isinstance(stabilize_every, int) or isinstance(stabilize_every, bool) or stabilize_every < 0:
-        raise ValueError(f"stabilize_every: must be a non-negative integer, got {stabilize_every!r}")
+    if not isinstance(stabilize_every, int) or isinstance(stabilize_every, bool) or not 0 <= stabilize_every < 2 ** 31:
+        raise ValueError(f"stabilize_every: must be a non-negative integer below 2^31, got {stabilize_every!r}")
     if grad_scale is not None and weight_decay != 0:
         raise ValueError("grad_scale: needs weight_decay = 0 (the step folds 1/scale into s_g, which weight decay "
                          "breaks); unscale the gradients first")

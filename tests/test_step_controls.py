@@ -167,7 +167,7 @@ def test_compiled_op_checks_the_controls():
                                       torch.zeros(())])
     with pytest.raises(RuntimeError, match=r"found_inf must be a one-element float32 tensor"):
         torch.ops.fgsgd.step_(*args, [], torch.zeros(2))
-    with pytest.raises(RuntimeError, match=r"stabilize_every must be >= 0"):
+    with pytest.raises(RuntimeError, match=r"stabilize_every must be >= 0 and < 2\^31"):
         torch.ops.fgsgd.step_(*args, [], None, None, -3)
     wd = args[:11] + (0.1,) + args[12:]
     with pytest.raises(RuntimeError, match=r"grad_scale needs weight_decay = 0"):

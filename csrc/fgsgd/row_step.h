@@ -68,9 +68,8 @@ FGSGD_HD void row_step_impl(Ctx& ctx, int code, T* p, const T* g, T* m, int64_t 
   const T wd = curved ? T(0) : h.weight_decay;
   const T a = row_tangent_dot(ctx, code, p, g, n, r);
   const T mom = h.momentum, omd = T(1) - h.dampening, lr = h.lr;
-  const T sgu = sg * h.grad_unscale;  // s_g and GradScaler's unscale (ξ is linear in g: wd = 0 then)
   auto xi_at = [&](int64_t i, T w) {  // s_g·Π_ω(R·(g + wd·p)) at i
-    return sgu * (r * (g[i] + wd * p[i]) - a * w);
+    return sg * (r * (g[i] + wd * p[i]) - a * w);
   };
   auto buf_at = [&](int64_t i, T xi) {  // step 3: the new momentum buffer
     if constexpr (kMom == kRowFirstStep) return xi;
@@ -137,8 +136,9 @@ FGSGD_HD void row_step_impl(Ctx& ctx, int code, T* p, const T* g, T* m, int64_t 
 // (3) ω' into p, ⟨ω', buf⟩ and ‖ω'‖²; (4) stabilize (ω'' = ω'/‖ω'‖), transport m ← buf − ⟨ω'', buf⟩ω'',
 // p ← R·ω''. Euclidean rows take one pass.
 template <class Ctx, class T>
-FGSGD_HD void row_step(Ctx& ctx, int code, T* p, const T* g, T* m, int64_t n, T r, T sg, const StepHParams<T>& h) {
+FGSGD_HD void row_step(Ctx& ctx, int code, T* p, const T* g, T* m, int64_t n, T r, T sg_in, const StepHParams<T>& h) {
   if (!row_code_ok(code)) return;
+  const T sg = sg_in * h.grad_unscale;  // s_g and GradScaler's unscale (ξ is linear in g: wd = 0 then)
   if (h.momentum == T(0))
     row_step_impl<kRowNoMomentum, false>(ctx, code, p, g, m, n, r, sg, h);
   else if (h.first_step)

@@ -22,9 +22,10 @@ FGSGD_HD StepHParams<T> resolve_step(const StepHParams<T>& h, const StepControl&
   if (c.lr_f64 != nullptr) r.lr = T(*c.lr_f64);
   if (c.grad_scale != nullptr) r.grad_unscale = T(1) / T(*c.grad_scale);
   if (step != nullptr) {
-    const int64_t k = int64_t(*step);
+    // counts are float32 (exact below 2^24) and stabilize_every < 2^31 (op_impl.h): 32-bit arithmetic
+    const uint32_t k = uint32_t(*step);
     r.first_step = h.momentum != T(0) && k == 0;
-    r.stabilize = c.stabilize_every > 0 && (k + 1) % c.stabilize_every == 0;
+    r.stabilize = c.stabilize_every > 0 && (k + 1) % uint32_t(c.stabilize_every) == 0;
   }
   return r;
 }
