@@ -522,3 +522,14 @@ def test_group_scale_on_triton(device):
     got = ops.group_scale(sq.float().to(device), members.to(device), offsets.to(device), 2.0, backend="triton")
     ref = R.group_step_size(sq.float().double(), gi.to(torch.int32), 40, 2.0)
     assert rel_err(got.cpu(), ref) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (100, 1)], ids=["3x3", "row100"])
+def test_step_controls_read_on_the_host(device, shape):
+    """The step's run-time controls on the Triton backend (read on the host: fgsgd_cuda/controls.py): counts, an
+    lr tensor and grad_scale give the bits of the plain step with the flags they imply; found_inf skips
+    (tests/test_step_controls.py runs these checks on every backend where it runs)."""
+    import test_step_controls as SC
+    SC.test_counts_and_lr_tensor_follow_the_plain_step("triton", device, torch.float32, shape)
+    SC.test_grad_scale_reads_unscaled_gradients("triton", device, torch.float64, shape)
+    SC.test_found_inf_skips_everything("triton", device, shape)
