@@ -62,9 +62,11 @@ def test_fgsgd_cpu(benchmark, small, mix, rlabel):
     opt = _run(benchmark, small, build, f"fgsgd-cpu {mix}")
     sb = B.state_bytes(opt)
     assert sb["momentum_bytes"] == 4 * small.numel
-    # besides momentum: one uint8 code per component and one per group, nothing else (no group index)
-    comps = sum(st["codes"].numel() + st["num_groups"] for _, _, st in opt.manifold_params())
-    assert sb["other_bytes"] == comps and comps < small.numel / 8
+    # besides momentum: the codes (2 bits per component when a weight has at most 4, else a byte) and a code per
+    # group, nothing else (no group index)
+    other = sum(st["codes"].numel() * st["codes"].element_size() + st["num_groups"] for _, _, st in opt.manifold_params())
+    assert sb["other_bytes"] == other and other < small.numel / 8
+    assert all(st["codes"].dtype == torch.int32 for _, _, st in opt.manifold_params())  # every mix has <= 4 codes
 
 
 def test_fgsgd_torch_backend(benchmark, small):

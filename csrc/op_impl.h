@@ -178,8 +178,14 @@ std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, Tenso
       check_like(momenta[k], p, at_("momentum_buffers", k).c_str(), at_("params", k).c_str());
       s.m = momenta[k].data_ptr<T>();
     }
-    check_vector(codes[k], N, at::kByte, p, at_("codes", k));
-    s.codes = codes[k].data_ptr<uint8_t>();
+    if (codes[k].scalar_type() == at::kInt) {  // packed, 2 bits per component (fgsgd_cuda/codes.py)
+      check_vector(codes[k], 1 + (N + 15) / 16, at::kInt, p, at_("codes", k) + " (packed: int32)");
+      s.codes = nullptr;
+      s.packed_codes = reinterpret_cast<const uint32_t*>(codes[k].data_ptr<int32_t>());
+    } else {
+      check_vector(codes[k], N, at::kByte, p, at_("codes", k));
+      s.codes = codes[k].data_ptr<uint8_t>();
+    }
     if (!rescale.empty()) {
       check_vector(rescale[k], N, p.scalar_type(), p, at_(rescale_name, k));
       s.rescale = rescale[k].data_ptr<T>();

@@ -7,7 +7,8 @@
 //         dampening, nesterov, weight_decay, first_step, stabilize, steps=None, found_inf=None, lr_tensor=None,
 //         stabilize_every=0, grad_scale=None)
 //       the fused FG-SGD step (DESIGN.md §1 steps 1, 3, 4, 5) of many tensors of one component shape, in
-//       place. codes: uint8 (N,) per tensor (fgsgd_cuda/codes.py); rescale R: (N,) or an empty list (R = 1);
+//       place. codes: uint8 (N,), or packed 2 bits each (int32, 1 + ceil(N/16): fgsgd_cuda/codes.py), per
+//       tensor; rescale R: (N,) or an empty list (R = 1);
 //       group_index int32 (N,) with group_scale (G,): the group step size s_g, or both empty (s_g = 1).
 //       Run-time controls (csrc/fgsgd/step_control.h), read when the step runs, never on the host of a CUDA
 //       step: found_inf (float32, one element) skips the whole step when nonzero; lr_tensor replaces lr;

@@ -212,7 +212,7 @@ def weight_layers(model: nn.Module, optimizer=None) -> list[dict]:
         st = manifold.get(id(p))
         if st is not None:
             r = optimizer.rescale(p)
-            out.append(dict(name=name, param=p, shape=tuple(st["shape"]), codes=st["codes"],
+            out.append(dict(name=name, param=p, shape=tuple(st["shape"]), codes=optimizer.codes(p),
                             group_index=optimizer.grouping(p).group_index, group_codes=st["group_codes"],
                             num_groups=int(st["num_groups"]), rescale=r, on_manifold=True))
         else:

@@ -4,6 +4,7 @@ The same numbering is used by the C++/CUDA header (``csrc/fgsgd/codes.h``), the 
 the torch reference, so a per-component ``uint8`` tensor of codes tells every backend what to do.
 ``manifold id = (code + 1) >> 1`` and ``variant = (code + 1) & 1`` (0: normalize/qr, 1: exp/cayley).
 """
+import torch
 EUCLIDEAN = 0
 SPHERE_NORMALIZE = 1
 SPHERE_EXP = 2
@@ -44,3 +45,57 @@ def manifold_of(code: int) -> str:
 def retraction_of(code: int) -> str:
     name = manifold_of(code)
     return RETRACTIONS[name][(int(code) + 1) & 1] if name != "euclidean" else "add"
+
+
+# -- packed codes: 2 bits per component ---------------------------------------------------------------
+# A tensor whose components use at most 4 distinct codes stores them as int32 words: word 0 is the palette
+# (byte j: the code of 2-bit value j), then 16 components per word, component i in bits 2·(i mod 16) and up of
+# word 1 + i // 16. 0.25 B per component instead of 1 (csrc/fgsgd/types.h code_at reads it in the kernels;
+# the Triton and torch backends unpack it).
+CODES_PER_WORD = 16
+
+
+def packed_len(n: int) -> int:
+    """int32 words of n packed codes (the palette included)."""
+    return 1 + -(-n // CODES_PER_WORD)
+
+
+def is_packed(codes) -> bool:
+    return codes.dtype == torch.int32
+
+
+def pack(codes):
+    """The packed form of a uint8 (N,) tensor of codes, or the tensor itself when it has more than 4 distinct
+    codes (or no components)."""
+    distinct = torch.unique(codes).tolist()
+    if len(distinct) > 4 or codes.numel() == 0:
+        return codes
+    palette = distinct + [distinct[0]] * (4 - len(distinct))
+    lut = torch.zeros(256, dtype=torch.int64, device=codes.device)
+    lut[torch.tensor(palette, device=codes.device)[: len(distinct)].long()] = torch.arange(
+        len(distinct), device=codes.device)
+    vals = lut[codes.long()]
+    n = codes.numel()
+    padded = torch.zeros(packed_len(n) * CODES_PER_WORD - CODES_PER_WORD, dtype=torch.int64, device=codes.device)
+    padded[:n] = vals
+    shifts = 2 * torch.arange(CODES_PER_WORD, dtype=torch.int64, device=codes.device)
+    words = (padded.view(-1, CODES_PER_WORD) << shifts).sum(1)
+    head = sum(int(c) << (8 * j) for j, c in enumerate(palette))
+    out = torch.cat([torch.tensor([head], dtype=torch.int64, device=codes.device), words])
+    return (out - ((out >= 2 ** 31).long() << 32)).to(torch.int32)  # the uint32 words as int32
+
+
+def unpack(codes, n: int):
+    """The uint8 (n,) codes of a packed tensor (a uint8 tensor is returned as it is)."""
+    if not is_packed(codes):
+        return codes
+    w = codes.long() & 0xFFFFFFFF
+    palette = torch.stack([(w[0] >> (8 * j)) & 0xFF for j in range(4)])
+    shifts = 2 * torch.arange(CODES_PER_WORD, dtype=torch.int64, device=codes.device)
+    vals = ((w[1:, None] >> shifts) & 3).reshape(-1)[:n]
+    return palette[vals].to(torch.uint8)
+
+
+def unpacked(codes, params) -> list:
+    """The uint8 codes of every tensor of a multi-tensor call (for backends that read one byte per component)."""
+    return [unpack(c, p.shape[0]) for c, p in zip(codes, params)]

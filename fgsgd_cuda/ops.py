@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from . import checks, controls, dispatch
+from . import codes as _codes
 
 Tensors = Sequence[torch.Tensor]
 
@@ -75,8 +76,10 @@ def check_lists(params: Tensors, grads: Tensors | None, momenta: Tensors | None,
         if momenta:
             checks.like(momenta[k], p, f"momentum_buffers[{k}]", f"params[{k}]")
         c = codes[k]
-        if c.dtype != torch.uint8 or c.shape != (p.shape[0],) or c.device != p.device:
-            raise ValueError(f"codes[{k}]: expected a uint8 tensor of shape ({p.shape[0]},) on {p.device}, got "
+        packed = c.dtype == torch.int32 and c.shape == (_codes.packed_len(p.shape[0]),)
+        if not (packed or (c.dtype == torch.uint8 and c.shape == (p.shape[0],))) or c.device != p.device:
+            raise ValueError(f"codes[{k}]: expected a uint8 tensor of shape ({p.shape[0]},) or its packed int32 form "
+                             f"of shape ({_codes.packed_len(p.shape[0])},) (fgsgd_cuda.codes.pack) on {p.device}, got "
                              f"{c.dtype} {tuple(c.shape)} on {c.device}")
         if rescale:
             r = rescale[k]

@@ -198,8 +198,9 @@ class FGSGD(Optimizer):
                                  "zero) and cannot be moved onto the sphere/oblique/stiefel manifolds; initialise the "
                                  "weight randomly (e.g. the default nn.init) before building the optimizer")
             state = self.state[p]
-            # per component only the code, which the kernels read; the membership is kept as its options
-            state.update(shape=shape, codes=grouping.codes.to(p.device), group_codes=grouping.group_codes.to(p.device),
+            # per component only the code, which the kernels read, 2 bits each when the weight has at most 4
+            # (fgsgd_cuda/codes.py pack); the membership is kept as its options
+            state.update(shape=shape, codes=_codes.pack(grouping.codes).to(p.device), group_codes=grouping.group_codes.to(p.device),
                          num_groups=grouping.num_groups, membership=options, step=self._new_step_count(group, p),
                          rescale=None)
             views.append(component_view(p.detach(), shape))
@@ -272,7 +273,7 @@ class FGSGD(Optimizer):
         out_ch, in_ch, _, _ = self._component_layout(p, "grouping")
         group_index, count = membership(out_ch, in_ch, **st["membership"])
         grouping = Grouping(group_index.to(p.device), st["group_codes"])
-        if count != st["num_groups"] or not torch.equal(grouping.codes, st["codes"]):
+        if count != st["num_groups"] or not torch.equal(grouping.codes, self.codes(p)):
             raise RuntimeError(f"grouping: the membership options {st['membership']} do not reproduce the stored "
                                f"codes of this parameter (shape {tuple(p.shape)}); the state is inconsistent")
         return grouping
@@ -286,6 +287,15 @@ class FGSGD(Optimizer):
             gi = self._group_cache[key] = self.grouping(p).group_index
         return gi
 
+    def num_components(self, p: torch.Tensor) -> int:
+        """N: the number of components of a manifold parameter."""
+        a, b = self.state[p]["shape"]
+        return p.numel() // (a * b)
+
+    def codes(self, p: torch.Tensor) -> torch.Tensor:
+        """The uint8 (N,) code of every component of a manifold parameter (the state may keep them packed)."""
+        return _codes.unpack(self.state[p]["codes"], self.num_components(p))
+
     def components(self, p: torch.Tensor) -> torch.Tensor:
         """The (N, A, B) component view of a manifold parameter."""
         return component_view(p, self.state[p]["shape"])
@@ -294,7 +304,7 @@ class FGSGD(Optimizer):
         """R of every component of p (ones when never rescaled)."""
         st = self.state[p]
         r = st.get("rescale")
-        return torch.ones(st["codes"].numel(), dtype=p.dtype, device=p.device) if r is None else r
+        return torch.ones(self.num_components(p), dtype=p.dtype, device=p.device) if r is None else r
 
     @torch.no_grad()
     def set_rescale(self, new_rescale: dict) -> None:
@@ -307,7 +317,7 @@ class FGSGD(Optimizer):
             st = self.state.get(p)
             if not st or "codes" not in st:
                 raise ValueError("set_rescale: every key must be a manifold parameter of this optimizer")
-            n = st["codes"].numel()
+            n = self.num_components(p)
             r_new = torch.as_tensor(r_new).to(device=p.device, dtype=p.dtype).reshape(-1)
             if r_new.numel() != n:
                 raise ValueError(f"set_rescale: expected {n} scales for a parameter of shape {tuple(p.shape)}, "

@@ -149,7 +149,7 @@ class _Layer:
 def _layout(module: nn.Module, p: torch.Tensor, state: dict):
     """(channel_axis, in_channels, row_view, in_index, conv_groups) of a layer, or None if unsupported."""
     a, b = state["shape"]
-    n = state["codes"].numel()
+    n = p.numel() // (a * b)
     if isinstance(module, nn.modules.conv._ConvNd):
         if module.transposed:
             return None
@@ -384,7 +384,8 @@ class Renormalizer:
                     lam = per_block.mean(dim=1)
                 bad = ~torch.isfinite(lam) | (lam <= 0)
             a, b = st["shape"]
-            gamma = self._gamma_table(a, b, torch.float64).to(layer.param.device)[st["codes"].long()]
+            gamma = self._gamma_table(a, b, torch.float64).to(layer.param.device)[
+                self.optimizer.codes(layer.param).long()]
             lam_c = lam[layer.in_index].clamp_min(self.eps)
             bad_c = bad[layer.in_index]
             r_new = gamma / lam_c

@@ -375,8 +375,11 @@ OTHER_CASES = [
      r"^grads\[1\]: has shape", r"fgsgd: grads\[1\] has shape"),
     ("sqnorm-grads-length", "tangent_sqnorm", _truncate("grads", 1), r"^grads: expected one tensor per parameter",
      r"fgsgd: grads must hold one tensor per parameter \(3\), got 1"),
-    ("sqnorm-codes-dtype", "tangent_sqnorm", _set("codes", 1, lambda c: c.int()), r"^codes\[1\]: expected a uint8",
+    ("sqnorm-codes-dtype", "tangent_sqnorm", _set("codes", 1, lambda c: c.long()), r"^codes\[1\]: expected a uint8",
      r"fgsgd: codes\[1\] must have dtype Byte"),
+    ("sqnorm-packed-codes-shape", "tangent_sqnorm", _set("codes", 1, lambda c: c.int()),
+     r"^codes\[1\]: expected a uint8 tensor of shape \(\d+,\) or its packed int32",
+     r"fgsgd: codes\[1\] \(packed: int32\) must have shape"),
     ("sqnorm-rescale-dtype", "tangent_sqnorm", _set("rescale", 1, lambda r: r.double()), r"^rescale\[1\]",
      r"fgsgd: rescale\[1\] must have dtype Float"),
     # no cpp variant: with no tensor at all the dispatcher itself refuses ("There were no tensor arguments")

@@ -50,8 +50,8 @@ def small_setup(seed=0, rescale=True):
     opt = F.FGSGD(groups, lr=0.1, momentum=0.9)
     if rescale:
         gen = make_gen(seed + 100)
-        opt.set_rescale({p: torch.rand(st["codes"].numel(), generator=gen) * 2 + 0.3
-                         for _, p, st in opt.manifold_params()})
+        opt.set_rescale({p: torch.rand(opt.num_components(p), generator=gen) * 2 + 0.3
+                         for _, p, _ in opt.manifold_params()})
     return net, opt
 
 
@@ -158,7 +158,7 @@ def test_report_table1_on_a_network_passes_and_fails():
     assert set(res["table1"]["per_manifold"]) == {"sphere", "oblique", "stiefel"}
     # move one stiefel component off its manifold (p only, R unchanged): the check fails
     p = net.conv2.weight
-    codes = opt.state[p]["codes"]
+    codes = opt.codes(p)
     i = int(torch.nonzero(codes == C.STIEFEL_QR)[0])
     with torch.no_grad():
         opt.components(p)[i] *= 1.001
@@ -232,7 +232,7 @@ def test_bounds_finite_for_resnet101_depth():
     assert len(model) == 105 and 44_000_000 < n_params < 45_000_000
     opt = F.FGSGD(F.param_groups(model, row_view=True, group_size=64), lr=0.1, momentum=0.9)
     # R = 40 everywhere: the products of the layer norms overflow float64 in linear space
-    opt.set_rescale({p: torch.full((st["codes"].numel(),), 40.0) for _, p, st in opt.manifold_params()})
+    opt.set_rescale({p: torch.full((opt.num_components(p),), 40.0) for _, p, _ in opt.manifold_params()})
     # exact=False: no Gram matrix of whole 1×1 layers (the exact layer norms are tested on the small network)
     res = bounds.report(model, opt, 1_281_167, print_table=False, exact=False)
     assert res["depth"] == 105 and res["bounds_exact"] is None

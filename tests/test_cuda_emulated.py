@@ -7,6 +7,7 @@ without a GPU. The GPU runs the same code
 (tests/test_cuda_step.py)."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import zlib
@@ -39,7 +40,7 @@ def _fmt(t: torch.Tensor) -> str:
     return " ".join(repr(float(v)) if t.is_floating_point() else str(int(v)) for v in t.reshape(-1).tolist())
 
 
-def _run(emulator, dtype, hp, tensors, offsets, use_rescale, use_groups, variant="staged", control=None):
+def _run(emulator, dtype, hp, tensors, offsets, use_rescale, use_groups, variant="staged", control=None, packed=False):
     """The emulator's p and m per tensor; with ``control`` (found_inf, lr_kind, lr_value, stabilize_every, steps,
     grad_scale:
     csrc/fgsgd/step_control.h), also the step counts after the step."""
@@ -57,8 +58,9 @@ def _run(emulator, dtype, hp, tensors, offsets, use_rescale, use_groups, variant
     for t in tensors:
         for key in ("p", "g", "m", "codes") + (("r",) if use_rescale else ()) + (("gi", "gs") if use_groups else ()):
             lines.append(_fmt(t[key]))
+    env = dict(os.environ, EMU_PACKED="1" if packed else "0")
     proc = subprocess.run([str(emulator), *variant.split()], input="\n".join(lines) + "\n", capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     values = torch.tensor([float(v) for v in proc.stdout.split()], dtype=torch.float64)
     out, start = [], 0
@@ -195,3 +197,24 @@ def test_run_time_controls(emulator, variant):
     assert counts == [float(s) for s in steps]
     for t, (p, m) in zip(ts, skipped):
         assert torch.equal(p, t["p"].double()) and torch.equal(m, t["m"].double())
+
+
+@pytest.mark.parametrize("variant", ["staged", "sorted", "rows 100"])
+def test_packed_codes(emulator, variant):
+    """Codes packed 2 bits per component (csrc/fgsgd/batched.h code_at, through the slot table): the block code
+    gives the float64 reference's step for tensors of four codes each, sizes around the block."""
+    shape = (100, 1) if variant.startswith("rows") else (3, 3)
+    gen = make_gen(zlib.crc32(("packed " + variant).encode()))
+    sizes = [1, 17, 129, 300] if shape == (3, 3) else [1, 17, 5]
+    ts = make_step_tensors(sizes, shape, torch.float64, gen)
+    for t in ts:
+        keep = torch.unique(t["codes"])[:4]
+        t["codes"] = torch.where(torch.isin(t["codes"], keep), t["codes"], keep[0])
+        if shape[1] == 1:
+            t["g"], t["m"] = t["g"] / 10, t["m"] / 10
+    hp = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0, first_step=False,
+              stabilize=True)
+    got = _run(emulator, torch.float64, hp, ts, [(0, 0, 0)] * len(ts), True, False, variant, packed=True)
+    for k, (t, (p, m)) in enumerate(zip(ts, got)):
+        p_ref, m_ref = R.step(t["p"], t["g"], t["m"], t["codes"], t["r"], None, **hp)
+        assert rel_err(p, p_ref) <= 1e-12 and rel_err(m, m_ref) <= 1e-12, f"tensor {k}"

@@ -44,7 +44,7 @@ def worker(rank: int, world: int, store_path: str, out: str) -> None:
             opt.step()
             losses.append(loss.item())
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        codes = {n: opt.state[p]["codes"].clone() for n, p in model.named_parameters() if "codes" in opt.state[p]}
+        codes = {n: opt.codes(p).clone() for n, p in model.named_parameters() if "codes" in opt.state[p]}
         torch.save({"params": params, "codes": codes, "losses": losses}, out)
         dist.barrier()
     finally:

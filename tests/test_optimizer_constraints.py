@@ -20,9 +20,8 @@ def check_table1(opt, params, tol=FP32_RTOL) -> int:
     """Asserts Table 1 for every component; returns the number of curved components checked."""
     checked = 0
     for p in params:
-        st = opt.state[p]
         w = opt.components(p).detach().double()
-        codes = st["codes"]
+        codes = opt.codes(p)
         b = w.shape[-1]
         for code in torch.unique(codes).tolist():
             name = C.manifold_of(code)
@@ -71,7 +70,7 @@ def run_and_check(manifold, retraction, stabilize, seed):
             assert check_table1(opt, params) > 40
     for p, s in zip(params, start):
         w = opt.components(p).detach()
-        curved = opt.state[p]["codes"] != C.EUCLIDEAN
+        curved = opt.codes(p) != C.EUCLIDEAN
         moved = (w[curved] - s.view(w.shape)[curved]).norm(dim=(-2, -1))
         assert float(moved.median()) > 0.1, "the weights barely moved: the test would not see drift"
 

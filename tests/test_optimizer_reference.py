@@ -104,13 +104,16 @@ def stored_groupings(opt, params, manifolds, retraction):
         shape = component_shape(tuple(p.shape))
         assert st["shape"] == shape
         n = p.numel() // (shape[0] * shape[1])
-        assert st["codes"].shape == (n,) and st["codes"].dtype == torch.uint8
+        codes = opt.codes(p)
+        assert codes.shape == (n,) and codes.dtype == torch.uint8
+        packed = len(torch.unique(codes)) <= 4  # then the state keeps them 2 bits each (fgsgd_cuda.codes.pack)
+        assert st["codes"].dtype == (torch.int32 if packed else torch.uint8)
         assert "group_index" not in st  # recomputed by opt.grouping, never stored
         group_index = opt.grouping(p).group_index
         assert group_index.shape == (n,) and group_index.dtype == torch.int32
-        assert torch.equal(st["codes"], st["group_codes"][group_index.long()])
-        assert set(torch.unique(st["codes"]).tolist()) <= allowed
-        out.append((shape, st["codes"].clone(), group_index.clone(), st["num_groups"]))
+        assert torch.equal(codes, st["group_codes"][group_index.long()])
+        assert set(torch.unique(codes).tolist()) <= allowed
+        out.append((shape, codes.clone(), group_index.clone(), st["num_groups"]))
     return out
 
 
@@ -353,7 +356,7 @@ def test_param_groups_helper_splits_model():
     assert groups[1]["manifolds"] == ["sphere", "oblique"]
     opt = FGSGD(groups, lr=0.1)
     assert opt.state[model[2].weight]["shape"] == (8, 1) and opt.state[model[4].weight]["shape"] == (8, 1)
-    codes = opt.state[model[4].weight]["codes"]
+    codes = opt.codes(model[4].weight)
     assert set(codes.tolist()) == {C.SPHERE_NORMALIZE, C.OBLIQUE_NORMALIZE}
     rows = model[4].weight.detach().double()  # an n×1 component: sphere and oblique both mean a unit row
     assert float((rows.norm(dim=1) - 1).abs().max()) <= FP32_RTOL

@@ -96,6 +96,7 @@ def expected_rescale(net, opt, lam: dict, eps=F.renorm.DEFAULT_EPS) -> dict:
         if not isinstance(mod, (nn.Conv2d, nn.Linear)) or mod.weight not in opt.state:
             continue
         st = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in opt.state[mod.weight].items()}
+        st["codes"] = opt.codes(mod.weight).cpu()
         a, b = st["shape"]
         lam_l = lam[name].double().clamp_min(eps)
         if isinstance(mod, nn.Conv2d) and mod.weight.shape[2] > 1:
@@ -212,7 +213,7 @@ def test_step_epoch_sets_gamma_over_lambda_and_keeps_omega(backend, device):
     opt = make_opt(net, backend=backend)
     gen = make_gen(4)
     # start from R ≠ 1 so that the ratio R_new/R_old is exercised
-    opt.set_rescale({p: torch.rand(st["codes"].numel(), generator=gen) + 0.5 for _, p, st in opt.manifold_params()})
+    opt.set_rescale({p: torch.rand(opt.num_components(p), generator=gen) + 0.5 for _, p, _ in opt.manifold_params()})
     omega_before = {p: opt.components(p).detach().cpu().double() / opt.rescale(p).cpu().double().view(-1, 1, 1)
                     for _, p, _ in opt.manifold_params()}
     renorm = F.Renormalizer(net, opt)
@@ -224,7 +225,7 @@ def test_step_epoch_sets_gamma_over_lambda_and_keeps_omega(backend, device):
     seen_codes = set()
     for _, p, st in opt.manifold_params():
         assert opt.rescale(p) is st["rescale"] and torch.equal(st["rescale"], new[p])
-        r, codes = st["rescale"].cpu(), st["codes"].cpu()
+        r, codes = st["rescale"].cpu(), opt.codes(p).cpu()
         torch.testing.assert_close(r.double(), expect[names[p]], rtol=1e-6, atol=0)
         seen_codes |= set(codes.tolist())
         # p = R·ω with the ω from before, to fp32 rounding
@@ -253,7 +254,7 @@ def test_gamma_override_and_validation():
     lam = renorm.calibrate([batch(make_gen(5))])
     renorm.step_epoch()
     p = net.conv1.weight
-    codes = opt.state[p]["codes"]
+    codes = opt.codes(p)
     lam_c = lam["conv1"][in_channel(net.conv1)]
     ref = torch.where(codes == C.SPHERE_NORMALIZE, 2.0 / lam_c, 0.25 / lam_c)
     torch.testing.assert_close(opt.rescale(p).double(), ref, rtol=1e-6, atol=0)
@@ -281,7 +282,7 @@ def test_row_lambda_modes():
         if mode == "none":
             assert torch.equal(r, before)
         else:
-            codes = opt.state[net.conv3.weight]["codes"]
+            codes = opt.codes(net.conv3.weight)
             gamma = torch.ones(codes.numel(), dtype=torch.float64)    # row view: B = 1, γ = 1
             gamma[codes == C.EUCLIDEAN] = float("nan")
             ref = torch.where(gamma.isnan(), torch.ones_like(gamma), gamma / lam["conv3"].mean())
@@ -293,7 +294,7 @@ def test_zero_variance_and_nan_inputs_keep_R():
     net = make_net(4)
     opt = make_opt(net)
     gen = make_gen(7)
-    start = {p: torch.rand(st["codes"].numel(), generator=gen) + 0.5 for _, p, st in opt.manifold_params()}
+    start = {p: torch.rand(opt.num_components(p), generator=gen) + 0.5 for _, p, _ in opt.manifold_params()}
     opt.set_rescale(start)
     renorm = F.Renormalizer(net, opt)
     xs = [batch(gen) for _ in range(2)]
@@ -315,7 +316,7 @@ def test_zero_variance_and_nan_inputs_keep_R():
     assert torch.isfinite(r).all() and (r > 0).all()
     assert torch.equal(r[bad], start[p][bad])                       # kept
     lam0 = direct_std([x[:, :1] for x in xs], conv=True)[0]
-    codes = opt.state[p]["codes"]
+    codes = opt.codes(p)
     gamma = torch.where(codes == C.SPHERE_NORMALIZE, 1.0, 1 / 3 ** 0.5).double()
     good = ~bad & (codes != C.EUCLIDEAN)
     torch.testing.assert_close(r[good].double(), gamma[good] / lam0, rtol=1e-6, atol=0)
@@ -341,7 +342,7 @@ def test_unreached_layer_and_tiny_std_clamped():
     for n, r in before.items():
         assert torch.equal(opt.rescale(getattr(net, n).weight), r)
     r = opt.rescale(net.conv1.weight).double()
-    codes = opt.state[net.conv1.weight]["codes"]
+    codes = opt.codes(net.conv1.weight)
     sel = (in_channel(net.conv1) == 0) & (codes == C.SPHERE_NORMALIZE)
     torch.testing.assert_close(r[sel], torch.full((int(sel.sum()),), 1e3, dtype=torch.float64), rtol=1e-6, atol=0)
 
@@ -363,7 +364,7 @@ def test_trajectory_with_rescaling_equals_float64_reference(backend, device):
     renorm.calibrate([batch(gen).to(device) for _ in range(2)])
     renorm.step_epoch()
     params = [p for _, p, _ in opt.manifold_params()]
-    cpu = {p: {"codes": opt.state[p]["codes"].cpu(), "group_index": opt.grouping(p).group_index.cpu()} for p in params}
+    cpu = {p: {"codes": opt.codes(p).cpu(), "group_index": opt.grouping(p).group_index.cpu()} for p in params}
     ref = {p: [p.detach().cpu().double().view(-1, *opt.state[p]["shape"]).clone(), None] for p in params}
     clipped = 0
     for t in range(7):

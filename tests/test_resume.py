@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import make_gen
 from fgsgd_cuda import FGSGD, param_groups
+from fgsgd_cuda import codes as C
 
 N, M = 4, 5
 
@@ -55,7 +56,7 @@ def roundtrip(obj):
 
 
 def grouping(opt):
-    return [(opt.state[p]["codes"].clone(), opt.grouping(p).group_index) for _, p, _ in opt.manifold_params()]
+    return [(opt.codes(p).clone(), opt.grouping(p).group_index) for _, p, _ in opt.manifold_params()]
 
 
 def test_resume_is_bitwise_identical():
@@ -134,7 +135,7 @@ def test_state_dict_is_loadable_with_weights_only_and_complete():
     st = loaded["state"][pid]
     for key in ("codes", "group_codes", "num_groups", "membership", "step", "shape", "momentum_buffer"):
         assert key in st, key
-    assert st["codes"].dtype == torch.uint8 and "group_index" not in st
+    assert st["codes"].dtype == torch.int32 and "group_index" not in st  # packed: 2 bits per component
 
 
 @pytest.mark.parametrize("dtype", [torch.float64])
@@ -150,7 +151,7 @@ def test_resume_float64_params(dtype):
                  init_projx=False)
     opt2.load_state_dict(sd)
     st = opt2.state[conv.weight]
-    assert st["codes"].dtype == torch.uint8 and st["group_codes"].dtype == torch.uint8
+    assert st["codes"].dtype == torch.int32 and st["group_codes"].dtype == torch.uint8
     assert opt2.grouping(conv.weight).group_index.dtype == torch.int32
     assert st["momentum_buffer"].dtype == dtype
     opt2.step()  # runs
@@ -158,20 +159,21 @@ def test_resume_float64_params(dtype):
 
 
 def test_state_keeps_membership_options_not_a_group_index():
-    """Per component the state holds only the uint8 code; the groups are recomputed from the membership
-    options in the state, and a state whose codes they do not reproduce is refused by name."""
+    """Per component the state holds only the code, packed 2 bits each; the groups are recomputed from the
+    membership options in the state, and a state whose codes they do not reproduce is refused by name."""
     model = cnn(0)
     opt, _ = make_optimizer(model, seed=1)
     conv = model[3].weight
     st = opt.state[conv]
     assert "group_index" not in st and set(st["membership"]) == {"collection", "group_size", "num_groups",
                                                                  "selection", "seed"}
-    per_component = [k for k, v in st.items() if isinstance(v, torch.Tensor) and v.numel() == st["codes"].numel()]
-    assert per_component == ["codes"]
+    n = opt.num_components(conv)
+    per_component = [k for k, v in st.items() if isinstance(v, torch.Tensor) and v.numel() >= n]
+    assert per_component == [] and st["codes"].numel() == C.packed_len(n)
     g = opt.grouping(conv)
-    assert torch.equal(g.codes, st["codes"]) and g.num_groups == st["num_groups"]
-    st["codes"] = st["codes"].flip(0).clone()  # a code per component no longer matching the membership
-    if torch.equal(st["codes"], g.codes):
+    assert torch.equal(g.codes, opt.codes(conv)) and g.num_groups == st["num_groups"]
+    st["codes"] = C.pack(opt.codes(conv).flip(0).clone())  # a code per component no longer matching the membership
+    if torch.equal(opt.codes(conv), g.codes):
         pytest.skip("the flip happened to keep the codes")
     with pytest.raises(RuntimeError, match=r"grouping: the membership options .* do not reproduce the stored codes"):
         opt.grouping(conv)
@@ -229,7 +231,7 @@ def test_an_inconsistent_grouping_is_refused_before_anything_changes():
     opt, _ = make_optimizer(model, seed=1, sched=False)
     late = list(opt.manifold_params())[-1][1]
     st = opt.state[late]
-    st["codes"] = st["codes"].flip(0).clone()
+    st["codes"] = C.pack(opt.codes(late).flip(0).clone())
     x = torch.randn(2, 3, 8, 8, generator=make_gen(4))
     model(x).square().mean().backward()
     before = [p.detach().clone() for p in model.parameters()]

@@ -9,6 +9,8 @@
 // than the math and break store-to-load forwarding.
 #pragma GCC optimize("no-tree-loop-distribute-patterns")
 #endif
+#include <optional>
+
 #include "fast.h"
 #include "lanes.h"
 #include "serial_row.h"
@@ -201,6 +203,30 @@ FGSGD_LANE void prefetch_ahead(const TensorSlot<E>& t, int64_t c, int64_t end) {
   }
 }
 
+// Packed codes (2 bits per component, types.h) of components [i0, i0 + n) as bytes into out: a byte of four
+// codes at a time through a table of the tensor's palette (`lut`: packed byte -> four code bytes), the ends one
+// by one.
+struct PackedDecoder {
+  uint32_t lut[256];
+  explicit PackedDecoder(const uint32_t* packed) {
+    uint8_t pal[4];
+    for (int v = 0; v < 4; ++v) pal[v] = uint8_t((packed[0] >> (8 * v)) & 0xffu);
+    for (int b = 0; b < 256; ++b) {
+      uint32_t w = 0;
+      for (int j = 0; j < 4; ++j) w |= uint32_t(pal[(b >> (2 * j)) & 3]) << (8 * j);
+      lut[b] = w;
+    }
+  }
+  template <class E>
+  void decode(const TensorSlot<E>& t, int64_t i0, int n, uint8_t* out) const {
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(t.packed_codes + 1);  // little endian: 4 codes a byte
+    int q = 0;
+    for (; q < n && ((i0 + q) & 3) != 0; ++q) out[q] = uint8_t(code_at(t, i0 + q));
+    for (; q + 4 <= n; q += 4) memcpy(out + q, &lut[bytes[(i0 + q) >> 2]], 4);
+    for (; q < n; ++q) out[q] = uint8_t(code_at(t, i0 + q));
+  }
+};
+
 // One pass over the components in order. W consecutive components of one code (a run, or the
 // whole tensor) form a block as they are; otherwise each component joins the pending block of its
 // code (branch-free: a compare mask per code and a table of bit positions); every kFlush components
@@ -210,7 +236,7 @@ FGSGD_LANE void prefetch_ahead(const TensorSlot<E>& t, int64_t c, int64_t end) {
 // touches only components seen in the last few blocks: memory is read in order, once, as by a
 // plain stream.
 // Pending blocks left at the end are padded with copies of their last index (the copies load the
-// same inputs and store the same results: harmless).
+// same inputs and store the same results: harmless). Packed codes are decoded kChunk at a time first.
 template <class S, class E>
 void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int64_t begin, int64_t end,
                   const BlockFn<S, E>* fn, ScalarFn<S, E> scalar) {
@@ -224,9 +250,14 @@ void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, i
       for (int i = 0; i < W; ++i) v[i] = i;
     }
   } iota;
+  constexpr int kChunk = 4096;  // packed codes decoded per chunk (a multiple of W, G and kFlush)
+  alignas(64) uint8_t decoded[kChunk];
+  std::optional<PackedDecoder> dec;
+  if (t.packed_codes != nullptr) dec.emplace(t.packed_codes);
   for (int64_t c0 = begin; c0 < end; c0 += kSpan) {
     const int n = int(end - c0 < kSpan ? end - c0 : kSpan);
-    const uint8_t* codes = t.codes + c0;
+    const uint8_t* codes = nullptr;  // codes[i - j0]: the code of component c0 + i, for i in the chunk [j0, j1)
+    int j0 = 0;
     constexpr int kFlush = 32;  // components classified between two flushes of the pending blocks
     int32_t pending[kNumCodes][kFlush + W + 16];  // a flush leaves < W; then kFlush more and an 8-wide append
     int count[kNumCodes] = {};
@@ -248,12 +279,13 @@ void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, i
     };
     auto classify = [&](int base, int g) {  // g codes at base, g <= G (a tail: one by one)
       uint32_t mk[kNumCodes], seen = 0;
+      const uint8_t* cb = codes + (base - j0);
       if (g == G) {
-        code_masks<G>(codes + base, mk);
+        code_masks<G>(cb, mk);
       } else {
         for (int k = 0; k < kNumCodes; ++k) {
           mk[k] = 0;
-          for (int j = 0; j < g; ++j) mk[k] |= uint32_t(codes[base + j] == k) << j;
+          for (int j = 0; j < g; ++j) mk[k] |= uint32_t(cb[j] == k) << j;
         }
       }
       for (int k = 0; k < kNumCodes; ++k) {
@@ -264,17 +296,28 @@ void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, i
       for (uint32_t u = ~seen & ((1u << g) - 1); u; u &= u - 1) scalar(s, t, h, c0 + base + __builtin_ctz(u));
     };
     int i = 0;
-    for (; i + W <= n; i += W) {
-      prefetch_ahead<S::kCap, W>(t, c0 + i, end);
-      const int k = codes[i];
-      if (k < kNumCodes && all_equal(codes + i, W, uint8_t(k))) {
-        fn[k](s, t, h, c0 + i, iota.v);  // W consecutive components of one code
+    for (j0 = 0; j0 < n; j0 += kChunk) {
+      const int j1 = n - j0 < kChunk ? n : j0 + kChunk;
+      if (dec) {
+        dec->decode(t, c0 + j0, j1 - j0, decoded);
+        codes = decoded;
       } else {
-        for (int j = 0; j < W; j += G) classify(i + j, G);
+        codes = t.codes + c0 + j0;
       }
-      if ((i + W) % kFlush == 0) flush();
+      for (; i + W <= j1; i += W) {
+        prefetch_ahead<S::kCap, W>(t, c0 + i, end);
+        const uint8_t* ci = codes + (i - j0);
+        const int k = ci[0];
+        if (k < kNumCodes && all_equal(ci, W, uint8_t(k))) {
+          fn[k](s, t, h, c0 + i, iota.v);  // W consecutive components of one code
+        } else {
+          for (int j = 0; j < W; j += G) classify(i + j, G);
+        }
+        if ((i + W) % kFlush == 0) flush();
+      }
+      if (j1 < n) continue;
+      for (; i < n; i += G) classify(i, n - i < G ? n - i : G);
     }
-    for (; i < n; i += G) classify(i, n - i < G ? n - i : G);
     flush();
     for (int k = 0; k < kNumCodes; ++k) {
       if (count[k] == 0) continue;

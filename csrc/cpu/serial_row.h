@@ -39,7 +39,7 @@ template <class T>
 void step_rows(const TensorSlot<T>& t, const StepHParams<T>& h, int64_t n, int64_t begin, int64_t end) {
   SerialRow ctx;
   for (int64_t i = begin; i < end; ++i)
-    row_step(ctx, int(t.codes[i]), t.p + i * n, t.g + i * n, t.m ? t.m + i * n : nullptr, n, rescale_at(t, i),
+    row_step(ctx, code_at(t, i), t.p + i * n, t.g + i * n, t.m ? t.m + i * n : nullptr, n, rescale_at(t, i),
              step_scale_at(t, i), h);
 }
 
@@ -48,7 +48,7 @@ template <class T>
 void sqnorm_rows(const TensorSlot<T>& t, T wd, int64_t n, int64_t begin, int64_t end) {
   SerialRow ctx;
   for (int64_t i = begin; i < end; ++i)
-    t.out[i] = row_tangent_sqnorm(ctx, int(t.codes[i]), t.p + i * n, t.g + i * n, n, rescale_at(t, i), wd);
+    t.out[i] = row_tangent_sqnorm(ctx, code_at(t, i), t.p + i * n, t.g + i * n, n, rescale_at(t, i), wd);
 }
 
 }  // namespace cpu_rows

@@ -53,7 +53,7 @@ __device__ __forceinline__ void row_step_block(const SlotTable<T>& table, const 
   const StepHParams<T> h = resolve_step(h_launch, ctl, s.step);
   const int64_t i = b - table.block_start[t];
   BlockRow<T, kT> ctx{red};
-  row_step(ctx, int(s.codes[i]), s.p + i * n, s.g + i * n, s.m ? s.m + i * n : nullptr, n, rescale_at(s, i),
+  row_step(ctx, code_at(s, i), s.p + i * n, s.g + i * n, s.m ? s.m + i * n : nullptr, n, rescale_at(s, i),
            step_scale_at(s, i), h);
 }
 
@@ -64,7 +64,7 @@ __device__ __forceinline__ void row_sqnorm_block(const SlotTable<T>& table, T wd
   const TensorSlot<T>& s = table.slot[t];
   const int64_t i = b - table.block_start[t];
   BlockRow<T, kT> ctx{red};
-  const T v = row_tangent_sqnorm(ctx, int(s.codes[i]), s.p + i * n, s.g + i * n, n, rescale_at(s, i), wd);
+  const T v = row_tangent_sqnorm(ctx, code_at(s, i), s.p + i * n, s.g + i * n, n, rescale_at(s, i), wd);
   if (threadIdx.x == 0) s.out[i] = v;
 }
 

@@ -145,7 +145,7 @@ struct ComponentInputs {
 };
 template <class T>
 __device__ __forceinline__ ComponentInputs<T> inputs_of(const TensorSlot<T>& slot, int64_t c) {
-  return ComponentInputs<T>{int(slot.codes[c]), rescale_at(slot, c), slot.group_index ? slot.group_index[c] : 0};
+  return ComponentInputs<T>{code_at(slot, c), rescale_at(slot, c), slot.group_index ? slot.group_index[c] : 0};
 }
 template <class T>
 __device__ __forceinline__ T group_step(const TensorSlot<T>& slot, const ComponentInputs<T>& in) {

@@ -44,6 +44,14 @@ FGSGD_HD void norms_at(const S& s, const UnaryArgs<T>& a, int64_t i) {
   norms(s, x, a.out + 3 * i, a.out + 3 * i + 1, a.out + 3 * i + 2);
 }
 
+// The code of component i: one byte each, or 2 bits each through the tensor's palette (types.h).
+template <class T>
+FGSGD_HD int code_at(const TensorSlot<T>& t, int64_t i) {
+  if (t.packed_codes == nullptr) return int(t.codes[i]);
+  const uint32_t v = (t.packed_codes[1 + (i >> 4)] >> (2 * (i & 15))) & 3u;
+  return int((t.packed_codes[0] >> (8 * v)) & 0xffu);
+}
+
 template <class T>
 FGSGD_HD T rescale_at(const TensorSlot<T>& t, int64_t i) {
   return t.rescale ? t.rescale[i] : T(1);
@@ -62,7 +70,7 @@ FGSGD_HD void step_at(const S& s, const TensorSlot<T>& t, const StepHParams<T>& 
   load(s, t.g + off, g);
   const bool use_m = h.momentum != T(0);
   if (use_m && !h.first_step) load(s, t.m + off, m);
-  component_step(s, int(t.codes[i]), p, g, m, rescale_at(t, i), step_scale_at(t, i), h);
+  component_step(s, code_at(t, i), p, g, m, rescale_at(t, i), step_scale_at(t, i), h);
   store(s, p, t.p + off);
   if (use_m) store(s, m, t.m + off);
 }
@@ -73,7 +81,7 @@ FGSGD_HD void sqnorm_at(const S& s, const TensorSlot<T>& t, T wd, int64_t i) {
   T p[S::kCap], g[S::kCap];
   load(s, t.p + off, p);
   load(s, t.g + off, g);
-  const int code = int(t.codes[i]);
+  const int code = code_at(t, i);
   t.out[i] = tangent_sqnorm(s, code, p, g, rescale_at(t, i), manifold_of(code) == kManEuclidean ? wd : T(0));
 }
 
@@ -85,7 +93,7 @@ FGSGD_HD void projx_slot_at(const S& s, const TensorSlot<T>& t, int64_t i) {
   T x[S::kCap];
   load(s, t.p + off, x);
   for (int k = 0; k < s.size(); ++k) x[k] *= inv_r;
-  projx_inplace(s, int(t.codes[i]), x);
+  projx_inplace(s, code_at(t, i), x);
   for (int k = 0; k < s.size(); ++k) x[k] *= r;
   store(s, x, t.p + off);
 }

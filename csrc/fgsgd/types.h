@@ -49,6 +49,9 @@ struct TensorSlot {
   T* out;  // tangent_sqnorm: N outputs
   int64_t n;
   float* step;  // the step: this tensor's count of steps taken (float32, one element), or null (step_control.h)
+  // codes packed 2 bits per component (fgsgd_cuda/codes.py): word 0 the palette (byte v: the code of value v),
+  // component i in bits 2·(i mod 16) of word 1 + i/16; when set, `codes` is null (batched.h code_at)
+  const uint32_t* packed_codes;
 };
 
 // The group step sizes of G groups (group_scale.h): members[offsets[g] .. offsets[g+1]) are the components

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import codes as _codes
 from .. import manifolds as _m
 from .. import reference as _ref
 
@@ -37,6 +38,7 @@ class TorchBackend:
 
     def step_(self, params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening,
               nesterov, weight_decay, first_step, stabilize):
+        codes = _codes.unpacked(codes, params)
         for k, p in enumerate(params):
             s = group_scale[k][group_index[k].long()] if group_scale else None
             r = rescale[k] if rescale else None
@@ -49,10 +51,12 @@ class TorchBackend:
                 m.copy_(m_new)
 
     def tangent_sqnorm(self, params, grads, codes, rescale, weight_decay):
+        codes = _codes.unpacked(codes, params)
         return torch.cat([_ref.tangent_sqnorm(p, grads[k], codes[k], rescale[k] if rescale else None, weight_decay)
                           for k, p in enumerate(params)])
 
     def projx_(self, params, codes, rescale):
+        codes = _codes.unpacked(codes, params)
         for k, p in enumerate(params):
             p.copy_(_ref.projx(p, codes[k], rescale[k] if rescale else None))
 

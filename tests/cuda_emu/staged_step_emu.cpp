@@ -11,8 +11,11 @@
 //   p g m (n·E each, E = 9 or L), codes (n), rescale (n, if used), group_index (n) and group_scale (ngroups)
 //   (if used).
 //   off_*: the tensor's first element sits that many elements past a 64-byte boundary.
+// With EMU_PACKED=1 in the environment the codes go to the kernels packed, 2 bits per component
+// (fgsgd_cuda/codes.py; at most 4 distinct codes per tensor).
 // stdout: per tensor, p then m (n·E each), "%.17g"; then, with use_steps, every tensor's step count after the
 // step (the count launch of kernels.cu, count_step_of_slot, after each table's blocks).
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -74,6 +77,9 @@ int run(bool sorted, int64_t row_len) {
   std::vector<Buffer<T>> p, g, m, r, gs;
   std::vector<std::vector<uint8_t>> codes(nt);
   std::vector<std::vector<int32_t>> gi(nt);
+  std::vector<std::vector<uint32_t>> packed(nt);
+  const char* packed_env = std::getenv("EMU_PACKED");
+  const bool use_packed = packed_env != nullptr && std::string(packed_env) == "1";
   std::vector<TensorSlot<T>> slots(nt);
   auto read = [](T* dst, int64_t count) {
     for (int64_t i = 0; i < count; ++i) {
@@ -106,6 +112,24 @@ int run(bool sorted, int64_t row_len) {
     slots[k] = TensorSlot<T>{p[k].data, g[k].data, m[k].data, codes[k].data(), use_r ? r[k].data : nullptr,
                              use_g ? gi[k].data() : nullptr, use_g ? gs[k].data : nullptr, nullptr, n[k],
                              use_steps ? &steps[k] : nullptr};
+  }
+  for (int k = 0; k < nt && use_packed; ++k) {  // palette of the tensor's distinct codes, then 16 codes a word
+    std::vector<uint8_t> pal;
+    for (uint8_t c : codes[k])
+      if (std::find(pal.begin(), pal.end(), c) == pal.end()) pal.push_back(c);
+    if (pal.size() > 4) {
+      std::fprintf(stderr, "tensor %d: more than 4 distinct codes cannot be packed\n", k);
+      return 4;
+    }
+    while (pal.size() < 4) pal.push_back(pal.empty() ? 0 : pal[0]);
+    packed[k].assign(size_t(1 + (n[k] + 15) / 16), 0u);
+    for (int v = 0; v < 4; ++v) packed[k][0] |= uint32_t(pal[v]) << (8 * v);
+    for (int64_t i = 0; i < n[k]; ++i) {
+      const uint32_t v = uint32_t(std::find(pal.begin(), pal.end(), codes[k][size_t(i)]) - pal.begin());
+      packed[k][size_t(1 + i / 16)] |= v << (2 * (i % 16));
+    }
+    slots[k].codes = nullptr;
+    slots[k].packed_codes = packed[k].data();
   }
   if (!std::cin) {
     std::fprintf(stderr, "bad input\n");
