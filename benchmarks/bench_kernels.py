@@ -102,6 +102,11 @@ def run_model(model: str, mixes, repeats: int, inner: int, device) -> dict:
             step = (lambda ps=ps, gs=gs, ms=ms, codes=codes: torch.ops.fgsgd.step_(
                 ps, gs, ms, codes, [], [], [], 0.01, 0.9, 0.0, False, 0.0, False, False))
             fns[f"fgsgd {variant} {mix}"] = with_variant(step, variant)
+        if mix == "mix":  # the codes as FGSGD keeps them: 2 bits per component (fgsgd_cuda.codes.pack)
+            packed = [C.pack(c) for c in codes]
+            fns["fgsgd staged mix packed"] = with_variant(
+                lambda ps=ps, gs=gs, ms=ms, codes=packed: torch.ops.fgsgd.step_(
+                    ps, gs, ms, codes, [], [], [], 0.01, 0.9, 0.0, False, 0.0, False, False), "staged")
     med = timed_graphs(fns, repeats, inner)
     copy_gbps = 8 * n / med["copy"] / 1e9
     rows = {}
