@@ -533,3 +533,11 @@ def test_step_controls_read_on_the_host(device, shape):
     SC.test_counts_and_lr_tensor_follow_the_plain_step("triton", device, torch.float32, shape)
     SC.test_grad_scale_reads_unscaled_gradients("triton", device, torch.float64, shape)
     SC.test_found_inf_skips_everything("triton", device, shape)
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (100, 1)], ids=["3x3", "row100"])
+def test_packed_codes_read_by_the_kernels(device, shape):
+    """Codes packed 2 bits per component (fgsgd_cuda/codes.py), decoded in the generated kernels: the same bits
+    as one byte per component (tests/test_packed_codes.py runs the check on every backend where it runs)."""
+    import test_packed_codes as PC
+    PC.test_packed_codes_give_the_same_bits("triton", device, torch.float32, shape)

@@ -1,12 +1,11 @@
 """The ``triton`` backend: the generated Triton kernels of :mod:`fgsgd_cuda.triton_kernels`.
 
 Same methods and semantics as :class:`fgsgd_cuda.backends.torch_ref.TorchBackend`; the inputs are
-checked by :mod:`fgsgd_cuda.ops` before they get here. Packed codes are unpacked here (the kernels read a
-byte per component).
+checked by :mod:`fgsgd_cuda.ops` before they get here. The kernels read packed codes (2 bits per
+component, fgsgd_cuda/codes.py) as they are.
 """
 from __future__ import annotations
 
-from .. import codes as _codes
 from ..triton_kernels import launch as _k
 from .torch_ref import group_scale as _torch_group_scale
 
@@ -30,21 +29,20 @@ class TritonBackend:
               nesterov, weight_decay, first_step, stabilize):
         if not params:
             return
-        _k.step_(list(params), list(grads), list(momenta), _codes.unpacked(codes, params), list(rescale),
+        _k.step_(list(params), list(grads), list(momenta), list(codes), list(rescale),
                  list(group_index), list(group_scale), float(lr), float(momentum), float(dampening), bool(nesterov),
                  float(weight_decay), bool(first_step), bool(stabilize))
 
     def tangent_sqnorm(self, params, grads, codes, rescale, weight_decay):
-        return _k.tangent_sqnorm(list(params), list(grads), _codes.unpacked(codes, params), list(rescale),
-                                 float(weight_decay))
+        return _k.tangent_sqnorm(list(params), list(grads), list(codes), list(rescale), float(weight_decay))
 
     def projx_(self, params, codes, rescale):
         if params:
-            _k.projx_(list(params), _codes.unpacked(codes, params), list(rescale))
+            _k.projx_(list(params), list(codes), list(rescale))
 
     def rescale_(self, params, codes, ratio):
         if params:
-            _k.rescale_(list(params), _codes.unpacked(codes, params), list(ratio))
+            _k.rescale_(list(params), list(codes), list(ratio))  # the kernel does not read the codes
 
     def group_scale(self, sqnorm, members, offsets, group_clip):
         return _torch_group_scale(sqnorm, members, offsets, group_clip)  # torch ops: no Triton kernel of its own

@@ -459,14 +459,15 @@ def _function(name: str, args: str, body: Src) -> str:
     return "\n".join([f"def {name}({args}):"] + body.lines) + "\n"
 
 
-def _prologue_multi(src: Src, dtype: str, log_tensors: int, hyper: bool) -> None:
+def _prologue_multi(src: Src, dtype: str, log_tensors: int, hyper: bool, packed: bool = False) -> None:
     """Find this program's tensor in the pointer table and its block of components.
 
     The table ``meta`` (int64) holds: NUM_HYPER float64 hyper-parameters (as bits); 2**log_tensors
     first-block indices (one per tensor, padded with a huge value; non-decreasing), searched
     bit by bit for the last tensor whose first block is <= program_id; then ROW entries per tensor:
     data pointers of p, g, m, codes, rescale, group_index, group_scale, out, then N and the first
-    block index. Defines the scalar pointers ``<name>_ptr``, ``n``, ``start`` and ``offs``.
+    block index. Defines the scalar pointers ``<name>_ptr``, ``n``, ``start`` and ``offs``. ``packed``: the
+    codes are int32 words, 2 bits per component (fgsgd_cuda/codes.py; _load_codes decodes them).
     """
     tl_dt = TL_DTYPE[dtype]
     src.raw("pid = tl.program_id(0)")
@@ -476,7 +477,8 @@ def _prologue_multi(src: Src, dtype: str, log_tensors: int, hyper: bool) -> None
         first = src.let(f"tl.load(meta + {NUM_HYPER} + {cand})")
         src.raw(f"pos = tl.where({first} <= pid, {cand}, pos)")
     src.raw(f"row = meta + {NUM_HYPER + (1 << log_tensors)} + pos * {ROW}")
-    for k, (name, ty) in enumerate((("p", tl_dt), ("g", tl_dt), ("m", tl_dt), ("codes", "tl.uint8"),
+    for k, (name, ty) in enumerate((("p", tl_dt), ("g", tl_dt), ("m", tl_dt),
+                                    ("codes", "tl.int32" if packed else "tl.uint8"),
                                     ("rescale", tl_dt), ("gidx", "tl.int32"), ("gscale", tl_dt), ("out", tl_dt))):
         src.raw(f"{name}_ptr = tl.load(row + {k}).to(tl.pointer_type({ty}))")
     src.raw("n = tl.load(row + 8)")
@@ -503,8 +505,14 @@ def _tangent(src: Src, frame: Frame, math: Math, p, g, rescale: bool, wd: bool):
     return r, w, math.proj(w, xi)
 
 
-def _load_codes(src: Src, frame: Frame) -> None:
-    src.raw(f"code = tl.load({frame.ptrs['c'][0]}, mask=mask, other=0).to(tl.int32)")
+def _load_codes(src: Src, frame: Frame, packed: bool = False) -> None:
+    if packed:  # word 0 the palette, component i in bits 2·(i mod 16) of word 1 + i // 16
+        src.raw("pal = tl.load(codes_ptr)")
+        src.raw("cw = tl.load(codes_ptr + 1 + (offs >> 4), mask=mask, other=0)")
+        src.raw("cv = (cw >> ((offs & 15) * 2).to(tl.int32)) & 3")
+        src.raw("code = (pal >> (cv * 8)) & 255")
+    else:
+        src.raw(f"code = tl.load({frame.ptrs['c'][0]}, mask=mask, other=0).to(tl.int32)")
 
 
 def kernel_name(op: str, a: int, b: int, dtype: str, tag: str = "") -> str:
@@ -512,26 +520,27 @@ def kernel_name(op: str, a: int, b: int, dtype: str, tag: str = "") -> str:
 
 
 def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, rescale, group, weight_decay,
-                log_tensors):
+                log_tensors, packed=False):
     """The fused FG-SGD step (reference.step) over all tensors of a call: read p, g, m once, write p, m once."""
     flags = "".join(ch if on else "_" for ch, on in zip("mfnsrgw", (momentum, first_step, nesterov, stabilize,
                                                                      rescale, group, weight_decay)))
-    name = kernel_name("step", a, b, dtype, f"{flags}_L{log_tensors}")
+    name = kernel_name("step", a, b, dtype, f"{flags}{'P' if packed else ''}_L{log_tensors}")
     n = a * b
     src = Src()
-    _prologue_multi(src, dtype, log_tensors, hyper=True)
+    _prologue_multi(src, dtype, log_tensors, hyper=True, packed=packed)
     frame = Frame(src, n)
     frame.elements("p", "p_ptr")
     frame.elements("g", "g_ptr")
     if momentum:
         frame.elements("m", "m_ptr")
-    frame.per_component("c", "codes_ptr")
+    if not packed:
+        frame.per_component("c", "codes_ptr")
     if rescale:
         frame.per_component("r", "rescale_ptr")
     if group:
         frame.per_component("gi", "gidx_ptr")
     frame.begin("start")
-    _load_codes(src, frame)
+    _load_codes(src, frame, packed)
     math = Math(src, a, b, None, dtype)
     p = frame.load("p", "p")
     g = frame.load("g", "g")
@@ -561,21 +570,23 @@ def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, resca
     return name, _function(name, "meta, BLOCK: tl.constexpr", src)
 
 
-def sqnorm_source(a, b, dtype, *, rescale, weight_decay, log_tensors):
+def sqnorm_source(a, b, dtype, *, rescale, weight_decay, log_tensors, packed=False):
     """‖ξ‖_F² per component, written to the tensor's slice of the concatenated output."""
-    name = kernel_name("sqnorm", a, b, dtype, f"{'r' if rescale else '_'}{'w' if weight_decay else '_'}_L{log_tensors}")
+    name = kernel_name("sqnorm", a, b, dtype, f"{'r' if rescale else '_'}{'w' if weight_decay else '_'}"
+                                              f"{'P' if packed else ''}_L{log_tensors}")
     n = a * b
     src = Src()
-    _prologue_multi(src, dtype, log_tensors, hyper=weight_decay)
+    _prologue_multi(src, dtype, log_tensors, hyper=weight_decay, packed=packed)
     frame = Frame(src, n)
     frame.elements("p", "p_ptr")
     frame.elements("g", "g_ptr")
-    frame.per_component("c", "codes_ptr")
+    if not packed:
+        frame.per_component("c", "codes_ptr")
     frame.per_component("o", "out_ptr")
     if rescale:
         frame.per_component("r", "rescale_ptr")
     frame.begin("start")
-    _load_codes(src, frame)
+    _load_codes(src, frame, packed)
     math = Math(src, a, b, None, dtype)
     p = frame.load("p", "p")
     g = frame.load("g", "g")
@@ -585,19 +596,20 @@ def sqnorm_source(a, b, dtype, *, rescale, weight_decay, log_tensors):
     return name, _function(name, "meta, BLOCK: tl.constexpr", src)
 
 
-def projx_multi_source(a, b, dtype, *, rescale, log_tensors):
+def projx_multi_source(a, b, dtype, *, rescale, log_tensors, packed=False):
     """p ← R·projx(p/R) in place."""
-    name = kernel_name("projxm", a, b, dtype, f"{'r' if rescale else '_'}_L{log_tensors}")
+    name = kernel_name("projxm", a, b, dtype, f"{'r' if rescale else '_'}{'P' if packed else ''}_L{log_tensors}")
     n = a * b
     src = Src()
-    _prologue_multi(src, dtype, log_tensors, hyper=False)
+    _prologue_multi(src, dtype, log_tensors, hyper=False, packed=packed)
     frame = Frame(src, n)
     frame.elements("p", "p_ptr")
-    frame.per_component("c", "codes_ptr")
+    if not packed:
+        frame.per_component("c", "codes_ptr")
     if rescale:
         frame.per_component("r", "rescale_ptr")
     frame.begin("start")
-    _load_codes(src, frame)
+    _load_codes(src, frame, packed)
     math = Math(src, a, b, None, dtype)
     p = frame.load("p", "p")
     if rescale:

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl  # noqa: F401  (the generated sources use it)
 
 from .. import checks
+from .. import codes as _codes
 from . import codegen as _cg
 from . import interpreting
 from . import rows as _rows
@@ -159,9 +160,19 @@ def _run(kind, params, rows, hyper=None, **flags):
 
 # -- the multi-tensor ops (one launch per call; a call has one component shape) ----------------------
 
+def _codes_of(codes, params):
+    """(codes, packed): the kernels read packed codes (fgsgd_cuda/codes.py) when every tensor of the call has
+    them, else one byte per component (the packed ones of a mixed call are unpacked)."""
+    packed = [_codes.is_packed(c) for c in codes]
+    if all(packed):
+        return list(codes), True
+    return ([_codes.unpack(c, p.shape[0]) for c, p in zip(codes, params)] if any(packed) else list(codes)), False
+
+
 def step_(params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening, nesterov,
           weight_decay, first_step, stabilize):
     use_m = momentum != 0
+    codes, packed = _codes_of(codes, params)
     rows = []
     for k, p in enumerate(params):
         rows.append((p.data_ptr(), grads[k].data_ptr(), momenta[k].data_ptr() if use_m else 0, codes[k].data_ptr(),
@@ -169,26 +180,28 @@ def step_(params, grads, momenta, codes, rescale, group_index, group_scale, lr, 
                      _ptr(group_scale[k]) if group_scale else 0, 0, p.shape[0]))
     _run("step", params, rows, (lr, momentum, dampening, weight_decay), momentum=use_m,
          first_step=bool(first_step) and use_m, nesterov=bool(nesterov) and use_m, stabilize=bool(stabilize),
-         rescale=bool(rescale), group=bool(group_index), weight_decay=weight_decay != 0)
+         rescale=bool(rescale), group=bool(group_index), weight_decay=weight_decay != 0, packed=packed)
 
 
 def tangent_sqnorm(params, grads, codes, rescale, weight_decay):
     total = sum(p.shape[0] for p in params)
     out = torch.empty(total, dtype=params[0].dtype, device=params[0].device)
+    codes, packed = _codes_of(codes, params)
     rows, off = [], 0
     for k, p in enumerate(params):
         rows.append((p.data_ptr(), grads[k].data_ptr(), 0, codes[k].data_ptr(), _ptr(rescale[k]) if rescale else 0,
                      0, 0, out.data_ptr() + off * out.element_size(), p.shape[0]))
         off += p.shape[0]
     _run("sqnorm", params, rows, (0.0, 0.0, 0.0, weight_decay), rescale=bool(rescale),
-         weight_decay=weight_decay != 0)
+         weight_decay=weight_decay != 0, packed=packed)
     return out
 
 
 def projx_(params, codes, rescale):
+    codes, packed = _codes_of(codes, params)
     rows = [(p.data_ptr(), 0, 0, codes[k].data_ptr(), _ptr(rescale[k]) if rescale else 0, 0, 0, 0, p.shape[0])
             for k, p in enumerate(params)]
-    _run("projxm", params, rows, rescale=bool(rescale))
+    _run("projxm", params, rows, rescale=bool(rescale), packed=packed)
 
 
 def rescale_(params, codes, ratio):

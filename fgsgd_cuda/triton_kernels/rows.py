@@ -27,12 +27,17 @@ def _chunk_loop(src: _cg.Src, body) -> None:
     src.depth -= 1
 
 
-def _row_prologue(src: _cg.Src, dtype: str, log_tensors: int, *, rescale: bool, group: bool, hyper: bool) -> None:
-    _cg._prologue_multi(src, dtype, log_tensors, hyper=hyper)
+def _row_prologue(src: _cg.Src, dtype: str, log_tensors: int, *, rescale: bool, group: bool, hyper: bool,
+                  packed: bool = False) -> None:
+    _cg._prologue_multi(src, dtype, log_tensors, hyper=hyper, packed=packed)
     tl_dt = _cg.TL_DTYPE[dtype]
     src.raw("rowi = pid - tl.load(row + 9)")
     src.raw("base = rowi * n_row")
-    src.raw("code = tl.load(codes_ptr + rowi).to(tl.int32)")
+    if packed:  # fgsgd_cuda/codes.py: word 0 the palette, row i in bits 2·(i mod 16) of word 1 + i // 16
+        src.raw("cv = (tl.load(codes_ptr + 1 + (rowi >> 4)) >> ((rowi & 15) * 2).to(tl.int32)) & 3")
+        src.raw("code = (tl.load(codes_ptr) >> (cv * 8)) & 255")
+    else:
+        src.raw("code = tl.load(codes_ptr + rowi).to(tl.int32)")
     src.raw("curved = (code >= 1) & (code <= 5)")
     src.raw("n_ok = tl.where(code <= 5, n_row, 0)")
     src.raw(f"r = tl.load(rescale_ptr + rowi).to({tl_dt})" if rescale else f"r = tl.full((), 1.0, {tl_dt})")
@@ -64,13 +69,14 @@ def _xi(src: _cg.Src, weight_decay: bool) -> None:
         src.raw("xi = sg * (r * gv - a * w)")
 
 
-def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale, group, weight_decay, log_tensors):
+def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale, group, weight_decay, log_tensors,
+                    packed=False):
     flags = "".join(ch if on else "_" for ch, on in zip("mfnsrgw", (momentum, first_step, nesterov, stabilize,
                                                                      rescale, group, weight_decay)))
-    name = _cg.kernel_name("rowstep", 0, 1, dtype, f"{flags}_L{log_tensors}")
+    name = _cg.kernel_name("rowstep", 0, 1, dtype, f"{flags}{'P' if packed else ''}_L{log_tensors}")
     tl_dt = _cg.TL_DTYPE[dtype]
     src = _cg.Src()
-    _row_prologue(src, dtype, log_tensors, rescale=rescale, group=group, hyper=True)
+    _row_prologue(src, dtype, log_tensors, rescale=rescale, group=group, hyper=True, packed=packed)
     src.raw("expm = (code == 2) | (code == 4)")
     if weight_decay:
         src.raw("wdr = tl.where(curved, 0.0, wd)")  # weight decay on euclidean rows only
@@ -143,11 +149,11 @@ def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale
     return name, _cg._function(name, "meta, n_row, BLOCK: tl.constexpr", src)
 
 
-def row_sqnorm_source(dtype, *, rescale, weight_decay, log_tensors):
+def row_sqnorm_source(dtype, *, rescale, weight_decay, log_tensors, packed=False):
     name = _cg.kernel_name("rowsqnorm", 0, 1, dtype, f"{'r' if rescale else '_'}{'w' if weight_decay else '_'}"
-                                                     f"_L{log_tensors}")
+                                                     f"{'P' if packed else ''}_L{log_tensors}")
     src = _cg.Src()
-    _row_prologue(src, dtype, log_tensors, rescale=rescale, group=False, hyper=weight_decay)
+    _row_prologue(src, dtype, log_tensors, rescale=rescale, group=False, hyper=weight_decay, packed=packed)
     if weight_decay:
         src.raw("wdr = tl.where(code == 0, wd, 0.0)")
     _tangent_dot(src, dtype)
