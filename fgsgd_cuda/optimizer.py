@@ -65,8 +65,9 @@ class FGSGD(Optimizer):
       place, which a replayed graph sees);
     - under GradScaler the kernels read the scaled gradients and unscale them on the fly (1/scale folded into
       s_g; a group with ``group_clip`` gets its gradients unscaled in place first, by one multi-tensor op),
-      and a step with inf/nan is skipped on the device: weights, buffers and counts keep their bits. Without GradScaler,
-      ``check_finite`` computes that flag itself (one pass over the gradients) instead of raising;
+      and a step with inf/nan is skipped on the device: weights, buffers and counts keep their bits.
+      Without GradScaler, ``check_finite`` computes that flag itself (one pass over the gradients) instead
+      of raising;
     - manifold groups need the compiled backends (``cpu``, ``cuda``); Euclidean groups run torch's fused SGD,
       whose momentum buffers then start at zero (so with dampening τ the first buffer is (1-τ)·g, not g).
     """
@@ -200,8 +201,8 @@ class FGSGD(Optimizer):
             state = self.state[p]
             # per component only the code, which the kernels read, 2 bits each when the weight has at most 4
             # (fgsgd_cuda/codes.py pack); the membership is kept as its options
-            state.update(shape=shape, codes=_codes.pack(grouping.codes).to(p.device), group_codes=grouping.group_codes.to(p.device),
-                         num_groups=grouping.num_groups, membership=options, step=self._new_step_count(group, p),
+            state.update(shape=shape, codes=_codes.pack(grouping.codes).to(p.device),
+                         group_codes=grouping.group_codes.to(p.device), num_groups=grouping.num_groups, membership=options, step=self._new_step_count(group, p),
                          rescale=None)
             views.append(component_view(p.detach(), shape))
             codes.append(state["codes"])
@@ -365,10 +366,11 @@ class FGSGD(Optimizer):
     # ---------------------------------------------------------------- capturable steps and GradScaler
     @staticmethod
     def _unscales_in_kernel(group: dict) -> bool:
-        """Whether the step of this group reads GradScaler's scaled gradients itself: manifold groups without
-        weight decay and group_clip (the kernels fold 1/scale into s_g) and Euclidean groups (torch's fused
-        SGD takes grad_scale)."""
-        return not group["manifolds"] or (group["weight_decay"] == 0 and group["group_clip"] is None)
+        """Whether the step of this group reads GradScaler's scaled gradients itself (capturable only): manifold
+        groups without weight decay and group_clip (the kernels fold 1/scale into s_g) and Euclidean groups
+        (torch's fused SGD takes grad_scale)."""
+        return group["capturable"] and (not group["manifolds"] or
+                                        (group["weight_decay"] == 0 and group["group_clip"] is None))
 
     def _amp_prologue(self, work) -> tuple[dict | None, dict | None]:
         """GradScaler's part of a step (only a capturable optimizer gets it: _step_supports_amp_scaling), as
@@ -409,8 +411,8 @@ class FGSGD(Optimizer):
 
     def _euclidean_capturable(self, group, params, grads, found_inf, grad_scale) -> None:
         """A Euclidean group of a capturable step: torch's fused SGD, which reads found_inf, grad_scale and a
-        tensor lr on the device. Momentum buffers that do not exist yet start at zero when the step may be skipped, so that a
-        skipped first step leaves buffers a later step can read."""
+        tensor lr on the device. Momentum buffers that do not exist yet start at zero when the step may be
+        skipped, so that a skipped first step leaves buffers a later step can read."""
         for device, idx in _by_device(params).items():
             ps, gs = [params[k] for k in idx], [grads[k] for k in idx]
             states = [self.state[p] for p in ps]

@@ -194,3 +194,20 @@ def test_capturable_errors_name_the_problem():
     before = [p.detach().clone() for p in model.parameters()]
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p, b)
+
+
+def test_grad_scale_set_by_hand_on_an_eager_optimizer():
+    """grad_scale / found_inf set as attributes on a non-capturable FGSGD (GradScaler does not, but a user may):
+    the gradients are unscaled in place first and found_inf is read on the host."""
+    m1, o1 = make(False, group_clip=None)
+    m2, o2 = make(False, group_clip=None)
+    grads_for(m1, 0, scale=64.0)
+    grads_for(m2, 0)
+    o1.grad_scale, o1.found_inf = torch.tensor(64.0), torch.zeros(())
+    o1.step()
+    o2.step()
+    assert_same(m1, o1, m2, o2)
+    before = [p.detach().clone() for p in m1.parameters()]
+    o1.found_inf = torch.ones(())
+    o1.step()
+    assert all(torch.equal(p, b) for p, b in zip(m1.parameters(), before))

@@ -132,7 +132,8 @@ BAD = {
     "found_inf shape": (dict(found_inf=torch.zeros(2)), r"found_inf: expected a one-element"),
     "lr_tensor dtype": (dict(lr_tensor=torch.tensor(1, dtype=torch.int32)), r"lr_tensor: expected a one-element"),
     "stabilize_every": (dict(stabilize_every=-1), r"stabilize_every: must be a non-negative integer"),
-    "grad_scale dtype": (dict(grad_scale=torch.tensor(2.0, dtype=torch.float64)), r"grad_scale: expected a one-element"),
+    "grad_scale dtype": (dict(grad_scale=torch.tensor(2.0, dtype=torch.float64)),
+                         r"grad_scale: expected a one-element"),
     "grad_scale with weight decay": (dict(grad_scale=torch.tensor(2.0), weight_decay=0.1),
                                      r"grad_scale: needs weight_decay = 0"),
 }
