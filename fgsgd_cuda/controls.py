@@ -5,9 +5,9 @@ that it can live in a CUDA graph and run under ``torch.amp.GradScaler`` without 
   counts stay as they were).
 - ``lr_tensor``: the learning rate as a one-element float32/float64 tensor (an LR schedule under a graph).
 - ``steps``: one float32 one-element tensor per parameter, the steps it has taken (exact up to 2^24 steps,
-  as torch's own capturable step counts). They decide the step's
-  first_step (momentum != 0 and steps == 0) and stabilize ((steps + 1) % stabilize_every == 0) in place of
-  the flags, and a step that is not skipped adds one to each.
+  as torch's own capturable step counts). They decide the step's first_step (momentum != 0 and
+  steps == 0) and stabilize ((steps + 1) % stabilize_every == 0) in place of the flags, and a step that is
+  not skipped adds one to each.
 - ``grad_scale``: GradScaler's scale (float32, one element): the gradients arrive scaled and the step
   reads g / grad_scale (folded into s_g, so weight_decay must be 0; the gradients are not written).
 
