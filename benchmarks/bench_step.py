@@ -350,7 +350,7 @@ def make_cases(device, backends, *, geoopt_reason, support, stabilize, retractio
                 cases.append(Case(f"{name} +clip", "fgsgd", backend=backend, mix=mix, retraction=ret,
                                   slow=backend == "torch", skip=skip,
                                   build=build_fgsgd(kinds, ret, backend, ekw, stabilize, group_clip=group_clip)))
-            if capturable and mix == MAIN_MIX and backend in ("cpu", "cuda"):
+            if capturable and mix == MAIN_MIX and backend in ("cpu", "cuda", "triton"):
                 cases.append(Case(f"{name} capturable", "fgsgd", backend=backend, mix=mix, retraction=ret,
                                   skip=skip or support["fused"],
                                   build=build_fgsgd(kinds, ret, backend, ekw, stabilize, capturable=True)))
@@ -907,7 +907,8 @@ def parse_args(argv=None):
     ap.add_argument("--group-clip", type=float, default=None,
                     help="also FGSGD (main mix) with group_clip=C, the group step size on: case name '+clip'")
     ap.add_argument("--capturable", action="store_true",
-                    help="also FGSGD (main mix, cpu/cuda) with capturable=True and a tensor lr: case name 'capturable'")
+                    help="also FGSGD (main mix, cpu/cuda/triton) with capturable=True and a tensor lr: case name "
+                         "'capturable'")
     ap.add_argument("--row-view", action="store_true",
                     help="also FGSGD with the row view (1×1 convs and the linear weight on sphere+oblique), its rows "
                          "on the same backend and on the torch backend")

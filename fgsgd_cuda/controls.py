@@ -11,8 +11,9 @@ that it can live in a CUDA graph and run under ``torch.amp.GradScaler`` without 
 - ``grad_scale``: GradScaler's scale (float32, one element): the gradients arrive scaled and the step
   reads g / grad_scale (folded into s_g, so weight_decay must be 0; the gradients are not written).
 
-The compiled backends (``cpu``, ``cuda``) read them in their kernels (``device_controls``); for the others
-:func:`step_on_host` reads them on the host (one synchronisation on a GPU) and calls the plain step.
+The ``cpu``, ``cuda`` and ``triton`` backends read them in their kernels (``device_controls``); for the
+``torch`` reference :func:`step_on_host` reads them on the host (one synchronisation on a GPU) and calls
+the plain step.
 """
 from __future__ import annotations
 

@@ -61,8 +61,8 @@ def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, w
                   grad_scale=None):
     """One step of the manifold parameters of a group; ``states`` are the optimizer's per-parameter states.
 
-    Every state holds ``shape`` (A, B), ``codes`` (uint8 (N,), or packed: fgsgd_cuda/codes.py), ``num_groups``, ``step`` and optionally
-    ``rescale`` (N,) and ``momentum_buffer``. With ``group_clip``, ``group_index(k)`` gives the (N,) int32
+    Every state holds ``shape`` (A, B), ``codes`` (uint8 (N,), or packed: fgsgd_cuda/codes.py),
+    ``num_groups``, ``step`` and optionally ``rescale`` (N,) and ``momentum_buffer``. With ``group_clip``, ``group_index(k)`` gives the (N,) int32
     groups of params[k]; it is called once per batch, the work built from it is kept in ``cache`` (keyed
     by the parameters' ids). ``views`` (optional) keeps the component views of weights and buffers.
 

@@ -114,8 +114,8 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
     Run-time controls (:mod:`fgsgd_cuda.controls`): ``found_inf`` skips the step when nonzero, ``lr_tensor``
     replaces ``lr``, per-tensor ``steps`` counts replace ``first_step`` and ``stabilize``
     (``stabilize_every``) and are incremented, and ``grad_scale`` (GradScaler's scale) makes the step read
-    g / grad_scale. The ``cpu`` and ``cuda`` backends read them in the step
-    (no host synchronisation: capturable in a CUDA graph); ``triton`` and ``torch`` read them on the host.
+    g / grad_scale. The ``cpu``, ``cuda`` and ``triton`` backends read them in the step (no host
+    synchronisation: capturable in a CUDA graph); ``torch`` reads them on the host.
     """
     if not params:
         return

@@ -68,7 +68,7 @@ class FGSGD(Optimizer):
       and a step with inf/nan is skipped on the device: weights, buffers and counts keep their bits.
       Without GradScaler, ``check_finite`` computes that flag itself (one pass over the gradients) instead
       of raising;
-    - manifold groups need the compiled backends (``cpu``, ``cuda``); Euclidean groups run torch's fused SGD,
+    - manifold groups need the ``cpu``, ``cuda`` or ``triton`` backend; Euclidean groups run torch's fused SGD,
       whose momentum buffers then start at zero (so with dampening τ the first buffer is (1-τ)·g, not g).
     """
 
@@ -174,10 +174,10 @@ class FGSGD(Optimizer):
                                 p.device)
             if group["capturable"]:
                 if not getattr(impl, "device_controls", False):
-                    raise ValueError(f"{name}: capturable=True needs the compiled kernels (backend 'cpu' or 'cuda', "
-                                     f"components of at most {checks.MAX_ELEMS} entries or rows); this parameter "
-                                     f"would run on the {impl.__class__.__name__}, which reads the step's controls "
-                                     "on the host")
+                    raise ValueError(f"{name}: capturable=True needs kernels that read the step's controls "
+                                     f"(backend 'cpu', 'cuda' or 'triton', components of at most "
+                                     f"{checks.MAX_ELEMS} entries or rows); this parameter would run on the "
+                                     f"{impl.__class__.__name__}, which reads them on the host")
                 lr = group["lr"]
                 if isinstance(lr, torch.Tensor) and lr.device != p.device:
                     raise ValueError(f"lr: a tensor learning rate must be on the parameters' device ({p.device}), "
@@ -202,8 +202,8 @@ class FGSGD(Optimizer):
             # per component only the code, which the kernels read, 2 bits each when the weight has at most 4
             # (fgsgd_cuda/codes.py pack); the membership is kept as its options
             state.update(shape=shape, codes=_codes.pack(grouping.codes).to(p.device),
-                         group_codes=grouping.group_codes.to(p.device), num_groups=grouping.num_groups, membership=options, step=self._new_step_count(group, p),
-                         rescale=None)
+                         group_codes=grouping.group_codes.to(p.device), num_groups=grouping.num_groups,
+                         membership=options, step=self._new_step_count(group, p), rescale=None)
             views.append(component_view(p.detach(), shape))
             codes.append(state["codes"])
         if self._init_projx:

@@ -50,12 +50,10 @@ def assert_same(m1, o1, m2, o2):
         assert float(s1["step"]) == float(s2["step"])
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_capturable_steps_follow_the_eager_steps(nesterov):
-    """8 steps over stabilize=3 boundaries, group_clip, the row view, a parameter without a gradient in one step:
-    the same bits as the eager optimizer; the counts are float32 tensors on the parameters' device."""
-    m1, o1 = make(False, nesterov=nesterov)
-    m2, o2 = make(True, nesterov=nesterov)
+def follow_eager(nesterov, **kw):
+    """8 steps of a capturable and an eager FGSGD (``kw``: more options of both) from the same gradients."""
+    m1, o1 = make(False, nesterov=nesterov, **kw)
+    m2, o2 = make(True, nesterov=nesterov, **kw)
     for k in range(8):
         for m in (m1, m2):
             grads_for(m, k)
@@ -63,6 +61,14 @@ def test_capturable_steps_follow_the_eager_steps(nesterov):
                 m[2].weight.grad = None
         o1.step()
         o2.step()
+    return m1, o1, m2, o2
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_capturable_steps_follow_the_eager_steps(nesterov):
+    """8 steps over stabilize=3 boundaries, group_clip, the row view, a parameter without a gradient in one step:
+    the same bits as the eager optimizer; the counts are float32 tensors on the parameters' device."""
+    m1, o1, m2, o2 = follow_eager(nesterov)
     assert_same(m1, o1, m2, o2)
     counts = [o2.state[p]["step"] for p in manifold_params(o2)]
     assert all(isinstance(c, torch.Tensor) and c.dtype == torch.float32 for c in counts)
@@ -179,7 +185,7 @@ def test_state_dict_between_capturable_and_eager():
 
 def test_capturable_errors_name_the_problem():
     model = model_of()
-    with pytest.raises(ValueError, match=r"capturable=True needs the compiled kernels"):
+    with pytest.raises(ValueError, match=r"capturable=True needs kernels that read the step's controls"):
         FGSGD(param_groups(model, backend="torch"), lr=0.1, capturable=True)
     with pytest.raises(ValueError, match=r"lr: a tensor learning rate needs capturable=True"):
         FGSGD(param_groups(model), lr=torch.tensor(0.1))

@@ -541,3 +541,15 @@ def test_packed_codes_read_by_the_kernels(device, shape):
     as one byte per component (tests/test_packed_codes.py runs the check on every backend where it runs)."""
     import test_packed_codes as PC
     PC.test_packed_codes_give_the_same_bits("triton", device, torch.float32, shape)
+
+
+def test_capturable_optimizer_reads_its_controls_in_the_kernels(device):
+    """FGSGD(capturable=True) on the Triton backend (step counts, lr tensor and check_finite's flag read by the
+    generated kernels): 8 steps over re-projection boundaries with group_clip and the row view, bit for bit the
+    eager Triton optimizer (tests/test_optimizer_capturable.py has the CPU models)."""
+    if device.type != "cpu":
+        pytest.skip("the models of test_optimizer_capturable live on the CPU (the interpreter rerun runs this)")
+    import test_optimizer_capturable as OC
+    m1, o1, m2, o2 = OC.follow_eager(True, backend="triton")
+    OC.assert_same(m1, o1, m2, o2)
+    assert [float(o2.state[p]["step"]) for p in OC.manifold_params(o2)] == [8.0, 7.0, 8.0, 8.0]

@@ -25,13 +25,19 @@ class TritonBackend:
     def norms(self, x):
         return _k.norms(x)
 
+    #: the step reads found_inf, a tensor lr, GradScaler's scale and per-tensor step counts in its kernels
+    #: (fgsgd_cuda/controls.py)
+    device_controls = True
+
     def step_(self, params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening,
-              nesterov, weight_decay, first_step, stabilize):
+              nesterov, weight_decay, first_step, stabilize, steps=(), found_inf=None, lr_tensor=None,
+              stabilize_every=0, grad_scale=None):
         if not params:
             return
         _k.step_(list(params), list(grads), list(momenta), list(codes), list(rescale),
                  list(group_index), list(group_scale), float(lr), float(momentum), float(dampening), bool(nesterov),
-                 float(weight_decay), bool(first_step), bool(stabilize))
+                 float(weight_decay), bool(first_step), bool(stabilize), list(steps), found_inf, lr_tensor,
+                 int(stabilize_every), grad_scale)
 
     def tangent_sqnorm(self, params, grads, codes, rescale, weight_decay):
         return _k.tangent_sqnorm(list(params), list(grads), list(codes), list(rescale), float(weight_decay))

@@ -28,7 +28,7 @@ from .. import codes as C
 MAX_CAYLEY_ROWS = 8     # the Cayley retraction solves an A×A system (checks.MAX_CAYLEY_ROWS)
 SINC_SMALL = 1e-4       # sinc(t) = 1 − t²/6 below this (csrc/fgsgd/small_linalg.h)
 NUM_HYPER = 4           # lr, momentum, dampening, weight_decay (float64 bits at the head of the table)
-ROW = 10                # int64 entries per tensor in the pointer table (see _prologue_multi)
+ROW = 11                # int64 entries per tensor in the pointer table (see _prologue_multi)
 TL_DTYPE = {"fp32": "tl.float32", "fp64": "tl.float64"}
 
 
@@ -433,10 +433,12 @@ class Frame:
             self.advance.append((nm, f"BLOCK * {stride}"))
         self.ptrs[key] = names
 
-    def begin(self, start: str) -> None:
+    def begin(self, start: str, cond: str | None = None) -> None:
         # one iteration, unknown to Triton; LLVM sees at most one and drops the loop (so the carried
-        # pointers fold back into one base plus constant offsets, as in straight-line code)
-        self.src.raw(f"iters = (n > {start}).to(tl.int32)")
+        # pointers fold back into one base plus constant offsets, as in straight-line code); none when the
+        # scalar `cond` is false
+        self.src.raw(f"iters = ((n > {start}) & {cond}).to(tl.int32)" if cond else
+                     f"iters = (n > {start}).to(tl.int32)")
         self.src.raw("for _it in range(0, iters):")
         self.src.depth += 1
         self.src.raw("mask = offs < n")
@@ -465,9 +467,10 @@ def _prologue_multi(src: Src, dtype: str, log_tensors: int, hyper: bool, packed:
     The table ``meta`` (int64) holds: NUM_HYPER float64 hyper-parameters (as bits); 2**log_tensors
     first-block indices (one per tensor, padded with a huge value; non-decreasing), searched
     bit by bit for the last tensor whose first block is <= program_id; then ROW entries per tensor:
-    data pointers of p, g, m, codes, rescale, group_index, group_scale, out, then N and the first
-    block index. Defines the scalar pointers ``<name>_ptr``, ``n``, ``start`` and ``offs``. ``packed``: the
-    codes are int32 words, 2 bits per component (fgsgd_cuda/codes.py; _load_codes decodes them).
+    data pointers of p, g, m, codes, rescale, group_index, group_scale, out, then N, the first
+    block index and the pointer of the tensor's step count (float32; 0 when the call has none). Defines
+    the scalar pointers ``<name>_ptr``, ``n``, ``start`` and ``offs``. ``packed``: the codes are int32
+    words, 2 bits per component (fgsgd_cuda/codes.py; _load_codes decodes them).
     """
     tl_dt = TL_DTYPE[dtype]
     src.raw("pid = tl.program_id(0)")
@@ -505,6 +508,27 @@ def _tangent(src: Src, frame: Frame, math: Math, p, g, rescale: bool, wd: bool):
     return r, w, math.proj(w, xi)
 
 
+CONTROL_ARGS = "found_ptr, lr_ptr, gs_ptr, every"
+
+
+def _controls(src: Src, dtype: str, controls: str) -> None:
+    """The step's run-time controls (fgsgd_cuda/controls.py), read by the kernel: ``controls`` holds "f"
+    (found_inf: ``ok`` is false when the step is skipped), "l" (the lr tensor replaces the table's lr), "u"
+    (``gu`` = 1 / GradScaler's scale, folded into s_g) and "s" (the tensor's step count decides
+    ``first_rt`` and ``stab_rt``, csrc/fgsgd/step_control.h)."""
+    tl_dt = TL_DTYPE[dtype]
+    if "f" in controls:
+        src.raw("ok = tl.load(found_ptr) == 0")
+    if "l" in controls:
+        src.raw(f"lr = tl.load(lr_ptr).to({tl_dt})")
+    if "u" in controls:
+        src.raw(f"gu = 1.0 / tl.load(gs_ptr).to({tl_dt})")
+    if "s" in controls:
+        src.raw("kcount = tl.load(tl.load(row + 10).to(tl.pointer_type(tl.float32))).to(tl.int32)")
+        src.raw("first_rt = kcount == 0")
+        src.raw("stab_rt = (every > 0) & (((kcount + 1) % tl.maximum(every, 1)) == 0)")
+
+
 def _load_codes(src: Src, frame: Frame, packed: bool = False) -> None:
     if packed:  # word 0 the palette, component i in bits 2·(i mod 16) of word 1 + i // 16
         src.raw("pal = tl.load(codes_ptr)")
@@ -520,14 +544,18 @@ def kernel_name(op: str, a: int, b: int, dtype: str, tag: str = "") -> str:
 
 
 def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, rescale, group, weight_decay,
-                log_tensors, packed=False):
-    """The fused FG-SGD step (reference.step) over all tensors of a call: read p, g, m once, write p, m once."""
+                log_tensors, packed=False, controls=""):
+    """The fused FG-SGD step (reference.step) over all tensors of a call: read p, g, m once, write p, m once.
+    ``controls`` (see _controls): "s" decides first_step and stabilize per tensor at run time (the flags are
+    then False)."""
     flags = "".join(ch if on else "_" for ch, on in zip("mfnsrgw", (momentum, first_step, nesterov, stabilize,
                                                                      rescale, group, weight_decay)))
-    name = kernel_name("step", a, b, dtype, f"{flags}{'P' if packed else ''}_L{log_tensors}")
+    name = kernel_name("step", a, b, dtype, f"{flags}{'P' if packed else ''}{'_C' + controls if controls else ''}"
+                                            f"_L{log_tensors}")
     n = a * b
     src = Src()
     _prologue_multi(src, dtype, log_tensors, hyper=True, packed=packed)
+    _controls(src, dtype, controls)
     frame = Frame(src, n)
     frame.elements("p", "p_ptr")
     frame.elements("g", "g_ptr")
@@ -539,7 +567,7 @@ def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, resca
         frame.per_component("r", "rescale_ptr")
     if group:
         frame.per_component("gi", "gidx_ptr")
-    frame.begin("start")
+    frame.begin("start", "ok" if "f" in controls else None)
     _load_codes(src, frame, packed)
     math = Math(src, a, b, None, dtype)
     p = frame.load("p", "p")
@@ -549,9 +577,15 @@ def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, resca
         gi = frame.load("gi", "gi", "0")[0]
         sg = src.let(f"tl.load(gscale_ptr + {gi}, mask=mask, other=1.0)", "sg")
         xi = [src.let(f"{sg} * {x}") for x in xi]
+    if "u" in controls:
+        xi = [src.let(f"gu * {x}") for x in xi]
     if momentum:
         if first_step:
             buf = list(xi)
+        elif "s" in controls:  # the first step writes the buffer without reading it
+            m = frame.load("m", "m")
+            omd = src.let("1.0 - damp")
+            buf = [src.let(f"tl.where(first_rt, {xi[i]}, mom * {m[i]} + {omd} * {xi[i]})", "buf") for i in range(n)]
         else:
             m = frame.load("m", "m")
             omd = src.let("1.0 - damp")
@@ -563,11 +597,15 @@ def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, resca
     y = math.retr(w, d)
     if stabilize:
         y = math.projx(y)
+    elif "s" in controls:
+        ys = math.projx(y)
+        y = [src.let(f"tl.where(stab_rt, {a_}, {b_})") for a_, b_ in zip(ys, y)]
     if momentum:
         frame.store("m", math.proj(y, buf))
     frame.store("p", [src.let(f"{r} * {v}") for v in y] if rescale else y)
     frame.end()
-    return name, _function(name, "meta, BLOCK: tl.constexpr", src)
+    return name, _function(name, f"meta, {CONTROL_ARGS}, BLOCK: tl.constexpr" if controls else
+                           "meta, BLOCK: tl.constexpr", src)
 
 
 def sqnorm_source(a, b, dtype, *, rescale, weight_decay, log_tensors, packed=False):

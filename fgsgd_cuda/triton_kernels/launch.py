@@ -97,8 +97,8 @@ def _double_bits(x: float) -> int:
 def _table(rows, block: int, device, hyper=None):
     """The int64 pointer table of a multi-tensor launch; returns (table, log2 size of the search, blocks).
 
-    rows: (p, g, m, codes, rescale, group_index, group_scale, out, n) per tensor with n > 0, pointers as
-    ints (0: absent). Cached by content on CUDA, so steady-state steps make no host-to-device copy (and,
+    rows: (p, g, m, codes, rescale, group_index, group_scale, out, n[, step count]) per tensor with n > 0,
+    pointers as ints (0: absent). Cached by content on CUDA, so steady-state steps make no host-to-device copy (and,
     after one eager step, a step with unchanged tensors and hyper-parameters can be captured in a CUDA graph).
     """
     t = len(rows)
@@ -110,7 +110,7 @@ def _table(rows, block: int, device, hyper=None):
     firsts += [_BIG] * ((1 << log_t) - t)
     vals = [_double_bits(v) for v in (hyper or (0.0, 0.0, 0.0, 0.0))] + firsts
     for r, first in zip(rows, firsts):
-        vals += list(r) + [first]
+        vals += list(r[:9]) + [first, r[9] if len(r) > 9 else 0]
     device = torch.device(device)
     if device.type != "cuda":
         return torch.tensor(vals, dtype=torch.int64), log_t, total
@@ -131,7 +131,14 @@ def _ptr(t) -> int:
     return t.data_ptr() if t is not None else 0
 
 
-def _run_rows(kind, params, rows, hyper=None, **flags):
+def _control_args(tab, found_inf, lr_tensor, grad_scale, stabilize_every) -> tuple:
+    """The kernel arguments of the run-time controls (codegen.CONTROL_ARGS): absent tensors replaced by the
+    table (never read: the kernel has no code for them)."""
+    return (tab if found_inf is None else found_inf, tab if lr_tensor is None else lr_tensor,
+            tab if grad_scale is None else grad_scale, int(stabilize_every))
+
+
+def _run_rows(kind, params, rows, hyper=None, ctl=None, **flags):
     """Row components (n×1, any n): one program per row (rows.py), BLOCK elements per chunk."""
     n_row = params[0].shape[1]
     rows = [r for r in rows if r[8] > 0]
@@ -140,13 +147,16 @@ def _run_rows(kind, params, rows, hyper=None, **flags):
     tab, log_t, total = _table(rows, 1, params[0].device, hyper)
     fn = kernel(kind, 0, 1, _dtype_name(params[0].dtype), log_tensors=log_t, **flags)
     block = min(1024, triton.next_power_of_2(n_row))
+    extra = _control_args(tab, *ctl) if ctl else ()
     with _quiet():
-        fn[(total,)](tab, n_row, BLOCK=block, num_warps=4, num_stages=1)
+        fn[(total,)](tab, n_row, *extra, BLOCK=block, num_warps=4, num_stages=1)
 
 
-def _run(kind, params, rows, hyper=None, **flags):
+def _run(kind, params, rows, hyper=None, ctl=None, **flags):
+    """One launch over the tensors of a call; ``ctl``: (found_inf, lr_tensor, grad_scale, stabilize_every) for a
+    kernel generated with run-time controls."""
     if checks.is_row_shape(params[0].shape[1], params[0].shape[2]):
-        return _run_rows("row" + kind, params, rows, hyper, **flags)
+        return _run_rows("row" + kind, params, rows, hyper, ctl, **flags)
     a, b = params[0].shape[1], params[0].shape[2]
     block, warps = config(a * b)
     rows = [r for r in rows if r[8] > 0]
@@ -154,8 +164,9 @@ def _run(kind, params, rows, hyper=None, **flags):
         return
     tab, log_t, total = _table(rows, block, params[0].device, hyper)
     fn = kernel(kind, a, b, _dtype_name(params[0].dtype), log_tensors=log_t, **flags)
+    extra = _control_args(tab, *ctl) if ctl else ()
     with _quiet():
-        fn[(total,)](tab, BLOCK=block, num_warps=warps, num_stages=1)
+        fn[(total,)](tab, *extra, BLOCK=block, num_warps=warps, num_stages=1)
 
 
 # -- the multi-tensor ops (one launch per call; a call has one component shape) ----------------------
@@ -170,17 +181,29 @@ def _codes_of(codes, params):
 
 
 def step_(params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening, nesterov,
-          weight_decay, first_step, stabilize):
+          weight_decay, first_step, stabilize, steps=(), found_inf=None, lr_tensor=None, stabilize_every=0,
+          grad_scale=None):
+    """The step; the run-time controls (fgsgd_cuda/controls.py) are read by the kernel, and the step counts
+    incremented by a multi-tensor op after it (by 1 - found_inf): no host synchronisation."""
     use_m = momentum != 0
     codes, packed = _codes_of(codes, params)
+    controls = "".join(ch for ch, on in (("f", found_inf is not None), ("l", lr_tensor is not None),
+                                         ("u", grad_scale is not None), ("s", bool(steps))) if on)
+    if "s" in controls:
+        first_step = stabilize = False  # decided per tensor in the kernel
     rows = []
     for k, p in enumerate(params):
         rows.append((p.data_ptr(), grads[k].data_ptr(), momenta[k].data_ptr() if use_m else 0, codes[k].data_ptr(),
                      _ptr(rescale[k]) if rescale else 0, _ptr(group_index[k]) if group_index else 0,
-                     _ptr(group_scale[k]) if group_scale else 0, 0, p.shape[0]))
+                     _ptr(group_scale[k]) if group_scale else 0, 0, p.shape[0]) +
+                    ((steps[k].data_ptr(),) if steps else ()))
     _run("step", params, rows, (lr, momentum, dampening, weight_decay), momentum=use_m,
          first_step=bool(first_step) and use_m, nesterov=bool(nesterov) and use_m, stabilize=bool(stabilize),
-         rescale=bool(rescale), group=bool(group_index), weight_decay=weight_decay != 0, packed=packed)
+         rescale=bool(rescale), group=bool(group_index), weight_decay=weight_decay != 0, packed=packed,
+         controls=controls, ctl=(found_inf, lr_tensor, grad_scale, stabilize_every) if controls else None)
+    if steps:
+        taken = None if found_inf is None else 1.0 - found_inf.reshape(())
+        torch._foreach_add_(list(steps), 1.0 if taken is None else taken)
 
 
 def tangent_sqnorm(params, grads, codes, rescale, weight_decay):

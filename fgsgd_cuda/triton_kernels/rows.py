@@ -70,13 +70,19 @@ def _xi(src: _cg.Src, weight_decay: bool) -> None:
 
 
 def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale, group, weight_decay, log_tensors,
-                    packed=False):
+                    packed=False, controls=""):
     flags = "".join(ch if on else "_" for ch, on in zip("mfnsrgw", (momentum, first_step, nesterov, stabilize,
                                                                      rescale, group, weight_decay)))
-    name = _cg.kernel_name("rowstep", 0, 1, dtype, f"{flags}{'P' if packed else ''}_L{log_tensors}")
+    name = _cg.kernel_name("rowstep", 0, 1, dtype, f"{flags}{'P' if packed else ''}"
+                                                   f"{'_C' + controls if controls else ''}_L{log_tensors}")
     tl_dt = _cg.TL_DTYPE[dtype]
     src = _cg.Src()
     _row_prologue(src, dtype, log_tensors, rescale=rescale, group=group, hyper=True, packed=packed)
+    _cg._controls(src, dtype, controls)  # codegen._controls: ok, lr, gu, first_rt, stab_rt
+    if "f" in controls:
+        src.raw("n_ok = tl.where(ok, n_ok, 0)  # a skipped step stores nothing")
+    if "u" in controls:
+        src.raw("sg = sg * gu")
     src.raw("expm = (code == 2) | (code == 4)")
     if weight_decay:
         src.raw("wdr = tl.where(curved, 0.0, wd)")  # weight decay on euclidean rows only
@@ -90,6 +96,9 @@ def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale
         if momentum:
             if first_step:
                 src.raw("buf = xi")
+            elif "s" in controls:  # the first step writes the buffer without reading it
+                src.raw("mv = tl.load(m_ptr + offs, mask=mk, other=0.0)")
+                src.raw("buf = tl.where(first_rt, xi, mom * mv + (1.0 - damp) * xi)")
             else:
                 src.raw("mv = tl.load(m_ptr + offs, mask=mk, other=0.0)")
                 src.raw("buf = mom * mv + (1.0 - damp) * xi")
@@ -132,8 +141,9 @@ def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale
             src.raw("acc_b += wn * buf")
         src.raw("acc_w += wn * wn")
     _chunk_loop(src, pass3)
-    if stabilize:
-        src.raw("ns = tl.where(curved, 1.0 / tl.sqrt(tl.where(curved, tl.sum(acc_w, axis=0), 1.0)), 1.0)")
+    if stabilize or "s" in controls:
+        on = "curved & stab_rt" if not stabilize else "curved"
+        src.raw(f"ns = tl.where({on}, 1.0 / tl.sqrt(tl.where(curved, tl.sum(acc_w, axis=0), 1.0)), 1.0)")
     else:
         src.raw(f"ns = tl.full((), 1.0, {tl_dt})")
     src.raw("cb = tl.where(curved, tl.sum(acc_b, axis=0) * ns, 0.0)")
@@ -146,7 +156,8 @@ def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale
             src.raw("tl.store(m_ptr + offs, mv - cb * wn, mask=mks)")
         src.raw("tl.store(p_ptr + offs, r * wn, mask=mks)")
     _chunk_loop(src, pass4)
-    return name, _cg._function(name, "meta, n_row, BLOCK: tl.constexpr", src)
+    return name, _cg._function(name, f"meta, n_row, {_cg.CONTROL_ARGS}, BLOCK: tl.constexpr" if controls else
+                               "meta, n_row, BLOCK: tl.constexpr", src)
 
 
 def row_sqnorm_source(dtype, *, rescale, weight_decay, log_tensors, packed=False):
