@@ -526,7 +526,7 @@ def _controls(src: Src, dtype: str, controls: str) -> None:
     if "s" in controls:
         src.raw("kcount = tl.load(tl.load(row + 10).to(tl.pointer_type(tl.float32))).to(tl.int32)")
         src.raw("first_rt = kcount == 0")
-        src.raw("stab_rt = (every > 0) & (((kcount + 1) % tl.maximum(every, 1)) == 0)")
+        src.raw("stab_rt = ((kcount + 1) % every) == 0  # every: 2^31 - 1 for never (launch._control_args)")
 
 
 def _load_codes(src: Src, frame: Frame, packed: bool = False) -> None:

@@ -133,9 +133,11 @@ def _ptr(t) -> int:
 
 def _control_args(tab, found_inf, lr_tensor, grad_scale, stabilize_every) -> tuple:
     """The kernel arguments of the run-time controls (codegen.CONTROL_ARGS): absent tensors replaced by the
-    table (never read: the kernel has no code for them)."""
+    table (never read: the kernel has no code for them); stabilize_every 0 (never) as 2^31 - 1, which no
+    float32 count reaches (the kernel then needs no test of its own, nor a modulo by 0)."""
+    every = int(stabilize_every) if stabilize_every else 2 ** 31 - 1
     return (tab if found_inf is None else found_inf, tab if lr_tensor is None else lr_tensor,
-            tab if grad_scale is None else grad_scale, int(stabilize_every))
+            tab if grad_scale is None else grad_scale, every)
 
 
 def _run_rows(kind, params, rows, hyper=None, ctl=None, **flags):
