@@ -413,6 +413,13 @@ COMPILE_CASES = [
     ("step", 3, 2, "fp64", dict(momentum=True, first_step=True, nesterov=False, stabilize=False, rescale=False,
                                 group=False, weight_decay=False, log_tensors=0)),
     ("sqnorm", 5, 5, "fp32", dict(rescale=True, weight_decay=True, log_tensors=1)),
+    # packed codes and every run-time control (found_inf, lr tensor, grad scale, step counts)
+    ("step", 3, 3, "fp32", dict(momentum=True, first_step=False, nesterov=False, stabilize=False, rescale=True,
+                                group=True, weight_decay=False, log_tensors=2, packed=True, controls="flus")),
+    ("sqnorm", 3, 3, "fp64", dict(rescale=False, weight_decay=False, log_tensors=0, packed=True)),
+    ("rowstep", 0, 1, "fp32", dict(momentum=True, first_step=False, nesterov=True, stabilize=False, rescale=True,
+                                   group=True, weight_decay=False, log_tensors=1, packed=True, controls="flus")),
+    ("rowsqnorm", 0, 1, "fp32", dict(rescale=True, weight_decay=True, log_tensors=1, packed=True)),
     ("projxm", 1, 1, "fp32", dict(rescale=True, log_tensors=2)),
     ("rescalem", 7, 7, "fp32", dict(log_tensors=1)),
     ("retr", 3, 3, "fp32", dict(code=C.STIEFEL_CAYLEY)),
@@ -434,14 +441,16 @@ def test_kernels_compile_for_sm90(kind, a, b, dtype, flags):
         fn = launch.kernel(kind, a, b, dtype, **flags)
         fn = fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
         ptr = "*" + dtype
-        sig = {"meta": "*i64"} if kind in ("step", "sqnorm", "projxm", "rescalem") else (
-            {"x_ptr": ptr, "out_ptr": ptr, "n": "i32"} if kind in ("norms", "projx") else
-            {"x_ptr": ptr, "u_ptr": ptr, "out_ptr": ptr, "n": "i32"})
-        src = ASTSource(fn=fn, signature={**sig, "BLOCK": "constexpr"}, constexprs={"BLOCK": launch.config(a * b)[0]})
+        types = {"meta": "*i64", "x_ptr": ptr, "u_ptr": ptr, "out_ptr": ptr, "out_base": ptr, "n": "i32",
+                 "n_row": "i32", "found_ptr": "*fp32", "lr_ptr": "*fp32", "gs_ptr": "*fp32", "every": "i32"}
+        sig = {name: types[name] for name in fn.arg_names if name != "BLOCK"}
+        block = 128 if kind.startswith("row") else launch.config(a * b)[0]
+        src = ASTSource(fn=fn, signature={**sig, "BLOCK": "constexpr"}, constexprs={"BLOCK": block})
         target = GPUTarget("cuda", 90, 32)
     except Exception as exc:  # another Triton's API: this check is for CI's Triton
         pytest.skip(f"cannot set up an offline compile with this Triton: {type(exc).__name__}: {exc}")
-    compiled = triton.compile(src, target=target, options={"num_warps": launch.config(a * b)[1], "num_stages": 1})
+    warps = 4 if kind.startswith("row") else launch.config(a * b)[1]
+    compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": 1})
     assert ".entry" in compiled.asm["ptx"]
 
 

@@ -609,12 +609,14 @@ def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, resca
 
 
 def sqnorm_source(a, b, dtype, *, rescale, weight_decay, log_tensors, packed=False):
-    """‖ξ‖_F² per component, written to the tensor's slice of the concatenated output."""
+    """‖ξ‖_F² per component, written to the tensor's slice of the concatenated output ``out_base`` (the table
+    holds each tensor's element offset into it)."""
     name = kernel_name("sqnorm", a, b, dtype, f"{'r' if rescale else '_'}{'w' if weight_decay else '_'}"
                                               f"{'P' if packed else ''}_L{log_tensors}")
     n = a * b
     src = Src()
     _prologue_multi(src, dtype, log_tensors, hyper=weight_decay, packed=packed)
+    src.raw("out_ptr = out_base + tl.load(row + 7)  # offsets in the table: the same table every step")
     frame = Frame(src, n)
     frame.elements("p", "p_ptr")
     frame.elements("g", "g_ptr")
@@ -631,7 +633,7 @@ def sqnorm_source(a, b, dtype, *, rescale, weight_decay, log_tensors, packed=Fal
     _, _, xi = _tangent(src, frame, math, p, g, rescale, weight_decay)
     frame.store("o", [src.let(_sum(f"{x} * {x}" for x in xi))])
     frame.end()
-    return name, _function(name, "meta, BLOCK: tl.constexpr", src)
+    return name, _function(name, "meta, out_base, BLOCK: tl.constexpr", src)
 
 
 def projx_multi_source(a, b, dtype, *, rescale, log_tensors, packed=False):

@@ -140,7 +140,7 @@ def _control_args(tab, found_inf, lr_tensor, grad_scale, stabilize_every) -> tup
             tab if grad_scale is None else grad_scale, every)
 
 
-def _run_rows(kind, params, rows, hyper=None, ctl=None, **flags):
+def _run_rows(kind, params, rows, hyper=None, ctl=None, args=(), **flags):
     """Row components (n×1, any n): one program per row (rows.py), BLOCK elements per chunk."""
     n_row = params[0].shape[1]
     rows = [r for r in rows if r[8] > 0]
@@ -151,14 +151,14 @@ def _run_rows(kind, params, rows, hyper=None, ctl=None, **flags):
     block = min(1024, triton.next_power_of_2(n_row))
     extra = _control_args(tab, *ctl) if ctl else ()
     with _quiet():
-        fn[(total,)](tab, n_row, *extra, BLOCK=block, num_warps=4, num_stages=1)
+        fn[(total,)](tab, n_row, *args, *extra, BLOCK=block, num_warps=4, num_stages=1)
 
 
-def _run(kind, params, rows, hyper=None, ctl=None, **flags):
+def _run(kind, params, rows, hyper=None, ctl=None, args=(), **flags):
     """One launch over the tensors of a call; ``ctl``: (found_inf, lr_tensor, grad_scale, stabilize_every) for a
-    kernel generated with run-time controls."""
+    kernel generated with run-time controls; ``args``: the kernel's own arguments after the table."""
     if checks.is_row_shape(params[0].shape[1], params[0].shape[2]):
-        return _run_rows("row" + kind, params, rows, hyper, ctl, **flags)
+        return _run_rows("row" + kind, params, rows, hyper, ctl, args, **flags)
     a, b = params[0].shape[1], params[0].shape[2]
     block, warps = config(a * b)
     rows = [r for r in rows if r[8] > 0]
@@ -168,7 +168,7 @@ def _run(kind, params, rows, hyper=None, ctl=None, **flags):
     fn = kernel(kind, a, b, _dtype_name(params[0].dtype), log_tensors=log_t, **flags)
     extra = _control_args(tab, *ctl) if ctl else ()
     with _quiet():
-        fn[(total,)](tab, *extra, BLOCK=block, num_warps=warps, num_stages=1)
+        fn[(total,)](tab, *args, *extra, BLOCK=block, num_warps=warps, num_stages=1)
 
 
 # -- the multi-tensor ops (one launch per call; a call has one component shape) ----------------------
@@ -215,9 +215,9 @@ def tangent_sqnorm(params, grads, codes, rescale, weight_decay):
     rows, off = [], 0
     for k, p in enumerate(params):
         rows.append((p.data_ptr(), grads[k].data_ptr(), 0, codes[k].data_ptr(), _ptr(rescale[k]) if rescale else 0,
-                     0, 0, out.data_ptr() + off * out.element_size(), p.shape[0]))
+                     0, 0, off, p.shape[0]))  # out: an offset into `out` (a new tensor every call)
         off += p.shape[0]
-    _run("sqnorm", params, rows, (0.0, 0.0, 0.0, weight_decay), rescale=bool(rescale),
+    _run("sqnorm", params, rows, (0.0, 0.0, 0.0, weight_decay), args=(out,), rescale=bool(rescale),
          weight_decay=weight_decay != 0, packed=packed)
     return out
 

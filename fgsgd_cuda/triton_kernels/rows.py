@@ -165,6 +165,7 @@ def row_sqnorm_source(dtype, *, rescale, weight_decay, log_tensors, packed=False
                                                      f"{'P' if packed else ''}_L{log_tensors}")
     src = _cg.Src()
     _row_prologue(src, dtype, log_tensors, rescale=rescale, group=False, hyper=weight_decay, packed=packed)
+    src.raw("out_ptr = out_base + tl.load(row + 7)  # the table holds offsets (codegen.sqnorm_source)")
     if weight_decay:
         src.raw("wdr = tl.where(code == 0, wd, 0.0)")
     _tangent_dot(src, dtype)
@@ -177,4 +178,4 @@ def row_sqnorm_source(dtype, *, rescale, weight_decay, log_tensors, packed=False
         src.raw("acc += xi * xi")
     _chunk_loop(src, body)
     src.raw("tl.store(out_ptr + rowi, tl.sum(acc, axis=0))")
-    return name, _cg._function(name, "meta, n_row, BLOCK: tl.constexpr", src)
+    return name, _cg._function(name, "meta, n_row, out_base, BLOCK: tl.constexpr", src)
