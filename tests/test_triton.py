@@ -442,7 +442,8 @@ def test_kernels_compile_for_sm90(kind, a, b, dtype, flags):
         fn = fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
         ptr = "*" + dtype
         types = {"meta": "*i64", "x_ptr": ptr, "u_ptr": ptr, "out_ptr": ptr, "out_base": ptr, "n": "i32",
-                 "n_row": "i32", "found_ptr": "*fp32", "lr_ptr": "*fp32", "gs_ptr": "*fp32", "every": "i32"}
+                 "n_row": "i32", "found_ptr": "*fp32", "lr_ptr": "*fp32", "gs_ptr": "*fp32", "every": "i32",
+                 "gsc_base": ptr}
         sig = {name: types[name] for name in fn.arg_names if name != "BLOCK"}
         block = 128 if kind.startswith("row") else launch.config(a * b)[0]
         src = ASTSource(fn=fn, signature={**sig, "BLOCK": "constexpr"}, constexprs={"BLOCK": block})

@@ -461,7 +461,8 @@ def _function(name: str, args: str, body: Src) -> str:
     return "\n".join([f"def {name}({args}):"] + body.lines) + "\n"
 
 
-def _prologue_multi(src: Src, dtype: str, log_tensors: int, hyper: bool, packed: bool = False) -> None:
+def _prologue_multi(src: Src, dtype: str, log_tensors: int, hyper: bool, packed: bool = False,
+                    bases: dict | None = None) -> None:
     """Find this program's tensor in the pointer table and its block of components.
 
     The table ``meta`` (int64) holds: NUM_HYPER float64 hyper-parameters (as bits); 2**log_tensors
@@ -470,7 +471,9 @@ def _prologue_multi(src: Src, dtype: str, log_tensors: int, hyper: bool, packed:
     data pointers of p, g, m, codes, rescale, group_index, group_scale, out, then N, the first
     block index and the pointer of the tensor's step count (float32; 0 when the call has none). Defines
     the scalar pointers ``<name>_ptr``, ``n``, ``start`` and ``offs``. ``packed``: the codes are int32
-    words, 2 bits per component (fgsgd_cuda/codes.py; _load_codes decodes them).
+    words, 2 bits per component (fgsgd_cuda/codes.py; _load_codes decodes them). ``bases`` maps a column
+    to a kernel argument: the column then holds an element offset from that tensor (a column that would
+    change every step, the outputs of group_scale or tangent_sqnorm, so that the table stays the same).
     """
     tl_dt = TL_DTYPE[dtype]
     src.raw("pid = tl.program_id(0)")
@@ -483,7 +486,10 @@ def _prologue_multi(src: Src, dtype: str, log_tensors: int, hyper: bool, packed:
     for k, (name, ty) in enumerate((("p", tl_dt), ("g", tl_dt), ("m", tl_dt),
                                     ("codes", "tl.int32" if packed else "tl.uint8"),
                                     ("rescale", tl_dt), ("gidx", "tl.int32"), ("gscale", tl_dt), ("out", tl_dt))):
-        src.raw(f"{name}_ptr = tl.load(row + {k}).to(tl.pointer_type({ty}))")
+        if bases and name in bases:
+            src.raw(f"{name}_ptr = {bases[name]} + tl.load(row + {k})")
+        else:
+            src.raw(f"{name}_ptr = tl.load(row + {k}).to(tl.pointer_type({ty}))")
     src.raw("n = tl.load(row + 8)")
     src.raw("start = (pid - tl.load(row + 9)) * BLOCK")
     src.raw("offs = start + tl.arange(0, BLOCK)")
@@ -554,7 +560,7 @@ def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, resca
                                             f"_L{log_tensors}")
     n = a * b
     src = Src()
-    _prologue_multi(src, dtype, log_tensors, hyper=True, packed=packed)
+    _prologue_multi(src, dtype, log_tensors, hyper=True, packed=packed, bases={"gscale": "gsc_base"} if group else None)
     _controls(src, dtype, controls)
     frame = Frame(src, n)
     frame.elements("p", "p_ptr")
@@ -604,8 +610,9 @@ def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, resca
         frame.store("m", math.proj(y, buf))
     frame.store("p", [src.let(f"{r} * {v}") for v in y] if rescale else y)
     frame.end()
-    return name, _function(name, f"meta, {CONTROL_ARGS}, BLOCK: tl.constexpr" if controls else
-                           "meta, BLOCK: tl.constexpr", src)
+    args = "meta, gsc_base" if group else "meta"
+    return name, _function(name, f"{args}, {CONTROL_ARGS}, BLOCK: tl.constexpr" if controls else
+                           f"{args}, BLOCK: tl.constexpr", src)
 
 
 def sqnorm_source(a, b, dtype, *, rescale, weight_decay, log_tensors, packed=False):
@@ -615,8 +622,7 @@ def sqnorm_source(a, b, dtype, *, rescale, weight_decay, log_tensors, packed=Fal
                                               f"{'P' if packed else ''}_L{log_tensors}")
     n = a * b
     src = Src()
-    _prologue_multi(src, dtype, log_tensors, hyper=weight_decay, packed=packed)
-    src.raw("out_ptr = out_base + tl.load(row + 7)  # offsets in the table: the same table every step")
+    _prologue_multi(src, dtype, log_tensors, hyper=weight_decay, packed=packed, bases={"out": "out_base"})
     frame = Frame(src, n)
     frame.elements("p", "p_ptr")
     frame.elements("g", "g_ptr")

@@ -131,6 +131,13 @@ def _ptr(t) -> int:
     return t.data_ptr() if t is not None else 0
 
 
+def _offset(t, base) -> int:
+    """t's first element as an element offset from base's (the same dtype; any two allocations qualify)."""
+    delta = t.data_ptr() - base.data_ptr()
+    assert delta % t.element_size() == 0, "misaligned group_scale tensor"
+    return delta // t.element_size()
+
+
 def _control_args(tab, found_inf, lr_tensor, grad_scale, stabilize_every) -> tuple:
     """The kernel arguments of the run-time controls (codegen.CONTROL_ARGS): absent tensors replaced by the
     table (never read: the kernel has no code for them); stabilize_every 0 (never) as 2^31 - 1, which no
@@ -194,15 +201,17 @@ def step_(params, grads, momenta, codes, rescale, group_index, group_scale, lr, 
     if "s" in controls:
         first_step = stabilize = False  # decided per tensor in the kernel
     rows = []
+    gs0 = group_scale[0] if group_index else None  # the s_g columns: element offsets from group_scale[0]
     for k, p in enumerate(params):
         rows.append((p.data_ptr(), grads[k].data_ptr(), momenta[k].data_ptr() if use_m else 0, codes[k].data_ptr(),
                      _ptr(rescale[k]) if rescale else 0, _ptr(group_index[k]) if group_index else 0,
-                     _ptr(group_scale[k]) if group_scale else 0, 0, p.shape[0]) +
+                     _offset(group_scale[k], gs0) if group_index else 0, 0, p.shape[0]) +
                     ((steps[k].data_ptr(),) if steps else ()))
     _run("step", params, rows, (lr, momentum, dampening, weight_decay), momentum=use_m,
          first_step=bool(first_step) and use_m, nesterov=bool(nesterov) and use_m, stabilize=bool(stabilize),
          rescale=bool(rescale), group=bool(group_index), weight_decay=weight_decay != 0, packed=packed,
-         controls=controls, ctl=(found_inf, lr_tensor, grad_scale, stabilize_every) if controls else None)
+         controls=controls, ctl=(found_inf, lr_tensor, grad_scale, stabilize_every) if controls else None,
+         args=(gs0,) if group_index else ())
     if steps:
         taken = None if found_inf is None else 1.0 - found_inf.reshape(())
         torch._foreach_add_(list(steps), 1.0 if taken is None else taken)

@@ -28,8 +28,8 @@ def _chunk_loop(src: _cg.Src, body) -> None:
 
 
 def _row_prologue(src: _cg.Src, dtype: str, log_tensors: int, *, rescale: bool, group: bool, hyper: bool,
-                  packed: bool = False) -> None:
-    _cg._prologue_multi(src, dtype, log_tensors, hyper=hyper, packed=packed)
+                  packed: bool = False, bases: dict | None = None) -> None:
+    _cg._prologue_multi(src, dtype, log_tensors, hyper=hyper, packed=packed, bases=bases)
     tl_dt = _cg.TL_DTYPE[dtype]
     src.raw("rowi = pid - tl.load(row + 9)")
     src.raw("base = rowi * n_row")
@@ -77,7 +77,8 @@ def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale
                                                    f"{'_C' + controls if controls else ''}_L{log_tensors}")
     tl_dt = _cg.TL_DTYPE[dtype]
     src = _cg.Src()
-    _row_prologue(src, dtype, log_tensors, rescale=rescale, group=group, hyper=True, packed=packed)
+    _row_prologue(src, dtype, log_tensors, rescale=rescale, group=group, hyper=True, packed=packed,
+                  bases={"gscale": "gsc_base"} if group else None)
     _cg._controls(src, dtype, controls)  # codegen._controls: ok, lr, gu, first_rt, stab_rt
     if "f" in controls:
         src.raw("n_ok = tl.where(ok, n_ok, 0)  # a skipped step stores nothing")
@@ -156,16 +157,17 @@ def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale
             src.raw("tl.store(m_ptr + offs, mv - cb * wn, mask=mks)")
         src.raw("tl.store(p_ptr + offs, r * wn, mask=mks)")
     _chunk_loop(src, pass4)
-    return name, _cg._function(name, f"meta, n_row, {_cg.CONTROL_ARGS}, BLOCK: tl.constexpr" if controls else
-                               "meta, n_row, BLOCK: tl.constexpr", src)
+    args = "meta, n_row, gsc_base" if group else "meta, n_row"
+    return name, _cg._function(name, f"{args}, {_cg.CONTROL_ARGS}, BLOCK: tl.constexpr" if controls else
+                               f"{args}, BLOCK: tl.constexpr", src)
 
 
 def row_sqnorm_source(dtype, *, rescale, weight_decay, log_tensors, packed=False):
     name = _cg.kernel_name("rowsqnorm", 0, 1, dtype, f"{'r' if rescale else '_'}{'w' if weight_decay else '_'}"
                                                      f"{'P' if packed else ''}_L{log_tensors}")
     src = _cg.Src()
-    _row_prologue(src, dtype, log_tensors, rescale=rescale, group=False, hyper=weight_decay, packed=packed)
-    src.raw("out_ptr = out_base + tl.load(row + 7)  # the table holds offsets (codegen.sqnorm_source)")
+    _row_prologue(src, dtype, log_tensors, rescale=rescale, group=False, hyper=weight_decay, packed=packed,
+                  bases={"out": "out_base"})
     if weight_decay:
         src.raw("wdr = tl.where(code == 0, wd, 0.0)")
     _tangent_dot(src, dtype)
