@@ -206,6 +206,31 @@ def test_loads_a_checkpoint_that_stored_the_group_index():
         assert torch.equal(a, b)
 
 
+def test_loads_a_checkpoint_with_a_byte_per_code():
+    """Checkpoints written before the codes were packed (a uint8 code per component): they load as they are
+    (every backend reads both forms) and resume bitwise."""
+    model = cnn(0)
+    opt, sched = make_optimizer(model, seed=1)
+    train(model, opt, sched, N, 0)
+    sd = load(save(opt.state_dict()))
+    ids = [i for g in sd["param_groups"] for i in g["params"] if "membership" in sd["state"].get(i, {})]
+    for (_, p, _), i in zip(opt.manifold_params(), ids):
+        assert sd["state"][i]["codes"].dtype == torch.int32
+        sd["state"][i]["codes"] = opt.codes(p).clone()
+    weights = save(model.state_dict())
+    blob, sched_blob = save(sd), save(sched.state_dict())
+    train(model, opt, sched, M, N)
+    model2 = cnn(0)
+    opt2, sched2 = make_optimizer(model2, seed=1)
+    model2.load_state_dict(load(weights))
+    opt2.load_state_dict(load(blob))
+    sched2.load_state_dict(load(sched_blob))
+    assert all(st["codes"].dtype == torch.uint8 for _, _, st in opt2.manifold_params())
+    train(model2, opt2, sched2, M, N)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_group_clip_recomputes_the_membership_once_per_parameter(monkeypatch):
     """A batch whose parameters change between steps (one without a gradient) rebuilds its group sort from
     the cached groups of each parameter, not from the membership options (slow on a large model)."""
