@@ -309,7 +309,8 @@ Tensor group_scale(const Tensor& sqnorm, const Tensor& members, const Tensor& of
                   sqnorm.is_contiguous(),
               "fgsgd: sqnorm must be a contiguous 1-D float32 or float64 tensor, got ", shape_str(sqnorm), " ",
               sqnorm.scalar_type());
-  check_vector(members, sqnorm.size(0), at::kLong, sqnorm, "members");
+  const bool members32 = members.scalar_type() == at::kInt;  // int64 or int32 indices
+  check_vector(members, sqnorm.size(0), members32 ? at::kInt : at::kLong, sqnorm, "members");
   check_dense(offsets, "offsets");
   TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) >= 1 && offsets.scalar_type() == at::kLong &&
                   offsets.device() == sqnorm.device() && offsets.is_contiguous(),
@@ -318,7 +319,8 @@ Tensor group_scale(const Tensor& sqnorm, const Tensor& members, const Tensor& of
   Tensor out = at::empty({offsets.size(0) - 1}, sqnorm.options());
   if (out.numel() == 0) return out;
   FGSGD_FLOATING(sqnorm.scalar_type(), [&] {
-    Backend::group_scale(GroupScaleArgs<T>{sqnorm.data_ptr<T>(), members.data_ptr<int64_t>(),
+    Backend::group_scale(GroupScaleArgs<T>{sqnorm.data_ptr<T>(), members32 ? nullptr : members.data_ptr<int64_t>(),
+                                           members32 ? members.data_ptr<int32_t>() : nullptr,
                                            offsets.data_ptr<int64_t>(), out.data_ptr<T>(), out.numel(), group_clip},
                          sqnorm);
   });

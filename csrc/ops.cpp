@@ -19,7 +19,7 @@
 //       concatenated over the tensors (the input of the group step size, step 2).
 //   projx_(params, codes, rescale): p ← R·projx(p/R) in place.
 //   rescale_(params, codes, ratio): p ← ratio·p per component, in place (a new rescale R).
-//   group_scale(sqnorm, members, offsets, group_clip) -> s_g of every group (step 2): members (int64) lists
+//   group_scale(sqnorm, members, offsets, group_clip) -> s_g of every group (step 2): members (int64 or int32) lists
 //       the components of group g at [offsets[g], offsets[g+1]) (int64, G + 1 entries).
 #include "op_impl.h"
 #include "cpu/kernels.h"

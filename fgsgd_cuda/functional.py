@@ -48,7 +48,7 @@ def group_step_sizes(impl, ps, gs, codes, rescale, group_index_of, num_groups, *
         gidx = [group_index_of(j).to(device=sq.device, dtype=torch.int32) for j in range(len(ps))]
         offsets = torch.tensor([0] + num_groups[:-1]).cumsum(0).tolist()
         gid = torch.cat([gi.long() + off for gi, off in zip(gidx, offsets)])
-        members = torch.argsort(gid, stable=True)
+        members = torch.argsort(gid, stable=True).to(torch.int32)  # 4 bytes per component in the cache
         offsets = torch.cat([gid.new_zeros(1), torch.bincount(gid, minlength=sum(num_groups)).cumsum(0)])
         cache[key] = (gidx, members, offsets)
     gidx, members, offsets = cache[key]

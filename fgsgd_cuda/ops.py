@@ -146,9 +146,10 @@ def check_group_scale(sqnorm, members, offsets, group_clip) -> None:
     """The checks of :func:`group_scale` (shapes, dtypes, devices)."""
     if sqnorm.dim() != 1 or sqnorm.dtype not in checks.FLOAT_DTYPES:
         raise ValueError(f"sqnorm: expected a 1-D float32 or float64 tensor, got {sqnorm.dtype} {tuple(sqnorm.shape)}")
-    if members.dtype != torch.int64 or members.shape != sqnorm.shape or members.device != sqnorm.device:
-        raise ValueError(f"members: expected an int64 tensor of shape {tuple(sqnorm.shape)} on {sqnorm.device}, got "
-                         f"{members.dtype} {tuple(members.shape)} on {members.device}")
+    if members.dtype not in (torch.int64, torch.int32) or members.shape != sqnorm.shape or \
+            members.device != sqnorm.device:
+        raise ValueError(f"members: expected an int64 or int32 tensor of shape {tuple(sqnorm.shape)} on "
+                         f"{sqnorm.device}, got {members.dtype} {tuple(members.shape)} on {members.device}")
     if offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.numel() < 1 or offsets.device != sqnorm.device:
         raise ValueError(f"offsets: expected a 1-D int64 tensor of G + 1 >= 1 entries on {sqnorm.device}, got "
                          f"{offsets.dtype} {tuple(offsets.shape)} on {offsets.device}")

@@ -517,12 +517,15 @@ def _group_inputs(n, groups, gen, dtype):
     return sq, members, offsets, gi
 
 
+@pytest.mark.parametrize("index", [torch.int64, torch.int32], ids=["i64", "i32"])
 @pytest.mark.parametrize("n,groups", [(1, 5), (257, 20), (5000, 400)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend,device", BACKENDS + [pytest.param("torch", "cpu", id="torch")])
-def test_group_scale(backend, device, dtype, n, groups):
+def test_group_scale(backend, device, dtype, n, groups, index):
+    """Members as int64 or int32 indices (FGSGD caches them as int32)."""
     gen = _seed("group-scale", dtype, n, groups)
     sq, members, offsets, gi = _group_inputs(n, groups, gen, dtype)
+    members = members.to(index)
     clip = 2.0
     got = ops.group_scale(sq.to(device), members.to(device), offsets.to(device), clip, backend=backend).cpu()
     ref = R.group_step_size(sq.double(), gi.to(torch.int32), groups, clip)
@@ -537,11 +540,11 @@ def test_group_scale(backend, device, dtype, n, groups):
 def test_group_scale_refuses_bad_input_by_name(backend, device):
     sq, members, offsets, _ = _group_inputs(50, 6, make_gen(1), torch.float32)
     sq, members, offsets = sq.to(device), members.to(device), offsets.to(device)
-    with pytest.raises(ValueError, match=r"^members: expected an int64 tensor of shape \(50,\)"):
-        ops.group_scale(sq, members.int(), offsets, 1.0, backend=backend)
+    with pytest.raises(ValueError, match=r"^members: expected an int64 or int32 tensor of shape \(50,\)"):
+        ops.group_scale(sq, members.short(), offsets, 1.0, backend=backend)
     with pytest.raises(ValueError, match=r"^offsets: expected a 1-D int64 tensor"):
         ops.group_scale(sq, members, offsets.float(), 1.0, backend=backend)
     with pytest.raises(ValueError, match=r"^group_clip: must be positive"):
         ops.group_scale(sq, members, offsets, 0.0, backend=backend)
     with pytest.raises(RuntimeError, match=r"fgsgd: members must have dtype Long"):
-        torch.ops.fgsgd.group_scale(sq, members.int(), offsets, 1.0)
+        torch.ops.fgsgd.group_scale(sq, members.short(), offsets, 1.0)

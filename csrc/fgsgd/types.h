@@ -54,12 +54,13 @@ struct TensorSlot {
   const uint32_t* packed_codes;
 };
 
-// The group step sizes of G groups (group_scale.h): members[offsets[g] .. offsets[g+1]) are the components
-// of group g (indices into sqnorm, ‖ξ_i‖² per component); out[g] = s_g; clip = c.
+// The group step sizes of G groups (group_scale.h): members[offsets[g] .. offsets[g+1]) (int64 or int32) are the
+// components of group g (indices into sqnorm, ‖ξ_i‖² per component); out[g] = s_g; clip = c.
 template <class T>
 struct GroupScaleArgs {
   const T* sqnorm;
-  const int64_t* members;
+  const int64_t* members;    // int64 indices, or (members null) the int32 ones below
+  const int32_t* members32;
   const int64_t* offsets;
   T* out;
   int64_t groups;
