@@ -218,3 +218,40 @@ def test_packed_codes(emulator, variant):
     for k, (t, (p, m)) in enumerate(zip(ts, got)):
         p_ref, m_ref = R.step(t["p"], t["g"], t["m"], t["codes"], t["r"], None, **hp)
         assert rel_err(p, p_ref) <= 1e-12 and rel_err(m, m_ref) <= 1e-12, f"tensor {k}"
+
+
+@pytest.mark.parametrize("offsets", list(OFFSETS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_staged_sqnorm_block(emulator, dtype, offsets):
+    """group_clip's ‖ξ_i‖² with staged loads (csrc/cuda/staged.cuh staged_sqnorm_block): every code, R, weight
+    decay on the euclidean components, the sizes around the block, aligned and unaligned tensors."""
+    gen = make_gen(zlib.crc32(repr(("sqnorm", dtype, offsets)).encode()))
+    ts = make_step_tensors(SIZES, (3, 3), dtype, gen, groups=False)
+    hp = dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.05, first_step=False,
+              stabilize=False)
+    for k, (t, got) in enumerate(zip(ts, _run_sqnorm(emulator, dtype, hp, ts, OFFSETS[offsets]))):
+        ref = R.tangent_sqnorm(t["p"].double(), t["g"].double(), t["codes"], t["r"].double(), 0.05)
+        assert rel_err(got, ref) <= TOL[dtype], f"tensor {k} (N={SIZES[k]})"
+
+
+def _run_sqnorm(emulator, dtype, hp, tensors, offsets):
+    """The emulator's ‖ξ_i‖² per tensor (mode "sqnorm"; the inputs as _run writes them)."""
+    lines = [str(8 if dtype == torch.float64 else 4),
+             " ".join(str(v) for v in (hp["momentum"], hp["dampening"], int(hp["nesterov"]), hp["weight_decay"],
+                                       hp["lr"], 0, 0, 1, 0, len(tensors))),
+             "-1 0 0.0 0 0 0.0"]
+    for t, off in zip(tensors, offsets):
+        lines.append(" ".join(str(v) for v in (t["p"].shape[0], *off, 0)))
+    for t in tensors:
+        for key in ("p", "g", "m", "codes", "r"):
+            lines.append(_fmt(t[key]))
+    proc = subprocess.run([str(emulator), "sqnorm"], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    values = torch.tensor([float(v) for v in proc.stdout.split()], dtype=torch.float64)
+    out, start = [], 0
+    for t in tensors:
+        out.append(values[start:start + t["p"].shape[0]])
+        start += t["p"].shape[0]
+    assert start == values.numel()
+    return out

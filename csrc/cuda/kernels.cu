@@ -53,6 +53,14 @@ __global__ void __launch_bounds__(kThreads) staged_step_kernel(S s, const SlotTa
   staged_step_block<kThreads, kSort>(s, table, x.h, x.ctl, blockIdx.x, sp, sg, sm, scratch);
 }
 
+// ‖ξ_i‖² of fixed-shape components with shared-memory staging (staged.cuh).
+template <class S, class T>
+__global__ void __launch_bounds__(kThreads) staged_sqnorm_kernel(S s, const SlotTable<T> table, const Extra<T> x) {
+  __shared__ __align__(16) T sp[kThreads * S::kCap];
+  __shared__ __align__(16) T sg[kThreads * S::kCap];
+  staged_sqnorm_block<kThreads>(s, table, x.weight_decay, blockIdx.x, sp, sg);
+}
+
 // After the step launch of a table whose tensors carry step counts: one thread per tensor (count_step_of_slot).
 template <class T>
 __global__ void __launch_bounds__(kSlotsPerLaunch) count_steps_kernel(const SlotTable<T> table, const StepControl ctl) {
@@ -115,6 +123,20 @@ void launch_step(Dyn s, const SlotTable<T>& table, const Extra<T>& x, int64_t bl
   slot_kernel<Op::kStep><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
 }
 
+// tangent_sqnorm: staged for 3×3 components (one thread per component with FGSGD_CUDA_STEP=thread).
+template <class T>
+void launch_sqnorm(Fixed<3, 3> s, const SlotTable<T>& table, const Extra<T>& x, int64_t blocks, cudaStream_t stream) {
+  if (step_kernel_choice() == StepKernel::kThread)
+    slot_kernel<Op::kSqnorm><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+  else
+    staged_sqnorm_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+}
+
+template <class T>
+void launch_sqnorm(Dyn s, const SlotTable<T>& table, const Extra<T>& x, int64_t blocks, cudaStream_t stream) {
+  slot_kernel<Op::kSqnorm><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+}
+
 template <Op OP, class T>
 cudaError_t launch_unary(const UnaryArgs<T>& a, int A, int B, cudaStream_t stream) {
   if (a.n == 0) return cudaSuccess;
@@ -154,6 +176,8 @@ cudaError_t launch_slots(const TensorSlot<T>* slots, int count, int A, int B, co
       if constexpr (OP == Op::kStep) {
         launch_step(s, table, x, blocks, stream);
         launch_count_steps(table, x.ctl, stream);
+      } else if constexpr (OP == Op::kSqnorm) {
+        launch_sqnorm(s, table, x, blocks, stream);
       } else
         slot_kernel<OP><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
     });

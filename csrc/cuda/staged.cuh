@@ -201,5 +201,37 @@ __device__ __forceinline__ void staged_step_block(S s, const SlotTable<T>& table
   if (use_m) copy_chunk<kChunk, kThreadsT>(gm, sm, ne, vec);
 }
 
+// Block b of a staged tangent_sqnorm launch (group_clip's ‖ξ_i‖², DESIGN.md §1 step 2): p and g staged as in
+// staged_step_block (coalesced; the per-thread reads of the plain kernel touch 9 cache lines per warp load),
+// then ‖Π_ω(R·g)‖² of one component per thread into slot.out.
+template <int kThreadsT, class S, class T>
+__device__ __forceinline__ void staged_sqnorm_block(S s, const SlotTable<T>& table, T wd, int64_t b, T* sp, T* sg) {
+  constexpr int E = S::kCap;
+  constexpr int kChunk = kThreadsT * E;
+  const int t = slot_of_block(table, b);
+  const TensorSlot<T>& slot = table.slot[t];
+  const int64_t c0 = (b - table.block_start[t]) * kThreadsT;
+  const int nc = int(slot.n - c0 < kThreadsT ? slot.n - c0 : kThreadsT);
+  const T* gp = slot.p + c0 * E;
+  const T* gg = slot.g + c0 * E;
+  const bool vec = nc == kThreadsT && aligned16(gp) && aligned16(gg);
+  const int i = int(threadIdx.x);
+  int code = 0;
+  T r = T(1);
+  if (i < nc) {  // requested before the chunk, as in staged_step_block
+    code = code_at(slot, c0 + i);
+    r = rescale_at(slot, c0 + i);
+  }
+  stage_in<kChunk, kThreadsT>(sp, sg, static_cast<T*>(nullptr), gp, gg, static_cast<const T*>(nullptr), nc * E, vec,
+                              false);
+  __syncthreads();
+  if (i < nc) {
+    T p[E], g[E];
+    load(s, sp + i * E, p);
+    load(s, sg + i * E, g);
+    slot.out[c0 + i] = tangent_sqnorm(s, code, p, g, r, manifold_of(code) == kManEuclidean ? wd : T(0));
+  }
+}
+
 }  // namespace cuda
 }  // namespace fgsgd

@@ -1,6 +1,7 @@
 // Runs the CUDA step's block code on the CPU, block after block, one std::thread per CUDA thread, over tensors
 // read from stdin; prints the updated p and m. Driven by tests/test_cuda_emulated.py.
-// Arguments: "staged" (default: csrc/cuda/staged.cuh, 3×3 components), "sorted" (its code-sorted variant), or
+// Arguments: "staged" (default: csrc/cuda/staged.cuh, 3×3 components), "sorted" (its code-sorted variant),
+// "sqnorm" (staged_sqnorm_block: prints ‖ξ_i‖² of every component instead of p and m, weight_decay as wd), or
 // "rows L" (csrc/cuda/rows.cuh: L×1 row components, one block per row).
 //
 // stdin (whitespace separated): T_bytes momentum dampening nesterov weight_decay lr first_step stabilize
@@ -49,7 +50,7 @@ struct Buffer {  // n values at `off` elements past a 64-byte boundary, a sentin
 };
 
 template <class T>
-int run(bool sorted, int64_t row_len) {
+int run(bool sorted, int64_t row_len, bool sqnorm = false) {
   const int64_t E = row_len > 0 ? row_len : 9;  // elements per component
   double mom, damp, wd, lr;
   int nest, first, stab, use_r, use_g, nt;
@@ -159,6 +160,31 @@ int run(bool sorted, int64_t row_len) {
       for (int t = 0; t < cuda::kSlotsPerLaunch; ++t) cuda::count_step_of_slot(table, ctl, t);
     }
   }
+  std::vector<std::vector<T>> outs(nt);
+  for (int k = 0; k < nt && sqnorm; ++k) {
+    outs[k].assign(size_t(n[k]), T(-1));
+    slots[k].out = outs[k].data();
+  }
+  for (int first_slot = 0; first_slot < nt && row_len == 0 && sqnorm; first_slot += cuda::kSlotsPerLaunch) {
+    const cuda::SlotTable<T> table = cuda::next_table(slots.data(), nt, first_slot);
+    for (int64_t b = 0; b < table.block_start[table.count]; ++b) {
+      std::barrier<> bar(kT);
+      emu_block_barrier = &bar;
+      std::vector<std::thread> threads;
+      for (int t = 0; t < kT; ++t)
+        threads.emplace_back([&, t] {
+          threadIdx.x = unsigned(t);
+          blockIdx.x = unsigned(b);
+          cuda::staged_sqnorm_block<kT>(Fixed<3, 3>{}, table, h.weight_decay, b, sp, sg);
+        });
+      for (auto& th : threads) th.join();
+    }
+  }
+  if (sqnorm) {
+    for (int k = 0; k < nt; ++k)
+      for (int64_t i = 0; i < n[k]; ++i) std::printf("%.17g\n", double(outs[k][size_t(i)]));
+    return 0;
+  }
   for (int first_slot = 0; first_slot < nt && row_len == 0; first_slot += cuda::kSlotsPerLaunch) {
     const cuda::SlotTable<T> table = cuda::next_table(slots.data(), nt, first_slot);
     for (int64_t b = 0; b < table.block_start[table.count]; ++b) {
@@ -198,5 +224,6 @@ int main(int argc, char** argv) {
   const int64_t row_len = mode == "rows" && argc > 2 ? std::atoll(argv[2]) : 0;
   int bytes;
   std::cin >> bytes;
-  return bytes == 8 ? run<double>(mode == "sorted", row_len) : run<float>(mode == "sorted", row_len);
+  const bool sq = mode == "sqnorm";
+  return bytes == 8 ? run<double>(mode == "sorted", row_len, sq) : run<float>(mode == "sorted", row_len, sq);
 }
