@@ -102,6 +102,10 @@ def run_model(model: str, mixes, repeats: int, inner: int, device) -> dict:
             step = (lambda ps=ps, gs=gs, ms=ms, codes=codes: torch.ops.fgsgd.step_(
                 ps, gs, ms, codes, [], [], [], 0.01, 0.9, 0.0, False, 0.0, False, False))
             fns[f"fgsgd {variant} {mix}"] = with_variant(step, variant)
+        if mix == "mix":  # group_clip's first pass, ‖ξ_i‖² (reads p and g: 8 B per parameter), staged or not
+            for variant in ("staged", "thread"):
+                fns[f"fgsgd sqnorm {variant} mix"] = with_variant(
+                    lambda ps=ps, gs=gs, codes=codes: torch.ops.fgsgd.tangent_sqnorm(ps, gs, codes, [], 0.0), variant)
         if mix == "mix":  # the codes as FGSGD keeps them: 2 bits per component (fgsgd_cuda.codes.pack)
             packed = [C.pack(c) for c in codes]
             fns["fgsgd staged mix packed"] = with_variant(
@@ -111,7 +115,7 @@ def run_model(model: str, mixes, repeats: int, inner: int, device) -> dict:
     copy_gbps = 8 * n / med["copy"] / 1e9
     rows = {}
     for name, t in med.items():
-        moved = 8 if name == "copy" else 20
+        moved = 8 if name == "copy" or " sqnorm " in name else 20  # bytes per parameter (sqnorm: read p, g)
         gbps = moved * n / t / 1e9
         rows[name] = dict(median_s=t, GBps=gbps, fraction_of_copy_bw=gbps / copy_gbps,
                           ratio_to_sgd_fused=t / med["sgd-fused"])
