@@ -105,7 +105,8 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
     """The fused FG-SGD step (DESIGN.md §1 steps 1, 3, 4, 5) of many tensors, in place.
 
     Components are A×B with A·B <= 64, or n×1 rows of any length (euclidean, sphere, oblique and stiefel
-    with qr; every backend streams them: csrc/fgsgd/row_step.h, triton_kernels/rows.py).
+    with qr; every backend streams them: csrc/fgsgd/row_step.h, triton_kernels/rows.py). ``codes[k]`` is a
+    uint8 (N,) tensor, or its packed form (int32, 2 bits per component: :func:`fgsgd_cuda.codes.pack`).
 
     ``group_scale[k][group_index[k][i]]`` is the group step size s_g of component i of tensor k
     (both empty: s_g = 1); ``rescale[k]`` is R per component (empty: R = 1). With ``first_step`` the
