@@ -378,6 +378,8 @@ class FGSGD(Optimizer):
         when the gradients are still scaled: the groups that cannot read them so (_unscales_in_kernel) get them
         unscaled in place here (one multi-tensor op)."""
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if grad_scale is None and found_inf is None:
+            return None, None
         devices = _by_device([g for _, _, gs in work for g in gs])
         scales = flags = None
         if grad_scale is not None:
@@ -453,8 +455,10 @@ class FGSGD(Optimizer):
             if not params:
                 continue
             if group["manifolds"]:
-                for device, idx in _by_device(params).items():
-                    ps, gs = [params[k] for k in idx], [grads[k] for k in idx]
+                # one call for all; per device only when a flag or scale (one tensor per device) goes with it
+                by_device = _by_device(params) if found_inf or grad_scale else {None: None}
+                for device, idx in by_device.items():
+                    ps, gs = (params, grads) if idx is None else ([params[k] for k in idx], [grads[k] for k in idx])
                     manifold_step(ps, gs, [self.state[p] for p in ps], lr=group["lr"],
                                   momentum=group["momentum"], dampening=group["dampening"],
                                   nesterov=group["nesterov"], weight_decay=group["weight_decay"],

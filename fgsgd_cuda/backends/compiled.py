@@ -31,10 +31,13 @@ class CompiledBackend:
     def step_(self, params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening,
               nesterov, weight_decay, first_step, stabilize, steps=(), found_inf=None, lr_tensor=None,
               stabilize_every=0, grad_scale=None):
-        self._ops.step_(params, grads, momenta if momentum else [], codes, rescale, group_index, group_scale,
-                        float(lr), float(momentum), float(dampening), bool(nesterov), float(weight_decay),
-                        bool(first_step), bool(stabilize), list(steps), found_inf, lr_tensor, int(stabilize_every),
-                        grad_scale)
+        args = (params, grads, momenta if momentum else [], codes, rescale, group_index, group_scale, float(lr),
+                float(momentum), float(dampening), bool(nesterov), float(weight_decay), bool(first_step),
+                bool(stabilize))
+        if steps or found_inf is not None or lr_tensor is not None or grad_scale is not None:
+            self._ops.step_(*args, list(steps), found_inf, lr_tensor, int(stabilize_every), grad_scale)
+        else:
+            self._ops.step_(*args)  # the plain step: fewer arguments to convert
 
     def tangent_sqnorm(self, params, grads, codes, rescale, weight_decay):
         return self._ops.tangent_sqnorm(params, grads, codes, rescale, float(weight_decay))
