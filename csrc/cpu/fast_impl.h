@@ -37,13 +37,14 @@ using Block = Lanes<E, block_regs<E>()>;  // the lane type: W = Block<E>::kWidth
 // kCommon: the common configuration, known at compile time so that its branches and products fold
 // and the block's code stays small (the blocks of the codes of a mix must share the instruction
 // cache): momentum on, no nesterov, not the first step, no stabilize, no rescale (R = 1), no group
-// step size (s_g = 1). Any other configuration takes the general instantiation.
+// step size (s_g = 1; kGroup: s_g read per component, group_clip's step). Any other configuration takes the
+// general instantiation.
 template <class E>
 bool is_common(const TensorSlot<E>& t, const StepHParams<E>& h) {
-  return h.momentum != E(0) && !h.nesterov && !h.first_step && !h.stabilize && !t.rescale && !t.group_scale;
+  return h.momentum != E(0) && !h.nesterov && !h.first_step && !h.stabilize && !t.rescale;
 }
 
-template <int kCode, bool kCommon, class S, class E>
+template <int kCode, bool kCommon, class S, class E, bool kGroup = false>
 __attribute__((flatten)) void step_block(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h_in,
                                          int64_t c0, const int32_t* idx) {
   using L = Block<E>;
@@ -63,11 +64,9 @@ __attribute__((flatten)) void step_block(const S& s, const TensorSlot<E>& t, con
   const E* const gb = t.g + c0 * N;
   E* const mb = use_m ? t.m + c0 * N : nullptr;
   L r(E(1)), sg(E(1));
-  if (!kCommon) {
-    if (t.rescale) r = L::gather(t.rescale + c0, idx);
-    if (t.group_scale)
-      for (int c = 0; c < W; ++c) sg.set_lane(c, t.group_scale[t.group_index[c0 + idx[c]]]);
-  }
+  if (!kCommon && t.rescale) r = L::gather(t.rescale + c0, idx);
+  if ((!kCommon || kGroup) && t.group_scale)
+    for (int c = 0; c < W; ++c) sg.set_lane(c, t.group_scale[t.group_index[c0 + idx[c]]]);
   L w[N], xi[N];
   {
     L p[N], g[N];
@@ -89,12 +88,13 @@ __attribute__((flatten)) void step_block(const S& s, const TensorSlot<E>& t, con
 template <class S, class E>
 using BlockFn = void (*)(const S&, const TensorSlot<E>&, const StepHParams<E>&, int64_t, const int32_t*);
 
-template <class S, class E, bool kCommon>
+template <class S, class E, bool kCommon, bool kGroup = false>
 struct BlockTable {
   static constexpr BlockFn<S, E> fn[kNumCodes] = {
-      &step_block<0, kCommon, S, E>, &step_block<1, kCommon, S, E>, &step_block<2, kCommon, S, E>,
-      &step_block<3, kCommon, S, E>, &step_block<4, kCommon, S, E>, &step_block<5, kCommon, S, E>,
-      &step_block<6, kCommon, S, E>};
+      &step_block<0, kCommon, S, E, kGroup>, &step_block<1, kCommon, S, E, kGroup>,
+      &step_block<2, kCommon, S, E, kGroup>, &step_block<3, kCommon, S, E, kGroup>,
+      &step_block<4, kCommon, S, E, kGroup>, &step_block<5, kCommon, S, E, kGroup>,
+      &step_block<6, kCommon, S, E, kGroup>};
 };
 
 // ‖ξ‖² (tangent_sqnorm) of the W components idx[0..W) of span base c0 into t.out; h carries only the
@@ -329,8 +329,9 @@ void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, i
 
 template <class S, class E>
 void step_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int64_t begin, int64_t end) {
-  blocks_range(s, t, h, begin, end, is_common(t, h) ? BlockTable<S, E, true>::fn : BlockTable<S, E, false>::fn,
-               &step_scalar<S, E>);
+  const BlockFn<S, E>* fn = !is_common(t, h) ? BlockTable<S, E, false>::fn
+                            : t.group_scale ? BlockTable<S, E, true, true>::fn : BlockTable<S, E, true>::fn;
+  blocks_range(s, t, h, begin, end, fn, &step_scalar<S, E>);
 }
 
 template <class E>
