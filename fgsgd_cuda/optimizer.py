@@ -354,7 +354,12 @@ class FGSGD(Optimizer):
         if finite_checks and finite_checks[0][3][0].is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("check_finite: the finiteness check synchronises with the host, which a CUDA graph "
                                "capture cannot do; build the optimizer with check_finite=False to capture its step")
-        norms = [n for _, _, _, grads in finite_checks for n in torch._foreach_norm(grads)]
+        # a screen, then the exact check only when it fires: one value per gradient whose non-finiteness follows
+        # from any inf/nan in it (an overflow of finite values is a false alarm the exact check clears). On the
+        # CPU a plain sum per tensor (reads only: 2.1 ms against 3.1 for the norms on ResNet-50's gradients, 2
+        # threads); on GPUs the multi-tensor norm (one launch)
+        norms = [n for _, _, _, grads in finite_checks
+                 for n in (torch._foreach_norm(grads) if grads[0].is_cuda else [g.sum() for g in grads])]
         if norms and not bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all()):
             for gi, group, params, grads in finite_checks:
                 for p, g in zip(params, grads):

@@ -242,3 +242,22 @@ def test_non_finite_gradients(bad):
     opt.step()
     assert opt.state[model[3].weight]["step"] == 2
     assert not torch.isfinite(model[1].bias).all()
+
+
+@pytest.mark.parametrize("bad", [float("-inf"), float("nan")])
+def test_finite_screen_false_alarm_and_negative_inf(bad):
+    """check_finite screens with one sum per gradient: finite gradients whose sum overflows (a false alarm) still
+    step, once the exact check has cleared them; a lone -inf among large positive entries is still caught."""
+    model = small_cnn(7)
+    opt = FGSGD(param_groups(model, group_size=4), lr=1e-40, momentum=0.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model[1].bias.grad[:2] = 3e38                                    # finite; their float32 sum is inf
+    opt.step()
+    assert all(opt.state[p]["step"] == 1 for _, p, _ in opt.manifold_params())
+    model[1].bias.grad[2] = bad
+    params = list(model.parameters())
+    before = snapshot(params, opt)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[\d+\].*inf or nan"):
+        opt.step()
+    assert_same(snapshot(params, opt), before)
