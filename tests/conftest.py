@@ -116,6 +116,18 @@ def compiled_backends() -> list:
     return out
 
 
+def backends_on(pairs) -> list:
+    """pytest params (backend, device) for the (name, device) pairs, id "name-device"; a pair that cannot run
+    here (no GPU, no build, no Triton) is skipped with the reason."""
+    from fgsgd_cuda import dispatch
+    out = []
+    for name, device in pairs:
+        ok = (device == "cpu" or torch.cuda.is_available()) and dispatch.available(name, torch.device(device))
+        out.append(pytest.param(name, device, id=f"{name}-{device}",
+                                marks=() if ok else pytest.mark.skip(reason=f"{name} is not available on {device}")))
+    return out
+
+
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 

@@ -8,18 +8,12 @@ import zlib
 import pytest
 import torch
 
-from conftest import make_gen, make_row_tensors, make_step_tensors
+from conftest import backends_on, make_gen, make_row_tensors, make_step_tensors
 from fgsgd_cuda import codes as C
 from fgsgd_cuda import dispatch, ops
 
 
-def _backends():
-    out = []
-    for name, device in (("cpu", "cpu"), ("torch", "cpu"), ("triton", "cpu"), ("cuda", "cuda")):
-        ok = (device == "cpu" or torch.cuda.is_available()) and dispatch.available(name, torch.device(device))
-        out.append(pytest.param(name, device, id=f"{name}-{device}",
-                                marks=() if ok else pytest.mark.skip(reason=f"{name} is not available on {device}")))
-    return out
+BACKENDS = backends_on((("cpu", "cpu"), ("torch", "cpu"), ("triton", "cpu"), ("cuda", "cuda")))
 
 
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 1000])
@@ -54,7 +48,7 @@ def _pair(ts):
 
 @pytest.mark.parametrize("shape", [(3, 3), (2, 3), (5, 5), (100, 1)], ids=["3x3", "2x3", "5x5", "row100"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("backend,device", _backends())
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_packed_codes_give_the_same_bits(backend, device, dtype, shape):
     gen = make_gen(zlib.crc32(repr((backend, dtype, shape)).encode()))
     sizes = [3, 1237, 40, 17]

@@ -179,9 +179,10 @@ def test_state_keeps_membership_options_not_a_group_index():
         opt.grouping(conv)
 
 
-def test_loads_a_checkpoint_that_stored_the_group_index():
-    """Checkpoints written before the membership options were kept (a group_index per parameter, no
-    ``membership``): they load into an optimizer built with the same seed and resume bitwise."""
+def _resume_from_edited_checkpoint(edit):
+    """N steps, a checkpoint whose manifold parameters' saved states ``edit(state, p, opt)`` rewrites into an
+    older form, M more steps; a fresh model and optimizer loaded from that checkpoint take the same M steps
+    with the same bits. Returns the resumed optimizer."""
     model = cnn(0)
     opt, sched = make_optimizer(model, seed=1)
     train(model, opt, sched, N, 0)
@@ -189,8 +190,7 @@ def test_loads_a_checkpoint_that_stored_the_group_index():
     ids = [i for g in sd["param_groups"] for i in g["params"] if "membership" in sd["state"].get(i, {})]
     assert len(ids) == len(list(opt.manifold_params())) > 0
     for (_, p, _), i in zip(opt.manifold_params(), ids):
-        sd["state"][i]["group_index"] = opt.grouping(p).group_index
-        del sd["state"][i]["membership"]
+        edit(sd["state"][i], p, opt)
     weights = save(model.state_dict())
     blob, sched_blob = save(sd), save(sched.state_dict())
     train(model, opt, sched, M, N)
@@ -199,36 +199,31 @@ def test_loads_a_checkpoint_that_stored_the_group_index():
     model2.load_state_dict(load(weights))
     opt2.load_state_dict(load(blob))
     sched2.load_state_dict(load(sched_blob))
-    for _, p, st in opt2.manifold_params():
-        assert "group_index" not in st and "membership" in st
     train(model2, opt2, sched2, M, N)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+    return opt2
+
+
+def test_loads_a_checkpoint_that_stored_the_group_index():
+    """Checkpoints written before the membership options were kept (a group_index per parameter, no
+    ``membership``): they load into an optimizer built with the same seed and resume bitwise."""
+    def old_form(st, p, opt):
+        st["group_index"] = opt.grouping(p).group_index
+        del st["membership"]
+    opt2 = _resume_from_edited_checkpoint(old_form)
+    for _, p, st in opt2.manifold_params():
+        assert "group_index" not in st and "membership" in st
 
 
 def test_loads_a_checkpoint_with_a_byte_per_code():
     """Checkpoints written before the codes were packed (a uint8 code per component): they load as they are
     (every backend reads both forms) and resume bitwise."""
-    model = cnn(0)
-    opt, sched = make_optimizer(model, seed=1)
-    train(model, opt, sched, N, 0)
-    sd = load(save(opt.state_dict()))
-    ids = [i for g in sd["param_groups"] for i in g["params"] if "membership" in sd["state"].get(i, {})]
-    for (_, p, _), i in zip(opt.manifold_params(), ids):
-        assert sd["state"][i]["codes"].dtype == torch.int32
-        sd["state"][i]["codes"] = opt.codes(p).clone()
-    weights = save(model.state_dict())
-    blob, sched_blob = save(sd), save(sched.state_dict())
-    train(model, opt, sched, M, N)
-    model2 = cnn(0)
-    opt2, sched2 = make_optimizer(model2, seed=1)
-    model2.load_state_dict(load(weights))
-    opt2.load_state_dict(load(blob))
-    sched2.load_state_dict(load(sched_blob))
+    def old_form(st, p, opt):
+        assert st["codes"].dtype == torch.int32
+        st["codes"] = opt.codes(p).clone()
+    opt2 = _resume_from_edited_checkpoint(old_form)
     assert all(st["codes"].dtype == torch.uint8 for _, _, st in opt2.manifold_params())
-    train(model2, opt2, sched2, M, N)
-    for a, b in zip(model.parameters(), model2.parameters()):
-        assert torch.equal(a, b)
 
 
 def test_group_clip_recomputes_the_membership_once_per_parameter(monkeypatch):

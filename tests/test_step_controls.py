@@ -8,21 +8,12 @@ import zlib
 import pytest
 import torch
 
-from conftest import FP32_RTOL, make_gen, make_row_tensors, make_step_tensors, rel_err
+from conftest import backends_on, FP32_RTOL, make_gen, make_row_tensors, make_step_tensors, rel_err
 from fgsgd_cuda import dispatch, ops
 from fgsgd_cuda import reference as R
 
 
-def _backends():
-    out = []
-    for name, device in (("cpu", "cpu"), ("torch", "cpu"), ("triton", "cpu"), ("cuda", "cuda"), ("triton", "cuda")):
-        ok = (device == "cpu" or torch.cuda.is_available()) and dispatch.available(name, torch.device(device))
-        out.append(pytest.param(name, device, id=f"{name}-{device}",
-                                marks=() if ok else pytest.mark.skip(reason=f"{name} is not available on {device}")))
-    return out
-
-
-BACKENDS = _backends()
+BACKENDS = backends_on((("cpu", "cpu"), ("torch", "cpu"), ("triton", "cpu"), ("cuda", "cuda"), ("triton", "cuda")))
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")]
 SHAPES = [pytest.param((3, 3), id="3x3"), pytest.param((2, 3), id="2x3"), pytest.param((100, 1), id="row100")]
 STEPS = [0, 4, 9, 2]          # with stabilize_every 5: tensor 0 takes its first step, tensors 1 and 2 re-project

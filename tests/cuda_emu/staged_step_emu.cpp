@@ -49,6 +49,24 @@ struct Buffer {  // n values at `off` elements past a 64-byte boundary, a sentin
   }
 };
 
+// The blocks of one launch's table, block after block: one std::thread per CUDA thread (`threads` of them),
+// a barrier for __syncthreads, body(b) the block code.
+template <class T, class F>
+void run_blocks(const cuda::SlotTable<T>& table, int threads, F&& body) {
+  for (int64_t b = 0; b < table.block_start[table.count]; ++b) {
+    std::barrier<> bar(threads);
+    emu_block_barrier = &bar;
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t)
+      pool.emplace_back([&, t] {
+        threadIdx.x = unsigned(t);
+        blockIdx.x = unsigned(b);
+        body(b);
+      });
+    for (auto& th : pool) th.join();
+  }
+}
+
 template <class T>
 int run(bool sorted, int64_t row_len, bool sqnorm = false) {
   const int64_t E = row_len > 0 ? row_len : 9;  // elements per component
@@ -145,18 +163,8 @@ int run(bool sorted, int64_t row_len, bool sqnorm = false) {
       for (auto& s : slots) s.m = nullptr;  // as op_impl.h passes no buffers then
     for (int first_slot = 0; first_slot < nt; first_slot += cuda::kSlotsPerLaunch) {
       const cuda::SlotTable<T> table = cuda::next_table(slots.data(), nt, first_slot, 1);
-      for (int64_t b = 0; b < table.block_start[table.count]; ++b) {
-        std::barrier<> bar(cuda::kRowThreads);
-        emu_block_barrier = &bar;
-        std::vector<std::thread> threads;
-        for (int t = 0; t < cuda::kRowThreads; ++t)
-          threads.emplace_back([&, t] {
-            threadIdx.x = unsigned(t);
-            blockIdx.x = unsigned(b);
-            cuda::row_step_block<cuda::kRowThreads>(table, h, ctl, row_len, b, red);
-          });
-        for (auto& th : threads) th.join();
-      }
+      run_blocks(table, cuda::kRowThreads,
+                 [&](int64_t b) { cuda::row_step_block<cuda::kRowThreads>(table, h, ctl, row_len, b, red); });
       for (int t = 0; t < cuda::kSlotsPerLaunch; ++t) cuda::count_step_of_slot(table, ctl, t);
     }
   }
@@ -167,18 +175,8 @@ int run(bool sorted, int64_t row_len, bool sqnorm = false) {
   }
   for (int first_slot = 0; first_slot < nt && row_len == 0 && sqnorm; first_slot += cuda::kSlotsPerLaunch) {
     const cuda::SlotTable<T> table = cuda::next_table(slots.data(), nt, first_slot);
-    for (int64_t b = 0; b < table.block_start[table.count]; ++b) {
-      std::barrier<> bar(kT);
-      emu_block_barrier = &bar;
-      std::vector<std::thread> threads;
-      for (int t = 0; t < kT; ++t)
-        threads.emplace_back([&, t] {
-          threadIdx.x = unsigned(t);
-          blockIdx.x = unsigned(b);
-          cuda::staged_sqnorm_block<kT>(Fixed<3, 3>{}, table, h.weight_decay, b, sp, sg);
-        });
-      for (auto& th : threads) th.join();
-    }
+    run_blocks(table, kT,
+               [&](int64_t b) { cuda::staged_sqnorm_block<kT>(Fixed<3, 3>{}, table, h.weight_decay, b, sp, sg); });
   }
   if (sqnorm) {
     for (int k = 0; k < nt; ++k)
@@ -187,21 +185,12 @@ int run(bool sorted, int64_t row_len, bool sqnorm = false) {
   }
   for (int first_slot = 0; first_slot < nt && row_len == 0; first_slot += cuda::kSlotsPerLaunch) {
     const cuda::SlotTable<T> table = cuda::next_table(slots.data(), nt, first_slot);
-    for (int64_t b = 0; b < table.block_start[table.count]; ++b) {
-      std::barrier<> bar(kT);
-      emu_block_barrier = &bar;
-      std::vector<std::thread> threads;
-      for (int t = 0; t < kT; ++t)
-        threads.emplace_back([&, t] {
-          threadIdx.x = unsigned(t);
-          blockIdx.x = unsigned(b);
-          if (sorted)
-            cuda::staged_step_block<kT, true>(Fixed<3, 3>{}, table, h, ctl, b, sp, sg, sm, scratch);
-          else
-            cuda::staged_step_block<kT, false>(Fixed<3, 3>{}, table, h, ctl, b, sp, sg, sm);
-        });
-      for (auto& th : threads) th.join();
-    }
+    run_blocks(table, kT, [&](int64_t b) {
+      if (sorted)
+        cuda::staged_step_block<kT, true>(Fixed<3, 3>{}, table, h, ctl, b, sp, sg, sm, scratch);
+      else
+        cuda::staged_step_block<kT, false>(Fixed<3, 3>{}, table, h, ctl, b, sp, sg, sm);
+    });
     for (int t = 0; t < cuda::kSlotsPerLaunch; ++t) cuda::count_step_of_slot(table, ctl, t);
   }
   for (int k = 0; k < nt; ++k) {
