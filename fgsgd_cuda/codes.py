@@ -67,14 +67,11 @@ def is_packed(codes) -> bool:
 def pack(codes):
     """The packed form of a uint8 (N,) tensor of codes, or the tensor itself when it has more than 4 distinct
     codes (or no components)."""
-    distinct = torch.unique(codes).tolist()
+    uniq, vals = torch.unique(codes, return_inverse=True)  # vals: each code's place in the palette
+    distinct = uniq.tolist()
     if len(distinct) > 4 or codes.numel() == 0:
         return codes
     palette = distinct + [distinct[0]] * (4 - len(distinct))
-    lut = torch.zeros(256, dtype=torch.int64, device=codes.device)
-    lut[torch.tensor(palette, device=codes.device)[: len(distinct)].long()] = torch.arange(
-        len(distinct), device=codes.device)
-    vals = lut[codes.long()]
     n = codes.numel()
     padded = torch.zeros(packed_len(n) * CODES_PER_WORD - CODES_PER_WORD, dtype=torch.int64, device=codes.device)
     padded[:n] = vals

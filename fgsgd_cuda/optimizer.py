@@ -496,7 +496,8 @@ def _by_device(tensors) -> dict:
 
 
 def _flag_for(found_inf: dict | None, device):
-    """The step's found_inf flag on ``device`` (None: no flag; a device without its own gets a copy)."""
+    """The step's per-device tensor (a found_inf flag or a grad scale) on ``device`` (None: none; a device
+    without its own gets a copy)."""
     if not found_inf:
         return None
     flag = found_inf.get(device)

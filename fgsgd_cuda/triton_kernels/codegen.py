@@ -535,12 +535,18 @@ def _controls(src: Src, dtype: str, controls: str) -> None:
         src.raw("stab_rt = ((kcount + 1) % every) == 0  # every: 2^31 - 1 for never (launch._control_args)")
 
 
+def load_packed_code(src: Src, index: str, mask: str | None = None) -> None:
+    """``code`` of component(s) ``index`` from packed codes (fgsgd_cuda/codes.py): word 0 of ``codes_ptr`` the
+    palette, component i in bits 2·(i mod 16) of word 1 + i // 16."""
+    masked = f", mask={mask}, other=0" if mask else ""
+    src.raw(f"cw = tl.load(codes_ptr + 1 + ({index} >> 4){masked})")
+    src.raw(f"cv = (cw >> (({index} & 15) * 2).to(tl.int32)) & 3")
+    src.raw("code = (tl.load(codes_ptr) >> (cv * 8)) & 255")
+
+
 def _load_codes(src: Src, frame: Frame, packed: bool = False) -> None:
-    if packed:  # word 0 the palette, component i in bits 2·(i mod 16) of word 1 + i // 16
-        src.raw("pal = tl.load(codes_ptr)")
-        src.raw("cw = tl.load(codes_ptr + 1 + (offs >> 4), mask=mask, other=0)")
-        src.raw("cv = (cw >> ((offs & 15) * 2).to(tl.int32)) & 3")
-        src.raw("code = (pal >> (cv * 8)) & 255")
+    if packed:
+        load_packed_code(src, "offs", "mask")
     else:
         src.raw(f"code = tl.load({frame.ptrs['c'][0]}, mask=mask, other=0).to(tl.int32)")
 

@@ -186,7 +186,7 @@ def _codes_of(codes, params):
     packed = [_codes.is_packed(c) for c in codes]
     if all(packed):
         return list(codes), True
-    return ([_codes.unpack(c, p.shape[0]) for c, p in zip(codes, params)] if any(packed) else list(codes)), False
+    return (_codes.unpacked(codes, params) if any(packed) else list(codes)), False
 
 
 def step_(params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening, nesterov,

@@ -33,9 +33,8 @@ def _row_prologue(src: _cg.Src, dtype: str, log_tensors: int, *, rescale: bool, 
     tl_dt = _cg.TL_DTYPE[dtype]
     src.raw("rowi = pid - tl.load(row + 9)")
     src.raw("base = rowi * n_row")
-    if packed:  # fgsgd_cuda/codes.py: word 0 the palette, row i in bits 2·(i mod 16) of word 1 + i // 16
-        src.raw("cv = (tl.load(codes_ptr + 1 + (rowi >> 4)) >> ((rowi & 15) * 2).to(tl.int32)) & 3")
-        src.raw("code = (tl.load(codes_ptr) >> (cv * 8)) & 255")
+    if packed:
+        _cg.load_packed_code(src, "rowi")
     else:
         src.raw("code = tl.load(codes_ptr + rowi).to(tl.int32)")
     src.raw("curved = (code >= 1) & (code <= 5)")
