@@ -140,19 +140,19 @@ def main(argv=None):
               "settings": dict(repeats=args.repeats, inner=args.inner, dtype="float32", lr=0.01, momentum=0.9,
                                timer="CUDA graph replays between CUDA events, interleaved rounds, median"),
               "models": {}}
+    out = Path(args.out) if args.out else HERE / "results" / (
+        f"{B.slug(torch.cuda.get_device_name())}-{datetime.date.today().isoformat()}-kernels.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     for model in args.models.split(","):
         r = run_model(model, args.mixes.split(","), args.repeats, args.inner, device)
         report["models"][model] = r
+        out.write_text(json.dumps(report, indent=1))  # after every model: a run cut short keeps what it measured
         print(f"\n== {model}: {r['filter_params']:,} params in {r['filter_tensors']} 3x3 filter tensors; "
               f"copy {r['copy_GBps']:.0f} GB/s; finite={r['finite']}")
         print(f"{'case':32s} {'us':>9s} {'GB/s':>8s} {'% copy':>7s} {'x sgd-fused':>11s}")
         for name, c in r["cases"].items():
             print(f"{name:32s} {c['median_s'] * 1e6:9.1f} {c['GBps']:8.0f} {100 * c['fraction_of_copy_bw']:7.1f} "
                   f"{c['ratio_to_sgd_fused']:11.3f}")
-    out = Path(args.out) if args.out else HERE / "results" / (
-        f"{B.slug(torch.cuda.get_device_name())}-{datetime.date.today().isoformat()}-kernels.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {out}")
     return report
 

@@ -1,67 +1,111 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (the device tool): build the CUDA extension for sm_90, check the step
-# kernels against the reference, run the benchmarks on the idle machine, then the whole test suite on
-# the GPU. Everything lands under $OUT (default ./gpu-out), at most 8 files: run.log (summary),
-# tests_first.log, tests.log, test_triton.log, bench.log, kernels.json, step.json, step.png
-# Usage there:  bash benchmarks/gpu_check.sh [quick]     ("quick": ResNet-50 only, fewer repeats)
+# kernels against the reference, run the benchmarks on the idle machine, then the test suite on the GPU.
+#
+# Usage there:  bash benchmarks/gpu_check.sh [SECONDS]      (SECONDS: the call's budget, default 480)
+#   PHASES="build first kernels step tests geoopt triton_step tests_cpu" picks phases (default: all, in that order).
+#   Every phase has its own time limit, cut to what is left of SECONDS, so a slow phase never costs the
+#   ones after it their logs; the JSON files are written as they go (after every model).
+# Outputs under $OUT (default ./gpu-out), at most 8 files: run.log (summary), tests_first.log, tests.log,
+# bench.log, kernels.json, step.json, geoopt.json, triton_step.json (plots: bench_step.py --replot here).
 # Carry geoopt as a wheel in .whl/ to get the geoopt cases (benchmarks/README.md).
 set -u
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-MODE="${1:-full}"
+BUDGET="${1:-480}"
+PHASES="${PHASES:-build first kernels step tests geoopt triton_step tests_cpu}"
 T0=$(date +%s)
 log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/run.log"; }
+want() { [[ " $PHASES " == *" $1 "* ]]; }
+# limit N: N seconds, or what is left of the budget (minus a margin for the logs), whichever is less
+limit() { local left=$(( BUDGET - ($(date +%s) - T0) - 8 )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,memory.total --format=csv >>"$OUT/run.log" 2>&1
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem,memory.used,memory.total --format=csv >>"$OUT/run.log" 2>&1
 "$PY" -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" >>"$OUT/run.log" 2>&1
+git log -1 --format='commit %h %s' >>"$OUT/run.log" 2>&1
 
-log "build (TORCH_CUDA_ARCH_LIST=9.0)"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
-if ! "$PY" setup.py build_ext --inplace >/tmp/build.log 2>&1; then
-  tail -60 /tmp/build.log | tee -a "$OUT/run.log"
-  exit 1
+if want build; then
+  log "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+  if ! timeout "$(limit 150)" "$PY" setup.py build_ext --inplace >/tmp/build.log 2>&1; then
+    tail -60 /tmp/build.log | tee -a "$OUT/run.log"
+    exit 1
+  fi
+  grep -E "warning|error" /tmp/build.log | grep -v "UserWarning\|SetuptoolsDeprecationWarning" | head -20 >>"$OUT/run.log"
+  "$PY" -c "import fgsgd_cuda; assert fgsgd_cuda._ext.HAS_CUDA_KERNELS, fgsgd_cuda._ext.LOAD_ERROR" 2>&1 | tee -a "$OUT/run.log"
+  log "built"
 fi
-grep -E "warning|error" /tmp/build.log | grep -v "UserWarning\|SetuptoolsDeprecationWarning" | head -20 >>"$OUT/run.log"
-"$PY" -c "import fgsgd_cuda; assert fgsgd_cuda._ext.HAS_CUDA_KERNELS, fgsgd_cuda._ext.LOAD_ERROR" 2>&1 | tee -a "$OUT/run.log"
-log "built"
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the scripts in benchmarks/ import fgsgd_cuda from here
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfE)
+FIRST=(tests/test_cuda_step.py tests/test_step_controls.py tests/test_packed_codes.py)
 
-# The step kernels against the reference first (a minute), so that a broken kernel shows before any timing.
-timeout 120 "$PY" -m pytest tests/test_cuda_step.py tests/test_ops_compiled.py -q -p no:cacheprovider -n 8 \
-  -k "cuda_step or (cuda and step)" >"$OUT/tests_first.log" 2>&1
-log "step kernels vs reference, exit $?: $(tail -1 "$OUT/tests_first.log")"
-grep -E "^(FAILED|ERROR)" "$OUT/tests_first.log" | head -10 | tee -a "$OUT/run.log"
-
-# Timings next, on an idle machine (nothing else running), then the whole suite.
-if [ "$MODE" = quick ]; then
-  MODELS=resnet50; REPEATS=20
-else
-  MODELS=resnet101,resnet50,resnet18; REPEATS=50   # the targets' models first: bench_step.py writes its JSON after each
+# The CUDA kernels against the reference first, so that a broken kernel shows before any timing.
+if want first; then
+  timeout "$(limit 90)" "${PYTEST[@]}" -n 8 "${FIRST[@]}" -k "not triton" >"$OUT/tests_first.log" 2>&1
+  log "first: CUDA step kernels and controls vs reference, exit $?: $(tail -1 "$OUT/tests_first.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests_first.log" | head -10 | tee -a "$OUT/run.log"
 fi
-log "bench_kernels"
-timeout 180 "$PY" benchmarks/bench_kernels.py --models "$MODELS" --out "$OUT/kernels.json" >>"$OUT/bench.log" 2>&1
-log "bench_kernels exit $?"
-timeout 300 "$PY" benchmarks/bench_step.py --models "$MODELS" --backends cuda --torch-backend-models none \
-  --slow-cases 'sphere\+oblique\+stiefel normalize/qr$' --repeats "$REPEATS" --row-view --group-clip 1.0 --capturable --out "$OUT/step.json" \
-  >>"$OUT/bench.log" 2>&1
-log "bench_step exit $?"
 
-# Triton on the GPU (compile-heavy: the 5x5/7x7/8x8 kernels take minutes to compile, so small shapes only),
-# beside the rest of the suite.
-( timeout 150 "$PY" -m pytest tests/test_triton.py -q -p no:cacheprovider -n 4 \
-    -k "not 7-7 and not 5-5 and not 8-8 and not 4-16 and not compile_for_sm90" >"$OUT/test_triton.log" 2>&1
-  echo "exit $?" >>"$OUT/test_triton.log" ) &
-TRITON_PID=$!
-timeout 240 "$PY" -m pytest tests -q -p no:cacheprovider -n 8 -rfE --ignore=tests/test_triton.py >"$OUT/tests.log" 2>&1
-log "tests exit $?: $(tail -1 "$OUT/tests.log")"
-wait $TRITON_PID
-log "triton tests: $(tail -2 "$OUT/test_triton.log" | tr '\n' ' ')"
-grep -E "^==|copy|sgd-|sphere\+oblique\+stiefel |fgsgd (staged|sorted|thread) mix" "$OUT/bench.log" | head -60
-grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+# Timings next, on an idle machine (nothing else running). ResNet-101 first: the targets' model.
+MODELS="${MODELS:-resnet101,resnet50}"
+if want kernels; then
+  timeout "$(limit 75)" "$PY" benchmarks/bench_kernels.py --models "$MODELS" --repeats 20 --inner 20 \
+    --out "$OUT/kernels.json" >>"$OUT/bench.log" 2>&1
+  log "bench_kernels exit $?"
+fi
+if want step; then
+  timeout "$(limit 150)" "$PY" benchmarks/bench_step.py --models "$MODELS" --backends cuda --geoopt-models none \
+    --torch-backend-models none --repeats 50 --row-view --group-clip 1.0 --capturable --no-plot --out "$OUT/step.json" \
+    >>"$OUT/bench.log" 2>&1
+  log "bench_step exit $?"
+fi
+
+# The rest of the suite on the GPU, Triton beside it (compile-heavy: small shapes only; its 5x5/7x7/8x8
+# kernels take minutes to compile).
+if want tests; then
+  L=$(limit 150)
+  ( timeout "$L" "${PYTEST[@]}" -n 6 tests/test_triton.py tests/test_step_controls.py tests/test_packed_codes.py \
+      tests/test_renorm.py -k "triton and not 7-7 and not 5-5 and not 8-8 and not 4-16 and not sm90 and not interpreter" \
+      >"$OUT/test_triton.log" 2>&1; echo "exit $?" >>"$OUT/test_triton.log" ) &
+  TRITON_PID=$!
+  timeout "$L" "${PYTEST[@]}" -n 8 tests/test_ops_compiled.py tests/test_renorm.py tests/test_registration.py \
+    -k "cuda and not triton" >"$OUT/tests.log" 2>&1
+  log "tests: the other CUDA tests, exit $?: $(tail -1 "$OUT/tests.log")"
+  wait $TRITON_PID
+  log "triton tests: $(tail -2 "$OUT/test_triton.log" | tr '\n' ' ')"
+  cat "$OUT/test_triton.log" >>"$OUT/tests.log"; rm -f "$OUT/test_triton.log"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20 | tee -a "$OUT/run.log"
+fi
+
+# geoopt on the GPU (seconds per step: batched torch.linalg.qr on tiny matrices), main mix only.
+if want geoopt && "$PY" -c "import geoopt" 2>/dev/null; then
+  timeout "$(limit 120)" "$PY" benchmarks/bench_step.py --models "${GEOOPT_MODELS:-resnet50,resnet101}" --backends cuda \
+    --mixes sphere+oblique+stiefel --retractions default --geoopt-models all --torch-backend-models none \
+    --slow-cases 'sphere\+oblique\+stiefel normalize/qr$' --slow-warmup 1 --slow-repeats 2 --repeats 30 --no-plot \
+    --out "$OUT/geoopt.json" >>"$OUT/bench.log" 2>&1
+  log "bench_step geoopt exit $?"
+fi
+# The Triton backend's whole step (compiles its kernels first), main mix.
+if want triton_step; then
+  timeout "$(limit 120)" "$PY" benchmarks/bench_step.py --models resnet50 --backends triton --mixes sphere+oblique+stiefel \
+    --retractions default --geoopt-models none --torch-backend-models none --capturable --repeats 30 --no-plot \
+    --out "$OUT/triton_step.json" >>"$OUT/bench.log" 2>&1
+  log "bench_step triton exit $?"
+fi
+# Last, the CPU tests under this machine's torch (CI runs them under the torch that setup.py pins).
+if want tests_cpu; then
+  timeout "$(limit 200)" "${PYTEST[@]}" -n 12 tests --ignore=tests/test_triton.py "${FIRST[@]/#/--ignore=}" \
+    -k "not triton and not cuda" >/tmp/tests_cpu.log 2>&1
+  log "tests_cpu exit $?: $(tail -1 /tmp/tests_cpu.log)"
+  grep -E "^(FAILED|ERROR)" /tmp/tests_cpu.log | head -20 | tee -a "$OUT/run.log"
+  cat /tmp/tests_cpu.log >>"$OUT/tests.log"
+fi
+grep -E "^==|copy|sgd-|sphere\+oblique\+stiefel |fgsgd (staged|sorted|thread) mix|geoopt" "$OUT/bench.log" | head -80
+log "done"
