@@ -3,18 +3,19 @@
 # kernels against the reference, run the benchmarks on the idle machine, then the test suite on the GPU.
 #
 # Usage there:  bash benchmarks/gpu_check.sh [SECONDS]      (SECONDS: the call's budget, default 480)
-#   PHASES="build first kernels step tests geoopt triton_step tests_cpu" picks phases (default: all, in that order).
+#   PHASES="build first diag kernels parts step tests geoopt triton_step tests_cpu" picks phases (default: all, in that order).
 #   Every phase has its own time limit, cut to what is left of SECONDS, so a slow phase never costs the
 #   ones after it their logs; the JSON files are written as they go (after every model).
 # Outputs under $OUT (default ./gpu-out), at most 8 files: run.log (summary), tests_first.log, tests.log,
-# bench.log, kernels.json, step.json, geoopt.json, triton_step.json (plots: bench_step.py --replot here).
+# bench.log, kernels.json, parts.json, step.json, geoopt.json, triton_step.json (plots: bench_step.py --replot
+# here). STEP_ARGS replaces bench_step.py's extra cases (default: --row-view --group-clip 1.0 --capturable).
 # Carry geoopt as a wheel in .whl/ to get the geoopt cases (benchmarks/README.md).
 set -u
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 BUDGET="${1:-480}"
-PHASES="${PHASES:-build first kernels step tests geoopt triton_step tests_cpu}"
+PHASES="${PHASES:-build first diag kernels parts step tests geoopt triton_step tests_cpu}"
 T0=$(date +%s)
 log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/run.log"; }
 want() { [[ " $PHASES " == *" $1 "* ]]; }
@@ -47,10 +48,24 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfE)
 FIRST=(tests/test_cuda_step.py tests/test_step_controls.py tests/test_packed_codes.py)
 
 # The CUDA kernels against the reference first, so that a broken kernel shows before any timing.
+# Beside them, the same checks of the Triton backend on the GPU (small shapes: compiling takes most of it).
 if want first; then
-  timeout "$(limit 90)" "${PYTEST[@]}" -n 8 "${FIRST[@]}" -k "not triton" >"$OUT/tests_first.log" 2>&1
+  L=$(limit 90)
+  ( timeout "$L" "${PYTEST[@]}" -n 6 "${FIRST[@]}" tests/test_triton.py \
+      -k "triton and cuda and (controls or packed) and not 7-7 and not 5-5 and not 8-8" >/tmp/first_triton.log 2>&1
+    echo "exit $?" >>/tmp/first_triton.log ) &
+  FT_PID=$!
+  timeout "$L" "${PYTEST[@]}" -n 10 "${FIRST[@]}" -k "not triton" >"$OUT/tests_first.log" 2>&1
   log "first: CUDA step kernels and controls vs reference, exit $?: $(tail -1 "$OUT/tests_first.log")"
+  wait $FT_PID
+  log "first (Triton on the GPU): $(tail -2 /tmp/first_triton.log | tr '\n' ' ')"
+  cat /tmp/first_triton.log >>"$OUT/tests_first.log"
   grep -E "^(FAILED|ERROR)" "$OUT/tests_first.log" | head -10 | tee -a "$OUT/run.log"
+fi
+# A diagnostic command of the session's own (DIAG), its output in run.log.
+if want diag && [ -n "${DIAG:-}" ]; then
+  timeout "$(limit 60)" bash -c "$DIAG" >>"$OUT/run.log" 2>&1
+  log "diag exit $?"
 fi
 
 # Timings next, on an idle machine (nothing else running). ResNet-101 first: the targets' model.
@@ -60,10 +75,15 @@ if want kernels; then
     --out "$OUT/kernels.json" >>"$OUT/bench.log" 2>&1
   log "bench_kernels exit $?"
 fi
+if want parts; then
+  timeout "$(limit 60)" "$PY" benchmarks/step_parts.py --models "$MODELS" --out "$OUT/parts.json" >>"$OUT/bench.log" 2>&1
+  log "step_parts exit $?"
+fi
 if want step; then
+  # shellcheck disable=SC2086
   timeout "$(limit 150)" "$PY" benchmarks/bench_step.py --models "$MODELS" --backends cuda --geoopt-models none \
-    --torch-backend-models none --repeats 50 --row-view --group-clip 1.0 --capturable --no-plot --out "$OUT/step.json" \
-    >>"$OUT/bench.log" 2>&1
+    --torch-backend-models none --repeats 50 ${STEP_ARGS:---row-view --group-clip 1.0 --capturable} --no-plot \
+    --out "$OUT/step.json" >>"$OUT/bench.log" 2>&1
   log "bench_step exit $?"
 fi
 
@@ -88,7 +108,8 @@ fi
 if want geoopt && "$PY" -c "import geoopt" 2>/dev/null; then
   timeout "$(limit 120)" "$PY" benchmarks/bench_step.py --models "${GEOOPT_MODELS:-resnet50,resnet101}" --backends cuda \
     --mixes sphere+oblique+stiefel --retractions default --geoopt-models all --torch-backend-models none \
-    --slow-cases 'sphere\+oblique\+stiefel normalize/qr$' --slow-warmup 1 --slow-repeats 2 --repeats 30 --no-plot \
+    --slow-cases 'sphere\+oblique\+stiefel normalize/qr$' --slow-warmup 1 --slow-repeats "${GEOOPT_REPEATS:-2}" \
+    --repeats 30 --no-plot \
     --out "$OUT/geoopt.json" >>"$OUT/bench.log" 2>&1
   log "bench_step geoopt exit $?"
 fi

@@ -9,11 +9,12 @@ than 64 entries go to the pure-torch backend.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 
 import torch
 
-from . import checks, controls, dispatch
+from . import checks, controls, dispatch, streams
 
 
 def component_view(t: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -58,7 +59,7 @@ def group_step_sizes(impl, ps, gs, codes, rescale, group_index_of, num_groups, *
 
 def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, weight_decay, group_clip,
                   stabilize, backend, cache, views=None, group_index=None, capturable=False, found_inf=None,
-                  grad_scale=None):
+                  grad_scale=None, overlap=None):
     """One step of the manifold parameters of a group; ``states`` are the optimizer's per-parameter states.
 
     Every state holds ``shape`` (A, B), ``codes`` (uint8 (N,), or packed: fgsgd_cuda/codes.py),
@@ -70,6 +71,10 @@ def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, w
     step, stabilize) and increment, ``lr`` may be a one-element tensor, and ``found_inf`` (a float32 flag)
     skips the step on the device, ``grad_scale`` (GradScaler's scale) is read by the kernels that unscale the
     gradients on the fly (fgsgd_cuda/controls.py): no host synchronisation.
+
+    On CUDA every batch but the largest runs on a side stream (fgsgd_cuda/streams.py), beside the largest:
+    ``overlap`` is the caller's :class:`~fgsgd_cuda.streams.Overlap`, joined by the caller at the end of its step
+    (None: one made here, joined before returning).
     """
     batches = defaultdict(list)
     for k, (p, st) in enumerate(zip(params, states)):
@@ -79,40 +84,55 @@ def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, w
         stab = None if capturable else bool(stabilize) and (st["step"] + 1) % int(stabilize) == 0
         name = backend if a * b <= checks.MAX_ELEMS or checks.is_row_shape(a, b) else "torch"
         batches[(a, b, first, stab, st.get("rescale") is not None, name)].append(k)
-    new_buffers = {}
-    for (a, b, first, stab, has_r, name), idx in batches.items():
-        impl = dispatch.get(name, params[idx[0]].device)
-        shape = (a, b)
-        ps = [cached_view(views, params[k], shape) for k in idx]
-        gs = [component_view(grads[k].contiguous(), shape) for k in idx]
-        if momentum != 0:
-            for k in idx:
-                if first:
-                    new_buffers[k] = torch.empty_like(params[k])
-            ms = ([component_view(new_buffers[k], shape) for k in idx] if first else
-                  [cached_view(views, states[k]["momentum_buffer"], shape) for k in idx])
-        else:
-            ms = []
-        codes = [states[k]["codes"] for k in idx]
-        rescale = [states[k]["rescale"] for k in idx] if has_r else []
-        gidx, gscale = [], []
-        if group_clip is not None:
-            if group_index is None:
-                raise ValueError("group_index: group_clip needs the groups of every component")
-            gidx, gscale = group_step_sizes(impl, ps, gs, codes, rescale, lambda j: group_index(idx[j]),
-                                            [states[k]["num_groups"] for k in idx], weight_decay=weight_decay,
-                                            group_clip=group_clip, cache=cache,
-                                            key=tuple(id(params[k]) for k in idx))
-        if capturable:
-            lr_t = lr if isinstance(lr, torch.Tensor) else None
-            controls.step(impl, ps, gs, ms, codes, rescale, gidx, gscale, 0.0 if lr_t is not None else lr, momentum,
-                          dampening, nesterov, weight_decay, first, False, [states[k]["step"] for k in idx],
-                          found_inf, lr_t, int(stabilize or 0), grad_scale)
-        else:
-            impl.step_(ps, gs, ms, codes, rescale, gidx, gscale, lr, momentum, dampening, nesterov, weight_decay,
-                       first, stab)
+    # buffers made on the current stream, before any launch on the side stream
+    new_buffers = {k: torch.empty_like(params[k]) for (*_, first, _, _, _), idx in batches.items() if first
+                   for k in idx}
+    own = overlap is None
+    overlap = streams.Overlap() if own else overlap
+    largest = max(batches, key=lambda key: sum(params[k].numel() for k in batches[key]), default=None)
+    for key, idx in batches.items():
+        with contextlib.nullcontext() if key == largest else overlap.side(params[idx[0]].device):
+            _batch_step(key, idx, params, grads, states, new_buffers, lr=lr, momentum=momentum, dampening=dampening,
+                        nesterov=nesterov, weight_decay=weight_decay, group_clip=group_clip, stabilize=stabilize,
+                        cache=cache, views=views, group_index=group_index, capturable=capturable,
+                        found_inf=found_inf, grad_scale=grad_scale)
+    if own:
+        overlap.join()
     for k, buf in new_buffers.items():
         states[k]["momentum_buffer"] = buf
     if not capturable:  # else the step counted on the device
         for st in states:
             st["step"] += 1
+
+
+def _batch_step(key, idx, params, grads, states, new_buffers, *, lr, momentum, dampening, nesterov, weight_decay,
+                group_clip, stabilize, cache, views, group_index, capturable, found_inf, grad_scale):
+    """One batch of manifold_step (one component shape and set of flags): one call of the backend."""
+    a, b, first, stab, has_r, name = key
+    impl = dispatch.get(name, params[idx[0]].device)
+    shape = (a, b)
+    ps = [cached_view(views, params[k], shape) for k in idx]
+    gs = [component_view(grads[k].contiguous(), shape) for k in idx]
+    if momentum != 0:
+        ms = ([component_view(new_buffers[k], shape) for k in idx] if first else
+              [cached_view(views, states[k]["momentum_buffer"], shape) for k in idx])
+    else:
+        ms = []
+    codes = [states[k]["codes"] for k in idx]
+    rescale = [states[k]["rescale"] for k in idx] if has_r else []
+    gidx, gscale = [], []
+    if group_clip is not None:
+        if group_index is None:
+            raise ValueError("group_index: group_clip needs the groups of every component")
+        gidx, gscale = group_step_sizes(impl, ps, gs, codes, rescale, lambda j: group_index(idx[j]),
+                                        [states[k]["num_groups"] for k in idx], weight_decay=weight_decay,
+                                        group_clip=group_clip, cache=cache,
+                                        key=tuple(id(params[k]) for k in idx))
+    if capturable:
+        lr_t = lr if isinstance(lr, torch.Tensor) else None
+        controls.step(impl, ps, gs, ms, codes, rescale, gidx, gscale, 0.0 if lr_t is not None else lr, momentum,
+                      dampening, nesterov, weight_decay, first, False, [states[k]["step"] for k in idx],
+                      found_inf, lr_t, int(stabilize or 0), grad_scale)
+    else:
+        impl.step_(ps, gs, ms, codes, rescale, gidx, gscale, lr, momentum, dampening, nesterov, weight_decay,
+                   first, stab)

@@ -11,7 +11,7 @@ import torch
 from torch.optim.optimizer import Optimizer
 from torch.optim.sgd import sgd
 
-from . import checks, dispatch
+from . import checks, dispatch, streams
 from . import codes as _codes
 from .functional import component_view, manifold_step
 from .grouping import MEMBERSHIP_OPTIONS, Grouping, make_grouping, membership
@@ -80,18 +80,32 @@ class FGSGD(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay, maximize=False, **{**MANIFOLD_DEFAULTS, **manifold_options})
         self._init_projx = init_projx
-        self._group_cache: dict = {}
-        self._view_cache: dict = {}  # component views of weights and momentum buffers (functional.cached_view)
+        self._init_runtime()
         # the initial projections wait until every group is checked: a bad group leaves the weights alone
         self._pending_projx: list | None = []
         super().__init__(params, defaults)
         #: GradScaler passes grad_scale / found_inf to a capturable step instead of synchronising
         self._step_supports_amp_scaling = bool(self.defaults["capturable"])
-        self._finite_flags: dict = {}  # capturable check_finite: device -> persistent (found_inf, one)
         pending, self._pending_projx = self._pending_projx, None
         with torch.no_grad():
             for args in pending:
                 self._projx_views(*args)
+
+    def _init_runtime(self) -> None:
+        """What a step keeps besides the state (caches, side streams, flags): made anew, never saved."""
+        self._group_cache: dict = {}
+        self._view_cache: dict = {}  # component views of weights and momentum buffers (functional.cached_view)
+        self._overlap = streams.Overlap()  # CUDA: the small launches of a step on a side stream
+        self._finite_flags: dict = {}  # capturable check_finite: device -> persistent (found_inf, one)
+
+    def __setstate__(self, state: dict) -> None:
+        """copy.deepcopy and pickle keep torch's Optimizer state (defaults, state, param_groups); the rest is made
+        anew here."""
+        super().__setstate__(state)
+        self._init_runtime()
+        self._init_projx = True
+        self._pending_projx = None
+        self._step_supports_amp_scaling = bool(self.defaults["capturable"])
 
     # ---------------------------------------------------------------- construction
     def add_param_group(self, param_group: dict) -> None:
@@ -456,6 +470,13 @@ class FGSGD(Optimizer):
             if group["manifolds"] and group["group_clip"] is not None:
                 for p in params:
                     self._group_index(p)
+        try:
+            self._step_groups(work, found_inf, grad_scale)
+        finally:
+            self._overlap.join()  # the side stream's launches are part of this step
+        return loss
+
+    def _step_groups(self, work, found_inf, grad_scale) -> None:
         for group, params, grads in work:
             if not params:
                 continue
@@ -472,7 +493,7 @@ class FGSGD(Optimizer):
                                   group_index=lambda k, ps=ps: self._group_index(ps[k]),
                                   capturable=group["capturable"], found_inf=_flag_for(found_inf, device),
                                   grad_scale=_flag_for(grad_scale, device) if self._unscales_in_kernel(group)
-                                  else None)
+                                  else None, overlap=self._overlap)
             elif group["capturable"]:
                 self._euclidean_capturable(group, params, grads, found_inf, grad_scale)
             else:
@@ -484,7 +505,6 @@ class FGSGD(Optimizer):
                 if group["momentum"] != 0 and new_buffers:  # sgd made buffers where there were none
                     for p, buf in zip(params, bufs):
                         self.state[p]["momentum_buffer"] = buf
-        return loss
 
 
 def _by_device(tensors) -> dict:

@@ -261,3 +261,28 @@ def test_finite_screen_false_alarm_and_negative_inf(bad):
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[\d+\].*inf or nan"):
         opt.step()
     assert_same(snapshot(params, opt), before)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_optimizer_steps_like_the_original(how):
+    """copy.deepcopy / pickle of a stepped FGSGD (torch keeps defaults, state and param_groups; the step's caches
+    and side streams are made anew): the copy's next step equals the original's, bit for bit, with group_clip."""
+    import copy
+    import pickle
+    model = small_cnn()
+    opt = FGSGD(param_groups(model, group_size=4, group_clip=1.0), lr=0.05, momentum=0.9)
+    for k in range(2):
+        loss_of(model, *batch(k)).backward()
+        opt.step()
+        opt.zero_grad()
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    loss_of(model, *batch(5)).backward()
+    for a, b in zip(opt.param_groups, twin.param_groups):
+        for p, q in zip(a["params"], b["params"]):
+            q.grad = p.grad.clone()
+    opt.step()
+    twin.step()
+    for a, b in zip(opt.param_groups, twin.param_groups):
+        for p, q in zip(a["params"], b["params"]):
+            assert torch.equal(p, q)
+            assert torch.equal(opt.state[p]["momentum_buffer"], twin.state[q]["momentum_buffer"])

@@ -1,6 +1,7 @@
 """The step's run-time controls (fgsgd_cuda/controls.py, csrc/fgsgd/step_control.h) on every backend: found_inf
 skips the whole step, a tensor lr replaces lr, per-tensor step counts decide first_step and stabilize and are
-incremented. A controlled step must give the same bits as the plain step with the flags the counts imply."""
+incremented. A controlled step must give the same bits as the plain step with the flags the counts imply (to
+rounding for Triton on a GPU: _same)."""
 from __future__ import annotations
 
 import zlib
@@ -39,6 +40,16 @@ def _clone(ts):
     return [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in t.items()} for t in ts]
 
 
+def _same(a, b, backend, device) -> bool:
+    """The controlled and the plain step agree: bit for bit, except the Triton backend on a GPU, where the two
+    are different generated kernels and Triton's compiler contracts a·b + c into FMAs per kernel (the lr from
+    memory or a constant, s_g with or without 1/scale), so they agree to rounding: ‖a − b‖ ≤ 16·eps·‖b‖
+    (ignoring a count or the scale moves them by O(1))."""
+    if not (backend == "triton" and torch.device(device).type == "cuda"):
+        return torch.equal(a, b)
+    return rel_err(a, b) <= 16 * torch.finfo(b.dtype).eps
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -57,7 +68,7 @@ def test_counts_and_lr_tensor_follow_the_plain_step(backend, device, dtype, shap
     assert [float(s) for s in steps] == [s + 1 for s in STEPS]
     tol = FP32_RTOL if dtype == torch.float32 else 1e-12
     for k, (a, b, t) in enumerate(zip(got, plain, ts)):
-        assert torch.equal(a["p"], b["p"]) and torch.equal(a["m"], b["m"]), f"tensor {k}"
+        assert _same(a["p"], b["p"], backend, device) and _same(a["m"], b["m"], backend, device), f"tensor {k}"
         p_ref, m_ref = R.step(t["p"].double(), t["g"].double(), t["m"].double(), t["codes"], t["r"].double(), None,
                               lr=float(lr_t), first_step=STEPS[k] == 0, stabilize=(STEPS[k] + 1) % EVERY == 0, **HP)
         assert rel_err(a["p"], p_ref) <= tol and rel_err(a["m"], m_ref) <= tol, f"tensor {k}"
@@ -103,7 +114,7 @@ def test_grad_scale_reads_unscaled_gradients(backend, device, dtype, shape):
     g_before = [t["g"].clone() for t in scaled]
     _call(scaled, backend, lr=0.1, stabilize=True, grad_scale=torch.tensor(2.0 ** 13, device=device))
     for k, (a, b, g) in enumerate(zip(scaled, plain, g_before)):
-        assert torch.equal(a["p"], b["p"]) and torch.equal(a["m"], b["m"]), f"tensor {k}"
+        assert _same(a["p"], b["p"], backend, device) and _same(a["m"], b["m"], backend, device), f"tensor {k}"
         assert torch.equal(a["g"], g)
     three = _clone(ts)
     for t in three:

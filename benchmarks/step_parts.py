@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Where the GPU time of one FGSGD step goes (CUDA only): the whole step against its parts, each captured
+in a CUDA graph and replayed in interleaved rounds (bench_step.py's timer), on a ResNet parameter set.
+
+Cases (fp32, momentum 0.9, the main mix sphere+oblique+stiefel normalize/qr, as bench_step.py):
+
+- ``sgd-fused all``: torch.optim.SGD(fused=True) on every parameter (the baseline);
+- ``fgsgd all``: the whole FGSGD step (k×k filters on the manifolds, the rest on fused SGD), with the
+  small launches on a side stream (fgsgd_cuda/streams.py), and ``fgsgd all, one stream``
+  (FGSGD_CUDA_OVERLAP=0);
+- ``fgsgd 3x3``, ``fgsgd stem``, ``sgd-fused rest``: FGSGD on the 3×3 filters alone, on the other k×k
+  filters alone (ResNet's 7×7 stem), and fused SGD on the non-filter parameters alone.
+
+Writes JSON (``--out``) and prints a table: the parts show what the whole step costs beyond the sum of
+its bandwidth-bound parts.
+"""
+from __future__ import annotations
+
+import torch
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_step as B  # noqa: E402
+from fgsgd_cuda import FGSGD  # noqa: E402
+
+KINDS = B.MIXES[B.MAIN_MIX]
+RETRACTION = B.RETRACTION_SETS["default"]
+BACKEND = "cuda"
+
+
+def fgsgd_on(params, rest):
+    """FGSGD with ``params`` on the main mix and ``rest`` on fused SGD (bench_step.py's settings)."""
+    groups = [dict(params=params, manifolds=list(KINDS), collection="PIO", group_size=16,
+                   retraction=dict(RETRACTION), backend=BACKEND, check_finite=False, stabilize=50)] if params else []
+    if rest:
+        groups.append(dict(params=rest, manifolds=None, check_finite=False, fused=True))
+    return FGSGD(groups, lr=B.LR, momentum=B.MOMENTUM)
+
+
+def one_stream(step):
+    def run():
+        old = os.environ.get("FGSGD_CUDA_OVERLAP")
+        os.environ["FGSGD_CUDA_OVERLAP"] = "0"
+        try:
+            step()
+        finally:
+            if old is None:
+                os.environ.pop("FGSGD_CUDA_OVERLAP")
+            else:
+                os.environ["FGSGD_CUDA_OVERLAP"] = old
+    return run
+
+
+def run_model(name: str, repeats: int, inner: int, device="cuda") -> dict:
+    ps = B.make_param_set(name, B.model_shapes(name), device)
+
+    def fresh(select):
+        return [p for p, s in zip(B.fresh_params(ps), ps.shapes) if select(tuple(s))]
+
+    def whole():
+        params = B.fresh_params(ps)
+        return fgsgd_on([p for p in params if B.is_filter(p.shape)], [p for p in params if not B.is_filter(p.shape)])
+
+    is3 = (lambda s: B.is_filter(s) and s[2:] == (3, 3))
+    stem = (lambda s: B.is_filter(s) and s[2:] != (3, 3))
+    rest = (lambda s: not B.is_filter(s))
+    steps = {"sgd-fused all": torch.optim.SGD(fresh(lambda s: True), lr=B.LR, momentum=B.MOMENTUM, fused=True).step,
+             "fgsgd all": whole().step,
+             "fgsgd all, one stream": one_stream(whole().step),
+             "fgsgd 3x3": fgsgd_on(fresh(is3), []).step}
+    if any(stem(tuple(s)) for s in ps.shapes):
+        steps["fgsgd stem"] = fgsgd_on(fresh(stem), []).step
+    steps["sgd-fused rest"] = torch.optim.SGD(fresh(rest), lr=B.LR, momentum=B.MOMENTUM, fused=True).step
+    for step in steps.values():  # first steps (buffers) outside the graphs
+        step()
+    torch.cuda.synchronize()
+    graphs = {n: B.capture_step(s) for n, s in steps.items()}
+    times = B.replay_rounds(graphs, repeats, inner)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    base = med["sgd-fused all"]
+    return dict(params=ps.numel, filter_params=ps.filter_numel,
+                cases={n: dict(median_s=t, ratio_to_sgd_fused=t / base) for n, t in med.items()})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="resnet101,resnet50")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--inner", type=int, default=10)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("step_parts.py needs a CUDA GPU")
+    report = {"environment": dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                                  date=datetime.datetime.now().isoformat(),
+                                  command=" ".join([sys.executable] + sys.argv)),
+              "settings": dict(repeats=args.repeats, inner=args.inner, mix=B.MAIN_MIX, retraction="normalize/qr",
+                               timer="CUDA graph replays between CUDA events, interleaved rounds, median"),
+              "models": {}}
+    out = Path(args.out) if args.out else HERE / "results" / (
+        f"{B.slug(torch.cuda.get_device_name())}-{datetime.date.today().isoformat()}-parts.json")
+    for model in args.models.split(","):
+        r = report["models"][model] = run_model(model, args.repeats, args.inner)
+        out.write_text(json.dumps(report, indent=1))
+        print(f"\n== {model}: {r['params']:,} params, {r['filter_params']:,} in k×k filters")
+        for n, c in r["cases"].items():
+            print(f"{n:28s} {c['median_s'] * 1e6:9.1f} us  x{c['ratio_to_sgd_fused']:.3f}")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
