@@ -263,7 +263,9 @@ def test_capturable_step_replays_follow_eager_steps():
 
 def test_capturable_grad_scaler_skips_without_a_sync():
     """GradScaler with a capturable FGSGD on CUDA: an inf step changes nothing (the flag is read by the kernels),
-    and the finite steps after it equal those of a run that never had it."""
+    and the finite steps after it equal those of a run that never had it: the manifold parameters bit for bit;
+    the Euclidean ones to rounding, because torch's CUDA fused SGD kernel rounds p - lr·buf differently with and
+    without a grad_scale (last-bit differences, seen on an H100 with identical momentum buffers)."""
     m1, o1 = _capturable_setup(0.05)
     m2, o2 = _capturable_setup(0.05)
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10)
@@ -280,8 +282,12 @@ def test_capturable_grad_scaler_skips_without_a_sync():
             _set_grads(m2, k)
             o2.step()
     torch.cuda.synchronize()
+    manifold = {id(p) for g in o1.param_groups if g["manifolds"] for p in g["params"]}
     for a, b in zip(m1.parameters(), m2.parameters()):
-        assert torch.equal(a, b)
+        if id(a) in manifold:
+            assert torch.equal(a, b)
+        else:  # a step that was not skipped moves these by lr·g ~ 0.05
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def _ops_per_step(depth: int) -> tuple[int, int]:
