@@ -9,7 +9,9 @@ Cases (fp32, momentum 0.9, the main mix sphere+oblique+stiefel normalize/qr, as 
   small launches on a side stream (fgsgd_cuda/streams.py), and ``fgsgd all, one stream``
   (FGSGD_CUDA_OVERLAP=0);
 - ``fgsgd 3x3``, ``fgsgd stem``, ``sgd-fused rest``: FGSGD on the 3×3 filters alone, on the other k×k
-  filters alone (ResNet's 7×7 stem), and fused SGD on the non-filter parameters alone.
+  filters alone (ResNet's 7×7 stem), and fused SGD on the non-filter parameters alone;
+- ``..., 32-thread blocks``: the stem and the whole step with FGSGD_CUDA_SMALL_BLOCKS=1 (csrc/cuda/kernels.cu:
+  a small launch of non-3×3 components in blocks of 32 threads).
 
 Writes JSON (``--out``) and prints a table: the parts show what the whole step costs beyond the sum of
 its bandwidth-bound parts.
@@ -45,17 +47,18 @@ def fgsgd_on(params, rest):
     return FGSGD(groups, lr=B.LR, momentum=B.MOMENTUM)
 
 
-def one_stream(step):
+def with_env(step, name: str, value: str):
+    """step run with the environment variable name=value (read by the launchers at capture time)."""
     def run():
-        old = os.environ.get("FGSGD_CUDA_OVERLAP")
-        os.environ["FGSGD_CUDA_OVERLAP"] = "0"
+        old = os.environ.get(name)
+        os.environ[name] = value
         try:
             step()
         finally:
             if old is None:
-                os.environ.pop("FGSGD_CUDA_OVERLAP")
+                os.environ.pop(name)
             else:
-                os.environ["FGSGD_CUDA_OVERLAP"] = old
+                os.environ[name] = old
     return run
 
 
@@ -74,10 +77,12 @@ def run_model(name: str, repeats: int, inner: int, device="cuda") -> dict:
     rest = (lambda s: not B.is_filter(s))
     steps = {"sgd-fused all": torch.optim.SGD(fresh(lambda s: True), lr=B.LR, momentum=B.MOMENTUM, fused=True).step,
              "fgsgd all": whole().step,
-             "fgsgd all, one stream": one_stream(whole().step),
+             "fgsgd all, one stream": with_env(whole().step, "FGSGD_CUDA_OVERLAP", "0"),
              "fgsgd 3x3": fgsgd_on(fresh(is3), []).step}
     if any(stem(tuple(s)) for s in ps.shapes):
         steps["fgsgd stem"] = fgsgd_on(fresh(stem), []).step
+        steps["fgsgd stem, 32-thread blocks"] = with_env(fgsgd_on(fresh(stem), []).step, "FGSGD_CUDA_SMALL_BLOCKS", "1")
+        steps["fgsgd all, 32-thread blocks"] = with_env(whole().step, "FGSGD_CUDA_SMALL_BLOCKS", "1")
     steps["sgd-fused rest"] = torch.optim.SGD(fresh(rest), lr=B.LR, momentum=B.MOMENTUM, fused=True).step
     for step in steps.values():  # first steps (buffers) outside the graphs
         step()

@@ -3,6 +3,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "../fgsgd/group_scale.h"
 #include "rows.cuh"
 #include "staged.cuh"
@@ -26,13 +28,14 @@ __global__ void __launch_bounds__(kThreads) unary_kernel(S s, UnaryArgs<T> a) {
   }
 }
 
-// One thread per component; the block's tensor is found by a scan that is uniform across the block.
-template <Op OP, class S, class T>
-__global__ void __launch_bounds__(kThreads) slot_kernel(S s, const SlotTable<T> table, const Extra<T> x) {
+// One thread per component, kBlock per block (the table's per_block); the block's tensor is found by a scan
+// that is uniform across the block.
+template <Op OP, int kBlock, class S, class T>
+__global__ void __launch_bounds__(kBlock) slot_kernel(S s, const SlotTable<T> table, const Extra<T> x) {
   const int64_t b = blockIdx.x;
   const int t = slot_of_block(table, b);
   const TensorSlot<T>& slot = table.slot[t];
-  const int64_t i = (b - table.block_start[t]) * kThreads + threadIdx.x;
+  const int64_t i = (b - table.block_start[t]) * kBlock + threadIdx.x;
   if (i >= slot.n) return;
   if constexpr (OP == Op::kStep) {
     if (!step_skipped(x.ctl)) step_at(s, slot, resolve_step(x.h, x.ctl, slot.step), i);
@@ -113,28 +116,28 @@ void launch_step(Fixed<3, 3> s, const SlotTable<T>& table, const Extra<T>& x, in
       staged_step_kernel<true><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
       break;
     case StepKernel::kThread:
-      slot_kernel<Op::kStep><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+      slot_kernel<Op::kStep, kThreads><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
       break;
   }
 }
 
 template <class T>
 void launch_step(Dyn s, const SlotTable<T>& table, const Extra<T>& x, int64_t blocks, cudaStream_t stream) {
-  slot_kernel<Op::kStep><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+  slot_kernel<Op::kStep, kThreads><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
 }
 
 // tangent_sqnorm: staged for 3×3 components (one thread per component with FGSGD_CUDA_STEP=thread).
 template <class T>
 void launch_sqnorm(Fixed<3, 3> s, const SlotTable<T>& table, const Extra<T>& x, int64_t blocks, cudaStream_t stream) {
   if (step_kernel_choice() == StepKernel::kThread)
-    slot_kernel<Op::kSqnorm><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+    slot_kernel<Op::kSqnorm, kThreads><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
   else
     staged_sqnorm_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
 }
 
 template <class T>
 void launch_sqnorm(Dyn s, const SlotTable<T>& table, const Extra<T>& x, int64_t blocks, cudaStream_t stream) {
-  slot_kernel<Op::kSqnorm><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+  slot_kernel<Op::kSqnorm, kThreads><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
 }
 
 template <Op OP, class T>
@@ -163,6 +166,30 @@ cudaError_t launch_rows(const TensorSlot<T>* slots, int count, int64_t n, const 
   return cudaSuccess;
 }
 
+// The SMs of the current device (cached per device).
+inline int sm_count() {
+  static int cached[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 1;
+  if (cached[dev] == 0) {
+    int v = 0;
+    cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
+    cached[dev] = v > 0 ? v : 1;
+  }
+  return cached[dev];
+}
+
+// A small launch of components other than 3×3 (ResNet's 7×7 stem: 192 components, 2 blocks of 128 threads on
+// 2 SMs; 103 µs on an H100, benchmarks/step_parts.py) is latency-bound: one thread per component, its arrays
+// in local memory, 128 threads' worth of them more than an SM's L1 holds. With FGSGD_CUDA_SMALL_BLOCKS=1 a
+// launch of fewer blocks than the GPU has SMs runs blocks of kSmallBlock threads instead: 4× the SMs, a
+// quarter of the local memory per SM. Opt-in until measured on a GPU.
+constexpr int kSmallBlock = 32;
+inline bool small_blocks(int64_t blocks) {
+  const char* v = getenv("FGSGD_CUDA_SMALL_BLOCKS");
+  return v != nullptr && strcmp(v, "1") == 0 && blocks < sm_count();
+}
+
 template <Op OP, class T>
 cudaError_t launch_slots(const TensorSlot<T>* slots, int count, int A, int B, const Extra<T>& x, cudaStream_t stream) {
   if constexpr (OP == Op::kStep || OP == Op::kSqnorm) {
@@ -173,13 +200,21 @@ cudaError_t launch_slots(const TensorSlot<T>* slots, int count, int A, int B, co
     const int64_t blocks = table.block_start[table.count];
     if (blocks == 0) continue;
     with_shape(A, B, [&](auto s) {
+      if constexpr (std::is_same_v<decltype(s), Dyn> && (OP == Op::kStep || OP == Op::kSqnorm)) {
+        if (small_blocks(blocks)) {  // the same slots, kSmallBlock components per block
+          const SlotTable<T> small = next_table(slots, count, first, kSmallBlock);
+          slot_kernel<OP, kSmallBlock><<<unsigned(small.block_start[small.count]), kSmallBlock, 0, stream>>>(s, small, x);
+          if constexpr (OP == Op::kStep) launch_count_steps(small, x.ctl, stream);
+          return;
+        }
+      }
       if constexpr (OP == Op::kStep) {
         launch_step(s, table, x, blocks, stream);
         launch_count_steps(table, x.ctl, stream);
       } else if constexpr (OP == Op::kSqnorm) {
         launch_sqnorm(s, table, x, blocks, stream);
       } else
-        slot_kernel<OP><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+        slot_kernel<OP, kThreads><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
     });
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
