@@ -304,6 +304,9 @@ def build_geoopt(kinds, retraction):
         tensors = []
         for (code, a, b), (bp, bg) in buckets.items():
             x, g = torch.cat(bp), torch.cat(bg)
+            # onto the manifold with FGSGD's projx (geoopt's Stiefel projx is a batched SVD: on a GPU it cost
+            # more than the steps being timed); the same points as FGSGD starts from
+            x = fgsgd_cuda.ops.projx(x, code)
             man = C.manifold_of(code)
             if man == "sphere":                       # ‖x‖_F = 1: a vector of A·B entries
                 x, g = x.reshape(-1, a * b), g.reshape(-1, a * b)
@@ -313,8 +316,6 @@ def build_geoopt(kinds, retraction):
                 t = torch.nn.Parameter(x.clone())
             else:
                 t = geoopt.ManifoldParameter(x.clone(), manifold=manifold_of_code[code]())
-                with torch.no_grad():
-                    t.proj_()
             t.grad = g.clone()
             tensors.append(t)
         for p, g in zip(rest, rest_g):
