@@ -22,7 +22,6 @@ import torch
 import argparse
 import datetime
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -61,21 +60,6 @@ def timed_graphs(fns: dict, repeats: int, inner: int) -> dict:
     return {n: statistics.median(t) for n, t in B.replay_rounds(graphs, repeats, inner).items()}
 
 
-def with_variant(fn, variant: str):
-    """fn run with FGSGD_CUDA_STEP=variant (read by the launcher at capture time)."""
-    def run():
-        old = os.environ.get("FGSGD_CUDA_STEP")
-        os.environ["FGSGD_CUDA_STEP"] = variant
-        try:
-            fn()
-        finally:
-            if old is None:
-                os.environ.pop("FGSGD_CUDA_STEP", None)
-            else:
-                os.environ["FGSGD_CUDA_STEP"] = old
-    return run
-
-
 def run_model(model: str, mixes, repeats: int, inner: int, device) -> dict:
     gen = torch.Generator().manual_seed(0)
     ts = filters(model, device, gen)
@@ -101,16 +85,17 @@ def run_model(model: str, mixes, repeats: int, inner: int, device) -> dict:
         for variant in ("staged", "sorted", "thread"):
             step = (lambda ps=ps, gs=gs, ms=ms, codes=codes: torch.ops.fgsgd.step_(
                 ps, gs, ms, codes, [], [], [], 0.01, 0.9, 0.0, False, 0.0, False, False))
-            fns[f"fgsgd {variant} {mix}"] = with_variant(step, variant)
+            fns[f"fgsgd {variant} {mix}"] = B.with_env(step, "FGSGD_CUDA_STEP", variant)
         if mix == "mix":  # group_clip's first pass, ‖ξ_i‖² (reads p and g: 8 B per parameter), staged or not
             for variant in ("staged", "thread"):
-                fns[f"fgsgd sqnorm {variant} mix"] = with_variant(
-                    lambda ps=ps, gs=gs, codes=codes: torch.ops.fgsgd.tangent_sqnorm(ps, gs, codes, [], 0.0), variant)
+                fns[f"fgsgd sqnorm {variant} mix"] = B.with_env(
+                    lambda ps=ps, gs=gs, codes=codes: torch.ops.fgsgd.tangent_sqnorm(ps, gs, codes, [], 0.0),
+                    "FGSGD_CUDA_STEP", variant)
         if mix == "mix":  # the codes as FGSGD keeps them: 2 bits per component (fgsgd_cuda.codes.pack)
             packed = [C.pack(c) for c in codes]
-            fns["fgsgd staged mix packed"] = with_variant(
+            fns["fgsgd staged mix packed"] = B.with_env(
                 lambda ps=ps, gs=gs, ms=ms, codes=packed: torch.ops.fgsgd.step_(
-                    ps, gs, ms, codes, [], [], [], 0.01, 0.9, 0.0, False, 0.0, False, False), "staged")
+                    ps, gs, ms, codes, [], [], [], 0.01, 0.9, 0.0, False, 0.0, False, False), "FGSGD_CUDA_STEP", "staged")
     med = timed_graphs(fns, repeats, inner)
     copy_gbps = 8 * n / med["copy"] / 1e9
     rows = {}

@@ -603,6 +603,22 @@ def run_model(ps: ParamSet, cases: list[Case], device, args, timer: Timer, log) 
         log("  WARNING: an optimizer modified the shared gradients; later cases saw other gradients")
 
 
+def with_env(step, name: str, value: str):
+    """step run with the environment variable name=value, restored after: the launchers read their switches
+    (FGSGD_CUDA_STEP, FGSGD_CUDA_OVERLAP, ...) at every launch, so a CUDA graph keeps what its capture saw."""
+    def run():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            step()
+        finally:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+    return run
+
+
 def capture_step(step, warmup: int = 2) -> "torch.cuda.CUDAGraph":
     """One optimizer step captured in a CUDA graph (warmed up on a side stream first, as torch asks).
 

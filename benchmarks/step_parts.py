@@ -23,7 +23,6 @@ import torch
 import argparse
 import datetime
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -47,21 +46,6 @@ def fgsgd_on(params, rest):
     return FGSGD(groups, lr=B.LR, momentum=B.MOMENTUM)
 
 
-def with_env(step, name: str, value: str):
-    """step run with the environment variable name=value (read by the launchers at capture time)."""
-    def run():
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            step()
-        finally:
-            if old is None:
-                os.environ.pop(name)
-            else:
-                os.environ[name] = old
-    return run
-
-
 def run_model(name: str, repeats: int, inner: int, device="cuda") -> dict:
     ps = B.make_param_set(name, B.model_shapes(name), device)
 
@@ -77,12 +61,12 @@ def run_model(name: str, repeats: int, inner: int, device="cuda") -> dict:
     rest = (lambda s: not B.is_filter(s))
     steps = {"sgd-fused all": torch.optim.SGD(fresh(lambda s: True), lr=B.LR, momentum=B.MOMENTUM, fused=True).step,
              "fgsgd all": whole().step,
-             "fgsgd all, one stream": with_env(whole().step, "FGSGD_CUDA_OVERLAP", "0"),
+             "fgsgd all, one stream": B.with_env(whole().step, "FGSGD_CUDA_OVERLAP", "0"),
              "fgsgd 3x3": fgsgd_on(fresh(is3), []).step}
     if any(stem(tuple(s)) for s in ps.shapes):
         steps["fgsgd stem"] = fgsgd_on(fresh(stem), []).step
-        steps["fgsgd stem, 32-thread blocks"] = with_env(fgsgd_on(fresh(stem), []).step, "FGSGD_CUDA_SMALL_BLOCKS", "1")
-        steps["fgsgd all, 32-thread blocks"] = with_env(whole().step, "FGSGD_CUDA_SMALL_BLOCKS", "1")
+        steps["fgsgd stem, 32-thread blocks"] = B.with_env(fgsgd_on(fresh(stem), []).step, "FGSGD_CUDA_SMALL_BLOCKS", "1")
+        steps["fgsgd all, 32-thread blocks"] = B.with_env(whole().step, "FGSGD_CUDA_SMALL_BLOCKS", "1")
     steps["sgd-fused rest"] = torch.optim.SGD(fresh(rest), lr=B.LR, momentum=B.MOMENTUM, fused=True).step
     for step in steps.values():  # first steps (buffers) outside the graphs
         step()
