@@ -124,6 +124,31 @@ def test_optimizer_on_cuda_follows_cpu(dtype, options):
         assert rel_err(a, b) <= tol, f"parameter {k}: {rel_err(a, b):.3g}"
 
 
+SMALL_BLOCKS = [pytest.param("0", id="128-thread-blocks"), pytest.param("1", id="32-thread-blocks")]
+
+
+@pytest.mark.parametrize("small_blocks", SMALL_BLOCKS)
+def test_side_stream_and_small_blocks(monkeypatch, small_blocks):
+    """The 5×5 filters' launch on the side stream (fgsgd_cuda/streams.py), with 128- or 32-thread blocks
+    (FGSGD_CUDA_SMALL_BLOCKS): the same bits as on one stream, the side stream was used, and the weights follow
+    the CPU backend."""
+    monkeypatch.setenv("FGSGD_CUDA_SMALL_BLOCKS", small_blocks)
+    monkeypatch.setenv("FGSGD_CUDA_OVERLAP", "0")
+    one = _train("cuda", "cuda", torch.float32, group_clip=0.5, stabilize=2)
+    monkeypatch.setenv("FGSGD_CUDA_OVERLAP", "1")
+    two = _train("cuda", "cuda", torch.float32, group_clip=0.5, stabilize=2)
+    ref = _train("cpu", "cpu", torch.float32, group_clip=0.5, stabilize=2)
+    for k, (a, b, c) in enumerate(zip(one, two, ref)):
+        assert torch.equal(a, b), f"parameter {k}"
+        assert rel_err(b, c) <= 10 * FP32_RTOL, f"parameter {k}: {rel_err(b, c):.3g}"
+    model = _model(3).cuda()
+    opt = FGSGD(param_groups(model, group_size=4), lr=0.05, momentum=0.9, backend="cuda")
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt._overlap._streams, "the 5×5 launch did not run on a side stream"
+
+
 def _rows_model(dtype=torch.float32, seed=0) -> nn.Sequential:
     """3×3 filters, then 1×1 convs and a linear weight whose row-view rows are 80 or 96 entries long."""
     torch.manual_seed(seed)
@@ -167,9 +192,11 @@ def _captured_setup(seed=0):
     return model, opt
 
 
-def test_step_captured_in_cuda_graph():
-    """After a warm-up step, the step (group step sizes included) captures into a CUDA graph, and replays
-    give the same bits as eager steps."""
+@pytest.mark.parametrize("small_blocks", SMALL_BLOCKS)
+def test_step_captured_in_cuda_graph(monkeypatch, small_blocks):
+    """After a warm-up step, the step (group step sizes included; the 5×5 launch on the side stream, in 128- or
+    32-thread blocks) captures into a CUDA graph, and replays give the same bits as eager steps."""
+    monkeypatch.setenv("FGSGD_CUDA_SMALL_BLOCKS", small_blocks)
     eager_model, eager_opt = _captured_setup()
     graph_model, graph_opt = _captured_setup()
     for opt in (eager_opt, graph_opt):
