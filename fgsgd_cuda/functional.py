@@ -9,7 +9,6 @@ than 64 entries go to the pure-torch backend.
 """
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 
 import torch
@@ -89,13 +88,17 @@ def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, w
                    for k in idx}
     own = overlap is None
     overlap = streams.Overlap() if own else overlap
-    largest = max(batches, key=lambda key: sum(params[k].numel() for k in batches[key]), default=None)
+    largest = (max(batches, key=lambda key: sum(params[k].numel() for k in batches[key])) if len(batches) > 1
+               else None)
+    hp = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+              group_clip=group_clip, stabilize=stabilize, cache=cache, views=views, group_index=group_index,
+              capturable=capturable, found_inf=found_inf, grad_scale=grad_scale)
     for key, idx in batches.items():
-        with contextlib.nullcontext() if key == largest else overlap.side(params[idx[0]].device):
-            _batch_step(key, idx, params, grads, states, new_buffers, lr=lr, momentum=momentum, dampening=dampening,
-                        nesterov=nesterov, weight_decay=weight_decay, group_clip=group_clip, stabilize=stabilize,
-                        cache=cache, views=views, group_index=group_index, capturable=capturable,
-                        found_inf=found_inf, grad_scale=grad_scale)
+        if largest is None or key == largest:
+            _batch_step(key, idx, params, grads, states, new_buffers, **hp)
+        else:
+            with overlap.side(params[idx[0]].device):
+                _batch_step(key, idx, params, grads, states, new_buffers, **hp)
     if own:
         overlap.join()
     for k, buf in new_buffers.items():
