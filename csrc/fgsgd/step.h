@@ -72,15 +72,11 @@ FGSGD_HD void step_update(const S& s, int code, const T* w, T* xi, T* m, T r, co
   T d[S::kCap], buf[S::kCap];
   const bool use_m = h.momentum != E(0);
   if (use_m) {
-    if (h.first_step) {  // m is not read (nor loaded by the callers) on a first step
-      FGSGD_UNROLL
-      for (int i = 0; i < n; ++i) buf[i] = xi[i];
-    } else {
-      FGSGD_UNROLL
-      for (int i = 0; i < n; ++i) buf[i] = h.momentum * m[i] + (T(1) - h.dampening) * xi[i];  // step 3
-    }
     FGSGD_UNROLL
-    for (int i = 0; i < n; ++i) d[i] = -h.lr * (h.nesterov ? xi[i] + h.momentum * buf[i] : buf[i]);
+    for (int i = 0; i < n; ++i) {  // step 3
+      buf[i] = h.first_step ? xi[i] : h.momentum * m[i] + (T(1) - h.dampening) * xi[i];
+      d[i] = -h.lr * (h.nesterov ? xi[i] + h.momentum * buf[i] : buf[i]);
+    }
   } else {
     FGSGD_UNROLL
     for (int i = 0; i < n; ++i) d[i] = -h.lr * xi[i];
