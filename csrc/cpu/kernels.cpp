@@ -133,39 +133,37 @@ void norms(const UnaryArgs<T>& a, int A, int B) {
   with_shape(A, B, [&](auto s) { each(a.n, [&](int64_t i) { norms_at(s, a, i); }); });
 }
 
-// Row components (serial_row.h) and 3×3 components (fast.h) go to the fast path of the chosen instruction
-// set, one run of one tensor per call; the other shapes (and the scalar choice) to the per-component code.
+// Where a multi-tensor op runs: row components (serial_row.h) and 3×3 components (fast.h) on the fast path of
+// the chosen instruction set, one run of one tensor per call of rows(t, begin, end) or fast(t, begin, end); the
+// other shapes (and the scalar choice) per component, each(s, t, i) with the shape policy s.
+template <class T, class Rows, class Fast, class Each>
+void route(const std::vector<TensorSlot<T>>& slots, int A, int B, int isa, Rows&& rows, Fast&& fast, Each&& each) {
+  if (is_row_shape(A, B)) return each_range(slots, row_grain(A), rows);
+  if (isa != kScalar && fast_shape(A, B)) return each_range(slots, kGrain, fast);
+  with_shape(A, B, [&](auto s) { each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) { each(s, t, i); }); });
+}
+
 template <class T>
 void multi_step(const std::vector<TensorSlot<T>>& slots, int A, int B, const StepHParams<T>& h) {
   const int v = isa_state().load();
-  if (is_row_shape(A, B)) {
-    return each_range(slots, row_grain(A), [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
-      FGSGD_CALL_FAST(v, step_rows, t, h, A, begin, end);
-      cpu_rows::step_rows(t, h, A, begin, end);
-    });
-  }
-  if (v != kScalar && fast_shape(A, B)) {
-    return each_range(slots, kGrain, [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
-      FGSGD_CALL_FAST(v, step_range, t, h, A, B, begin, end);
-    });
-  }
-  with_shape(A, B, [&](auto s) { each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) { step_at(s, t, h, i); }); });
+  route(slots, A, B, v,
+        [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
+          FGSGD_CALL_FAST(v, step_rows, t, h, A, begin, end);
+          cpu_rows::step_rows(t, h, A, begin, end);
+        },
+        [&](const TensorSlot<T>& t, int64_t begin, int64_t end) { FGSGD_CALL_FAST(v, step_range, t, h, A, B, begin, end); },
+        [&](auto s, const TensorSlot<T>& t, int64_t i) { step_at(s, t, h, i); });
 }
 template <class T>
 void multi_sqnorm(const std::vector<TensorSlot<T>>& slots, int A, int B, T wd) {
   const int v = isa_state().load();
-  if (is_row_shape(A, B)) {
-    return each_range(slots, row_grain(A), [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
-      FGSGD_CALL_FAST(v, sqnorm_rows, t, wd, A, begin, end);
-      cpu_rows::sqnorm_rows(t, wd, A, begin, end);
-    });
-  }
-  if (v != kScalar && fast_shape(A, B)) {
-    return each_range(slots, kGrain, [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
-      FGSGD_CALL_FAST(v, sqnorm_range, t, wd, A, B, begin, end);
-    });
-  }
-  with_shape(A, B, [&](auto s) { each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) { sqnorm_at(s, t, wd, i); }); });
+  route(slots, A, B, v,
+        [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
+          FGSGD_CALL_FAST(v, sqnorm_rows, t, wd, A, begin, end);
+          cpu_rows::sqnorm_rows(t, wd, A, begin, end);
+        },
+        [&](const TensorSlot<T>& t, int64_t begin, int64_t end) { FGSGD_CALL_FAST(v, sqnorm_range, t, wd, A, B, begin, end); },
+        [&](auto s, const TensorSlot<T>& t, int64_t i) { sqnorm_at(s, t, wd, i); });
 }
 #undef FGSGD_CALL_FAST
 #undef FGSGD_CALL_AVX2
