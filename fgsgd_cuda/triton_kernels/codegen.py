@@ -555,15 +555,22 @@ def kernel_name(op: str, a: int, b: int, dtype: str, tag: str = "") -> str:
     return f"fgsgd_{op}_{a}x{b}_{dtype}{('_' + tag) if tag else ''}"
 
 
+def step_kernel_name(op, a, b, dtype, momentum, first_step, nesterov, stabilize, rescale, group, weight_decay,
+                     log_tensors, packed, controls) -> str:
+    """The name of a generated step kernel (components or rows): one letter per flag that is on."""
+    flags = "".join(ch if on else "_" for ch, on in zip("mfnsrgw", (momentum, first_step, nesterov, stabilize,
+                                                                     rescale, group, weight_decay)))
+    return kernel_name(op, a, b, dtype, f"{flags}{'P' if packed else ''}{'_C' + controls if controls else ''}"
+                                        f"_L{log_tensors}")
+
+
 def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, rescale, group, weight_decay,
                 log_tensors, packed=False, controls=""):
     """The fused FG-SGD step (reference.step) over all tensors of a call: read p, g, m once, write p, m once.
     ``controls`` (see _controls): "s" decides first_step and stabilize per tensor at run time (the flags are
     then False)."""
-    flags = "".join(ch if on else "_" for ch, on in zip("mfnsrgw", (momentum, first_step, nesterov, stabilize,
-                                                                     rescale, group, weight_decay)))
-    name = kernel_name("step", a, b, dtype, f"{flags}{'P' if packed else ''}{'_C' + controls if controls else ''}"
-                                            f"_L{log_tensors}")
+    name = step_kernel_name("step", a, b, dtype, momentum, first_step, nesterov, stabilize, rescale, group,
+                            weight_decay, log_tensors, packed, controls)
     n = a * b
     src = Src()
     _prologue_multi(src, dtype, log_tensors, hyper=True, packed=packed, bases={"gscale": "gsc_base"} if group else None)

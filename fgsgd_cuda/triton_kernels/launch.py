@@ -147,35 +147,26 @@ def _control_args(tab, found_inf, lr_tensor, grad_scale, stabilize_every) -> tup
             tab if grad_scale is None else grad_scale, every)
 
 
-def _run_rows(kind, params, rows, hyper=None, ctl=None, args=(), **flags):
-    """Row components (n×1, any n): one program per row (rows.py), BLOCK elements per chunk."""
-    n_row = params[0].shape[1]
-    rows = [r for r in rows if r[8] > 0]
-    if not rows:
-        return
-    tab, log_t, total = _table(rows, 1, params[0].device, hyper)
-    fn = kernel(kind, 0, 1, _dtype_name(params[0].dtype), log_tensors=log_t, **flags)
-    block = min(1024, triton.next_power_of_2(n_row))
-    extra = _control_args(tab, *ctl) if ctl else ()
-    with _quiet():
-        fn[(total,)](tab, n_row, *args, *extra, BLOCK=block, num_warps=4, num_stages=1)
-
-
 def _run(kind, params, rows, hyper=None, ctl=None, args=(), **flags):
     """One launch over the tensors of a call; ``ctl``: (found_inf, lr_tensor, grad_scale, stabilize_every) for a
-    kernel generated with run-time controls; ``args``: the kernel's own arguments after the table."""
-    if checks.is_row_shape(params[0].shape[1], params[0].shape[2]):
-        return _run_rows("row" + kind, params, rows, hyper, ctl, args, **flags)
-    a, b = params[0].shape[1], params[0].shape[2]
-    block, warps = config(a * b)
+    kernel generated with run-time controls; ``args``: the kernel's own arguments after the table. Row
+    components (n×1, n > 64) get one program per row (rows.py, BLOCK elements per chunk), the others one
+    program per BLOCK components."""
     rows = [r for r in rows if r[8] > 0]
     if not rows:
         return
-    tab, log_t, total = _table(rows, block, params[0].device, hyper)
+    a, b = params[0].shape[1], params[0].shape[2]
+    if checks.is_row_shape(a, b):
+        kind, lead, per_program = "row" + kind, (a,), 1
+        a, b, block, warps = 0, 1, min(1024, triton.next_power_of_2(params[0].shape[1])), 4
+    else:
+        block, warps = config(a * b)
+        lead, per_program = (), block
+    tab, log_t, total = _table(rows, per_program, params[0].device, hyper)
     fn = kernel(kind, a, b, _dtype_name(params[0].dtype), log_tensors=log_t, **flags)
     extra = _control_args(tab, *ctl) if ctl else ()
     with _quiet():
-        fn[(total,)](tab, *args, *extra, BLOCK=block, num_warps=warps, num_stages=1)
+        fn[(total,)](tab, *lead, *args, *extra, BLOCK=block, num_warps=warps, num_stages=1)
 
 
 # -- the multi-tensor ops (one launch per call; a call has one component shape) ----------------------

@@ -70,10 +70,8 @@ def _xi(src: _cg.Src, weight_decay: bool) -> None:
 
 def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale, group, weight_decay, log_tensors,
                     packed=False, controls=""):
-    flags = "".join(ch if on else "_" for ch, on in zip("mfnsrgw", (momentum, first_step, nesterov, stabilize,
-                                                                     rescale, group, weight_decay)))
-    name = _cg.kernel_name("rowstep", 0, 1, dtype, f"{flags}{'P' if packed else ''}"
-                                                   f"{'_C' + controls if controls else ''}_L{log_tensors}")
+    name = _cg.step_kernel_name("rowstep", 0, 1, dtype, momentum, first_step, nesterov, stabilize, rescale, group,
+                                weight_decay, log_tensors, packed, controls)
     tl_dt = _cg.TL_DTYPE[dtype]
     src = _cg.Src()
     _row_prologue(src, dtype, log_tensors, rescale=rescale, group=group, hyper=True, packed=packed,
@@ -92,7 +90,7 @@ def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale
         src.raw("pv = tl.load(p_ptr + offs, mask=mk, other=0.0)")
         src.raw("gv = tl.load(g_ptr + offs, mask=mk, other=0.0)")
 
-    def buf_d(read_m: bool):
+    def buf_d():
         if momentum:
             if first_step:
                 src.raw("buf = xi")
@@ -112,7 +110,7 @@ def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale
     def pass2():
         load_pg()
         _xi(src, weight_decay)
-        buf_d(True)
+        buf_d()
         if momentum:
             src.raw("tl.store(m_ptr + offs, buf, mask=mks)")
         src.raw("v = tl.where(expm, d, w + d)")
