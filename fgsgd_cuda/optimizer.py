@@ -84,8 +84,6 @@ class FGSGD(Optimizer):
         # the initial projections wait until every group is checked: a bad group leaves the weights alone
         self._pending_projx: list | None = []
         super().__init__(params, defaults)
-        #: GradScaler passes grad_scale / found_inf to a capturable step instead of synchronising
-        self._step_supports_amp_scaling = bool(self.defaults["capturable"])
         pending, self._pending_projx = self._pending_projx, None
         with torch.no_grad():
             for args in pending:
@@ -105,7 +103,11 @@ class FGSGD(Optimizer):
         self._init_runtime()
         self._init_projx = True
         self._pending_projx = None
-        self._step_supports_amp_scaling = bool(self.defaults["capturable"])
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """GradScaler passes grad_scale / found_inf to a capturable step instead of synchronising."""
+        return bool(self.defaults["capturable"])
 
     # ---------------------------------------------------------------- construction
     def add_param_group(self, param_group: dict) -> None:
