@@ -69,13 +69,18 @@ def step_on_host(impl, params, grads, momenta, codes, rescale, group_index, grou
         s.add_(1)
 
 
+def given(steps, found_inf, lr_tensor, grad_scale) -> bool:
+    """Whether a step call carries any run-time control (else it is the plain step)."""
+    return bool(steps) or found_inf is not None or lr_tensor is not None or grad_scale is not None
+
+
 def step(impl, params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening, nesterov,
          weight_decay, first_step, stabilize, steps=(), found_inf=None, lr_tensor=None, stabilize_every=0,
          grad_scale=None) -> None:
     """impl's step with the controls: in its kernels when it reads them, else on the host (step_on_host)."""
     args = (params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening, nesterov,
             weight_decay, first_step, stabilize)
-    if not steps and found_inf is None and lr_tensor is None and grad_scale is None:
+    if not given(steps, found_inf, lr_tensor, grad_scale):
         impl.step_(*args)
     elif getattr(impl, "device_controls", False):
         impl.step_(*args, list(steps), found_inf, lr_tensor, stabilize_every, grad_scale)

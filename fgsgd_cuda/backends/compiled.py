@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import controls
+
 
 class CompiledBackend:
     def __init__(self, name: str):
@@ -34,7 +36,7 @@ class CompiledBackend:
         args = (params, grads, momenta if momentum else [], codes, rescale, group_index, group_scale, float(lr),
                 float(momentum), float(dampening), bool(nesterov), float(weight_decay), bool(first_step),
                 bool(stabilize))
-        if steps or found_inf is not None or lr_tensor is not None or grad_scale is not None:
+        if controls.given(steps, found_inf, lr_tensor, grad_scale):
             self._ops.step_(*args, list(steps), found_inf, lr_tensor, int(stabilize_every), grad_scale)
         else:
             self._ops.step_(*args)  # the plain step: fewer arguments to convert
