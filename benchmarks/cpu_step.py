@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--isa", default="", help="CPU fast path: avx2, base or scalar (default: the library's choice)")
     ap.add_argument("--row-len", type=int, default=0,
                     help="components are n×1 rows of this length (> 64: the row kernels), --n of them, instead of 3×3")
+    ap.add_argument("--shape", default="3x3", help="component shape AxB (A*B <= 64), e.g. 7x7 (ResNet's stem)")
     a = ap.parse_args()
     dt = getattr(torch, a.dtype)
     from fgsgd_cuda import _C
@@ -56,7 +57,7 @@ def main():
         raise SystemExit(f"--isa {a.isa}: not available here")
     isa = _C._cpu_isa() if hasattr(_C, "_cpu_isa") else "scalar"
     n = a.n
-    shape = (a.row_len, 1) if a.row_len else (3, 3)
+    shape = (a.row_len, 1) if a.row_len else tuple(int(v) for v in a.shape.split("x"))
     print(f"fgsgd_cuda from {fgsgd_cuda.__file__}; torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"N={n} {shape[0]}x{shape[1]} {a.dtype}, cpu isa {isa}")
     gen = torch.Generator().manual_seed(0)

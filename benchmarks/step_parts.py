@@ -10,8 +10,10 @@ Cases (fp32, momentum 0.9, the main mix sphere+oblique+stiefel normalize/qr, as 
   (FGSGD_CUDA_OVERLAP=0);
 - ``fgsgd 3x3``, ``fgsgd stem``, ``sgd-fused rest``: FGSGD on the 3×3 filters alone, on the other k×k
   filters alone (ResNet's 7×7 stem), and fused SGD on the non-filter parameters alone;
-- ``..., 32-thread blocks``: the stem and the whole step with FGSGD_CUDA_SMALL_BLOCKS=1 (csrc/cuda/kernels.cu:
-  a small launch of non-3×3 components in blocks of 32 threads).
+- ``..., Dyn kernel``: the stem and the whole step with FGSGD_CUDA_DYN=1, the run-time-shape kernel the stem ran
+  before its Fixed<7, 7> kernels (csrc/cuda/kernels.cu: its arrays in local memory, 3 KB per thread), and
+  ``..., Dyn kernel, 32-thread blocks`` with FGSGD_CUDA_SMALL_BLOCKS=1 too (a small launch of Dyn components
+  in blocks of 32 threads).
 
 Writes JSON (``--out``) and prints a table: the parts show what the whole step costs beyond the sum of
 its bandwidth-bound parts.
@@ -65,8 +67,12 @@ def run_model(name: str, repeats: int, inner: int, device="cuda") -> dict:
              "fgsgd 3x3": fgsgd_on(fresh(is3), []).step}
     if any(stem(tuple(s)) for s in ps.shapes):
         steps["fgsgd stem"] = fgsgd_on(fresh(stem), []).step
-        steps["fgsgd stem, 32-thread blocks"] = B.with_env(fgsgd_on(fresh(stem), []).step, "FGSGD_CUDA_SMALL_BLOCKS", "1")
-        steps["fgsgd all, 32-thread blocks"] = B.with_env(whole().step, "FGSGD_CUDA_SMALL_BLOCKS", "1")
+        dyn = (lambda step: B.with_env(step, "FGSGD_CUDA_DYN", "1"))
+        small = (lambda step: B.with_env(step, "FGSGD_CUDA_SMALL_BLOCKS", "1"))
+        steps["fgsgd stem, Dyn kernel"] = dyn(fgsgd_on(fresh(stem), []).step)
+        steps["fgsgd stem, Dyn kernel, 32-thread blocks"] = dyn(small(fgsgd_on(fresh(stem), []).step))
+        steps["fgsgd all, Dyn kernel"] = dyn(whole().step)
+        steps["fgsgd all, Dyn kernel, 32-thread blocks"] = dyn(small(whole().step))
     steps["sgd-fused rest"] = torch.optim.SGD(fresh(rest), lr=B.LR, momentum=B.MOMENTUM, fused=True).step
     for step in steps.values():  # first steps (buffers) outside the graphs
         step()

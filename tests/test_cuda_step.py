@@ -30,21 +30,22 @@ def _offset_copy(t: torch.Tensor, offset: int) -> torch.Tensor:
     return view
 
 
-@pytest.mark.parametrize("variant", ["staged", "sorted", "thread"])
-@pytest.mark.parametrize("offsets", [(0, 0, 0), (1, 0, 3)], ids=["aligned", "unaligned"])
-@pytest.mark.parametrize("config", ["momentum", "first", "none", "nesterov-stabilize"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_step_kernels_3x3(monkeypatch, variant, offsets, config, dtype):
-    """Sizes around the block size (128) and a large one; every code; p, g, m at separate offsets."""
-    monkeypatch.setenv("FGSGD_CUDA_STEP", variant)
+CONFIGS = ["momentum", "first", "none", "nesterov-stabilize"]
+
+
+def _hparams(config: str) -> dict:
     hp = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.02, first_step=False,
               stabilize=False)
     hp.update({"momentum": {}, "first": dict(first_step=True), "none": dict(momentum=0.0),
                "nesterov-stabilize": dict(nesterov=True, stabilize=True)}[config])
-    gen = make_gen(zlib.crc32(repr((variant, offsets, config, dtype)).encode()))
-    sizes = [1, 127, 128, 129, 5000 + 3]
+    return hp
+
+
+def _check_step(sizes, shape, dtype, hp, offsets, gen):
+    """One multi-tensor CUDA step of tensors of `sizes` components (every code), p, g, m at separate offsets,
+    against the float64 reference; nothing outside the views written."""
     params, grads, momenta, codes, rescale, refs = [], [], [], [], [], []
-    for t in make_step_tensors(sizes, (3, 3), dtype, gen, groups=False):
+    for t in make_step_tensors(sizes, shape, dtype, gen, groups=False):
         refs.append(R.step(t["p"].double(), t["g"].double(), t["m"].double() if hp["momentum"] else None, t["codes"],
                            t["r"].double(), None, **hp))
         params.append(_offset_copy(t["p"], offsets[0]))
@@ -65,6 +66,28 @@ def test_step_kernels_3x3(monkeypatch, variant, offsets, config, dtype):
     for t, off in zip((params[-1], grads[-1], momenta[-1]), offsets):
         if off:
             assert bool(torch.isnan(t._base[:off]).all())
+
+
+@pytest.mark.parametrize("variant", ["staged", "sorted", "thread"])
+@pytest.mark.parametrize("offsets", [(0, 0, 0), (1, 0, 3)], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_step_kernels_3x3(monkeypatch, variant, offsets, config, dtype):
+    """Sizes around the block size (128) and a large one; every code; p, g, m at separate offsets."""
+    monkeypatch.setenv("FGSGD_CUDA_STEP", variant)
+    gen = make_gen(zlib.crc32(repr((variant, offsets, config, dtype)).encode()))
+    _check_step([1, 127, 128, 129, 5000 + 3], (3, 3), dtype, _hparams(config), offsets, gen)
+
+
+@pytest.mark.parametrize("dyn", [pytest.param("0", id="fixed7x7"), pytest.param("1", id="dyn")])
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_step_kernels_7x7(monkeypatch, dyn, config, dtype):
+    """ResNet's stem shape: the Fixed<7, 7> kernels (in registers) and, with FGSGD_CUDA_DYN=1, the run-time-shape
+    ones; block tails and a launch of more blocks than a few."""
+    monkeypatch.setenv("FGSGD_CUDA_DYN", dyn)
+    gen = make_gen(zlib.crc32(repr(("7x7", dyn, config, dtype)).encode()))
+    _check_step([1, 127, 129, 1003], (7, 7), dtype, _hparams(config), (1, 0, 3), gen)
 
 
 def test_step_kernels_agree(monkeypatch):

@@ -121,8 +121,9 @@ void launch_step(Fixed<3, 3> s, const SlotTable<T>& table, const Extra<T>& x, in
   }
 }
 
-template <class T>
-void launch_step(Dyn s, const SlotTable<T>& table, const Extra<T>& x, int64_t blocks, cudaStream_t stream) {
+// Every other shape (Fixed<7, 7>, Dyn): one thread per component.
+template <class S, class T>
+void launch_step(S s, const SlotTable<T>& table, const Extra<T>& x, int64_t blocks, cudaStream_t stream) {
   slot_kernel<Op::kStep, kThreads><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
 }
 
@@ -135,8 +136,8 @@ void launch_sqnorm(Fixed<3, 3> s, const SlotTable<T>& table, const Extra<T>& x, 
     staged_sqnorm_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
 }
 
-template <class T>
-void launch_sqnorm(Dyn s, const SlotTable<T>& table, const Extra<T>& x, int64_t blocks, cudaStream_t stream) {
+template <class S, class T>
+void launch_sqnorm(S s, const SlotTable<T>& table, const Extra<T>& x, int64_t blocks, cudaStream_t stream) {
   slot_kernel<Op::kSqnorm, kThreads><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
 }
 
@@ -179,15 +180,27 @@ inline int sm_count() {
   return cached[dev];
 }
 
-// A small launch of components other than 3×3 (ResNet's 7×7 stem: 192 components, 2 blocks of 128 threads on
-// 2 SMs; 103 µs on an H100, benchmarks/step_parts.py) is latency-bound: one thread per component, its arrays
-// in local memory, 128 threads' worth of them more than an SM's L1 holds. With FGSGD_CUDA_SMALL_BLOCKS=1 a
-// launch of fewer blocks than the GPU has SMs runs blocks of kSmallBlock threads instead: 4× the SMs, a
-// quarter of the local memory per SM. Opt-in until measured on a GPU.
+// A small launch of Dyn components (ResNet's 7×7 stem before its Fixed<7, 7> kernels: 192 components, 2 blocks
+// of 128 threads on 2 SMs; 103 µs on an H100, benchmarks/step_parts.py) is latency-bound: one thread per
+// component, its arrays in local memory (3 KB per thread, fp32 step), 128 threads' worth of them more than an
+// SM's L1 holds. With FGSGD_CUDA_SMALL_BLOCKS=1 a launch of fewer blocks than the GPU has SMs runs blocks of
+// kSmallBlock threads instead: 4× the SMs, a quarter of the local memory per SM. Opt-in until measured on a GPU.
 constexpr int kSmallBlock = 32;
 inline bool small_blocks(int64_t blocks) {
   const char* v = getenv("FGSGD_CUDA_SMALL_BLOCKS");
   return v != nullptr && strcmp(v, "1") == 0 && blocks < sm_count();
+}
+
+// The shape policy of a multi-tensor launch: with_shape's (3×3 and 7×7 unrolled, in registers), or with
+// FGSGD_CUDA_DYN=1 the run-time shape Dyn for all but 3×3: the kernels before the 7×7 specialisation, kept for
+// measurement (benchmarks/step_parts.py times ResNet's stem both ways). Read at every launch.
+template <class F>
+void with_launch_shape(int A, int B, F&& f) {
+  const char* v = getenv("FGSGD_CUDA_DYN");
+  if (v != nullptr && strcmp(v, "1") == 0 && !(A == 3 && B == 3))
+    f(Dyn{A, B});
+  else
+    with_shape(A, B, f);
 }
 
 template <Op OP, class T>
@@ -199,7 +212,7 @@ cudaError_t launch_slots(const TensorSlot<T>* slots, int count, int A, int B, co
     const SlotTable<T> table = next_table(slots, count, first);
     const int64_t blocks = table.block_start[table.count];
     if (blocks == 0) continue;
-    with_shape(A, B, [&](auto s) {
+    with_launch_shape(A, B, [&](auto s) {
       if constexpr (std::is_same_v<decltype(s), Dyn> && (OP == Op::kStep || OP == Op::kSqnorm)) {
         if (small_blocks(blocks)) {  // the same slots, kSmallBlock components per block
           const SlotTable<T> small = next_table(slots, count, first, kSmallBlock);

@@ -92,11 +92,15 @@ struct Dyn {
   FGSGD_HD int size() const { return A * B; }
 };
 
-// Host-side shape dispatch: 3×3 gets the unrolled Fixed policy, everything else Dyn.
+// Host-side shape dispatch: the 3×3 filters and the 7×7 stem of CNNs get the unrolled Fixed policy, everything
+// else Dyn. On the GPU a Fixed component lives in registers; a Dyn one in local memory (its arrays are indexed at
+// run time), kCap = 64 entries per array: 3 KB per thread in the fp32 step kernel.
 template <class F>
 inline void with_shape(int A, int B, F&& f) {
   if (A == 3 && B == 3) {
     f(Fixed<3, 3>{});
+  } else if (A == 7 && B == 7) {
+    f(Fixed<7, 7>{});
   } else {
     f(Dyn{A, B});
   }
