@@ -3,19 +3,19 @@
 # kernels against the reference, run the benchmarks on the idle machine, then the test suite on the GPU.
 #
 # Usage there:  bash benchmarks/gpu_check.sh [SECONDS]      (SECONDS: the call's budget, default 480)
-#   PHASES="build first diag kernels parts step tests geoopt triton_step tests_cpu" picks phases (default: all, in that order).
+#   PHASES="build first diag kernels parts step host tests geoopt triton_step tests_cpu" picks phases (default: all, in that order).
 #   Every phase has its own time limit, cut to what is left of SECONDS, so a slow phase never costs the
 #   ones after it their logs; the JSON files are written as they go (after every model).
-# Outputs under $OUT (default ./gpu-out), at most 8 files: run.log (summary), tests_first.log, tests.log,
-# bench.log, kernels.json, parts.json, step.json, geoopt.json, triton_step.json (plots: bench_step.py --replot
-# here). STEP_ARGS replaces bench_step.py's extra cases (default: --row-view --group-clip 1.0 --capturable).
+# Outputs under $OUT (default ./gpu-out): run.log (summary), tests_first.log, tests.log, bench.log, kernels.json,
+# parts.json, step.json, host.json, geoopt.json, triton_step.json (plots: bench_step.py --replot here). The device
+# tool brings back at most 8 files: where there are more at the end, the logs but run.log go into logs.tar. STEP_ARGS replaces bench_step.py's extra cases (default: --row-view --group-clip 1.0 --capturable).
 # Carry geoopt as a wheel in .whl/ to get the geoopt cases (benchmarks/README.md).
 set -u
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 BUDGET="${1:-480}"
-PHASES="${PHASES:-build first diag kernels parts step tests geoopt triton_step tests_cpu}"
+PHASES="${PHASES:-build first diag kernels parts step host tests geoopt triton_step tests_cpu}"
 T0=$(date +%s)
 log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/run.log"; }
 want() { [[ " $PHASES " == *" $1 "* ]]; }
@@ -23,6 +23,11 @@ want() { [[ " $PHASES " == *" $1 "* ]]; }
 limit() { local left=$(( BUDGET - ($(date +%s) - T0) - 8 )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 
 export PYTHONUNBUFFERED=1
+pack() {  # at most 8 files come back: the logs but run.log into one tar when there are more
+  (( $(find "$OUT" -maxdepth 1 -type f | wc -l) > 8 )) || return 0
+  (cd "$OUT" && ls ./*.log | grep -v '^./run.log$' | xargs tar -cf logs.tar && ls ./*.log | grep -v '^./run.log$' | xargs rm -f)
+}
+trap pack EXIT
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
@@ -85,6 +90,12 @@ if want step; then
     --torch-backend-models none --repeats 50 ${STEP_ARGS:---row-view --group-clip 1.0 --capturable} --no-plot \
     --out "$OUT/step.json" >>"$OUT/bench.log" 2>&1
   log "bench_step exit $?"
+fi
+# Host time of an eager step (no synchronisation in the timed loop): FGSGD against SGD, and its parts.
+if want host; then
+  timeout "$(limit 60)" "$PY" benchmarks/host_overhead.py --models "$MODELS" --profile --out "$OUT/host.json" \
+    >>"$OUT/bench.log" 2>&1
+  log "host_overhead exit $?"
 fi
 
 # The rest of the suite on the GPU, Triton beside it (compile-heavy: small shapes only; its 5x5/7x7/8x8

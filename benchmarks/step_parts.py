@@ -39,12 +39,13 @@ RETRACTION = B.RETRACTION_SETS["default"]
 BACKEND = "cuda"
 
 
-def fgsgd_on(params, rest):
-    """FGSGD with ``params`` on the main mix and ``rest`` on fused SGD (bench_step.py's settings)."""
+def fgsgd_on(params, rest, backend=BACKEND, euclid=None):
+    """FGSGD with ``params`` on the main mix and ``rest`` on fused SGD (``euclid``: the Euclidean group's
+    options instead), bench_step.py's settings."""
     groups = [dict(params=params, manifolds=list(KINDS), collection="PIO", group_size=16,
-                   retraction=dict(RETRACTION), backend=BACKEND, check_finite=False, stabilize=50)] if params else []
+                   retraction=dict(RETRACTION), backend=backend, check_finite=False, stabilize=50)] if params else []
     if rest:
-        groups.append(dict(params=rest, manifolds=None, check_finite=False, fused=True))
+        groups.append(dict(params=rest, manifolds=None, check_finite=False, **(euclid or dict(fused=True))))
     return FGSGD(groups, lr=B.LR, momentum=B.MOMENTUM)
 
 

@@ -1,0 +1,27 @@
+"""The benchmark scripts that have no suite of their own run end to end (CPU, tiny sizes: a smoke test that
+they still work with the library; no timing is checked)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from fgsgd_cuda import dispatch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+
+@pytest.mark.skipif(not dispatch.available("cpu", "cpu"), reason="needs the compiled CPU kernels")
+def test_host_overhead_runs(tmp_path):
+    import host_overhead
+    out = tmp_path / "host.json"
+    report = host_overhead.main(["--device", "cpu", "--models", "resnet18", "--width-div", "16", "--rounds", "2",
+                                 "--inner", "2", "--out", str(out)])
+    model = report["models"]["resnet18"]
+    assert model["tensors"] == 62 and model["filter_tensors"] == 17  # ResNet-18: 20 convs (17 k×k) + 21 BN + fc
+    assert {"fgsgd all", "fgsgd all, one stream", "fgsgd filters", "fgsgd filters, no kernels", "fgsgd ops",
+            model["baseline"]} <= set(model["cases"])
+    assert all(c["median_host_s"] > 0 for c in model["cases"].values())
+    assert json.loads(out.read_text())["models"]["resnet18"]["cases"].keys() == model["cases"].keys()
