@@ -30,45 +30,56 @@ inline std::string shape_str(const Tensor& t) {
   return s + (t.dim() == 1 ? ",)" : ")");
 }
 
+// An argument's name in error messages ("x", "params[3]", "codes[3] (packed: int32)"), spelled out only when a
+// check fails: building the strings of every tensor on every call cost more host time than the checks.
+struct ArgName {
+  const char* base;
+  int64_t index = -1;
+  const char* suffix = "";
+  ArgName(const char* b) : base(b) {}  // NOLINT: implicit, so that checks take a plain name too
+  ArgName(const char* b, size_t k, const char* sfx = "") : base(b), index(int64_t(k)), suffix(sfx) {}
+  std::string str() const { return std::string(base) + (index >= 0 ? "[" + num(index) + "]" : "") + suffix; }
+};
+
 // Checked first: sparse tensors have no strides (is_contiguous() would throw a message that names
 // no argument), and they reach these kernels through the SparseCPU/SparseCUDA registrations.
-inline void check_dense(const Tensor& t, const std::string& name) {
-  TORCH_CHECK(t.layout() == at::kStrided, "fgsgd: ", name, " must be dense, got a sparse tensor (layout ",
+inline void check_dense(const Tensor& t, const ArgName& name) {
+  TORCH_CHECK(t.layout() == at::kStrided, "fgsgd: ", name.str(), " must be dense, got a sparse tensor (layout ",
               t.layout(), ")");
 }
 
 // x must be (N, A, B), contiguous, float32/float64, A*B <= 64; with `rows`, also (N, n, 1) for any n
 // (row components: csrc/fgsgd/row_step.h).
-inline void check_components(const Tensor& x, const char* name, bool rows = false) {
+inline void check_components(const Tensor& x, const ArgName& name, bool rows = false) {
   check_dense(x, name);
-  TORCH_CHECK(x.dim() == 3, "fgsgd: ", name, " must have shape (N, A, B), got ", shape_str(x));
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "fgsgd: ", name,
+  TORCH_CHECK(x.dim() == 3, "fgsgd: ", name.str(), " must have shape (N, A, B), got ", shape_str(x));
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "fgsgd: ", name.str(),
               " must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(x.is_contiguous(), "fgsgd: ", name, " must be contiguous");
+  TORCH_CHECK(x.is_contiguous(), "fgsgd: ", name.str(), " must be contiguous");
   if (rows && x.size(2) == 1 && x.size(1) > kMaxElems) return;
-  TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(1) * x.size(2) <= kMaxElems, "fgsgd: ", name,
+  TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(1) * x.size(2) <= kMaxElems, "fgsgd: ", name.str(),
               " components must have 1 <= A*B <= ", num(kMaxElems), rows ? " (or be n×1 rows of any length)" : "",
               ", got ", num(x.size(1)), "x", num(x.size(2)));
 }
 
-inline void check_like(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
+inline void check_like(const Tensor& t, const Tensor& ref, const ArgName& name, const ArgName& ref_name) {
   check_dense(t, name);
-  TORCH_CHECK(t.sizes() == ref.sizes(), "fgsgd: ", name, " has shape ", shape_str(t), " but ", ref_name, " has shape ",
+  TORCH_CHECK(t.sizes() == ref.sizes(), "fgsgd: ", name.str(), " has shape ", shape_str(t), " but ", ref_name.str(), " has shape ",
               shape_str(ref));
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fgsgd: ", name, " has dtype ", t.scalar_type(), " but ", ref_name,
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fgsgd: ", name.str(), " has dtype ", t.scalar_type(), " but ", ref_name.str(),
               " has dtype ", ref.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), "fgsgd: ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+  TORCH_CHECK(t.device() == ref.device(), "fgsgd: ", name.str(), " is on ", t.device(), " but ", ref_name.str(), " is on ",
               ref.device());
-  TORCH_CHECK(t.is_contiguous(), "fgsgd: ", name, " must be contiguous");
+  TORCH_CHECK(t.is_contiguous(), "fgsgd: ", name.str(), " must be contiguous");
 }
 
-inline void check_vector(const Tensor& t, int64_t n, at::ScalarType dtype, const Tensor& ref, const std::string& name) {
+inline void check_vector(const Tensor& t, int64_t n, at::ScalarType dtype, const Tensor& ref, const ArgName& name) {
   check_dense(t, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fgsgd: ", name, " must have shape (", num(n), ",), got ", shape_str(t));
-  TORCH_CHECK(t.scalar_type() == dtype, "fgsgd: ", name, " must have dtype ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), "fgsgd: ", name, " is on ", t.device(), " but the parameters are on ",
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fgsgd: ", name.str(), " must have shape (", num(n), ",), got ", shape_str(t));
+  TORCH_CHECK(t.scalar_type() == dtype, "fgsgd: ", name.str(), " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "fgsgd: ", name.str(), " is on ", t.device(), " but the parameters are on ",
               ref.device());
-  TORCH_CHECK(t.is_contiguous(), "fgsgd: ", name, " must be contiguous");
+  TORCH_CHECK(t.is_contiguous(), "fgsgd: ", name.str(), " must be contiguous");
 }
 
 inline void check_code(int64_t code, const Tensor& x) {
@@ -140,8 +151,6 @@ inline void check_list_len(TensorList l, size_t n, const char* name) {
               "), got ", num(l.size()));
 }
 
-inline std::string at_(const char* name, size_t k) { return std::string(name) + "[" + std::to_string(k) + "]"; }
-
 // Validates the parameter lists shared by the multi-tensor ops and builds the slots.
 template <class T>
 std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, TensorList momenta, TensorList codes,
@@ -159,43 +168,43 @@ std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, Tenso
   std::vector<TensorSlot<T>> slots(n);
   for (size_t k = 0; k < n; ++k) {
     const Tensor& p = params[k];
-    check_components(p, at_("params", k).c_str(), rows);
+    check_components(p, ArgName("params", k), rows);
     if (k > 0) {
-      TORCH_CHECK(p.size(1) == params[0].size(1) && p.size(2) == params[0].size(2), "fgsgd: ", at_("params", k),
+      TORCH_CHECK(p.size(1) == params[0].size(1) && p.size(2) == params[0].size(2), "fgsgd: ", ArgName("params", k).str(),
                   " has components of shape ", num(p.size(1)), "x", num(p.size(2)), " but params[0] has ",
                   num(params[0].size(1)), "x", num(params[0].size(2)), "; one call takes one component shape");
       TORCH_CHECK(p.scalar_type() == params[0].scalar_type() && p.device() == params[0].device(), "fgsgd: ",
-                  at_("params", k), " differs in dtype or device from params[0]");
+                  ArgName("params", k).str(), " differs in dtype or device from params[0]");
     }
     const int64_t N = p.size(0);
     TensorSlot<T>& s = slots[k];
     s = TensorSlot<T>{p.data_ptr<T>(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, N};
     if (!grads.empty()) {
-      check_like(grads[k], p, at_("grads", k).c_str(), at_("params", k).c_str());
+      check_like(grads[k], p, ArgName("grads", k), ArgName("params", k));
       s.g = grads[k].data_ptr<T>();
     }
     if (!momenta.empty()) {
-      check_like(momenta[k], p, at_("momentum_buffers", k).c_str(), at_("params", k).c_str());
+      check_like(momenta[k], p, ArgName("momentum_buffers", k), ArgName("params", k));
       s.m = momenta[k].data_ptr<T>();
     }
     if (codes[k].scalar_type() == at::kInt) {  // packed, 2 bits per component (fgsgd_cuda/codes.py)
-      check_vector(codes[k], 1 + (N + 15) / 16, at::kInt, p, at_("codes", k) + " (packed: int32)");
+      check_vector(codes[k], 1 + (N + 15) / 16, at::kInt, p, ArgName("codes", k, " (packed: int32)"));
       s.codes = nullptr;
       s.packed_codes = reinterpret_cast<const uint32_t*>(codes[k].data_ptr<int32_t>());
     } else {
-      check_vector(codes[k], N, at::kByte, p, at_("codes", k));
+      check_vector(codes[k], N, at::kByte, p, ArgName("codes", k));
       s.codes = codes[k].data_ptr<uint8_t>();
     }
     if (!rescale.empty()) {
-      check_vector(rescale[k], N, p.scalar_type(), p, at_(rescale_name, k));
+      check_vector(rescale[k], N, p.scalar_type(), p, ArgName(rescale_name, k));
       s.rescale = rescale[k].data_ptr<T>();
     }
     if (!group_index.empty()) {
-      check_vector(group_index[k], N, at::kInt, p, at_("group_index", k));
+      check_vector(group_index[k], N, at::kInt, p, ArgName("group_index", k));
       const Tensor& gs = group_scale[k];
-      check_dense(gs, at_("group_scale", k));
+      check_dense(gs, ArgName("group_scale", k));
       TORCH_CHECK(gs.dim() == 1 && gs.scalar_type() == p.scalar_type() && gs.device() == p.device() && gs.is_contiguous(),
-                  "fgsgd: ", at_("group_scale", k), " must be a contiguous 1-D tensor of the parameters' dtype and device");
+                  "fgsgd: ", ArgName("group_scale", k).str(), " must be a contiguous 1-D tensor of the parameters' dtype and device");
       s.group_index = group_index[k].data_ptr<int32_t>();
       s.group_scale = gs.data_ptr<T>();
     }
@@ -204,12 +213,12 @@ std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, Tenso
 }
 
 // A one-element float32 (or, for lr, float64) tensor on the parameters' device: the step reads it when it runs.
-inline void check_scalar(const Tensor& t, const Tensor& ref, const char* name, bool allow_f64) {
+inline void check_scalar(const Tensor& t, const Tensor& ref, const ArgName& name, bool allow_f64) {
   check_dense(t, name);
   TORCH_CHECK(t.numel() == 1 && (t.scalar_type() == at::kFloat || (allow_f64 && t.scalar_type() == at::kDouble)),
-              "fgsgd: ", name, " must be a one-element float32", allow_f64 ? " or float64" : "", " tensor, got ",
+              "fgsgd: ", name.str(), " must be a one-element float32", allow_f64 ? " or float64" : "", " tensor, got ",
               shape_str(t), " ", t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), "fgsgd: ", name, " is on ", t.device(), " but the parameters are on ",
+  TORCH_CHECK(t.device() == ref.device(), "fgsgd: ", name.str(), " is on ", t.device(), " but the parameters are on ",
               ref.device());
 }
 
@@ -223,7 +232,7 @@ inline StepControl make_control(TensorList steps, const std::optional<Tensor>& f
   TORCH_CHECK(stabilize_every >= 0 && stabilize_every < (int64_t(1) << 31), "fgsgd: stabilize_every must be >= 0 and "
               "< 2^31, got ", num(stabilize_every));
   check_list_len(steps, params.size(), "steps");
-  for (size_t k = 0; k < steps.size(); ++k) check_scalar(steps[k], params[k], at_("steps", k).c_str(), false);
+  for (size_t k = 0; k < steps.size(); ++k) check_scalar(steps[k], params[k], ArgName("steps", k), false);
   if (found_inf.has_value()) {
     check_scalar(*found_inf, params[0], "found_inf", false);
     c.found_inf = found_inf->data_ptr<float>();
