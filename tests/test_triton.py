@@ -451,7 +451,7 @@ def test_kernels_compile_for_sm90(kind, a, b, dtype, flags):
     except Exception as exc:  # another Triton's API: this check is for CI's Triton
         pytest.skip(f"cannot set up an offline compile with this Triton: {type(exc).__name__}: {exc}")
     warps = 4 if kind.startswith("row") else launch.config(a * b)[1]
-    compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": 1})
+    compiled = triton.compile(src, target=target, options={"num_warps": warps, **launch.OPTIONS})
     assert ".entry" in compiled.asm["ptx"]
 
 

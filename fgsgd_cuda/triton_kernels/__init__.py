@@ -39,7 +39,8 @@ Kernel bodies
     coalescing pass otherwise walks the whole unrolled kernel once per memory access (compile times
     of minutes for 5×5, hours for 7×7); LLVM later drops the loop, so the code is the same as
     straight-line code (3×3 fp32 step: 90 registers, no spills on sm_90). See codegen.Frame.
-    ``num_stages=1``: there is nothing to software-pipeline.
+    ``num_stages=1``: there is nothing to software-pipeline. ``enable_fp_fusion=True`` (FMA contraction, as
+    nvcc's default) is passed explicitly: Triton's default turns it off from 3.10 (launch.OPTIONS).
 
     The generated kernels use only core Triton (load/store/where/sqrt/sin/cos/abs/maximum/
     program_id/arange/.to), common to Triton 3.6 and 3.9. Arithmetic is in the parameters' dtype

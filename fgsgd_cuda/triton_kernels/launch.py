@@ -23,6 +23,10 @@ _BIG = 1 << 62                     # padding of the first-block column of the po
 _TABLE_CACHE_SIZE = 64
 _table_cache: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
 
+# Compile options of every launch. FMA contraction on, as nvcc's default for the CUDA kernels; set explicitly
+# because Triton's default changes (off from Triton 3.10), which would change the bits of every step.
+OPTIONS = dict(num_stages=1, enable_fp_fusion=True)
+
 # Components per program and warps per program by A*B: one component per thread (the per-thread
 # register footprint grows with A*B, so larger components get smaller programs); 1×1 components
 # are plain elementwise work and take several per thread. Tests may lower BLOCK_OVERRIDE to get
@@ -166,7 +170,7 @@ def _run(kind, params, rows, hyper=None, ctl=None, args=(), **flags):
     fn = kernel(kind, a, b, _dtype_name(params[0].dtype), log_tensors=log_t, **flags)
     extra = _control_args(tab, *ctl) if ctl else ()
     with _quiet():
-        fn[(total,)](tab, *lead, *args, *extra, BLOCK=block, num_warps=warps, num_stages=1)
+        fn[(total,)](tab, *lead, *args, *extra, BLOCK=block, num_warps=warps, **OPTIONS)
 
 
 # -- the multi-tensor ops (one launch per call; a call has one component shape) ----------------------
@@ -246,7 +250,7 @@ def _unary(op, x, u=None, code=None):
     fn = kernel(op, a, b, _dtype_name(x.dtype), code=None if code is None else int(code))
     args = (x, out, n) if u is None else (x, u, out, n)
     with _quiet():
-        fn[(triton.cdiv(n, block),)](*args, BLOCK=block, num_warps=warps, num_stages=1)
+        fn[(triton.cdiv(n, block),)](*args, BLOCK=block, num_warps=warps, **OPTIONS)
     return out
 
 
