@@ -38,7 +38,9 @@ def extension():
     # compiled for AVX2 inside csrc/cpu/fast_avx2.cpp alone and chosen at run time.
     # -fopenmp-simd: `#pragma omp simd` (the row kernels, csrc/cpu/serial_row.h) vectorises without -fopenmp too
     simd = [] if openmp_flags() or sys.platform == "win32" else ["-fopenmp-simd"]
-    cxx = ["-O3", "-std=c++17", "-Wno-unknown-pragmas"] + openmp_flags() + simd
+    # The C++ standard is the one torch's cpp_extension passes (its headers' own: C++20 with torch 2.13, where an
+    # explicit -std=c++17 drew warnings from c10's headers); the sources need C++17 or later.
+    cxx = ["-O3", "-Wno-unknown-pragmas"] + openmp_flags() + simd
     link = openmp_flags()
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include = [os.path.join(HERE, "csrc")]
@@ -48,7 +50,7 @@ def extension():
         return CUDAExtension(
             "fgsgd_cuda._C", sources, include_dirs=include,
             define_macros=[("FGSGD_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
             extra_link_args=link)
     return CppExtension("fgsgd_cuda._C", sources, include_dirs=include, extra_compile_args={"cxx": cxx},
                         extra_link_args=link)
