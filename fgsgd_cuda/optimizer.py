@@ -13,6 +13,7 @@ from torch.optim.sgd import sgd
 
 from . import checks, dispatch, streams
 from . import codes as _codes
+from .euclidean import sgd_step
 from .functional import component_view, manifold_step
 from .grouping import MEMBERSHIP_OPTIONS, Grouping, make_grouping, membership
 
@@ -177,7 +178,7 @@ class FGSGD(Optimizer):
 
     def _init_manifold_group(self, group: dict, gi: int) -> None:
         kinds = group["manifolds"]
-        views, codes, rescale = [], [], []
+        views, codes = [], []
         for j, p in enumerate(group["params"]):
             name = f"param_groups[{gi}]['params'][{j}]"
             if p.dtype not in checks.FLOAT_DTYPES:
@@ -501,9 +502,9 @@ class FGSGD(Optimizer):
             else:
                 bufs = [self.state[p].get("momentum_buffer") for p in params]
                 new_buffers = any(b is None for b in bufs)
-                sgd(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
-                    lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"], maximize=False,
-                    foreach=group["foreach"], fused=group["fused"])
+                sgd_step(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                         lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+                         foreach=group["foreach"], fused=group["fused"])
                 if group["momentum"] != 0 and new_buffers:  # sgd made buffers where there were none
                     for p, buf in zip(params, bufs):
                         self.state[p]["momentum_buffer"] = buf

@@ -60,10 +60,13 @@ SGD_HYPER = [dict(), dict(momentum=0.9), dict(momentum=0.9, weight_decay=1e-2), 
              dict(momentum=0.9, nesterov=True, weight_decay=1e-3)]
 
 
+@pytest.mark.parametrize("impl", [dict(), dict(foreach=True), dict(fused=True)], ids=["default", "foreach", "fused"])
 @pytest.mark.parametrize("hyper", SGD_HYPER, ids=lambda h: "-".join(f"{k}{v}" for k, v in h.items()) or "plain")
-def test_euclidean_groups_are_sgd_bitwise(hyper):
+def test_euclidean_groups_are_sgd_bitwise(hyper, impl):
     """A whole model in Euclidean groups, and the Euclidean group beside manifold groups, run side by side
-    with torch.optim.SGD on a copy: bitwise equal weights and momentum buffers after every step."""
+    with torch.optim.SGD on a copy: bitwise equal weights and momentum buffers after every step, with torch's
+    default, foreach and fused SGD (fused: FGSGD calls its kernel directly, fgsgd_cuda/euclidean.py)."""
+    hyper = {**hyper, **impl}
     m_fg, m_sgd = small_cnn(1), small_cnn(1)
     m_mix, m_mix_sgd = small_cnn(1), small_cnn(1)
     opt_fg = FGSGD(m_fg.parameters(), lr=0.05, **hyper)                                   # manifolds=None
@@ -93,6 +96,33 @@ def test_euclidean_groups_are_sgd_bitwise(hyper):
         for p, q in zip(euclid, euclid_sgd):
             assert torch.equal(p, q), f"step {t}: a Euclidean parameter beside manifold groups differs from SGD"
     assert not torch.equal(m_fg[0].weight, small_cnn(1)[0].weight)
+
+
+def test_fused_euclidean_shortcut_and_its_fallback(monkeypatch):
+    """A fused Euclidean group on one device and dtype calls torch._fused_sgd_ itself after the first step (which
+    makes the momentum buffers through torch's step); a group of two dtypes goes through torch's functional step
+    at every step. Both bitwise torch.optim.SGD(fused=True)."""
+    import fgsgd_cuda.euclidean as E
+    calls = []
+    real = E.sgd
+    monkeypatch.setattr(E, "sgd", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    gen = make_gen(3)
+    for dtypes, expected in (((torch.float32, torch.float32), 1), ((torch.float32, torch.float64), 4)):
+        calls.clear()
+        ours = [torch.randn(5, 3, generator=gen).to(dt).requires_grad_() for dt in dtypes]
+        theirs = [p.detach().clone().requires_grad_() for p in ours]
+        opt = FGSGD(ours, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, fused=True)
+        ref = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, fused=True)
+        for _ in range(4):
+            for p, q in zip(ours, theirs):
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+                q.grad = p.grad.clone()
+            opt.step()
+            ref.step()
+            for p, q in zip(ours, theirs):
+                assert torch.equal(p, q)
+                assert torch.equal(opt.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
+        assert len(calls) == expected, dtypes
 
 
 # ------------------------------------------------------------------------------------------------ contract
