@@ -11,6 +11,8 @@ k×k filter on the manifolds and the rest on fused SGD, as bench_step.py):
 
 - ``sgd-fused all``, ``sgd-foreach all``: the baselines;
 - ``fgsgd all``: the whole FGSGD step; ``fgsgd all, one stream``: with FGSGD_CUDA_OVERLAP=0 (no side stream);
+  ``fgsgd all, torch's sgd()``: its Euclidean group through torch's functional step, which regroups the tensors
+  by device and dtype at every step, instead of the direct call of the fused kernel (fgsgd_cuda/euclidean.py);
 - ``fgsgd filters``: FGSGD on the k×k filters alone; ``fgsgd filters, no kernels``: the same with the
   backend's ``step_`` a no-op, i.e. FGSGD's Python alone;
 - ``fgsgd ops``: the backend's ``step_`` called with the lists that step passes (argument conversion,
@@ -43,7 +45,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_step as B  # noqa: E402
-from fgsgd_cuda import dispatch, streams  # noqa: E402
+from fgsgd_cuda import dispatch, euclidean, streams  # noqa: E402
 from step_parts import fgsgd_on  # noqa: E402
 
 
@@ -125,6 +127,17 @@ def run_model(name: str, device, width_div: int, args) -> dict:
         for a, k in calls:
             impl.step_(*a, **k)
 
+    def torch_sgd(step):
+        """step with the Euclidean shortcut off (its device-and-dtype test made to fail)."""
+        def run():
+            real = euclidean._one_device_and_dtype
+            euclidean._one_device_and_dtype = lambda params: False
+            try:
+                step()
+            finally:
+                euclidean._one_device_and_dtype = real
+        return run
+
     def no_kernels(step):
         def run():
             with patched_step(impl, lambda *a, **k: None):
@@ -136,6 +149,7 @@ def run_model(name: str, device, width_div: int, args) -> dict:
                                                 foreach=True).step,
              "fgsgd all": whole().step,
              "fgsgd all, one stream": B.with_env(whole().step, "FGSGD_CUDA_OVERLAP", "0"),
+             "fgsgd all, torch's sgd()": torch_sgd(whole().step),
              "fgsgd filters": filters.step,
              "fgsgd filters, no kernels": no_kernels(fgsgd_on(fresh(B.is_filter), [], backend=backend).step),
              "fgsgd ops": ops,

@@ -21,7 +21,7 @@ def test_host_overhead_runs(tmp_path):
                                  "--inner", "2", "--out", str(out)])
     model = report["models"]["resnet18"]
     assert model["tensors"] == 62 and model["filter_tensors"] == 17  # ResNet-18: 20 convs (17 k×k) + 21 BN + fc
-    assert {"fgsgd all", "fgsgd all, one stream", "fgsgd filters", "fgsgd filters, no kernels", "fgsgd ops",
+    assert {"fgsgd all", "fgsgd all, one stream", "fgsgd all, torch's sgd()", "fgsgd filters", "fgsgd filters, no kernels", "fgsgd ops",
             model["baseline"]} <= set(model["cases"])
     assert all(c["median_host_s"] > 0 for c in model["cases"].values())
     assert json.loads(out.read_text())["models"]["resnet18"]["cases"].keys() == model["cases"].keys()
