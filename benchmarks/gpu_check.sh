@@ -81,7 +81,7 @@ if want kernels; then
   log "bench_kernels exit $?"
 fi
 if want parts; then
-  timeout "$(limit 60)" "$PY" benchmarks/step_parts.py --models "$MODELS" --out "$OUT/parts.json" >>"$OUT/bench.log" 2>&1
+  timeout "$(limit 90)" "$PY" benchmarks/step_parts.py --models "$MODELS" --out "$OUT/parts.json" >>"$OUT/bench.log" 2>&1
   log "step_parts exit $?"
 fi
 if want step; then
