@@ -49,17 +49,26 @@ inline void check_dense(const Tensor& t, const ArgName& name) {
 }
 
 // x must be (N, A, B), contiguous, float32/float64, A*B <= 64; with `rows`, also (N, n, 1) for any n
-// (row components: csrc/fgsgd/row_step.h).
-inline void check_components(const Tensor& x, const ArgName& name, bool rows = false) {
+// (row components: csrc/fgsgd/row_step.h); with `leading` (the multi-tensor ops), any (..., A, B): the
+// components are the last two dimensions (a conv weight (O, I, kh, kw) as it is), N the product of the others.
+inline void check_components(const Tensor& x, const ArgName& name, bool rows = false, bool leading = false) {
   check_dense(x, name);
-  TORCH_CHECK(x.dim() == 3, "fgsgd: ", name.str(), " must have shape (N, A, B), got ", shape_str(x));
+  TORCH_CHECK(leading ? x.dim() >= 3 : x.dim() == 3, "fgsgd: ", name.str(), " must have shape (N, A, B)",
+              leading ? " or (..., A, B)" : "", ", got ", shape_str(x));
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "fgsgd: ", name.str(),
               " must be float32 or float64, got ", x.scalar_type());
   TORCH_CHECK(x.is_contiguous(), "fgsgd: ", name.str(), " must be contiguous");
-  if (rows && x.size(2) == 1 && x.size(1) > kMaxElems) return;
-  TORCH_CHECK(x.size(1) >= 1 && x.size(2) >= 1 && x.size(1) * x.size(2) <= kMaxElems, "fgsgd: ", name.str(),
-              " components must have 1 <= A*B <= ", num(kMaxElems), rows ? " (or be n×1 rows of any length)" : "",
-              ", got ", num(x.size(1)), "x", num(x.size(2)));
+  const int64_t A = x.size(-2), B = x.size(-1);
+  if (rows && B == 1 && A > kMaxElems) return;
+  TORCH_CHECK(A >= 1 && B >= 1 && A * B <= kMaxElems, "fgsgd: ", name.str(), " components must have 1 <= A*B <= ",
+              num(kMaxElems), rows ? " (or be n×1 rows of any length)" : "", ", got ", num(A), "x", num(B));
+}
+
+// The number of A×B components of a checked (..., A, B) tensor.
+inline int64_t components_of(const Tensor& x) {
+  int64_t n = 1;
+  for (int64_t d = 0; d + 2 < x.dim(); ++d) n *= x.size(d);
+  return n;
 }
 
 inline void check_like(const Tensor& t, const Tensor& ref, const ArgName& name, const ArgName& ref_name) {
@@ -84,7 +93,7 @@ inline void check_vector(const Tensor& t, int64_t n, at::ScalarType dtype, const
 
 inline void check_code(int64_t code, const Tensor& x) {
   TORCH_CHECK(code >= 0 && code < kNumCodes, "fgsgd: code must be in [0, ", num(kNumCodes - 1), "], got ", num(code));
-  const int64_t A = x.size(1), B = x.size(2);
+  const int64_t A = x.size(-2), B = x.size(-1);
   if (manifold_of(int(code)) == kManStiefel)
     TORCH_CHECK(A >= B, "fgsgd: code ", num(code), " selects the stiefel manifold, which needs components with A >= B, "
                 "got ", num(A), "x", num(B));
@@ -168,15 +177,16 @@ std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, Tenso
   std::vector<TensorSlot<T>> slots(n);
   for (size_t k = 0; k < n; ++k) {
     const Tensor& p = params[k];
-    check_components(p, ArgName("params", k), rows);
+    check_components(p, ArgName("params", k), rows, /*leading=*/true);
     if (k > 0) {
-      TORCH_CHECK(p.size(1) == params[0].size(1) && p.size(2) == params[0].size(2), "fgsgd: ", ArgName("params", k).str(),
-                  " has components of shape ", num(p.size(1)), "x", num(p.size(2)), " but params[0] has ",
-                  num(params[0].size(1)), "x", num(params[0].size(2)), "; one call takes one component shape");
+      TORCH_CHECK(p.size(-2) == params[0].size(-2) && p.size(-1) == params[0].size(-1), "fgsgd: ",
+                  ArgName("params", k).str(), " has components of shape ", num(p.size(-2)), "x", num(p.size(-1)),
+                  " but params[0] has ", num(params[0].size(-2)), "x", num(params[0].size(-1)),
+                  "; one call takes one component shape");
       TORCH_CHECK(p.scalar_type() == params[0].scalar_type() && p.device() == params[0].device(), "fgsgd: ",
                   ArgName("params", k).str(), " differs in dtype or device from params[0]");
     }
-    const int64_t N = p.size(0);
+    const int64_t N = components_of(p);
     TensorSlot<T>& s = slots[k];
     s = TensorSlot<T>{p.data_ptr<T>(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, N};
     if (!grads.empty()) {
@@ -282,7 +292,7 @@ Tensor tangent_sqnorm(TensorList params, TensorList grads, TensorList codes, Ten
   TORCH_CHECK(grads.size() == params.size(), "fgsgd: grads must hold one tensor per parameter (", num(params.size()),
               "), got ", num(grads.size()));
   int64_t total = 0;
-  for (const Tensor& p : params) total += p.dim() == 3 ? p.size(0) : 0;
+  for (const Tensor& p : params) total += p.dim() >= 3 ? components_of(p) : 0;
   Tensor out = at::empty({total}, params[0].options());
   FGSGD_FLOATING(params[0].scalar_type(), [&] {
     auto slots = make_slots<T>(params, grads, {}, codes, rescale, {}, {}, "rescale", /*rows=*/true);

@@ -52,7 +52,7 @@ def register() -> None:
         if not params:
             raise ValueError("params: needs at least one tensor")
         _lists(params, grads, None, codes, rescale, rows=True)
-        return params[0].new_empty((sum(p.shape[0] for p in params),))
+        return params[0].new_empty((sum(checks.num_components(p) for p in params),))
 
     @torch.library.register_fake(lib + "step_")
     def _step(params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening,

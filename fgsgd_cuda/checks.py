@@ -1,6 +1,8 @@
 """Input checks shared by every backend: errors name the argument and what is wrong."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import codes as _codes
@@ -16,22 +18,30 @@ def is_row_shape(a: int, b: int) -> bool:
     return b == 1 and a > MAX_ELEMS
 
 
-def components(x: torch.Tensor, name: str, *, contiguous: bool = True, rows: bool = False) -> None:
-    """x must be a dense float32/float64 tensor of shape (N, A, B) with A*B <= 64 (``rows``: or (N, n, 1))."""
+def components(x: torch.Tensor, name: str, *, contiguous: bool = True, rows: bool = False,
+               leading: bool = False) -> None:
+    """x must be a dense float32/float64 tensor of shape (N, A, B) with A*B <= 64 (``rows``: or (N, n, 1));
+    ``leading`` (the multi-tensor ops): or any (..., A, B), whose last two dimensions are the components."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
     if x.is_sparse:
         raise ValueError(f"{name}: sparse tensors are not supported; got layout {x.layout}")
-    if x.dim() != 3:
-        raise ValueError(f"{name}: expected shape (N, A, B), got {tuple(x.shape)}")
+    if x.dim() != 3 and not (leading and x.dim() > 3):
+        raise ValueError(f"{name}: expected shape (N, A, B){' or (..., A, B)' if leading else ''}, got "
+                         f"{tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected dtype float32 or float64, got {x.dtype}")
-    a, b = x.shape[1], x.shape[2]
+    a, b = x.shape[-2], x.shape[-1]
     if (a < 1 or b < 1 or a * b > MAX_ELEMS) and not (rows and is_row_shape(a, b)):
         raise ValueError(f"{name}: components must have 1 <= A*B <= {MAX_ELEMS}"
                          f"{' (or be n×1 rows of any length)' if rows else ''}, got {a}x{b}")
     if contiguous and not x.is_contiguous():
         raise ValueError(f"{name}: must be contiguous (call .contiguous() first)")
+
+
+def num_components(x: torch.Tensor) -> int:
+    """N of a (..., A, B) tensor: the product of the dimensions before the last two."""
+    return math.prod(x.shape[:-2])
 
 
 def like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:

@@ -114,11 +114,15 @@ def _batch_step(key, idx, params, grads, states, new_buffers, *, lr, momentum, d
     a, b, first, stab, has_r, name = key
     impl = dispatch.get(name, params[idx[0]].device)
     shape = (a, b)
-    ps = [cached_view(views, params[k], shape) for k in idx]
-    gs = [component_view(grads[k].contiguous(), shape) for k in idx]
+    # a conv weight (O, I, kh, kw) with kh×kw components is a (..., A, B) tensor the ops take as it is, and so are
+    # its gradient and momentum buffer (their shapes are its shape): no views to make; other layouts (the row
+    # view, n×1 rows of an (O, I, 1, 1) weight) go as (N, A, B) views
+    whole = [params[k].dim() >= 3 and params[k].shape[-2:] == shape for k in idx]
+    ps = [params[k] if w else cached_view(views, params[k], shape) for k, w in zip(idx, whole)]
+    gs = [grads[k].contiguous() if w else component_view(grads[k].contiguous(), shape) for k, w in zip(idx, whole)]
     if momentum != 0:
-        ms = ([component_view(new_buffers[k], shape) for k in idx] if first else
-              [cached_view(views, states[k]["momentum_buffer"], shape) for k in idx])
+        bufs = [new_buffers[k] if first else states[k]["momentum_buffer"] for k in idx]
+        ms = [b if w else cached_view(None if first else views, b, shape) for b, w in zip(bufs, whole)]
     else:
         ms = []
     codes = [states[k]["codes"] for k in idx]

@@ -2,7 +2,9 @@
 
 Single-tensor ops take components ``x`` of shape (N, A, B). Multi-tensor ops take lists of such
 tensors of one component shape, dtype and device, and do all of them in one kernel launch (or a
-small constant number); see csrc/ops.cpp for the schemas of the compiled ops behind them.
+small constant number); see csrc/ops.cpp for the schemas of the compiled ops behind them. Their tensors
+may also be (..., A, B): the last two dimensions are the components, N the product of the others (a conv
+weight (O, I, kh, kw) and its gradient and momentum as they are, with no view to make).
 """
 from __future__ import annotations
 
@@ -66,30 +68,31 @@ def check_lists(params: Tensors, grads: Tensors | None, momenta: Tensors | None,
     if bool(group_index) != bool(group_scale):
         raise ValueError("group_index and group_scale must both be given or both be empty")
     for k, p in enumerate(params):
-        checks.components(p, f"params[{k}]", rows=rows)
-        if k and (p.shape[1:] != params[0].shape[1:] or p.dtype != params[0].dtype or p.device != params[0].device):
+        checks.components(p, f"params[{k}]", rows=rows, leading=True)
+        if k and (p.shape[-2:] != params[0].shape[-2:] or p.dtype != params[0].dtype or p.device != params[0].device):
             raise ValueError(f"params[{k}]: one call takes one component shape, dtype and device; got "
-                             f"{tuple(p.shape[1:])} {p.dtype} {p.device} after {tuple(params[0].shape[1:])} "
+                             f"{tuple(p.shape[-2:])} {p.dtype} {p.device} after {tuple(params[0].shape[-2:])} "
                              f"{params[0].dtype} {params[0].device}")
+        nc = checks.num_components(p)  # its components
         if grads is not None:
             checks.like(grads[k], p, f"grads[{k}]", f"params[{k}]")
         if momenta:
             checks.like(momenta[k], p, f"momentum_buffers[{k}]", f"params[{k}]")
         c = codes[k]
-        packed = c.dtype == torch.int32 and c.shape == (_codes.packed_len(p.shape[0]),)
-        if not (packed or (c.dtype == torch.uint8 and c.shape == (p.shape[0],))) or c.device != p.device:
-            raise ValueError(f"codes[{k}]: expected a uint8 tensor of shape ({p.shape[0]},) or its packed int32 form "
-                             f"of shape ({_codes.packed_len(p.shape[0])},) (fgsgd_cuda.codes.pack) on {p.device}, got "
+        packed = c.dtype == torch.int32 and c.shape == (_codes.packed_len(nc),)
+        if not (packed or (c.dtype == torch.uint8 and c.shape == (nc,))) or c.device != p.device:
+            raise ValueError(f"codes[{k}]: expected a uint8 tensor of shape ({nc},) or its packed int32 form "
+                             f"of shape ({_codes.packed_len(nc)},) (fgsgd_cuda.codes.pack) on {p.device}, got "
                              f"{c.dtype} {tuple(c.shape)} on {c.device}")
         if rescale:
             r = rescale[k]
-            if r.shape != (p.shape[0],) or r.dtype != p.dtype or r.device != p.device:
-                raise ValueError(f"{rescale_name}[{k}]: expected shape ({p.shape[0]},) {p.dtype} on {p.device}, got "
+            if r.shape != (nc,) or r.dtype != p.dtype or r.device != p.device:
+                raise ValueError(f"{rescale_name}[{k}]: expected shape ({nc},) {p.dtype} on {p.device}, got "
                                  f"{tuple(r.shape)} {r.dtype} on {r.device}")
         if group_index:
             gi = group_index[k]
-            if gi.shape != (p.shape[0],) or gi.dtype != torch.int32 or gi.device != p.device:
-                raise ValueError(f"group_index[{k}]: expected an int32 tensor of shape ({p.shape[0]},) on "
+            if gi.shape != (nc,) or gi.dtype != torch.int32 or gi.device != p.device:
+                raise ValueError(f"group_index[{k}]: expected an int32 tensor of shape ({nc},) on "
                                  f"{p.device}, got {gi.dtype} {tuple(gi.shape)} on {gi.device}")
             gs = group_scale[k]
             if gs.dim() != 1 or gs.dtype != p.dtype or gs.device != p.device:

@@ -10,6 +10,7 @@ import torch
 from .. import codes as _codes
 from .. import manifolds as _m
 from .. import reference as _ref
+from . import as_components
 
 
 def group_scale(sqnorm, members, offsets, group_clip):
@@ -38,6 +39,7 @@ class TorchBackend:
 
     def step_(self, params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening,
               nesterov, weight_decay, first_step, stabilize):
+        params, grads, momenta = as_components(params), as_components(grads), as_components(momenta)
         codes = _codes.unpacked(codes, params)
         for k, p in enumerate(params):
             s = group_scale[k][group_index[k].long()] if group_scale else None
@@ -51,17 +53,19 @@ class TorchBackend:
                 m.copy_(m_new)
 
     def tangent_sqnorm(self, params, grads, codes, rescale, weight_decay):
+        params, grads = as_components(params), as_components(grads)
         codes = _codes.unpacked(codes, params)
         return torch.cat([_ref.tangent_sqnorm(p, grads[k], codes[k], rescale[k] if rescale else None, weight_decay)
                           for k, p in enumerate(params)])
 
     def projx_(self, params, codes, rescale):
+        params = as_components(params)
         codes = _codes.unpacked(codes, params)
         for k, p in enumerate(params):
             p.copy_(_ref.projx(p, codes[k], rescale[k] if rescale else None))
 
     def rescale_(self, params, codes, ratio):
-        for k, p in enumerate(params):
+        for k, p in enumerate(as_components(params)):
             p.mul_(ratio[k].reshape(-1, 1, 1))
 
     def group_scale(self, sqnorm, members, offsets, group_clip):

@@ -7,6 +7,7 @@ component, fgsgd_cuda/codes.py) as they are.
 from __future__ import annotations
 
 from ..triton_kernels import launch as _k
+from . import as_components
 from .torch_ref import group_scale as _torch_group_scale
 
 
@@ -34,21 +35,22 @@ class TritonBackend:
               stabilize_every=0, grad_scale=None):
         if not params:
             return
-        _k.step_(list(params), list(grads), list(momenta), list(codes), list(rescale),
+        _k.step_(as_components(params), as_components(grads), as_components(momenta), list(codes), list(rescale),
                  list(group_index), list(group_scale), float(lr), float(momentum), float(dampening), bool(nesterov),
                  float(weight_decay), bool(first_step), bool(stabilize), list(steps), found_inf, lr_tensor,
                  int(stabilize_every), grad_scale)
 
     def tangent_sqnorm(self, params, grads, codes, rescale, weight_decay):
-        return _k.tangent_sqnorm(list(params), list(grads), list(codes), list(rescale), float(weight_decay))
+        return _k.tangent_sqnorm(as_components(params), as_components(grads), list(codes), list(rescale),
+                                 float(weight_decay))
 
     def projx_(self, params, codes, rescale):
         if params:
-            _k.projx_(list(params), list(codes), list(rescale))
+            _k.projx_(as_components(params), list(codes), list(rescale))
 
     def rescale_(self, params, codes, ratio):
         if params:
-            _k.rescale_(list(params), list(codes), list(ratio))  # the kernel does not read the codes
+            _k.rescale_(as_components(params), list(codes), list(ratio))  # the kernel does not read the codes
 
     def group_scale(self, sqnorm, members, offsets, group_clip):
         return _torch_group_scale(sqnorm, members, offsets, group_clip)  # torch ops: no Triton kernel of its own
