@@ -1,5 +1,6 @@
 """The CUDA sources compile with the local nvcc, with no GPU and no torch headers (DESIGN.md §2:
-csrc/cuda is plain CUDA C++), and the shared header math of csrc/fgsgd is __host__ __device__ clean."""
+csrc/cuda is plain CUDA C++), and the shared header math of csrc/fgsgd is __host__ __device__ clean; the
+torch-facing csrc/ops_cuda.cpp passes the host compiler against torch's CUDA headers."""
 from __future__ import annotations
 
 import os
@@ -145,3 +146,39 @@ def test_kernels_do_not_include_torch():
         text = path.read_text()
         for bad in ("<torch/", "<ATen/", "<c10/"):
             assert bad not in text, f"{path.relative_to(ROOT)} includes {bad}"
+
+
+def _torch_cuda_compile_command(tmp: Path) -> list[str] | None:
+    """g++ -fsyntax-only of csrc/ops_cuda.cpp (the torch-facing code of the CUDA build: op_impl.h over
+    csrc/cuda) against the installed torch's headers and the CUDA toolkit's, or None where they are missing. A
+    CPU-only torch wheel ships c10/cuda but not the header its CMake generates (cuda_cmake_macros.h): a stand-in."""
+    import sysconfig
+
+    import torch.utils.cpp_extension as ext
+    cxx = shutil.which("g++") or shutil.which("c++")
+    includes = ext.include_paths()
+    homes = [Path(NVCC).resolve().parent.parent, *(Path(h) for h in (os.environ.get("CUDA_HOME"),
+                                                                    os.environ.get("CUDA_PATH")) if h),
+             Path("/usr/local/cuda")]
+    cuda_include = next((h / "include" for h in homes if (h / "include" / "cuda_runtime.h").is_file()), None)
+    if cxx is None or cuda_include is None or \
+            not any((Path(d) / "c10" / "cuda" / "CUDAStream.h").is_file() for d in includes):
+        return None
+    stub = tmp / "stub" / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True, exist_ok=True)
+    if not any((Path(d) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").is_file() for d in includes):
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    flags = [f"-I{d}" for d in [str(CSRC), *includes, str(tmp / "stub"), str(cuda_include),
+                                sysconfig.get_paths()["include"]]]
+    return [cxx, "-std=c++20", "-fsyntax-only", "-DFGSGD_WITH_CUDA", *flags, str(CSRC / "ops_cuda.cpp")]
+
+
+def test_torch_facing_cuda_code_compiles(tmp_path):
+    """csrc/ops_cuda.cpp, compiled in the GPU build by the host compiler against torch's CUDA headers: checked
+    here for syntax and types (no GPU, no CUDA build of torch), so that a change of op_impl.h cannot break it
+    unseen."""
+    cmd = _torch_cuda_compile_command(tmp_path)
+    if cmd is None:
+        pytest.skip("needs g++, the CUDA toolkit's headers and torch's c10/cuda headers")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=600)
+    assert proc.returncode == 0, f"csrc/ops_cuda.cpp does not compile:\n{proc.stdout}{proc.stderr}"
