@@ -64,6 +64,9 @@ inline void check_components(const Tensor& x, const ArgName& name, bool rows = f
               num(kMaxElems), rows ? " (or be n×1 rows of any length)" : "", ", got ", num(A), "x", num(B));
 }
 
+// A and B of a checked (..., A, B) tensor's components, and their number.
+inline int rows_of(const Tensor& x) { return int(x.size(-2)); }
+inline int cols_of(const Tensor& x) { return int(x.size(-1)); }
 // The number of A×B components of a checked (..., A, B) tensor.
 inline int64_t components_of(const Tensor& x) {
   int64_t n = 1;
@@ -73,18 +76,19 @@ inline int64_t components_of(const Tensor& x) {
 
 inline void check_like(const Tensor& t, const Tensor& ref, const ArgName& name, const ArgName& ref_name) {
   check_dense(t, name);
-  TORCH_CHECK(t.sizes() == ref.sizes(), "fgsgd: ", name.str(), " has shape ", shape_str(t), " but ", ref_name.str(), " has shape ",
-              shape_str(ref));
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fgsgd: ", name.str(), " has dtype ", t.scalar_type(), " but ", ref_name.str(),
-              " has dtype ", ref.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), "fgsgd: ", name.str(), " is on ", t.device(), " but ", ref_name.str(), " is on ",
-              ref.device());
+  TORCH_CHECK(t.sizes() == ref.sizes(), "fgsgd: ", name.str(), " has shape ", shape_str(t), " but ", ref_name.str(),
+              " has shape ", shape_str(ref));
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "fgsgd: ", name.str(), " has dtype ", t.scalar_type(), " but ",
+              ref_name.str(), " has dtype ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), "fgsgd: ", name.str(), " is on ", t.device(), " but ", ref_name.str(),
+              " is on ", ref.device());
   TORCH_CHECK(t.is_contiguous(), "fgsgd: ", name.str(), " must be contiguous");
 }
 
 inline void check_vector(const Tensor& t, int64_t n, at::ScalarType dtype, const Tensor& ref, const ArgName& name) {
   check_dense(t, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fgsgd: ", name.str(), " must have shape (", num(n), ",), got ", shape_str(t));
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fgsgd: ", name.str(), " must have shape (", num(n), ",), got ",
+              shape_str(t));
   TORCH_CHECK(t.scalar_type() == dtype, "fgsgd: ", name.str(), " must have dtype ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.device() == ref.device(), "fgsgd: ", name.str(), " is on ", t.device(), " but the parameters are on ",
               ref.device());
@@ -214,7 +218,8 @@ std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, Tenso
       const Tensor& gs = group_scale[k];
       check_dense(gs, ArgName("group_scale", k));
       TORCH_CHECK(gs.dim() == 1 && gs.scalar_type() == p.scalar_type() && gs.device() == p.device() && gs.is_contiguous(),
-                  "fgsgd: ", ArgName("group_scale", k).str(), " must be a contiguous 1-D tensor of the parameters' dtype and device");
+                  "fgsgd: ", ArgName("group_scale", k).str(),
+                  " must be a contiguous 1-D tensor of the parameters' dtype and device");
       s.group_index = group_index[k].data_ptr<int32_t>();
       s.group_scale = gs.data_ptr<T>();
     }

@@ -28,10 +28,10 @@ namespace fgsgd {
 namespace ops {
 
 struct CpuBackend {
-  template <class T> static void proj(const UnaryArgs<T>& a, const Tensor& x) { cpu::proj(a, int(x.size(-2)), int(x.size(-1))); }
-  template <class T> static void retr(const UnaryArgs<T>& a, const Tensor& x) { cpu::retr(a, int(x.size(-2)), int(x.size(-1))); }
-  template <class T> static void projx(const UnaryArgs<T>& a, const Tensor& x) { cpu::projx(a, int(x.size(-2)), int(x.size(-1))); }
-  template <class T> static void norms(const UnaryArgs<T>& a, const Tensor& x) { cpu::norms(a, int(x.size(-2)), int(x.size(-1))); }
+  template <class T> static void proj(const UnaryArgs<T>& a, const Tensor& x) { cpu::proj(a, rows_of(x), cols_of(x)); }
+  template <class T> static void retr(const UnaryArgs<T>& a, const Tensor& x) { cpu::retr(a, rows_of(x), cols_of(x)); }
+  template <class T> static void projx(const UnaryArgs<T>& a, const Tensor& x) { cpu::projx(a, rows_of(x), cols_of(x)); }
+  template <class T> static void norms(const UnaryArgs<T>& a, const Tensor& x) { cpu::norms(a, rows_of(x), cols_of(x)); }
   // The controls are read here, on the host: tensors whose resolved hyper-parameters agree run together.
   template <class T>
   static void step(const std::vector<TensorSlot<T>>& s, const Tensor& p0, const StepHParams<T>& h, const StepControl& c) {
@@ -45,18 +45,18 @@ struct CpuBackend {
       hp[k] = r;
     }
     for (int k = 0; k < 4; ++k)
-      if (!part[k].empty()) cpu::multi_step(part[k], int(p0.size(-2)), int(p0.size(-1)), hp[k]);
+      if (!part[k].empty()) cpu::multi_step(part[k], rows_of(p0), cols_of(p0), hp[k]);
     for (const TensorSlot<T>& t : s)
       if (t.step != nullptr) *t.step += 1.0f;
   }
   template <class T> static void sqnorm(const std::vector<TensorSlot<T>>& s, const Tensor& p0, T wd) {
-    cpu::multi_sqnorm(s, int(p0.size(-2)), int(p0.size(-1)), wd);
+    cpu::multi_sqnorm(s, rows_of(p0), cols_of(p0), wd);
   }
   template <class T> static void projx_slots(const std::vector<TensorSlot<T>>& s, const Tensor& p0) {
-    cpu::multi_projx(s, int(p0.size(-2)), int(p0.size(-1)));
+    cpu::multi_projx(s, rows_of(p0), cols_of(p0));
   }
   template <class T> static void rescale_slots(const std::vector<TensorSlot<T>>& s, const Tensor& p0) {
-    cpu::multi_rescale(s, int(p0.size(-2)), int(p0.size(-1)));
+    cpu::multi_rescale(s, rows_of(p0), cols_of(p0));
   }
   template <class T> static void group_scale(const GroupScaleArgs<T>& a, const Tensor&) { cpu::group_scale(a); }
 };

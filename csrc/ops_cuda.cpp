@@ -16,7 +16,7 @@ struct CudaBackend {
   template <class T>                                                                     \
   static void NAME(const UnaryArgs<T>& a, const Tensor& x) {                             \
     c10::cuda::CUDAGuard guard(x.device());                                              \
-    cuda_ok(cuda::NAME(a, int(x.size(-2)), int(x.size(-1)), stream(x)));                   \
+    cuda_ok(cuda::NAME(a, rows_of(x), cols_of(x), stream(x)));                           \
   }
   FGSGD_CUDA_UNARY(proj)
   FGSGD_CUDA_UNARY(retr)
@@ -27,19 +27,19 @@ struct CudaBackend {
   template <class T>
   static void step(const std::vector<TensorSlot<T>>& s, const Tensor& p0, const StepHParams<T>& h, const StepControl& c) {
     c10::cuda::CUDAGuard guard(p0.device());
-    cuda_ok(cuda::multi_step(s.data(), int(s.size()), int(p0.size(-2)), int(p0.size(-1)), h, c, stream(p0)));
+    cuda_ok(cuda::multi_step(s.data(), int(s.size()), rows_of(p0), cols_of(p0), h, c, stream(p0)));
   }
   template <class T> static void sqnorm(const std::vector<TensorSlot<T>>& s, const Tensor& p0, T wd) {
     c10::cuda::CUDAGuard guard(p0.device());
-    cuda_ok(cuda::multi_sqnorm(s.data(), int(s.size()), int(p0.size(-2)), int(p0.size(-1)), wd, stream(p0)));
+    cuda_ok(cuda::multi_sqnorm(s.data(), int(s.size()), rows_of(p0), cols_of(p0), wd, stream(p0)));
   }
   template <class T> static void projx_slots(const std::vector<TensorSlot<T>>& s, const Tensor& p0) {
     c10::cuda::CUDAGuard guard(p0.device());
-    cuda_ok(cuda::multi_projx(s.data(), int(s.size()), int(p0.size(-2)), int(p0.size(-1)), stream(p0)));
+    cuda_ok(cuda::multi_projx(s.data(), int(s.size()), rows_of(p0), cols_of(p0), stream(p0)));
   }
   template <class T> static void rescale_slots(const std::vector<TensorSlot<T>>& s, const Tensor& p0) {
     c10::cuda::CUDAGuard guard(p0.device());
-    cuda_ok(cuda::multi_rescale(s.data(), int(s.size()), int(p0.size(-2)), int(p0.size(-1)), stream(p0)));
+    cuda_ok(cuda::multi_rescale(s.data(), int(s.size()), rows_of(p0), cols_of(p0), stream(p0)));
   }
   template <class T> static void group_scale(const GroupScaleArgs<T>& a, const Tensor& sq) {
     c10::cuda::CUDAGuard guard(sq.device());
