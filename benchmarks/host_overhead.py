@@ -55,13 +55,27 @@ def sync(device) -> None:
 
 
 @contextlib.contextmanager
-def patched_step(impl, replacement):
-    """The backend object's step_ replaced (an instance attribute over the method) while inside."""
-    impl.step_ = replacement
+def patched(obj, name: str, value):
+    """obj.name replaced by value while inside, then restored (an instance attribute set over a method is
+    removed again). Cheap enough for the timed loop, unlike unittest.mock."""
+    own = vars(obj)
+    had, old = name in own, own.get(name)
+    setattr(obj, name, value)
     try:
         yield
     finally:
-        del impl.step_
+        if had:
+            setattr(obj, name, old)
+        else:
+            delattr(obj, name)
+
+
+def with_patch(step, obj, name: str, value):
+    """step run with obj.name replaced by value (as bench_step.with_env does for an environment variable)."""
+    def run():
+        with patched(obj, name, value):
+            step()
+    return run
 
 
 def recorded_calls(opt, impl) -> list:
@@ -72,7 +86,7 @@ def recorded_calls(opt, impl) -> list:
     def record(*args, **kwargs):
         calls.append((args, kwargs))
         return real(impl, *args, **kwargs)
-    with patched_step(impl, record):
+    with patched(impl, "step_", record):
         opt.step()
     return calls
 
@@ -129,20 +143,10 @@ def run_model(name: str, device, width_div: int, args) -> dict:
 
     def torch_sgd(step):
         """step with the Euclidean shortcut off (its device-and-dtype test made to fail)."""
-        def run():
-            real = euclidean._one_device_and_dtype
-            euclidean._one_device_and_dtype = lambda params: False
-            try:
-                step()
-            finally:
-                euclidean._one_device_and_dtype = real
-        return run
+        return with_patch(step, euclidean, "_one_device_and_dtype", lambda params: False)
 
     def no_kernels(step):
-        def run():
-            with patched_step(impl, lambda *a, **k: None):
-                step()
-        return run
+        return with_patch(step, impl, "step_", lambda *a, **k: None)
 
     steps = {f"{sgd_name} all": torch.optim.SGD(fresh(lambda s: True), lr=B.LR, momentum=B.MOMENTUM, **euclid).step,
              "sgd-foreach all": torch.optim.SGD(fresh(lambda s: True), lr=B.LR, momentum=B.MOMENTUM,
