@@ -50,7 +50,7 @@ def retraction_of(code: int) -> str:
 # -- packed codes: 2 bits per component ---------------------------------------------------------------
 # A tensor whose components use at most 4 distinct codes stores them as int32 words: word 0 is the palette
 # (byte j: the code of 2-bit value j), then 16 components per word, component i in bits 2·(i mod 16) and up of
-# word 1 + i // 16. 0.25 B per component instead of 1 (csrc/fgsgd/types.h code_at reads it in the kernels;
+# word 1 + i // 16. 0.25 B per component instead of 1 (csrc/fgsgd/batched.h code_at reads it in the kernels;
 # the Triton and torch backends unpack it).
 CODES_PER_WORD = 16
 

@@ -62,9 +62,10 @@ def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, w
     """One step of the manifold parameters of a group; ``states`` are the optimizer's per-parameter states.
 
     Every state holds ``shape`` (A, B), ``codes`` (uint8 (N,), or packed: fgsgd_cuda/codes.py),
-    ``num_groups``, ``step`` and optionally ``rescale`` (N,) and ``momentum_buffer``. With ``group_clip``, ``group_index(k)`` gives the (N,) int32
-    groups of params[k]; it is called once per batch, the work built from it is kept in ``cache`` (keyed
-    by the parameters' ids). ``views`` (optional) keeps the component views of weights and buffers.
+    ``num_groups``, ``step`` and optionally ``rescale`` (N,) and ``momentum_buffer``. With ``group_clip``,
+    ``group_index(k)`` gives the (N,) int32 groups of params[k]; it is called once per batch, the work built
+    from it is kept in ``cache`` (keyed by the parameters' ids). ``views`` (optional) keeps the component views
+    of weights and buffers that are not passed whole (the row view's rows).
 
     ``capturable``: every ``step`` is a float32 tensor on the parameter's device that the kernels read (first
     step, stabilize) and increment, ``lr`` may be a one-element tensor, and ``found_inf`` (a float32 flag)

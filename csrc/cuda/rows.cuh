@@ -45,8 +45,8 @@ struct BlockRow {
 
 // Block b of a row launch (the table counts one block per row: next_table(..., 1)): the step of one row.
 template <int kT, class T>
-__device__ __forceinline__ void row_step_block(const SlotTable<T>& table, const StepHParams<T>& h_launch, const StepControl& ctl,
-                               int64_t n, int64_t b, T* red) {
+__device__ __forceinline__ void row_step_block(const SlotTable<T>& table, const StepHParams<T>& h_launch,
+                                               const StepControl& ctl, int64_t n, int64_t b, T* red) {
   if (step_skipped(ctl)) return;  // uniform over the launch
   const int t = slot_of_block(table, b);
   const TensorSlot<T>& s = table.slot[t];
