@@ -1,8 +1,6 @@
 """Input checks shared by every backend: errors name the argument and what is wrong."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import codes as _codes
@@ -41,7 +39,7 @@ def components(x: torch.Tensor, name: str, *, contiguous: bool = True, rows: boo
 
 def num_components(x: torch.Tensor) -> int:
     """N of a (..., A, B) tensor: the product of the dimensions before the last two."""
-    return math.prod(x.shape[:-2])
+    return x.shape[:-2].numel()
 
 
 def like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:

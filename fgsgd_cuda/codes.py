@@ -94,5 +94,6 @@ def unpack(codes, n: int):
 
 
 def unpacked(codes, params) -> list:
-    """The uint8 codes of every tensor of a multi-tensor call (for backends that read one byte per component)."""
-    return [unpack(c, p.shape[0]) for c, p in zip(codes, params)]
+    """The uint8 codes of every tensor of a multi-tensor call (for backends that read one byte per component);
+    params are (N, A, B) or (..., A, B)."""
+    return [unpack(c, p.shape[:-2].numel()) for c, p in zip(codes, params)]
