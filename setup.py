@@ -34,8 +34,9 @@ def openmp_flags() -> list[str]:
 
 
 def extension():
-    # No -march: the build must run on any x86-64 (or other) CPU. The AVX2 fast path of the CPU step is
-    # compiled for AVX2 inside csrc/cpu/fast_avx2.cpp alone and chosen at run time.
+    # No -march: the build must run on any x86-64 (or other) CPU. The AVX2 and AVX-512 fast paths of the CPU
+    # step are compiled for their instruction sets inside csrc/cpu/fast_avx2.cpp and fast_avx512.cpp alone and
+    # chosen at run time.
     # -fopenmp-simd: `#pragma omp simd` (the row kernels, csrc/cpu/serial_row.h) vectorises without -fopenmp too
     simd = [] if openmp_flags() or sys.platform == "win32" else ["-fopenmp-simd"]
     # The C++ standard is the one torch's cpp_extension passes (its headers' own: C++20 with torch 2.13, where an

@@ -1,7 +1,7 @@
 """CPU step benchmark: FG-SGD fused step vs torch.optim.SGD(foreach=True, momentum) on the same sizes.
 
     PYTHONPATH=. python benchmarks/cpu_step.py [--n 2000000] [--reps 20] [--codes mix,runs,1,3,5,2,4,6,0]
-                                               [--dtype float32] [--isa avx2|base|scalar]
+                                               [--dtype float32] [--isa avx512|avx2|base|scalar]
 
 Both steps run with torch's default threads, called alternately --reps times after a warm-up; the
 minimum wall-clock time of each is printed with their ratio, and the minimum process CPU time
@@ -46,7 +46,7 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--codes", default="mix,runs,1,3,5,2,4,6,0")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--isa", default="", help="CPU fast path: avx2, base or scalar (default: the library's choice)")
+    ap.add_argument("--isa", default="", help="CPU fast path: avx512, avx2, base or scalar (default: the library's choice)")
     ap.add_argument("--row-len", type=int, default=0,
                     help="components are n×1 rows of this length (> 64: the row kernels), --n of them, instead of 3×3")
     ap.add_argument("--shape", default="3x3", help="component shape AxB (A*B <= 64), e.g. 7x7 (ResNet's stem)")

@@ -1,5 +1,5 @@
 """The CPU fused step (``step_`` on the ``cpu`` backend) against the float64 reference, on every
-instruction set of the CPU fast path this machine runs (csrc/cpu/fast*.{h,cpp}: "avx2", "base")
+instruction set of the CPU fast path this machine runs (csrc/cpu/fast*.{h,cpp}: "avx512", "avx2", "base")
 and on the scalar per-component path ("scalar").
 
 The fast path runs W components at once on SIMD lanes (W = 4..16): the sizes here are multiples of
@@ -31,7 +31,7 @@ def _isas() -> list[str]:
         return ["default"]
     default = _ext._C._cpu_isa()
     out = [default]
-    for name in ("avx2", "base", "scalar"):
+    for name in ("avx512", "avx2", "base", "scalar"):
         if name not in out and _ext._C._set_cpu_isa(name):
             out.append(name)
     _ext._C._set_cpu_isa(default)
@@ -213,7 +213,7 @@ def test_unknown_codes_match_scalar_path(isa):
     finally:
         _ext._C._set_cpu_isa(isa)
     unknown = codes > 6
-    # the same operations, up to rounding (the AVX2 unit contracts a*b+c into FMAs)
+    # the same operations, up to rounding (the AVX2 and AVX-512 units contract a*b+c into FMAs)
     assert rel_err(got_p[unknown], want_p[unknown]) < 1e-6
     assert rel_err(got_m[unknown], want_m[unknown]) < 1e-6
     assert rel_err(got_p[~unknown], want_p[~unknown]) < 1e-5
@@ -224,7 +224,7 @@ def test_isa_switch():
     if not hasattr(_ext._C, "_cpu_isa"):
         pytest.skip("no instruction-set switch in this build")
     before = _ext._C._cpu_isa()
-    assert before in ("avx2", "base", "scalar")
+    assert before in ("avx512", "avx2", "base", "scalar")
     assert not _ext._C._set_cpu_isa("no-such-isa")
     assert _ext._C._cpu_isa() == before
     assert _ext._C._set_cpu_isa("scalar") and _ext._C._cpu_isa() == "scalar"

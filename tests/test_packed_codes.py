@@ -75,7 +75,7 @@ def test_packed_codes_give_the_same_bits(backend, device, dtype, shape):
 
 
 @pytest.mark.skipif(not dispatch.available("cpu", torch.device("cpu")), reason="needs the compiled extension")
-@pytest.mark.parametrize("isa", ["avx2", "base", "scalar"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "base", "scalar"])
 def test_cpu_fast_path_ranges_inside_packed_bytes(isa):
     """The CPU fast path splits a tensor into ranges at any component (threads), and decodes packed codes 4096
     at a time: 9000 components whose codes change every 1 to 40 components, stepped in one call with two

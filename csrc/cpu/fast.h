@@ -1,6 +1,6 @@
 // The CPU fast path of the fused step: W components at a time on SIMD lanes (lanes.h), compiled
 // once per instruction set (fast_base.cpp: the build's baseline, SSE2 on x86-64; fast_avx2.cpp:
-// AVX2+FMA, chosen at run time where the CPU has it). kernels.cpp picks the set and runs the
+// AVX2+FMA; fast_avx512.cpp: AVX-512, 16 float lanes; the last two chosen at run time where the CPU has them). kernels.cpp picks the set and runs the
 // ranges below from at::parallel_for. Plain declarations only: no math is compiled here.
 #pragma once
 #include <stdint.h>
@@ -15,8 +15,10 @@
 #endif
 #if FGSGD_CPU_HAVE_FAST && defined(__x86_64__) && !defined(__clang__)
 #define FGSGD_CPU_HAVE_AVX2_TU 1  // fast_avx2.cpp is built (GCC's `#pragma GCC target`)
+#define FGSGD_CPU_HAVE_AVX512_TU 1  // and fast_avx512.cpp
 #else
 #define FGSGD_CPU_HAVE_AVX2_TU 0
+#define FGSGD_CPU_HAVE_AVX512_TU 0
 #endif
 
 namespace fgsgd {
@@ -46,6 +48,9 @@ FGSGD_DECLARE_FAST(base)
 #endif
 #if FGSGD_CPU_HAVE_AVX2_TU
 FGSGD_DECLARE_FAST(avx2)
+#endif
+#if FGSGD_CPU_HAVE_AVX512_TU
+FGSGD_DECLARE_FAST(avx512)
 #endif
 #undef FGSGD_DECLARE_FAST
 

@@ -150,6 +150,13 @@ inline bool all_equal(const uint8_t* c, int n, uint8_t k) {
 // mk[k], bit j: c[j] == k, for the G (4 or 8) codes at c and every known code k.
 template <int G>
 FGSGD_LANE void code_masks(const uint8_t* c, uint32_t* mk) {
+#if defined(FGSGD_SIMD_AVX512)
+  if constexpr (G == 16) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
+    for (int k = 0; k < kNumCodes; ++k) mk[k] = _mm_cmpeq_epi8_mask(v, _mm_set1_epi8(char(k)));
+    return;
+  }
+#endif
 #if defined(__SSE2__)
   __m128i v;
   if constexpr (G == 8) {
@@ -241,8 +248,12 @@ template <class S, class E>
 void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int64_t begin, int64_t end,
                   const BlockFn<S, E>* fn, ScalarFn<S, E> scalar) {
   constexpr int W = Block<E>::kWidth;
+#if defined(FGSGD_SIMD_AVX512)
+  constexpr int G = W < 16 ? (W < 8 ? W : 8) : 16;  // codes classified per mask
+#else
   constexpr int G = W < 8 ? W : 8;  // codes classified per mask
-  static_assert(W % 4 == 0, "groups of 4 or 8 codes");
+#endif
+  static_assert(W % 4 == 0, "groups of 4, 8 or 16 codes");
   constexpr int64_t kSpan = int64_t(1) << 24;  // int32 element offsets from the span start (x 64 elements)
   static const struct Iota {
     int32_t v[W];
@@ -259,10 +270,19 @@ void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, i
     const uint8_t* codes = nullptr;  // codes[i - j0]: the code of component c0 + i, for i in the chunk [j0, j1)
     int j0 = 0;
     constexpr int kFlush = 32;  // components classified between two flushes of the pending blocks
-    int32_t pending[kNumCodes][kFlush + W + 16];  // a flush leaves < W; then kFlush more and an 8-wide append
+    int32_t pending[kNumCodes][kFlush + W + 16];  // a flush leaves < W; then kFlush more, 8 or 16 per append
     int count[kNumCodes] = {};
     auto append = [&](int k, int base, uint32_t m) {  // the components base + (bits of m), code k
       int32_t* pk = pending[k] + count[k];
+#if defined(FGSGD_SIMD_AVX512)
+      if constexpr (G == 16) {  // 16 bits: the set bits' positions compressed out of 0..15 in one register
+        const __m512i at = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(base));
+        _mm512_storeu_si512(pk, _mm512_maskz_compress_epi32(__mmask16(m), at));
+        count[k] += __builtin_popcount(m);
+        return;
+      }
+#endif
       for (int j = 0; j < 8; ++j) pk[j] = base + kCompress.pos[m][j];
       count[k] += kCompress.count[m];
     };
@@ -357,16 +377,18 @@ void FGSGD_FAST_ENTRY(step_range)(const TensorSlot<float>& t, const StepHParams<
                                   int64_t begin, int64_t end) {
   ::fgsgd::FGSGD_ISA::simd::step_any(t, h, A, B, begin, end);
 }
+void FGSGD_FAST_ENTRY(sqnorm_range)(const TensorSlot<float>& t, float wd, int A, int B, int64_t begin, int64_t end) {
+  ::fgsgd::FGSGD_ISA::simd::sqnorm_any(t, wd, A, B, begin, end);
+}
+#if !defined(FGSGD_FAST_FLOAT_ONLY)  // (the AVX-512 unit forwards double to the AVX2 lanes)
 void FGSGD_FAST_ENTRY(step_range)(const TensorSlot<double>& t, const StepHParams<double>& h, int A, int B,
                                   int64_t begin, int64_t end) {
   ::fgsgd::FGSGD_ISA::simd::step_any(t, h, A, B, begin, end);
 }
-void FGSGD_FAST_ENTRY(sqnorm_range)(const TensorSlot<float>& t, float wd, int A, int B, int64_t begin, int64_t end) {
-  ::fgsgd::FGSGD_ISA::simd::sqnorm_any(t, wd, A, B, begin, end);
-}
 void FGSGD_FAST_ENTRY(sqnorm_range)(const TensorSlot<double>& t, double wd, int A, int B, int64_t begin, int64_t end) {
   ::fgsgd::FGSGD_ISA::simd::sqnorm_any(t, wd, A, B, begin, end);
 }
+#endif
 void FGSGD_FAST_ENTRY(step_rows)(const TensorSlot<float>& t, const StepHParams<float>& h, int64_t n, int64_t begin,
                                  int64_t end) {
   ::fgsgd::FGSGD_ISA::cpu_rows::step_rows(t, h, n, begin, end);

@@ -26,7 +26,7 @@ void each(int64_t n, F&& f) {
 
 inline bool is_row_shape(int A, int B) { return A * B > kMaxElems; }  // the checks allow only B == 1 there
 
-enum Isa : int { kScalar = 0, kBase = 1, kAvx2 = 2 };
+enum Isa : int { kScalar = 0, kBase = 1, kAvx2 = 2, kAvx512 = 3 };
 
 bool cpu_has_avx2() {
 #if FGSGD_CPU_HAVE_AVX2_TU
@@ -37,18 +37,33 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#if FGSGD_CPU_HAVE_AVX512_TU
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+#else
+  return false;
+#endif
+}
+
 int parse_isa(const char* name) {
   if (!name) return -1;
   if (!std::strcmp(name, "scalar")) return kScalar;
   if (!std::strcmp(name, "base")) return FGSGD_CPU_HAVE_FAST ? int(kBase) : -1;
   if (!std::strcmp(name, "avx2")) return cpu_has_avx2() ? kAvx2 : -1;
+  if (!std::strcmp(name, "avx512")) return cpu_has_avx512() ? kAvx512 : -1;
   return -1;
 }
 
 std::atomic<int>& isa_state() {
   static std::atomic<int> state([] {
     const int env = parse_isa(std::getenv("FGSGD_CPU_ISA"));
-    return env >= 0 ? env : cpu_has_avx2() ? int(kAvx2) : FGSGD_CPU_HAVE_FAST ? int(kBase) : int(kScalar);
+    return env >= 0                ? env
+           : cpu_has_avx512()      ? int(kAvx512)
+           : cpu_has_avx2()        ? int(kAvx2)
+           : FGSGD_CPU_HAVE_FAST   ? int(kBase)
+                                   : int(kScalar);
   }());
   return state;
 }
@@ -80,11 +95,12 @@ void each_slot(const std::vector<TensorSlot<T>>& slots, F&& f) {
 
 inline int64_t row_grain(int n) { return std::max<int64_t>(1, 16 * kGrain / n); }  // ~32k elements per task
 
-// In a void function: returns NAME_avx2(args) or NAME_base(args), the fast-path entry (fast.h) of
+// In a void function: returns NAME_avx512(args), NAME_avx2(args) or NAME_base(args), the fast-path entry (fast.h) of
 // instruction set `isa`; does nothing for kScalar (the caller's scalar code follows) or in a build
 // without the fast path.
 #if FGSGD_CPU_HAVE_AVX2_TU
-#define FGSGD_CALL_AVX2(isa, NAME, ...) \
+#define FGSGD_CALL_AVX2(isa, NAME, ...)                    \
+  if ((isa) == kAvx512) return NAME##_avx512(__VA_ARGS__); \
   if ((isa) == kAvx2) return NAME##_avx2(__VA_ARGS__);
 #else
 #define FGSGD_CALL_AVX2(isa, NAME, ...)
@@ -105,6 +121,7 @@ const char* isa() {
   switch (isa_state().load()) {
     case kScalar: return "scalar";
     case kAvx2: return "avx2";
+    case kAvx512: return "avx512";
     default: return "base";
   }
 }

@@ -2,9 +2,10 @@
 // lane, so that the shared math of csrc/fgsgd (templated on its element type, see config.h) runs W
 // components at once. Built on GCC/Clang vector extensions: the same source compiles for any
 // instruction set; the translation unit that includes it picks the set (csrc/cpu/fast_*.cpp) and
-// the register width (kRegBytes: 32 bytes with AVX, else 16). Only sqrt and the AoS <-> SoA transposes use
-// intrinsics, where the instruction set has them. GCC does not define __AVX__ after
-// `#pragma GCC target` in C++, so the AVX2 unit says so itself: FGSGD_SIMD_AVX2.
+// the register width (kRegBytes: 64 bytes with AVX-512, 32 with AVX, else 16). Only sqrt and the AoS <-> SoA
+// transposes use intrinsics, where the instruction set has them. GCC does not define __AVX__ after
+// `#pragma GCC target` in C++, so the AVX2 and AVX-512 units say so themselves: FGSGD_SIMD_AVX2 (both),
+// FGSGD_SIMD_AVX512.
 //
 // Everything here is an always-inline free function or member, never a friend defined in the class:
 // GCC compiles friends of class templates without the translation unit's `#pragma GCC target`.
@@ -33,8 +34,10 @@ namespace simd {
 #define FGSGD_SIMD_HAS_AVX 0
 #endif
 
-#if FGSGD_SIMD_HAS_AVX
-constexpr int kRegBytes = 32;  // one SIMD register
+#if defined(FGSGD_SIMD_AVX512)
+constexpr int kRegBytes = 64;  // one SIMD register
+#elif FGSGD_SIMD_HAS_AVX
+constexpr int kRegBytes = 32;
 #else
 constexpr int kRegBytes = 16;
 #endif
@@ -52,6 +55,8 @@ FGSGD_VEC_OF(float, int32_t, 16)
 FGSGD_VEC_OF(float, int32_t, 32)
 FGSGD_VEC_OF(double, int64_t, 16)
 FGSGD_VEC_OF(double, int64_t, 32)
+FGSGD_VEC_OF(float, int32_t, 64)
+FGSGD_VEC_OF(double, int64_t, 64)
 #undef FGSGD_VEC_OF
 
 // Lanes<E, P>: P registers of H = kRegBytes / sizeof(E) lanes each, W = H·P components. P > 1
@@ -164,6 +169,10 @@ template <class V>
 FGSGD_LANE V sqrt_reg(V a) {
   [[maybe_unused]] constexpr int bytes = int(sizeof(V));
   using E = decltype(a[0] + 0);
+#if defined(FGSGD_SIMD_AVX512)
+  if constexpr (bytes == 64 && sizeof(E) == 4) return (V)_mm512_sqrt_ps((__m512)a);
+  if constexpr (bytes == 64 && sizeof(E) == 8) return (V)_mm512_sqrt_pd((__m512d)a);
+#endif
 #if FGSGD_SIMD_HAS_AVX
   if constexpr (bytes == 32 && sizeof(E) == 4) return (V)_mm256_sqrt_ps((__m256)a);
   if constexpr (bytes == 32 && sizeof(E) == 8) return (V)_mm256_sqrt_pd((__m256d)a);
@@ -196,6 +205,12 @@ FGSGD_LANE V rsqrt_reg(V a) {
   [[maybe_unused]] constexpr int bytes = int(sizeof(V));
   using E = decltype(a[0] + 0);
 #if !defined(FGSGD_EXACT_RSQRT)
+#if defined(FGSGD_SIMD_AVX512)
+  if constexpr (bytes == 64 && sizeof(E) == 4) {  // the estimate is better here (< 2⁻¹⁴): the same Newton step
+    const V y = (V)_mm512_rsqrt14_ps((__m512)a);
+    return (0.5f * y) * (3.0f - (a * y) * y);
+  }
+#endif
 #if FGSGD_SIMD_HAS_AVX
   if constexpr (bytes == 32 && sizeof(E) == 4) {
     const V y = (V)_mm256_rsqrt_ps((__m256)a);
@@ -359,12 +374,79 @@ FGSGD_LANE void transpose_regs(V* r) {
     }
 }
 
+#if defined(FGSGD_SIMD_AVX512)
+// 16 float lanes: a register holds components c (low 256 bits) and c + 8 (high 256 bits), so that the
+// 8×8 transpose of the AVX2 path runs on both halves at once (the same unpack and shuffle steps, per
+// 128-bit lane; the last step, which swaps 128-bit lanes within each half, by one two-source permute).
+FGSGD_LANE void transpose_halves(__m512* r) {
+  __m512 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  // per half h: [a's 128-bit lane 2h, b's lane 2h] and [a's lane 2h + 1, b's lane 2h + 1] (permute2f128 0x20, 0x31)
+  const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+  const __m512i hi = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_permutex2var_ps(u[i], lo, u[i + 4]);
+    r[i + 4] = _mm512_permutex2var_ps(u[i], hi, u[i + 4]);
+  }
+}
+
+FGSGD_LANE __m512 load_pair(const float* a, const float* b) {  // 8 floats at a, then 8 at b
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(a))),
+                                             _mm256_castps_pd(_mm256_loadu_ps(b)), 1));
+}
+FGSGD_LANE void store_pair(__m512 v, float* a, float* b) {
+  _mm256_storeu_ps(a, _mm512_castps512_ps256(v));
+  _mm256_storeu_ps(b, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+// load_soa / store_soa of 16-lane float registers: elements in groups of 8 through transpose_halves, the
+// remaining N mod 8 by one gather / scatter each.
+template <int N, int P>
+FGSGD_LANE void load_soa_x16(const float* base, const int32_t* off, Lanes<float, P>* lanes) {
+  FGSGD_UNROLL for (int k = 0; k < P; ++k) {
+    const int32_t* o = off + 16 * k;
+    FGSGD_UNROLL for (int e0 = 0; e0 + 8 <= N; e0 += 8) {
+      __m512 rows[8];
+      FGSGD_UNROLL for (int c = 0; c < 8; ++c) rows[c] = load_pair(base + o[c] + e0, base + o[c + 8] + e0);
+      transpose_halves(rows);
+      FGSGD_UNROLL for (int i = 0; i < 8; ++i) lanes[e0 + i].r[k] = (typename Lanes<float, P>::V)rows[i];
+    }
+    const __m512i vo = _mm512_loadu_si512(o);
+    FGSGD_UNROLL for (int e = N / 8 * 8; e < N; ++e)
+      lanes[e].r[k] = (typename Lanes<float, P>::V)_mm512_i32gather_ps(vo, base + e, 4);
+  }
+}
+template <int N, int P>
+FGSGD_LANE void store_soa_x16(const Lanes<float, P>* lanes, float* base, const int32_t* off) {
+  FGSGD_UNROLL for (int k = 0; k < P; ++k) {
+    const int32_t* o = off + 16 * k;
+    FGSGD_UNROLL for (int e0 = 0; e0 + 8 <= N; e0 += 8) {
+      __m512 rows[8];
+      FGSGD_UNROLL for (int i = 0; i < 8; ++i) rows[i] = (__m512)lanes[e0 + i].r[k];
+      transpose_halves(rows);
+      FGSGD_UNROLL for (int c = 0; c < 8; ++c) store_pair(rows[c], base + o[c] + e0, base + o[c + 8] + e0);
+    }
+    const __m512i vo = _mm512_loadu_si512(o);
+    FGSGD_UNROLL for (int e = N / 8 * 8; e < N; ++e) _mm512_i32scatter_ps(base + e, vo, (__m512)lanes[e].r[k], 4);
+  }
+}
+#endif
+
 // AoS <-> SoA: component c of a block is the N contiguous elements at base + off[c] (element
 // offsets, W of them); lanes[e] holds element e of the W components. Full groups of H elements go
 // through H×H register transposes; the remaining N mod H elements are gathered (AVX2) or moved one
 // by one.
 template <int N, class E, int P>
-FGSGD_LANE void load_soa(const E* base, const int32_t* off, Lanes<E, P>* lanes) {
+FGSGD_LANE void load_soa_regs(const E* base, const int32_t* off, Lanes<E, P>* lanes) {
   using L = Lanes<E, P>;
   constexpr int H = L::kRegLanes;
   constexpr int full = N / H * H;
@@ -389,7 +471,17 @@ FGSGD_LANE void load_soa(const E* base, const int32_t* off, Lanes<E, P>* lanes) 
 }
 
 template <int N, class E, int P>
-FGSGD_LANE void store_soa(const Lanes<E, P>* lanes, E* base, const int32_t* off) {
+FGSGD_LANE void load_soa(const E* base, const int32_t* off, Lanes<E, P>* lanes) {
+#if defined(FGSGD_SIMD_AVX512)
+  if constexpr (sizeof(E) == 4 && Lanes<E, P>::kRegLanes == 16)
+    load_soa_x16<N>(base, off, lanes);
+  else
+#endif
+    load_soa_regs<N>(base, off, lanes);
+}
+
+template <int N, class E, int P>
+FGSGD_LANE void store_soa_regs(const Lanes<E, P>* lanes, E* base, const int32_t* off) {
   using L = Lanes<E, P>;
   constexpr int H = L::kRegLanes;
   constexpr int full = N / H * H;
@@ -403,6 +495,16 @@ FGSGD_LANE void store_soa(const Lanes<E, P>* lanes, E* base, const int32_t* off)
     FGSGD_UNROLL for (int e = full; e < N; ++e)
       FGSGD_UNROLL for (int c = 0; c < H; ++c) base[off[k * H + c] + e] = lanes[e].r[k][c];
   }
+}
+
+template <int N, class E, int P>
+FGSGD_LANE void store_soa(const Lanes<E, P>* lanes, E* base, const int32_t* off) {
+#if defined(FGSGD_SIMD_AVX512)
+  if constexpr (sizeof(E) == 4 && Lanes<E, P>::kRegLanes == 16)
+    store_soa_x16<N>(lanes, base, off);
+  else
+#endif
+    store_soa_regs<N>(lanes, base, off);
 }
 
 }  // namespace simd
