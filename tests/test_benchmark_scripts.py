@@ -25,3 +25,18 @@ def test_host_overhead_runs(tmp_path):
             model["baseline"]} <= set(model["cases"])
     assert all(c["median_host_s"] > 0 for c in model["cases"].values())
     assert json.loads(out.read_text())["models"]["resnet18"]["cases"].keys() == model["cases"].keys()
+
+
+@pytest.mark.skipif(not dispatch.available("cpu", "cpu"), reason="needs the compiled CPU kernels")
+def test_cpu_step_runs_instruction_sets_side_by_side(tmp_path):
+    import cpu_step
+    from fgsgd_cuda import _C
+    default = _C._cpu_isa()
+    out = tmp_path / "cpu_step.json"
+    results = cpu_step.main(["--n", "101", "--reps", "1", "--codes", "mix,5", "--isa", f"{default},scalar",
+                             "--out", str(out)])
+    assert [(r["codes"], r["isa"]) for r in results] == [("mix", default), ("mix", "scalar"), ("5", default),
+                                                         ("5", "scalar")]
+    assert all(r["fgsgd_ms"] > 0 and r["sgd_foreach_ms"] > 0 for r in results)
+    assert json.loads(out.read_text())["results"] == results
+    assert _C._cpu_isa() == default  # the switch is restored
