@@ -10,6 +10,7 @@ must give the same results through the scalar path.
 from __future__ import annotations
 
 import math
+import os
 import zlib
 
 import pytest
@@ -230,6 +231,32 @@ def test_isa_switch():
     assert _ext._C._set_cpu_isa("scalar") and _ext._C._cpu_isa() == "scalar"
     assert _ext._C._set_cpu_isa(before)
 
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((set(line.split(":", 1)[1].split()) for line in fh if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def test_widest_instruction_set_is_the_default():
+    """Where the CPU has AVX-512 F/VL/DQ/BW (Linux: /proc/cpuinfo) and the build has the fast paths, the
+    AVX-512 lanes run by default (unless FGSGD_CPU_ISA chose); where it lacks them they are refused."""
+    flags = _cpu_flags()
+    if not hasattr(_ext._C, "_cpu_isa") or not flags:
+        pytest.skip("needs the instruction-set switch and /proc/cpuinfo")
+    before = _ext._C._cpu_isa()
+    try:
+        if not ({"avx2", "fma"} <= flags and _ext._C._set_cpu_isa("avx2")):
+            pytest.skip("this build or CPU has no AVX2 fast path")
+        has512 = {"avx512f", "avx512vl", "avx512dq", "avx512bw"} <= flags
+        assert _ext._C._set_cpu_isa("avx512") == has512
+        if "FGSGD_CPU_ISA" not in os.environ:
+            assert before == ("avx512" if has512 else "avx2")
+    finally:
+        _ext._C._set_cpu_isa(before)
 
 ROW_CASES = {"momentum": dict(momentum=0.9), "sgd-stabilize": dict(momentum=0.0, stabilize=True),
              "first-nesterov-wd": dict(momentum=0.5, nesterov=True, first_step=True, weight_decay=0.05),
