@@ -1,7 +1,8 @@
 // The CPU fast path of the fused step: W components at a time on SIMD lanes (lanes.h), compiled
 // once per instruction set (fast_base.cpp: the build's baseline, SSE2 on x86-64; fast_avx2.cpp:
-// AVX2+FMA; fast_avx512.cpp: AVX-512, 16 float lanes; the last two chosen at run time where the CPU has them). kernels.cpp picks the set and runs the
-// ranges below from at::parallel_for. Plain declarations only: no math is compiled here.
+// AVX2+FMA; fast_avx512.cpp: AVX-512, 16 float lanes; the last two chosen at run time where the CPU
+// has them). kernels.cpp picks the set and runs the ranges below from at::parallel_for. Plain
+// declarations only: no math is compiled here.
 #pragma once
 #include <stdint.h>
 

@@ -95,20 +95,20 @@ void each_slot(const std::vector<TensorSlot<T>>& slots, F&& f) {
 
 inline int64_t row_grain(int n) { return std::max<int64_t>(1, 16 * kGrain / n); }  // ~32k elements per task
 
-// In a void function: returns NAME_avx512(args), NAME_avx2(args) or NAME_base(args), the fast-path entry (fast.h) of
-// instruction set `isa`; does nothing for kScalar (the caller's scalar code follows) or in a build
+// In a void function: returns NAME_avx512(args), NAME_avx2(args) or NAME_base(args), the fast-path entry
+// (fast.h) of instruction set `isa`; does nothing for kScalar (the caller's scalar code follows) or in a build
 // without the fast path.
 #if FGSGD_CPU_HAVE_AVX2_TU
-#define FGSGD_CALL_AVX2(isa, NAME, ...)                    \
+#define FGSGD_CALL_X86(isa, NAME, ...)                     \
   if ((isa) == kAvx512) return NAME##_avx512(__VA_ARGS__); \
   if ((isa) == kAvx2) return NAME##_avx2(__VA_ARGS__);
 #else
-#define FGSGD_CALL_AVX2(isa, NAME, ...)
+#define FGSGD_CALL_X86(isa, NAME, ...)
 #endif
 #if FGSGD_CPU_HAVE_FAST
 #define FGSGD_CALL_FAST(isa, NAME, ...)        \
   {                                            \
-    FGSGD_CALL_AVX2(isa, NAME, __VA_ARGS__)    \
+    FGSGD_CALL_X86(isa, NAME, __VA_ARGS__)     \
     if ((isa) == kBase) return NAME##_base(__VA_ARGS__); \
   }
 #else
@@ -183,7 +183,7 @@ void multi_sqnorm(const std::vector<TensorSlot<T>>& slots, int A, int B, T wd) {
         [&](auto s, const TensorSlot<T>& t, int64_t i) { sqnorm_at(s, t, wd, i); });
 }
 #undef FGSGD_CALL_FAST
-#undef FGSGD_CALL_AVX2
+#undef FGSGD_CALL_X86
 
 template <class T>
 void multi_projx(const std::vector<TensorSlot<T>>& slots, int A, int B) {
