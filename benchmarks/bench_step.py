@@ -748,6 +748,8 @@ def environment(device, args) -> dict:
             env[mod] = None
     if torch.device(device).type == "cuda":
         env["cuda"] = torch.version.cuda
+    C = getattr(fgsgd_cuda._ext, "_C", None)
+    env["fgsgd_cpu_isa"] = C._cpu_isa() if C is not None and hasattr(C, "_cpu_isa") else None  # the CPU fast path
     try:
         root = HERE.parent
         env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -969,7 +971,7 @@ def main(argv=None) -> dict:
     geoopt_reason = "--no-geoopt" if args.no_geoopt else geoopt_available()
     timer = Timer(device, args.clock)
     log(f"device: {env['device_name']} ({device}), torch {env['torch']}, {env['torch_threads']} threads, "
-        f"python {env['python']}, triton {env['triton']}, geoopt {env['geoopt']}")
+        f"python {env['python']}, triton {env['triton']}, geoopt {env['geoopt']}, CPU fast path {env['fgsgd_cpu_isa']}")
     for v, why in support.items():
         if why:
             log(f"sgd-{v} skipped: {why}")
