@@ -196,6 +196,29 @@ def test_edge_values(isa, dtype):
     assert torch.allclose(norms, torch.ones_like(norms), atol=10 * _tol(dtype)), "sphere exp with t > 8192"
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_writes_stay_inside_the_tensor(isa, dtype):
+    """The fast path stores whole components (16-lane registers, masked stores): tensors that are slices of a
+    larger buffer, at every offset modulo a lane width, step exactly as the same tensors on their own, and the
+    elements around them keep their bits."""
+    gen = make_gen(zlib.crc32(repr(("inside", isa, str(dtype))).encode()))
+    for start, n in [(0, 33), (1, 17), (5, 16), (7, 1), (3, 100)]:
+        codes = torch.tensor([1, 3, 5, 0], dtype=torch.uint8)[torch.randint(4, (n,), generator=gen)]
+        p, g, m, *_ = _inputs(n, 3, 3, codes, gen, dtype)
+        want_p, want_m = _run([p], [g], [m], [codes], [], [], [], dtype, CASES["momentum"])
+        total = start + n + 3
+        bufs = [torch.randn(total, 3, 3, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2)]
+        before = [b.clone() for b in bufs]
+        bufs[0][start:start + n] = p.to(dtype)
+        bufs[1][start:start + n] = m.to(dtype)
+        pv, mv = bufs[0][start:start + n], bufs[1][start:start + n]  # views with a storage offset
+        ops.step_([pv], [g.to(dtype)], [mv], [codes], backend="cpu", **CASES["momentum"])
+        assert torch.equal(pv, want_p[0]) and torch.equal(mv, want_m[0]), f"{isa}: start {start}, n {n}"
+        for b, b0 in zip(bufs, before):
+            assert torch.equal(b[:start], b0[:start]) and torch.equal(b[start + n:], b0[start + n:]), \
+                f"{isa}: start {start}, n {n}: an element outside the tensor changed"
+
 def test_unknown_codes_match_scalar_path(isa):
     """Codes outside 0..6 (never produced by fgsgd_cuda, not checked per component for speed) take the
     scalar path's default branches on every instruction set: the results are the scalar path's.
