@@ -294,6 +294,11 @@ void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, i
         if (cnt < W) continue;
         int b = 0;
         for (; b + W <= cnt; b += W) fn[k](s, t, h, c0, pk + b);
+#if defined(FGSGD_SIMD_AVX512)
+        if constexpr (W == 16) {  // the < 16 left over, moved to the front as one register (b + 16 <= kFlush + W)
+          _mm512_storeu_si512(pk, _mm512_loadu_si512(pk + b));
+        } else
+#endif
         for (int q = 0; q < cnt - b; ++q) pk[q] = pk[b + q];
         count[k] = cnt - b;
       }
