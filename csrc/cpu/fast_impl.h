@@ -147,7 +147,7 @@ inline bool all_equal(const uint8_t* c, int n, uint8_t k) {
   return diff == 0;
 }
 
-// mk[k], bit j: c[j] == k, for the G (4 or 8) codes at c and every known code k.
+// mk[k], bit j: c[j] == k, for the G (4, 8, or with AVX-512 16) codes at c and every known code k.
 template <int G>
 FGSGD_LANE void code_masks(const uint8_t* c, uint32_t* mk) {
 #if defined(FGSGD_SIMD_AVX512)
@@ -236,13 +236,13 @@ struct PackedDecoder {
 
 // One pass over the components in order. W consecutive components of one code (a run, or the
 // whole tensor) form a block as they are, run by `contig` (the same blocks with their offsets known at
-// compile time: 1.2 M components of one code, 1 thread, AVX-512: sphere 4.75 → 4.44 ms); otherwise each component joins the pending block of its
-// code (branch-free: a compare mask per code and a table of bit positions); every kFlush components
-// the full pending blocks run, code by code (checking for a full block after every append instead
-// mispredicted about once per 8 components: a random code per component, AVX2, 1 thread, 1.2 M
-// components: 11.7 → 10.2 ms). So every block has a single code whatever the interleaving, and
-// touches only components seen in the last few blocks: memory is read in order, once, as by a
-// plain stream.
+// compile time: 1.2 M components of one code, 1 thread, AVX-512: sphere 4.75 → 4.44 ms); otherwise
+// each component joins the pending block of its code (branch-free: a compare mask per code and a
+// table of bit positions); every kFlush components the full pending blocks run, code by code
+// (checking for a full block after every append instead mispredicted about once per 8 components:
+// a random code per component, AVX2, 1 thread, 1.2 M components: 11.7 → 10.2 ms). So every block
+// has a single code whatever the interleaving, and touches only components seen in the last few
+// blocks: memory is read in order, once, as by a plain stream.
 // Pending blocks left at the end are padded with copies of their last index (the copies load the
 // same inputs and store the same results: harmless). Packed codes are decoded kChunk at a time first.
 template <class S, class E>
@@ -250,10 +250,11 @@ void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, i
                   const BlockFn<S, E>* fn, const BlockFn<S, E>* contig, ScalarFn<S, E> scalar) {
   constexpr int W = Block<E>::kWidth;
 #if defined(FGSGD_SIMD_AVX512)
-  constexpr int G = W < 16 ? (W < 8 ? W : 8) : 16;  // codes classified per mask
+  constexpr int kMaskCodes = 16;  // codes one compare mask covers (code_masks)
 #else
-  constexpr int G = W < 8 ? W : 8;  // codes classified per mask
+  constexpr int kMaskCodes = 8;
 #endif
+  constexpr int G = W < kMaskCodes ? W : kMaskCodes;  // codes classified per mask
   static_assert(W % 4 == 0, "groups of 4, 8 or 16 codes");
   constexpr int64_t kSpan = int64_t(1) << 24;  // int32 element offsets from the span start (x 64 elements)
   static const struct Iota {

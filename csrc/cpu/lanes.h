@@ -403,16 +403,12 @@ FGSGD_LANE __m512 load_pair(const float* a, const float* b) {  // 8 floats at a,
   return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(a))),
                                              _mm256_castps_pd(_mm256_loadu_ps(b)), 1));
 }
-FGSGD_LANE void store_pair(__m512 v, float* a, float* b) {
-  _mm256_storeu_ps(a, _mm512_castps512_ps256(v));
-  _mm256_storeu_ps(b, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-}
 
-// load_soa / store_soa of 16-lane float registers: elements in groups of 8 through transpose_halves, the
-// remaining N mod 8 by one gather each. Stores of 3×3 components (N = 9): the 8 elements of a transposed row
-// and element 8 joined by one permute, then one masked store per component (with one scalar store per
-// component for element 8, or a scatter, 1.2 M random-code components took 7.0 / 7.3 ms instead of 6.6, 1
-// thread); other N: the rows by halves, the rest one by one.
+// load_soa / store_soa of 16-lane float registers. Loads: elements in groups of 8 through transpose_halves, the
+// remaining N mod 8 by one gather each. Stores, 3×3 components only (the one fast-path shape, fast.h): the 8
+// elements of a transposed row and element 8 joined by one permute, then one masked store per component (with
+// one scalar store per component for element 8, or a scatter, 1.2 M random-code components took 7.0 / 7.3 ms
+// instead of 6.6, 1 thread).
 template <int N, int P>
 FGSGD_LANE void load_soa_x16(const float* base, const int32_t* off, Lanes<float, P>* lanes) {
   FGSGD_UNROLL for (int k = 0; k < P; ++k) {
@@ -430,29 +426,19 @@ FGSGD_LANE void load_soa_x16(const float* base, const int32_t* off, Lanes<float,
 }
 template <int N, int P>
 FGSGD_LANE void store_soa_x16(const Lanes<float, P>* lanes, float* base, const int32_t* off) {
+  static_assert(N == 9, "the 16-lane stores are written for 3x3 components");
   FGSGD_UNROLL for (int k = 0; k < P; ++k) {
     const int32_t* o = off + 16 * k;
-    if constexpr (N == 9) {
-      __m512 rows[8];
-      FGSGD_UNROLL for (int i = 0; i < 8; ++i) rows[i] = (__m512)lanes[i].r[k];
-      transpose_halves(rows);
-      const __m512 e8 = (__m512)lanes[8].r[k];
-      FGSGD_UNROLL for (int c = 0; c < 8; ++c) {
-        const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16 + c, 0, 0, 0, 0, 0, 0, 0);
-        const __m512i hi = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24 + c, 0, 0, 0, 0, 0, 0, 0);
-        _mm512_mask_storeu_ps(base + o[c], __mmask16(0x1ff), _mm512_permutex2var_ps(rows[c], lo, e8));
-        _mm512_mask_storeu_ps(base + o[c + 8], __mmask16(0x1ff), _mm512_permutex2var_ps(rows[c], hi, e8));
-      }
-      continue;
+    __m512 rows[8];
+    FGSGD_UNROLL for (int i = 0; i < 8; ++i) rows[i] = (__m512)lanes[i].r[k];
+    transpose_halves(rows);
+    const __m512 e8 = (__m512)lanes[8].r[k];
+    FGSGD_UNROLL for (int c = 0; c < 8; ++c) {
+      const __m512i lo = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16 + c, 0, 0, 0, 0, 0, 0, 0);
+      const __m512i hi = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24 + c, 0, 0, 0, 0, 0, 0, 0);
+      _mm512_mask_storeu_ps(base + o[c], __mmask16(0x1ff), _mm512_permutex2var_ps(rows[c], lo, e8));
+      _mm512_mask_storeu_ps(base + o[c + 8], __mmask16(0x1ff), _mm512_permutex2var_ps(rows[c], hi, e8));
     }
-    FGSGD_UNROLL for (int e0 = 0; e0 + 8 <= N; e0 += 8) {
-      __m512 rows[8];
-      FGSGD_UNROLL for (int i = 0; i < 8; ++i) rows[i] = (__m512)lanes[e0 + i].r[k];
-      transpose_halves(rows);
-      FGSGD_UNROLL for (int c = 0; c < 8; ++c) store_pair(rows[c], base + o[c] + e0, base + o[c + 8] + e0);
-    }
-    FGSGD_UNROLL for (int e = N / 8 * 8; e < N; ++e)
-      FGSGD_UNROLL for (int c = 0; c < 16; ++c) base[o[c] + e] = lanes[e].r[k][c];
   }
 }
 #endif
