@@ -69,7 +69,11 @@ FGSGD_HD void step_at(const S& s, const TensorSlot<T>& t, const StepHParams<T>& 
   load(s, t.p + off, p);
   load(s, t.g + off, g);
   const bool use_m = h.momentum != T(0);
-  if (use_m && !h.first_step) load(s, t.m + off, m);
+  if (use_m && !h.first_step) {
+    load(s, t.m + off, m);
+  } else {
+    for (int e = 0; e < s.size(); ++e) m[e] = T(0);  // not read (first step, or no momentum)
+  }
   component_step(s, code_at(t, i), p, g, m, rescale_at(t, i), step_scale_at(t, i), h);
   store(s, p, t.p + off);
   if (use_m) store(s, m, t.m + off);

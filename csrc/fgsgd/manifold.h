@@ -40,7 +40,7 @@ FGSGD_HD void proj(const S& s, int code, const T* w, const T* u, T* out) {
       FGSGD_UNROLL
       for (int p = 0; p < B; ++p)
         FGSGD_UNROLL
-        for (int q = p; q < B; ++q) {
+        for (int q = p + 1; q < B; ++q) {  // (the diagonal is its own symmetric part)
           const T v = T(0.5) * (m[p * B + q] + m[q * B + p]);
           m[p * B + q] = v;
           m[q * B + p] = v;
@@ -49,10 +49,10 @@ FGSGD_HD void proj(const S& s, int code, const T* w, const T* u, T* out) {
       for (int r = 0; r < A; ++r)
         FGSGD_UNROLL
         for (int q = 0; q < B; ++q) {
-          T acc = T(0);
+          T acc = u[r * B + q];  // U − Σ_p ω_rp sym_pq as B fused multiply-subtracts
           FGSGD_UNROLL
-          for (int p = 0; p < B; ++p) acc += w[r * B + p] * m[p * B + q];
-          out[r * B + q] = u[r * B + q] - acc;
+          for (int p = 0; p < B; ++p) acc -= w[r * B + p] * m[p * B + q];
+          out[r * B + q] = acc;
         }
       break;
     }
