@@ -20,6 +20,7 @@ import torch
 
 import fgsgd_cuda
 from fgsgd_cuda import ops
+from fgsgd_cuda.codes import pack
 
 
 def timed(fn):
@@ -70,6 +71,8 @@ def main(argv=None):
     ap.add_argument("--row-len", type=int, default=0,
                     help="components are n×1 rows of this length (> 64: the row kernels), --n of them, instead of 3×3")
     ap.add_argument("--shape", default="3x3", help="component shape AxB (A*B <= 64), e.g. 7x7 (ResNet's stem)")
+    ap.add_argument("--packed", action="store_true",
+                    help="codes packed 2 bits per component (fgsgd_cuda.codes.pack), as FGSGD keeps them")
     a = ap.parse_args(argv)
     dt = getattr(torch, a.dtype)
     from fgsgd_cuda import _C
@@ -107,6 +110,8 @@ def main(argv=None):
             codes = torch.tensor([1, 3, 5], dtype=torch.uint8)[torch.arange(n) * 3 // n].contiguous()
         else:
             codes = torch.full((n,), int(spec), dtype=torch.uint8)
+        if a.packed:
+            codes = pack(codes)
         pp = p.clone()
         if a.row_len:  # rows: every row code is on the unit sphere (projx_ takes small components only)
             pp = torch.nn.functional.normalize(pp, dim=1)
@@ -121,7 +126,7 @@ def main(argv=None):
             label = f"fgsgd[{name}]" if len(isas) > 1 else "fgsgd"
             print(f"codes={spec:9s} {label:14s} {tf:7.2f} ms   sgd(foreach) {ts:6.2f} ms   ratio {tf / ts:5.2f}   "
                   f"(cpu time: {cf:6.1f} / {cs:6.1f} ms, ratio {cf / cs:4.2f})", flush=True)
-            results.append(dict(codes=spec, isa=name or default_isa, fgsgd_ms=tf, fgsgd_cpu_ms=cf, sgd_foreach_ms=ts,
+            results.append(dict(codes=spec, packed=a.packed, isa=name or default_isa, fgsgd_ms=tf, fgsgd_cpu_ms=cf, sgd_foreach_ms=ts,
                                 sgd_foreach_cpu_ms=cs, ratio=tf / ts))
     if a.out:
         import datetime

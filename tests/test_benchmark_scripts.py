@@ -40,3 +40,5 @@ def test_cpu_step_runs_instruction_sets_side_by_side(tmp_path):
     assert all(r["fgsgd_ms"] > 0 and r["sgd_foreach_ms"] > 0 for r in results)
     assert json.loads(out.read_text())["results"] == results
     assert _C._cpu_isa() == default  # the switch is restored
+    packed = cpu_step.main(["--n", "101", "--reps", "1", "--codes", "mix", "--packed"])
+    assert [(r["codes"], r["packed"]) for r in packed] == [("mix", True)] and packed[0]["fgsgd_ms"] > 0

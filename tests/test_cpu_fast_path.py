@@ -19,6 +19,7 @@ import torch
 from conftest import (FP32_RTOL, SHAPES, codes_for, make_gen, make_row_tensors, random_points, random_tangents,
                       rel_err, requires_cpu_kernels)
 from fgsgd_cuda import _ext, ops
+from fgsgd_cuda import codes as C
 from fgsgd_cuda import reference as R
 
 pytestmark = requires_cpu_kernels
@@ -219,24 +220,30 @@ def test_writes_stay_inside_the_tensor(isa, dtype):
             assert torch.equal(b[:start], b0[:start]) and torch.equal(b[start + n:], b0[start + n:]), \
                 f"{isa}: start {start}, n {n}: an element outside the tensor changed"
 
-def test_unknown_codes_match_scalar_path(isa):
+@pytest.mark.parametrize("packed", [False, True], ids=["bytes", "packed"])
+def test_unknown_codes_match_scalar_path(isa, packed):
     """Codes outside 0..6 (never produced by fgsgd_cuda, not checked per component for speed) take the
     scalar path's default branches on every instruction set: the results are the scalar path's.
-    (With stabilize off, an unknown code leaves p where it was and keeps m as its tangent.)"""
+    (With stabilize off, an unknown code leaves p where it was and keeps m as its tangent.) Packed: a palette
+    with unknown codes (the fast path then classifies by code, not by palette slot)."""
     if isa == "default" or "scalar" not in ISAS:
         pytest.skip("needs the instruction-set switch")
     gen = make_gen(11)
     n = 100
-    codes = torch.tensor([1, 7, 3, 200, 5, 9], dtype=torch.uint8)[torch.randint(6, (n,), generator=gen)]
+    kinds = [1, 7, 3, 200] if packed else [1, 7, 3, 200, 5, 9]
+    codes = torch.tensor(kinds, dtype=torch.uint8)[torch.randint(len(kinds), (n,), generator=gen)]
     known = torch.where(codes > 6, torch.ones_like(codes), codes)
     p, g, m, *_ = _inputs(n, 3, 3, known, gen, torch.float32)
+    unknown = codes > 6
+    if packed:
+        codes = C.pack(codes)
+        assert codes.dtype == torch.int32
     (got_p,), (got_m,) = _run([p], [g], [m], [codes], [], [], [], torch.float32, CASES["momentum"])
     _ext._C._set_cpu_isa("scalar")
     try:
         (want_p,), (want_m,) = _run([p], [g], [m], [codes], [], [], [], torch.float32, CASES["momentum"])
     finally:
         _ext._C._set_cpu_isa(isa)
-    unknown = codes > 6
     # the same operations, up to rounding (the AVX2 and AVX-512 units contract a*b+c into FMAs)
     assert rel_err(got_p[unknown], want_p[unknown]) < 1e-6
     assert rel_err(got_m[unknown], want_m[unknown]) < 1e-6

@@ -9,7 +9,6 @@
 // than the math and break store-to-load forwarding.
 #pragma GCC optimize("no-tree-loop-distribute-patterns")
 #endif
-#include <optional>
 
 #include "fast.h"
 #include "lanes.h"
@@ -147,13 +146,13 @@ inline bool all_equal(const uint8_t* c, int n, uint8_t k) {
   return diff == 0;
 }
 
-// mk[k], bit j: c[j] == k, for the G (4, 8, or with AVX-512 16) codes at c and every known code k.
-template <int G>
+// mk[k], bit j: c[j] == k, for the G (4, 8, or with AVX-512 16) symbols at c and every symbol k < K.
+template <int G, int K>
 FGSGD_LANE void code_masks(const uint8_t* c, uint32_t* mk) {
 #if defined(FGSGD_SIMD_AVX512)
   if constexpr (G == 16) {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
-    for (int k = 0; k < kNumCodes; ++k) mk[k] = _mm_cmpeq_epi8_mask(v, _mm_set1_epi8(char(k)));
+    for (int k = 0; k < K; ++k) mk[k] = _mm_cmpeq_epi8_mask(v, _mm_set1_epi8(char(k)));
     return;
   }
 #endif
@@ -166,10 +165,10 @@ FGSGD_LANE void code_masks(const uint8_t* c, uint32_t* mk) {
     memcpy(&w, c, 4);
     v = _mm_cvtsi32_si128(w);
   }
-  for (int k = 0; k < kNumCodes; ++k)
+  for (int k = 0; k < K; ++k)
     mk[k] = uint32_t(_mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(char(k))))) & ((1u << G) - 1);
 #else
-  for (int k = 0; k < kNumCodes; ++k) {
+  for (int k = 0; k < K; ++k) {
     uint32_t m = 0;
     for (int j = 0; j < G; ++j) m |= uint32_t(c[j] == k) << j;
     mk[k] = m;
@@ -211,13 +210,13 @@ FGSGD_LANE void prefetch_ahead(const TensorSlot<E>& t, int64_t c, int64_t end) {
 }
 
 // Packed codes (2 bits per component, types.h) of components [i0, i0 + n) as bytes into out: a byte of four
-// codes at a time through a table of the tensor's palette (`lut`: packed byte -> four code bytes), the ends one
-// by one.
+// codes at a time through a table (`lut`: packed byte -> four bytes), the ends one by one. The bytes are the
+// codes (the tensor's palette), or with `slots` the 2-bit palette indices themselves.
 struct PackedDecoder {
   uint32_t lut[256];
-  explicit PackedDecoder(const uint32_t* packed) {
-    uint8_t pal[4];
-    for (int v = 0; v < 4; ++v) pal[v] = uint8_t((packed[0] >> (8 * v)) & 0xffu);
+  uint8_t pal[4];
+  PackedDecoder(const uint32_t* packed, bool slots) {
+    for (int v = 0; v < 4; ++v) pal[v] = slots ? uint8_t(v) : uint8_t((packed[0] >> (8 * v)) & 0xffu);
     for (int b = 0; b < 256; ++b) {
       uint32_t w = 0;
       for (int j = 0; j < 4; ++j) w |= uint32_t(pal[(b >> (2 * j)) & 3]) << (8 * j);
@@ -228,9 +227,13 @@ struct PackedDecoder {
   void decode(const TensorSlot<E>& t, int64_t i0, int n, uint8_t* out) const {
     const uint8_t* bytes = reinterpret_cast<const uint8_t*>(t.packed_codes + 1);  // little endian: 4 codes a byte
     int q = 0;
-    for (; q < n && ((i0 + q) & 3) != 0; ++q) out[q] = uint8_t(code_at(t, i0 + q));
+    for (; q < n && ((i0 + q) & 3) != 0; ++q) out[q] = at(t, i0 + q);
     for (; q + 4 <= n; q += 4) memcpy(out + q, &lut[bytes[(i0 + q) >> 2]], 4);
-    for (; q < n; ++q) out[q] = uint8_t(code_at(t, i0 + q));
+    for (; q < n; ++q) out[q] = at(t, i0 + q);
+  }
+  template <class E>
+  uint8_t at(const TensorSlot<E>& t, int64_t i) const {
+    return pal[(t.packed_codes[1 + (i >> 4)] >> (2 * (i & 15))) & 3u];
   }
 };
 
@@ -245,9 +248,14 @@ struct PackedDecoder {
 // blocks: memory is read in order, once, as by a plain stream.
 // Pending blocks left at the end are padded with copies of their last index (the copies load the
 // same inputs and store the same results: harmless). Packed codes are decoded kChunk at a time first.
-template <class S, class E>
-void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int64_t begin, int64_t end,
-                  const BlockFn<S, E>* fn, const BlockFn<S, E>* contig, ScalarFn<S, E> scalar) {
+//
+// The pass classifies by symbols 0..K-1: the codes (K = kNumCodes), or for packed codes the 4 palette slots
+// (fn and contig indexed by slot), which leaves fewer masks to build and scan per component. Symbols >= K
+// (unknown codes) take the scalar path.
+template <int K, class S, class E>
+void classify_blocks(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int64_t begin, int64_t end,
+                     const BlockFn<S, E>* fn, const BlockFn<S, E>* contig, ScalarFn<S, E> scalar,
+                     const PackedDecoder* dec) {
   constexpr int W = Block<E>::kWidth;
 #if defined(FGSGD_SIMD_AVX512)
   constexpr int kMaskCodes = 16;  // codes one compare mask covers (code_masks)
@@ -265,15 +273,13 @@ void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, i
   } iota;
   constexpr int kChunk = 4096;  // packed codes decoded per chunk (a multiple of W, G and kFlush)
   alignas(64) uint8_t decoded[kChunk];
-  std::optional<PackedDecoder> dec;
-  if (t.packed_codes != nullptr) dec.emplace(t.packed_codes);
   for (int64_t c0 = begin; c0 < end; c0 += kSpan) {
     const int n = int(end - c0 < kSpan ? end - c0 : kSpan);
     const uint8_t* codes = nullptr;  // codes[i - j0]: the code of component c0 + i, for i in the chunk [j0, j1)
     int j0 = 0;
     constexpr int kFlush = 32;  // components classified between two flushes of the pending blocks
-    int32_t pending[kNumCodes][kFlush + W + 16];  // a flush leaves < W; then kFlush more, 8 or 16 per append
-    int count[kNumCodes] = {};
+    int32_t pending[K][kFlush + W + 16];  // a flush leaves < W; then kFlush more, 8 or 16 per append
+    int count[K] = {};
     auto append = [&](int k, int base, uint32_t m) {  // the components base + (bits of m), code k
       int32_t* pk = pending[k] + count[k];
 #if defined(FGSGD_SIMD_AVX512)
@@ -289,7 +295,7 @@ void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, i
       count[k] += kCompress.count[m];
     };
     auto flush = [&] {  // every full block of pending components, code by code
-      for (int k = 0; k < kNumCodes; ++k) {
+      for (int k = 0; k < K; ++k) {
         int32_t* pk = pending[k];
         const int cnt = count[k];
         if (cnt < W) continue;
@@ -305,17 +311,17 @@ void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, i
       }
     };
     auto classify = [&](int base, int g) {  // g codes at base, g <= G (a tail: one by one)
-      uint32_t mk[kNumCodes], seen = 0;
+      uint32_t mk[K], seen = 0;
       const uint8_t* cb = codes + (base - j0);
       if (g == G) {
-        code_masks<G>(cb, mk);
+        code_masks<G, K>(cb, mk);
       } else {
-        for (int k = 0; k < kNumCodes; ++k) {
+        for (int k = 0; k < K; ++k) {
           mk[k] = 0;
           for (int j = 0; j < g; ++j) mk[k] |= uint32_t(cb[j] == k) << j;
         }
       }
-      for (int k = 0; k < kNumCodes; ++k) {
+      for (int k = 0; k < K; ++k) {
         if (mk[k]) append(k, base, mk[k]);
         seen |= mk[k];
       }
@@ -335,7 +341,7 @@ void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, i
         prefetch_ahead<S::kCap, W>(t, c0 + i, end);
         const uint8_t* ci = codes + (i - j0);
         const int k = ci[0];
-        if (k < kNumCodes && all_equal(ci, W, uint8_t(k))) {
+        if (k < K && all_equal(ci, W, uint8_t(k))) {
           contig[k](s, t, h, c0 + i, iota.v);  // W consecutive components of one code
         } else {
           for (int j = 0; j < W; j += G) classify(i + j, G);
@@ -346,11 +352,32 @@ void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, i
       for (; i < n; i += G) classify(i, n - i < G ? n - i : G);
     }
     flush();
-    for (int k = 0; k < kNumCodes; ++k) {
+    for (int k = 0; k < K; ++k) {
       if (count[k] == 0) continue;
       for (int q = count[k]; q < W; ++q) pending[k][q] = pending[k][count[k] - 1];
       fn[k](s, t, h, c0, pending[k]);
     }
+  }
+}
+
+template <class S, class E>
+void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, int64_t begin, int64_t end,
+                  const BlockFn<S, E>* fn, const BlockFn<S, E>* contig, ScalarFn<S, E> scalar) {
+  if (t.packed_codes == nullptr) return classify_blocks<kNumCodes>(s, t, h, begin, end, fn, contig, scalar, nullptr);
+  BlockFn<S, E> slot_fn[4], slot_contig[4];
+  bool known = true;
+  for (int v = 0; v < 4; ++v) {
+    const int k = int((t.packed_codes[0] >> (8 * v)) & 0xffu);
+    known = known && k < kNumCodes;
+    slot_fn[v] = known ? fn[k] : nullptr;
+    slot_contig[v] = known ? contig[k] : nullptr;
+  }
+  if (known) {
+    const PackedDecoder dec(t.packed_codes, true);
+    classify_blocks<4>(s, t, h, begin, end, slot_fn, slot_contig, scalar, &dec);
+  } else {  // a palette with an unknown code: classify by codes, the unknown ones on the scalar path
+    const PackedDecoder dec(t.packed_codes, false);
+    classify_blocks<kNumCodes>(s, t, h, begin, end, fn, contig, scalar, &dec);
   }
 }
 
