@@ -35,12 +35,12 @@ using Block = Lanes<E, block_regs<E>()>;  // the lane type: W = Block<E>::kWidth
 // One block: the W components idx[0..W) of span base c0 (indices relative to c0).
 // kCommon: the common configuration, known at compile time so that its branches and products fold
 // and the block's code stays small (the blocks of the codes of a mix must share the instruction
-// cache): momentum on, no nesterov, not the first step, no stabilize, no rescale (R = 1), no group
+// cache): momentum on, no dampening, no nesterov, not the first step, no stabilize, no rescale (R = 1), no group
 // step size (s_g = 1; kGroup: s_g read per component, group_clip's step). Any other configuration takes the
 // general instantiation.
 template <class E>
 bool is_common(const TensorSlot<E>& t, const StepHParams<E>& h) {
-  return h.momentum != E(0) && !h.nesterov && !h.first_step && !h.stabilize && !t.rescale;
+  return h.momentum != E(0) && h.dampening == E(0) && !h.nesterov && !h.first_step && !h.stabilize && !t.rescale;
 }
 
 template <int kCode, bool kCommon, class S, class E, bool kGroup = false, bool kContig = false>
@@ -51,6 +51,7 @@ __attribute__((flatten)) void step_block(const S& s, const TensorSlot<E>& t, con
   constexpr int N = S::kCap;
   StepHParams<E> h = h_in;
   if (kCommon) {
+    h.dampening = E(0);
     h.nesterov = false;
     h.first_step = false;
     h.stabilize = false;

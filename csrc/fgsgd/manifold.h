@@ -120,6 +120,33 @@ FGSGD_HD void cayley(const S& s, const T* w, const T* v, T* out) {
   solve_nopivot_inplace(M, out, A, B);  // M = I − W/2 has symmetric part I: see small_linalg.h
 }
 
+// x ← the exact projection onto the manifold (stiefel: the Q factor of QR, diag(R) > 0).
+template <class S, class T>
+FGSGD_HD void projx_inplace(const S& s, int code, T* x) {
+  const int n = s.size();
+  switch (manifold_of(code)) {
+    case kManSphere: {
+      const T inv = rsqrt_(dot(s, x, x));
+      FGSGD_UNROLL
+      for (int i = 0; i < n; ++i) x[i] *= inv;
+      break;
+    }
+    case kManOblique:
+      normalize_columns(s, x);
+      break;
+    case kManStiefel:
+      qr_q_inplace(s, x);
+      break;
+    default:
+      break;
+  }
+}
+
+// normalize, qr and euclidean: Retr_ω(V) = projx(ω + V).
+FGSGD_HD bool is_first_order(int code) {
+  return code == kSphereNormalize || code == kObliqueNormalize || code == kStiefelQR || code == kEuclidean;
+}
+
 // out = Retr_ω(V).
 template <class S, class T>
 FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
@@ -131,15 +158,7 @@ FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
     case kEuclidean:
       FGSGD_UNROLL
       for (int i = 0; i < n; ++i) out[i] = w[i] + v[i];
-      if (code == kSphereNormalize) {
-        const T inv = rsqrt_(dot(s, out, out));
-        FGSGD_UNROLL
-        for (int i = 0; i < n; ++i) out[i] *= inv;
-      } else if (code == kObliqueNormalize) {
-        normalize_columns(s, out);
-      } else if (code == kStiefelQR) {
-        qr_q_inplace(s, out);
-      }
+      projx_inplace(s, code, out);  // normalize, qr: the projection of ω + V
       break;
     case kSphereExp: {  // cos‖V‖ ω + sin‖V‖ V/‖V‖
       const T t = sqrt_(dot(s, v, v));
@@ -169,25 +188,20 @@ FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
   }
 }
 
-// x ← the exact projection onto the manifold (stiefel: the Q factor of QR, diag(R) > 0).
+// out = Retr_ω(a·V). The first-order retractions form ω + a·V as fused multiply-adds; the others
+// scale V first.
 template <class S, class T>
-FGSGD_HD void projx_inplace(const S& s, int code, T* x) {
+FGSGD_HD void retr(const S& s, int code, const T* w, T a, const T* v, T* out) {
   const int n = s.size();
-  switch (manifold_of(code)) {
-    case kManSphere: {
-      const T inv = rsqrt_(dot(s, x, x));
-      FGSGD_UNROLL
-      for (int i = 0; i < n; ++i) x[i] *= inv;
-      break;
-    }
-    case kManOblique:
-      normalize_columns(s, x);
-      break;
-    case kManStiefel:
-      qr_q_inplace(s, x);
-      break;
-    default:
-      break;
+  if (is_first_order(code)) {
+    FGSGD_UNROLL
+    for (int i = 0; i < n; ++i) out[i] = w[i] + a * v[i];
+    projx_inplace(s, code, out);  // normalize, qr: the projection of ω + V
+  } else {
+    T av[S::kCap];
+    FGSGD_UNROLL
+    for (int i = 0; i < n; ++i) av[i] = a * v[i];
+    retr(s, code, w, av, out);
   }
 }
 

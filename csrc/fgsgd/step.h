@@ -69,19 +69,19 @@ FGSGD_HD void step_update(const S& s, int code, const T* w, T* xi, T* m, T r, co
                           T* p) {
   using E = scalar_of<T>;
   const int n = s.size();
-  T d[S::kCap], buf[S::kCap];
+  T d[S::kCap], buf[S::kCap];  // d: the direction, before the factor −lr (retr applies it)
   const bool use_m = h.momentum != E(0);
   if (use_m) {
     FGSGD_UNROLL
     for (int i = 0; i < n; ++i) {  // step 3
       buf[i] = h.first_step ? xi[i] : h.momentum * m[i] + (T(1) - h.dampening) * xi[i];
-      d[i] = -h.lr * (h.nesterov ? xi[i] + h.momentum * buf[i] : buf[i]);
+      d[i] = h.nesterov ? xi[i] + h.momentum * buf[i] : buf[i];
     }
   } else {
     FGSGD_UNROLL
-    for (int i = 0; i < n; ++i) d[i] = -h.lr * xi[i];
+    for (int i = 0; i < n; ++i) d[i] = xi[i];
   }
-  retr(s, code, w, d, xi);  // step 4: ω' (reuses xi's storage)
+  retr(s, code, w, T(-h.lr), d, xi);  // step 4: ω' = Retr_ω(−lr·d) (reuses xi's storage)
   if (h.stabilize) projx_inplace(s, code, xi);  // step 5
   if (use_m) {
     proj(s, code, xi, buf, buf);  // transport by projection onto T_ω'
