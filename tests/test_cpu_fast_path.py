@@ -220,6 +220,37 @@ def test_writes_stay_inside_the_tensor(isa, dtype):
             assert torch.equal(b[:start], b0[:start]) and torch.equal(b[start + n:], b0[start + n:]), \
                 f"{isa}: start {start}, n {n}: an element outside the tensor changed"
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", [(3, 3), (5, 3), (4, 4)], ids=["3x3", "5x3", "4x4"])
+def test_stiefel_qr_step_at_every_step_size(isa, shape, dtype):
+    """The step's qr retraction (csrc/fgsgd/small_linalg.h, qr_q_of_step_inplace): Cholesky QR where every lane
+    of a block has ‖lr·d‖_F ≤ 1, CGS2 otherwise. Against the float64 reference, and the orthogonality of the
+    result at rounding level, for steps from ‖lr·d‖₂ = 1e-3 to 300 (Cholesky QR alone loses orthogonality as
+    κ²ε = (1 + ‖lr·d‖²)ε: 1e-3 at 100 in fp32), each size alone and all of them interleaved in the blocks."""
+    a, b = shape
+    gen = make_gen(zlib.crc32(repr((shape, str(dtype))).encode()))
+    n = 333
+    codes = torch.full((n,), 5, dtype=torch.uint8)
+    w = random_points(n, a, b, codes, gen)
+    g = torch.randn(n, a, b, generator=gen, dtype=torch.float64)
+    xi_norm = torch.linalg.matrix_norm(R.tangent(w, g, codes.long())[1], ord=2)
+    hp = dict(lr=0.5, momentum=0.9, first_step=True)  # d = ξ: ‖lr·d‖₂ = size
+    sizes = [1e-3, 0.3, 3.0, 30.0, 300.0]
+    mixed = torch.tensor(sizes, dtype=torch.float64)[torch.randint(len(sizes), (n,), generator=gen)]
+    for size in sizes + ["mixed"]:
+        target = mixed if size == "mixed" else torch.full((n,), size, dtype=torch.float64)
+        gs = g * (target / (hp["lr"] * xi_norm)).reshape(n, 1, 1)
+        ref_p, _ = R.step(w, gs, torch.zeros_like(w), codes.long(), None, None, **hp)
+        (got,), _ = _run([w], [gs], [torch.zeros_like(w)], [codes], [], [], [], dtype, hp)
+        e = rel_err(got, ref_p)
+        tol = _tol(dtype)
+        assert e <= tol, f"{shape} size {size}: relative error {e:.3g} > {tol:g}"
+        q = got.double()
+        orth = float((q.transpose(1, 2) @ q - torch.eye(b, dtype=torch.float64)).abs().amax())
+        bound = 2e-6 if dtype == torch.float32 else 1e-14
+        assert orth <= bound, f"{shape} size {size}: ‖QᵀQ − I‖_max {orth:.3g} > {bound:g}"
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["bytes", "packed"])
 def test_unknown_codes_match_scalar_path(isa, packed):
     """Codes outside 0..6 (never produced by fgsgd_cuda, not checked per component for speed) take the

@@ -5,9 +5,10 @@
 // a CPU SIMD lane type (csrc/cpu/lanes.h) that holds the same element of W components, one per
 // lane, so that one call does W components at once. A lane type provides the arithmetic operators,
 // a broadcast constructor from its scalar, comparisons returning a mask, and the free functions
-// sqrt_, rsqrt_, sin_, cos_ and select_(mask, a, b) found by argument-dependent lookup. Hence the
-// math below never branches on values of T: data-dependent choices are select_ (both sides are
-// evaluated, so they must be finite or harmlessly NaN in the lanes that are not selected).
+// sqrt_, rsqrt_, sin_, cos_, select_(mask, a, b) and any_(mask) found by argument-dependent lookup. Hence
+// the math below does not branch on values of T: data-dependent choices are select_ (both sides are
+// evaluated, so they must be finite or harmlessly NaN in the lanes that are not selected). The one
+// exception, qr_q_of_step_inplace, picks between two algorithms for the same result through any_.
 // Hyper-parameters stay scalars: LaneScalar<T>::type.
 #pragma once
 #include <stdint.h>
@@ -68,6 +69,7 @@ FGSGD_HD float abs_(float x) { return fabsf(x); }
 FGSGD_HD double abs_(double x) { return fabs(x); }
 FGSGD_HD float select_(bool c, float a, float b) { return c ? a : b; }
 FGSGD_HD double select_(bool c, double a, double b) { return c ? a : b; }
+FGSGD_HD bool any_(bool c) { return c; }  // lane types: true when the mask is set in any lane
 
 // The scalar type of a lane type (float and double are their own); lane types specialise it.
 template <class T>

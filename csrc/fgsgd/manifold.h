@@ -188,15 +188,19 @@ FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
   }
 }
 
-// out = Retr_ω(a·V). The first-order retractions form ω + a·V as fused multiply-adds; the others
-// scale V first.
+// out = Retr_ω(a·V) for V tangent at ω (the step's direction). The first-order retractions form ω + a·V as
+// fused multiply-adds; the others scale V first.
 template <class S, class T>
 FGSGD_HD void retr(const S& s, int code, const T* w, T a, const T* v, T* out) {
   const int n = s.size();
   if (is_first_order(code)) {
     FGSGD_UNROLL
     for (int i = 0; i < n; ++i) out[i] = w[i] + a * v[i];
-    projx_inplace(s, code, out);  // normalize, qr: the projection of ω + V
+    if (code == kStiefelQR) {
+      qr_q_of_step_inplace(s, out);  // V tangent at ω: see there
+    } else {
+      projx_inplace(s, code, out);  // normalize: the projection of ω + V
+    }
   } else {
     T av[S::kCap];
     FGSGD_UNROLL

@@ -25,7 +25,7 @@ Launch structure
 Kernel bodies
     Triton has no per-thread arrays, so each kernel is generated as straight-line source for its
     component shape A×B (see :mod:`.codegen`): element (r, c) of the components of a block is one
-    register vector, and every loop of csrc/fgsgd (QR by modified Gram-Schmidt twice, Cayley by
+    register vector, and every loop of the math (QR by modified Gram-Schmidt twice, Cayley by
     Gaussian elimination with partial pivoting, Jacobi for the spectral norm) is unrolled when the
     source is written. Every shape is thus specialised like the C++ ``Fixed<A, B>`` policy, 3×3 (the
     hot case) included, and any A*B <= 64 works. Codes vary per component, so the multi-tensor kernels

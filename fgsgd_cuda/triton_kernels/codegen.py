@@ -7,8 +7,10 @@ loop of the C++ code is unrolled at generation time. The generated kernels use o
 (``load``/``store``/``where``/``sqrt``/``sin``/``cos``/``abs``/``maximum``/``program_id``/``arange``/
 ``.to``), which Triton 3.6 and 3.9, compiled and interpreted, all accept.
 
-The algorithms mirror csrc/fgsgd exactly: QR by modified Gram-Schmidt applied twice, Cayley by
-Gaussian elimination with partial pivoting, sinc with a Taylor branch for t <= 1e-4, the spectral
+The algorithms follow csrc/fgsgd, up to rounding rather than operation for operation: QR by Gram-Schmidt
+applied twice (modified here, classical in C++, whose step also takes Cholesky QR for steps with
+‖lr·d‖_F <= 1: qr_q_of_step_inplace), Cayley by Gaussian elimination (with partial pivoting here; the
+C++ solve needs none), sinc with a Taylor branch for t <= 1e-4, the spectral
 norm as the square root of the largest eigenvalue of the Gram matrix by cyclic Jacobi rotations
 (a fixed number of sweeps here, enough for the sizes allowed; see ``jacobi_sweeps``).
 
