@@ -108,6 +108,23 @@ FGSGD_HD void cayley(const S& s, const T* w, const T* v, T* out) {
       M[j * A + i] = T(0.5) * acc;
     }
   }
+  if (A == 3) {
+    // K = W/2 is skew 3×3 (K x = k × x): K² = kkᵀ − ‖k‖²I, so (I − K)(I + K + kkᵀ) = (1 + ‖k‖²)I and
+    // (I − K)⁻¹(I + K) = I + 2(K + K²)/(1 + ‖k‖²): Y = ω + c (Kω + K(Kω)), c = 2/(1 + ‖k‖²), no solve (a
+    // shorter dependency chain than the elimination).
+    const T k01 = M[1 * A + 0], k02 = M[2 * A + 0], k12 = M[2 * A + 1];  // K_ij = −M_ij = M_ji, i < j
+    const T c = T(2) / (T(1) + (k01 * k01 + k02 * k02 + k12 * k12));
+    FGSGD_UNROLL
+    for (int q = 0; q < B; ++q) {
+      const T x0 = w[0 * B + q], x1 = w[1 * B + q], x2 = w[2 * B + q];
+      const T u0 = k01 * x1 + k02 * x2, u1 = k12 * x2 - k01 * x0, u2 = -(k02 * x0 + k12 * x1);  // K x
+      const T v0 = k01 * u1 + k02 * u2, v1 = k12 * u2 - k01 * u0, v2 = -(k02 * u0 + k12 * u1);  // K K x
+      out[0 * B + q] = x0 + c * (u0 + v0);
+      out[1 * B + q] = x1 + c * (u1 + v1);
+      out[2 * B + q] = x2 + c * (u2 + v2);
+    }
+    return;
+  }
   FGSGD_UNROLL
   for (int i = 0; i < A; ++i)  // rhs = (I + W/2) ω = 2ω − M ω
     FGSGD_UNROLL
