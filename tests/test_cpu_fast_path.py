@@ -16,8 +16,8 @@ import zlib
 import pytest
 import torch
 
-from conftest import (FP32_RTOL, SHAPES, codes_for, make_gen, make_row_tensors, random_points, random_tangents,
-                      rel_err, requires_cpu_kernels)
+from conftest import (FP32_RTOL, SHAPES, check_stiefel_step_sizes, codes_for, make_gen, make_row_tensors,
+                      random_points, random_tangents, rel_err, requires_cpu_kernels)
 from fgsgd_cuda import _ext, ops
 from fgsgd_cuda import codes as C
 from fgsgd_cuda import reference as R
@@ -224,35 +224,10 @@ def test_writes_stay_inside_the_tensor(isa, dtype):
 @pytest.mark.parametrize("shape", [(3, 3), (5, 3), (4, 4)], ids=["3x3", "5x3", "4x4"])
 @pytest.mark.parametrize("code", [5, 6], ids=["qr", "cayley"])
 def test_stiefel_step_at_every_step_size(isa, code, shape, dtype):
-    """The step's stiefel retractions at every step size, against the float64 reference, with the result
-    orthogonal at rounding level: steps from ‖lr·d‖₂ = 1e-3 to 300, each size alone and all interleaved in the
-    blocks. qr (csrc/fgsgd/small_linalg.h, qr_q_of_step_inplace): Cholesky QR where every lane of a block has
-    ‖lr·d‖_F ≤ 1, CGS2 otherwise (Cholesky QR alone loses orthogonality as κ²ε = (1 + ‖lr·d‖²)ε: 1e-3 at 100 in
-    fp32). cayley: for 3 rows the closed form of the 3×3 Cayley transform, at every size. Else the elimination,
-    up to ‖lr·d‖₂ = 3 only: its error grows as ‖W‖²ε (the growth bound of solve_nopivot_inplace), in fp32
-    ‖QᵀQ − I‖ 1e-5 at 30 and 6e-4 at 300."""
-    a, b = shape
-    gen = make_gen(zlib.crc32(repr((code, shape, str(dtype))).encode()))
-    n = 333
-    codes = torch.full((n,), code, dtype=torch.uint8)
-    w = random_points(n, a, b, codes, gen)
-    g = torch.randn(n, a, b, generator=gen, dtype=torch.float64)
-    xi_norm = torch.linalg.matrix_norm(R.tangent(w, g, codes.long())[1], ord=2)
-    hp = dict(lr=0.5, momentum=0.9, first_step=True)  # d = ξ: ‖lr·d‖₂ = size
-    sizes = [1e-3, 0.3, 3.0] + ([30.0, 300.0] if code == 5 or a == 3 else [])
-    mixed = torch.tensor(sizes, dtype=torch.float64)[torch.randint(len(sizes), (n,), generator=gen)]
-    for size in sizes + ["mixed"]:
-        target = mixed if size == "mixed" else torch.full((n,), size, dtype=torch.float64)
-        gs = g * (target / (hp["lr"] * xi_norm)).reshape(n, 1, 1)
-        ref_p, _ = R.step(w, gs, torch.zeros_like(w), codes.long(), None, None, **hp)
-        (got,), _ = _run([w], [gs], [torch.zeros_like(w)], [codes], [], [], [], dtype, hp)
-        e = rel_err(got, ref_p)
-        tol = _tol(dtype)
-        assert e <= tol, f"{shape} size {size}: relative error {e:.3g} > {tol:g}"
-        q = got.double()
-        orth = float((q.transpose(1, 2) @ q - torch.eye(b, dtype=torch.float64)).abs().amax())
-        bound = 2e-6 if dtype == torch.float32 else 1e-14
-        assert orth <= bound, f"{shape} size {size}: ‖QᵀQ − I‖_max {orth:.3g} > {bound:g}"
+    """The step's stiefel retractions at steps from ‖lr·d‖₂ = 1e-3 to 300 on every instruction set
+    (conftest.check_stiefel_step_sizes; tests/test_step_sizes.py runs it on every backend)."""
+    check_stiefel_step_sizes(lambda p, g, c, hp: _run([p], [g], [torch.zeros_like(p)], [c], [], [], [], dtype,
+                                                      hp)[0][0], code, shape, dtype, cpp=True)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["bytes", "packed"])
