@@ -141,35 +141,43 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def check_stiefel_step_sizes(run, code, shape, dtype, cpp):
-    """The step's stiefel retraction (code 5 qr, 6 cayley) at steps from ‖lr·d‖₂ = 1e-3 to 300, each size alone
-    and all of them interleaved, against the float64 reference, with the result orthogonal at rounding level.
+def check_step_sizes(run, code, shape, dtype, cpp):
+    """The step's retraction of ``code`` (2 sphere exp, 4 oblique exp, 5 stiefel qr, 6 stiefel cayley) at steps
+    from ‖lr·d‖ = 1e-3 to 300 (the spectral norm for stiefel, the Frobenius norm otherwise), each size alone and all
+    of them interleaved, against the float64 reference, with the result on the manifold at rounding level.
     run(p, g, codes, hp) -> the stepped p (in ``dtype``). ``cpp``: a backend of the C++ header (csrc/fgsgd).
 
-    qr: the header's step takes Cholesky QR where every lane of a block has ‖lr·d‖_F <= 1 and CGS2 otherwise
-    (qr_q_of_step_inplace; Cholesky QR alone loses orthogonality as κ²ε = (1 + ‖lr·d‖²)ε: 1e-3 at 100 in fp32);
-    the other backends Gram-Schmidt twice or torch's QR. cayley: the header's closed form for 3 rows holds at every
-    size; an elimination (the header's for more rows, Triton's for all) up to 3 only: its error grows as ‖W‖²ε
-    (the header's: ‖QᵀQ − I‖ 1e-5 at 30 and 6e-4 at 300 in fp32)."""
+    The header takes shortcuts for steps of ordinary size, chosen per block of lanes, with the general method as
+    the fallback: qr by Cholesky QR where every lane has ‖lr·d‖_F <= 1, else CGS2 (qr_q_of_step_inplace;
+    Cholesky QR alone loses orthogonality as κ²ε = (1 + ‖lr·d‖²)ε: 1e-3 at 100 in fp32); exp by the Taylor
+    series of cos and sinc in ‖V‖² where every lane (column) has ‖V‖ <= 1/2 (cos_sinc_sq_). cayley: the header's
+    closed form for 3 rows holds at every size; an elimination (the header's for more rows, Triton's for all) up
+    to 3 only: its error grows as ‖W‖²ε (the header's: ‖QᵀQ − I‖ 1e-5 at 30 and 6e-4 at 300 in fp32)."""
     a, b = shape
     gen = make_gen(zlib.crc32(repr((code, shape, str(dtype))).encode()))
     n = 333
     codes = torch.full((n,), code, dtype=torch.uint8)
     w = random_points(n, a, b, codes, gen)
     g = torch.randn(n, a, b, generator=gen, dtype=torch.float64)
-    xi_norm = torch.linalg.matrix_norm(R.tangent(w, g, codes.long())[1], ord=2)
-    hp = dict(lr=0.5, momentum=0.9, first_step=True)  # d = ξ: ‖lr·d‖₂ = size
-    sizes = [1e-3, 0.3, 3.0] + ([30.0, 300.0] if code == 5 or (cpp and a == 3) else [])
+    xi = R.tangent(w, g, codes.long())[1]
+    xi_norm = torch.linalg.matrix_norm(xi, ord=2 if code in (5, 6) else "fro")
+    hp = dict(lr=0.5, momentum=0.9, first_step=True)  # d = ξ: ‖lr·d‖ = size
+    sizes = [1e-3, 0.3, 3.0] + ([30.0, 300.0] if code != 6 or (cpp and a == 3) else [])
     mixed = torch.tensor(sizes, dtype=torch.float64)[torch.randint(len(sizes), (n,), generator=gen)]
     for size in sizes + ["mixed"]:
         target = mixed if size == "mixed" else torch.full((n,), size, dtype=torch.float64)
         gs = g * (target / (hp["lr"] * xi_norm)).reshape(n, 1, 1)
         ref_p, _ = R.step(w, gs, torch.zeros_like(w), codes.long(), None, None, **hp)
-        got = run(w.to(dtype), gs.to(dtype), codes, hp)
+        got = run(w.to(dtype, copy=True), gs.to(dtype, copy=True), codes, hp)  # copies: run may step in place
         e = rel_err(got.cpu(), ref_p)
         tol = FP32_RTOL if dtype == torch.float32 else 1e-12
-        assert e <= tol, f"{shape} size {size}: relative error {e:.3g} > {tol:g}"
+        assert e <= tol, f"code {code} {shape} size {size}: relative error {e:.3g} > {tol:g}"
         q = got.cpu().double()
-        orth = float((q.transpose(1, 2) @ q - torch.eye(b, dtype=torch.float64)).abs().amax())
+        if code in (5, 6):
+            off = (q.transpose(1, 2) @ q - torch.eye(b, dtype=torch.float64)).abs().amax()
+        elif code == 4:
+            off = (q.square().sum(1) - 1).abs().amax()
+        else:
+            off = (q.square().sum((1, 2)) - 1).abs().amax()
         bound = 2e-6 if dtype == torch.float32 else 1e-14
-        assert orth <= bound, f"{shape} size {size}: ‖QᵀQ − I‖_max {orth:.3g} > {bound:g}"
+        assert float(off) <= bound, f"code {code} {shape} size {size}: off the manifold by {float(off):.3g} > {bound:g}"

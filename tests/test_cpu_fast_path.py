@@ -16,7 +16,7 @@ import zlib
 import pytest
 import torch
 
-from conftest import (FP32_RTOL, SHAPES, check_stiefel_step_sizes, codes_for, make_gen, make_row_tensors,
+from conftest import (FP32_RTOL, SHAPES, check_step_sizes, codes_for, make_gen, make_row_tensors,
                       random_points, random_tangents, rel_err, requires_cpu_kernels)
 from fgsgd_cuda import _ext, ops
 from fgsgd_cuda import codes as C
@@ -222,11 +222,11 @@ def test_writes_stay_inside_the_tensor(isa, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape", [(3, 3), (5, 3), (4, 4)], ids=["3x3", "5x3", "4x4"])
-@pytest.mark.parametrize("code", [5, 6], ids=["qr", "cayley"])
-def test_stiefel_step_at_every_step_size(isa, code, shape, dtype):
-    """The step's stiefel retractions at steps from ‖lr·d‖₂ = 1e-3 to 300 on every instruction set
-    (conftest.check_stiefel_step_sizes; tests/test_step_sizes.py runs it on every backend)."""
-    check_stiefel_step_sizes(lambda p, g, c, hp: _run([p], [g], [torch.zeros_like(p)], [c], [], [], [], dtype,
+@pytest.mark.parametrize("code", [2, 4, 5, 6], ids=["sphere-exp", "oblique-exp", "qr", "cayley"])
+def test_retraction_at_every_step_size(isa, code, shape, dtype):
+    """The step's exp, qr and cayley retractions at steps from ‖lr·d‖ = 1e-3 to 300 on every instruction set
+    (conftest.check_step_sizes; tests/test_step_sizes.py runs it on every backend)."""
+    check_step_sizes(lambda p, g, c, hp: _run([p], [g], [torch.zeros_like(p)], [c], [], [], [], dtype,
                                                       hp)[0][0], code, shape, dtype, cpp=True)
 
 

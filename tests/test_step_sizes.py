@@ -1,4 +1,4 @@
-"""The stiefel step at every step size on every backend (conftest.check_stiefel_step_sizes): the C++ header's
+"""The stiefel step at every step size on every backend (conftest.check_step_sizes): the C++ header's
 Cholesky QR with its CGS2 fallback and its closed-form 3-row Cayley on the cpu and cuda backends, and the torch
 backend's own algorithms. tests/test_cpu_fast_path.py runs the cpu backend on every instruction set,
 tests/test_triton.py the Triton backend (on the GPU, or under TRITON_INTERPRET=1)."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import backends_on, check_stiefel_step_sizes
+from conftest import backends_on, check_step_sizes
 from fgsgd_cuda import ops
 
 BACKENDS = backends_on((("cpu", "cpu"), ("torch", "cpu"), ("cuda", "cuda")))  # triton: tests/test_triton.py
@@ -15,13 +15,13 @@ BACKENDS = backends_on((("cpu", "cpu"), ("torch", "cpu"), ("cuda", "cuda")))  # 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape", [(3, 3), (5, 3)], ids=["3x3", "5x3"])
-@pytest.mark.parametrize("code", [5, 6], ids=["qr", "cayley"])
+@pytest.mark.parametrize("code", [2, 4, 5, 6], ids=["sphere-exp", "oblique-exp", "qr", "cayley"])
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_stiefel_step_at_every_step_size(backend, device, code, shape, dtype):
+def test_retraction_at_every_step_size(backend, device, code, shape, dtype):
     def run(p, g, codes, hp):
         p, g = p.to(device).contiguous(), g.to(device).contiguous()
         m = torch.zeros_like(p)
         ops.step_([p], [g], [m], [codes.to(device)], backend=backend, **hp)
         return p
 
-    check_stiefel_step_sizes(run, code, shape, dtype, cpp=backend in ("cpu", "cuda"))
+    check_step_sizes(run, code, shape, dtype, cpp=backend in ("cpu", "cuda"))

@@ -178,9 +178,8 @@ FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
       projx_inplace(s, code, out);  // normalize, qr: the projection of ω + V
       break;
     case kSphereExp: {  // cos‖V‖ ω + sin‖V‖ V/‖V‖
-      const T t = sqrt_(dot(s, v, v));
       T c, sc;
-      cos_sinc_(t, &c, &sc);
+      cos_sinc_sq_(dot(s, v, v), &c, &sc);
       FGSGD_UNROLL
       for (int i = 0; i < n; ++i) out[i] = c * w[i] + sc * v[i];
       break;
@@ -188,10 +187,7 @@ FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
     case kObliqueExp: {  // the same per column
       T c[S::kCap], sc[S::kCap];
       FGSGD_UNROLL
-      for (int j = 0; j < B; ++j) {
-        const T t = sqrt_(col_dot(s, v, v, j));
-        cos_sinc_(t, &c[j], &sc[j]);
-      }
+      for (int j = 0; j < B; ++j) cos_sinc_sq_(col_dot(s, v, v, j), &c[j], &sc[j]);
       FGSGD_UNROLL
       for (int i = 0; i < n; ++i) out[i] = c[i % B] * w[i] + sc[i % B] * v[i];
       break;

@@ -19,6 +19,23 @@ FGSGD_HD void cos_sinc_(T t, T* c, T* sc) {
   *sc = sinc_(t);
 }
 
+// cos t and sin(t)/t from tt = t² (the exp retractions, tt = ‖V‖²). Where tt <= 1/4 in every lane (t <= 1/2:
+// steps of ordinary size), their Taylor series in tt, cos to t¹⁴ and sinc to t¹⁴ (the first terms left out are
+// below 1e-17): no square root, division or range reduction, which were the longest dependency chain of an exp
+// step. Otherwise cos_sinc_ of √tt: like qr_q_of_step_inplace, a branch uniform over the lanes between two ways
+// of computing the same values.
+template <class T>
+FGSGD_HD void cos_sinc_sq_(T tt, T* c, T* sc) {
+  if (any_(tt > T(0.25))) {
+    cos_sinc_(sqrt_(tt), c, sc);
+    return;
+  }
+  *c = T(1) + tt * (T(-1.0 / 2) + tt * (T(1.0 / 24) + tt * (T(-1.0 / 720) + tt * (T(1.0 / 40320) +
+       tt * (T(-1.0 / 3628800) + tt * (T(1.0 / 479001600) + tt * T(-1.0 / 87178291200)))))));
+  *sc = T(1) + tt * (T(-1.0 / 6) + tt * (T(1.0 / 120) + tt * (T(-1.0 / 5040) + tt * (T(1.0 / 362880) +
+        tt * (T(-1.0 / 39916800) + tt * (T(1.0 / 6227020800) + tt * T(-1.0 / 1307674368000)))))));
+}
+
 // ⟨x, y⟩ over the n = A·B elements, in three interleaved partial sums: a dependency chain of n/3
 // multiply-adds instead of n (latency, not rounding, is what these tiny reductions cost).
 template <class S, class T>
