@@ -221,7 +221,7 @@ struct PackedDecoder {
   uint32_t lut[256];
   uint8_t pal[4];
   PackedDecoder(const uint32_t* packed, bool slots) {
-    for (int v = 0; v < 4; ++v) pal[v] = slots ? uint8_t(v) : uint8_t((packed[0] >> (8 * v)) & 0xffu);
+    for (int v = 0; v < 4; ++v) pal[v] = slots ? uint8_t(v) : uint8_t(palette_code(packed, v));
     for (int b = 0; b < 256; ++b) {
       uint32_t w = 0;
       for (int j = 0; j < 4; ++j) w |= uint32_t(pal[(b >> (2 * j)) & 3]) << (8 * j);
@@ -238,7 +238,7 @@ struct PackedDecoder {
   }
   template <class E>
   uint8_t at(const TensorSlot<E>& t, int64_t i) const {
-    return pal[(t.packed_codes[1 + (i >> 4)] >> (2 * (i & 15))) & 3u];
+    return pal[packed_slot(t.packed_codes, i)];
   }
 };
 
@@ -369,7 +369,7 @@ void blocks_range(const S& s, const TensorSlot<E>& t, const StepHParams<E>& h, i
   BlockFn<S, E> slot_fn[4], slot_contig[4];
   bool known = true;
   for (int v = 0; v < 4; ++v) {
-    const int k = int((t.packed_codes[0] >> (8 * v)) & 0xffu);
+    const int k = palette_code(t.packed_codes, v);
     known = known && k < kNumCodes;
     slot_fn[v] = known ? fn[k] : nullptr;
     slot_contig[v] = known ? contig[k] : nullptr;

@@ -44,12 +44,17 @@ FGSGD_HD void norms_at(const S& s, const UnaryArgs<T>& a, int64_t i) {
   norms(s, x, a.out + 3 * i, a.out + 3 * i + 1, a.out + 3 * i + 2);
 }
 
+// Packed codes (types.h): the 2-bit palette slot of component i, and the code of palette slot v (word 0).
+FGSGD_HD uint32_t packed_slot(const uint32_t* packed, int64_t i) {
+  return (packed[1 + (i >> 4)] >> (2 * (i & 15))) & 3u;
+}
+FGSGD_HD int palette_code(const uint32_t* packed, uint32_t v) { return int((packed[0] >> (8 * v)) & 0xffu); }
+
 // The code of component i: one byte each, or 2 bits each through the tensor's palette (types.h).
 template <class T>
 FGSGD_HD int code_at(const TensorSlot<T>& t, int64_t i) {
   if (t.packed_codes == nullptr) return int(t.codes[i]);
-  const uint32_t v = (t.packed_codes[1 + (i >> 4)] >> (2 * (i & 15))) & 3u;
-  return int((t.packed_codes[0] >> (8 * v)) & 0xffu);
+  return palette_code(t.packed_codes, packed_slot(t.packed_codes, i));
 }
 
 template <class T>

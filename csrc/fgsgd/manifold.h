@@ -168,15 +168,13 @@ FGSGD_HD bool is_first_order(int code) {
 template <class S, class T>
 FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
   const int B = s.cols(), n = s.size();
+  if (is_first_order(code)) {
+    FGSGD_UNROLL
+    for (int i = 0; i < n; ++i) out[i] = w[i] + v[i];
+    projx_inplace(s, code, out);  // normalize, qr: the projection of ω + V
+    return;
+  }
   switch (code) {
-    case kSphereNormalize:
-    case kObliqueNormalize:
-    case kStiefelQR:
-    case kEuclidean:
-      FGSGD_UNROLL
-      for (int i = 0; i < n; ++i) out[i] = w[i] + v[i];
-      projx_inplace(s, code, out);  // normalize, qr: the projection of ω + V
-      break;
     case kSphereExp: {  // cos‖V‖ ω + sin‖V‖ V/‖V‖
       T c, sc;
       cos_sinc_sq_(dot(s, v, v), &c, &sc);
