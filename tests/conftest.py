@@ -141,6 +141,18 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def backend_step(backend, device):
+    """run(p, g, codes, hp) for check_step_sizes: one ``ops.step_`` of p on ``backend``/``device`` (momentum buffer
+    zero), returning the stepped p."""
+    from fgsgd_cuda import ops
+
+    def run(p, g, codes, hp):
+        p, g = p.to(device).contiguous(), g.to(device).contiguous()
+        ops.step_([p], [g], [torch.zeros_like(p)], [codes.to(device)], backend=backend, **hp)
+        return p
+    return run
+
+
 def check_step_sizes(run, code, shape, dtype, cpp):
     """The step's retraction of ``code`` (2 sphere exp, 4 oblique exp, 5 stiefel qr, 6 stiefel cayley) at steps
     from ‖lr·d‖ = 1e-3 to 300 (the spectral norm for stiefel, the Frobenius norm otherwise), each size alone and all

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (FP32_RTOL, SHAPES, check_step_sizes, codes_for, make_gen, make_row_tensors,
+from conftest import (FP32_RTOL, SHAPES, backend_step, check_step_sizes, codes_for, make_gen, make_row_tensors,
                       random_points, random_tangents, rel_err)
 from fgsgd_cuda import codes as C, dispatch, manifolds as M, ops, reference as R
 
@@ -455,21 +455,16 @@ def test_kernels_compile_for_sm90(kind, a, b, dtype, flags):
     assert ".entry" in compiled.asm["ptx"]
 
 
-# -- a plain `pytest tests` on a machine without a GPU -----------------------------------------------------
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape", [(3, 3), (5, 3)], ids=["3x3", "5x3"])
 @pytest.mark.parametrize("code", [2, 4, 5, 6], ids=["sphere-exp", "oblique-exp", "qr", "cayley"])
 def test_retraction_at_every_step_size(device, code, shape, dtype):
     """Triton's exp, qr (Gram-Schmidt twice) and cayley (elimination) retractions in the step at sizes ‖lr·d‖
     from 1e-3 to 300 (cayley: to 3), against the reference and on the manifold: conftest.check_step_sizes."""
-    def run(p, g, codes, hp):
-        p, g = p.to(device).contiguous(), g.to(device).contiguous()
-        ops.step_([p], [g], [torch.zeros_like(p)], [codes.to(device)], backend="triton", **hp)
-        return p
+    check_step_sizes(backend_step("triton", device), code, shape, dtype, cpp=False)
 
-    check_step_sizes(run, code, shape, dtype, cpp=False)
 
+# -- a plain `pytest tests` on a machine without a GPU -----------------------------------------------------
 
 @pytest.mark.skipif(bool(DEVICES), reason="the tests of this file run directly in this process")
 def test_suite_under_triton_interpreter():
