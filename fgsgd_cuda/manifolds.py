@@ -20,9 +20,31 @@ def _inner(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x * y).sum(dim=(-2, -1), keepdim=True)
 
 
-def _sinc(t: torch.Tensor) -> torch.Tensor:
-    """sin(t)/t with the limit 1 at t = 0."""
-    return torch.where(t > 0, torch.sin(t) / torch.where(t > 0, t, torch.ones_like(t)), torch.ones_like(t))
+def _nonzero(m: torch.Tensor) -> torch.Tensor:
+    return torch.where(m > 0, m, torch.ones_like(m))
+
+
+def _normalize(x: torch.Tensor, dim) -> torch.Tensor:
+    """x / ‖x‖ over ``dim``, computed on x / max|x| so that no norm overflows (the result is scale-invariant)."""
+    y = x / _nonzero(x.abs().amax(dim=dim, keepdim=True))
+    return y / y.norm(dim=dim, keepdim=True)
+
+
+def _exp(x: torch.Tensor, v: torch.Tensor, dim) -> torch.Tensor:
+    """cos(t)·x + sin(t)·v/t with t = ‖v‖ over ``dim`` (the exp map of the sphere, per column for the oblique
+    manifold). Where ‖v‖ overflows, t from v = m·u, m = max|v|: t = m‖u‖, v/t = u/‖u‖."""
+    t = v.norm(dim=dim, keepdim=True)
+    m = v.abs().amax(dim=dim, keepdim=True)
+    u = v / _nonzero(m)
+    nu = u.norm(dim=dim, keepdim=True)
+    ok = torch.isfinite(t)
+    direction = torch.where(ok, v / _nonzero(t), u / _nonzero(nu))
+    t = torch.where(ok, t, m * nu)
+    return torch.cos(t) * x + torch.sin(t) * direction
+
+
+# Large Cayley steps: K = W/2 is scaled down to ‖K‖_F ≤ √2·τ, τ about 1/√ε (csrc/fgsgd/manifold.h, clamp_cayley)
+CAYLEY_CLAMP = {torch.float32: 2.0 ** 12, torch.float64: 2.0 ** 26}
 
 
 def sym(x: torch.Tensor) -> torch.Tensor:
@@ -100,12 +122,11 @@ class Sphere(Manifold):
 
     def retr(self, x, v):
         if self.retraction == "exp":
-            t = v.norm(dim=(-2, -1), keepdim=True)
-            return torch.cos(t) * x + _sinc(t) * v
+            return _exp(x, v, (-2, -1))
         return self.projx(x + v)
 
     def projx(self, x):
-        return x / x.norm(dim=(-2, -1), keepdim=True)
+        return _normalize(x, (-2, -1))
 
 
 class Oblique(Manifold):
@@ -120,12 +141,11 @@ class Oblique(Manifold):
 
     def retr(self, x, v):
         if self.retraction == "exp":
-            t = v.norm(dim=-2, keepdim=True)
-            return torch.cos(t) * x + _sinc(t) * v
+            return _exp(x, v, -2)
         return self.projx(x + v)
 
     def projx(self, x):
-        return x / x.norm(dim=-2, keepdim=True)
+        return _normalize(x, -2)
 
 
 class Stiefel(Manifold):
@@ -150,11 +170,23 @@ class Stiefel(Manifold):
 
     @staticmethod
     def cayley(x, v):
-        """Y = (I − W/2)⁻¹ (I + W/2) x with W = P v xᵀ − x (P v)ᵀ, P = I − x xᵀ/2 (Wen & Yin)."""
+        """Y = (I − W/2)⁻¹ (I + W/2) x with W = P v xᵀ − x (P v)ᵀ, P = I − x xᵀ/2 (Wen & Yin).
+
+        Large steps (‖K‖_F² > 2, K = W/2): K is first scaled down to ‖K‖_F ≤ √2·τ (``CAYLEY_CLAMP``, about
+        1/√ε; Cayley(K) moves by O(1/‖K‖) beyond it), and Y is put back onto the manifold by QR, since the
+        solve's error, about ‖K‖ε, is then above rounding."""
         eye = torch.eye(x.shape[-2], dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)
         pv = v - 0.5 * x @ (x.transpose(-2, -1) @ v)
-        w = pv @ x.transpose(-2, -1) - x @ pv.transpose(-2, -1)
-        return torch.linalg.solve(eye - 0.5 * w, (eye + 0.5 * w) @ x)
+        k = 0.5 * (pv @ x.transpose(-2, -1) - x @ pv.transpose(-2, -1))
+        m = k.abs().amax(dim=(-2, -1), keepdim=True)
+        norm = m * (k / _nonzero(m)).norm(dim=(-2, -1), keepdim=True) / 2 ** 0.5
+        tau = CAYLEY_CLAMP.get(x.dtype, CAYLEY_CLAMP[torch.float32])
+        k = k * torch.where(norm > tau, tau / _nonzero(norm), torch.ones_like(norm))
+        y = torch.linalg.solve(eye - k, (eye + k) @ x)
+        large = (norm > 1).reshape(-1)
+        if bool(large.any()):
+            y = torch.where(large.view(-1, 1, 1), qr_positive(y), y)
+        return y
 
     def projx(self, x):
         """The Q factor of QR with positive diagonal (our choice; not the polar factor)."""

@@ -16,7 +16,7 @@ import zlib
 import pytest
 import torch
 
-from conftest import (FP32_RTOL, SHAPES, check_step_sizes, codes_for, make_gen, make_row_tensors,
+from conftest import (FP32_RTOL, SHAPES, check_large_steps, check_step_sizes, codes_for, make_gen, make_row_tensors,
                       random_points, random_tangents, rel_err, requires_cpu_kernels)
 from fgsgd_cuda import _ext, ops
 from fgsgd_cuda import codes as C
@@ -228,6 +228,19 @@ def test_retraction_at_every_step_size(isa, code, shape, dtype):
     (conftest.check_step_sizes; tests/test_step_sizes.py runs it on every backend)."""
     check_step_sizes(lambda p, g, c, hp: _run([p], [g], [torch.zeros_like(p)], [c], [], [], [], dtype,
                                                       hp)[0][0], code, shape, dtype, cpp=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", [(3, 3), (5, 3), (7, 7)], ids=["3x3", "5x3", "7x7"])
+@pytest.mark.parametrize("code", [1, 2, 3, 4, 5, 6])
+def test_large_finite_steps_stay_on_the_manifold(isa, code, shape, dtype):
+    """Gradients up to near the largest float on every instruction set (conftest.check_large_steps; the overflow
+    guards and large-step paths are uniform branches over the lanes, so each ISA's blocks take them)."""
+    def run(p, g, m, codes, hp):
+        p_new, m_new = _run([p], [g], [m], [codes], [], [], [], dtype, hp)
+        p.copy_(p_new[0])
+        m.copy_(m_new[0])
+    check_large_steps(run, code, shape, dtype)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["bytes", "packed"])

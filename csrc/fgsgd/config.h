@@ -7,8 +7,9 @@
 // a broadcast constructor from its scalar, comparisons returning a mask, and the free functions
 // sqrt_, rsqrt_, sin_, cos_, select_(mask, a, b) and any_(mask) found by argument-dependent lookup. Hence
 // the math below does not branch on values of T: data-dependent choices are select_ (both sides are
-// evaluated, so they must be finite or harmlessly NaN in the lanes that are not selected). The one
-// exception, qr_q_of_step_inplace, picks between two algorithms for the same result through any_.
+// evaluated, so they must be finite or harmlessly NaN in the lanes that are not selected). The exceptions
+// pick between two ways of computing the same result through any_ (a fast path for ordinary steps, a
+// robust one for large steps: qr_q_of_step_inplace, cos_sinc_sq_, the overflow guards of the retractions).
 // Hyper-parameters stay scalars: LaneScalar<T>::type.
 #pragma once
 #include <stdint.h>

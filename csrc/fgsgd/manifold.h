@@ -66,11 +66,88 @@ FGSGD_HD void proj(const S& s, int code, const T* w, const T* u, T* out) {
 template <class S, class T>
 FGSGD_HD void normalize_columns(const S& s, T* y) {
   const int B = s.cols(), n = s.size();
-  T inv[S::kCap];
+  T nn[S::kCap], inv[S::kCap];
+  bool large = false;
   FGSGD_UNROLL
-  for (int j = 0; j < B; ++j) inv[j] = rsqrt_(col_dot(s, y, y, j));
+  for (int j = 0; j < B; ++j) {
+    nn[j] = col_dot(s, y, y, j);
+    large = large || any_(nn[j] > big_sq_<T>());
+  }
+  if (large) {  // a column norm overflows: rescale the columns first (normalising is scale-invariant)
+    FGSGD_UNROLL
+    for (int j = 0; j < B; ++j) inv[j] = inv_or_one_(col_max_abs(s, y, j));
+    FGSGD_UNROLL
+    for (int i = 0; i < n; ++i) y[i] *= inv[i % B];
+    FGSGD_UNROLL
+    for (int j = 0; j < B; ++j) nn[j] = col_dot(s, y, y, j);
+  }
+  FGSGD_UNROLL
+  for (int j = 0; j < B; ++j) inv[j] = rsqrt_(nn[j]);
   FGSGD_UNROLL
   for (int i = 0; i < n; ++i) y[i] *= inv[i % B];
+}
+
+// x ← x/‖x‖_F.
+template <class S, class T>
+FGSGD_HD void normalize(const S& s, T* x) {
+  const int n = s.size();
+  T nn = dot(s, x, x);
+  if (any_(nn > big_sq_<T>())) {  // ‖x‖² overflows: rescale first (normalising is scale-invariant)
+    const T inv_m = inv_or_one_(max_abs(s, x));
+    FGSGD_UNROLL
+    for (int i = 0; i < n; ++i) x[i] *= inv_m;
+    nn = dot(s, x, x);
+  }
+  const T inv = rsqrt_(nn);
+  FGSGD_UNROLL
+  for (int i = 0; i < n; ++i) x[i] *= inv;
+}
+
+// out = cos(t)·ω + sin(t)·V/t, t = ‖V‖ (the sphere's exp, one column of the oblique's: the n_el entries
+// at stride `stride` from 0), where ‖V‖² may overflow: V = m·U with m = max|V_i|, t = m‖U‖, V/t = U/‖U‖.
+template <class T>
+FGSGD_HD void exp_of_large(const T* w, const T* v, T* out, int n_el, int stride) {
+  T m = abs_(v[0]);
+  FGSGD_UNROLL
+  for (int i = 1; i < n_el; ++i) m = select_(abs_(v[i * stride]) > m, abs_(v[i * stride]), m);
+  const T inv_m = inv_or_one_(m);
+  T uu = T(0);
+  FGSGD_UNROLL
+  for (int i = 0; i < n_el; ++i) uu += (v[i * stride] * inv_m) * (v[i * stride] * inv_m);
+  const T t = m * sqrt_(uu);
+  const T k = select_(uu > T(0), sin_(t) * rsqrt_(uu) * inv_m, T(0));
+  const T c = cos_(t);
+  FGSGD_UNROLL
+  for (int i = 0; i < n_el; ++i) out[i * stride] = c * w[i * stride] + k * v[i * stride];
+}
+
+// The large-step path of the Cayley retraction for A > 3, on M = I − K: K is scaled down to ‖K‖_F ≤ √2·τ,
+// τ = 2^12 in float, 2^26 in double (about 1/√ε). Cayley(K) moves by O(1/‖K‖) beyond that norm, and the
+// pivoted solve's error grows as ‖K‖ε: τ balances the two, so a step however large (‖K‖ may be any finite
+// value, its square need not be) lands on the manifold with an error of about √ε (tests/test_large_steps.py).
+FGSGD_HD constexpr float cayley_clamp_of(float) { return 0x1p12f; }
+FGSGD_HD constexpr double cayley_clamp_of(double) { return 0x1p26; }
+template <class T>
+FGSGD_HD void clamp_cayley(T* M, int A) {
+  T m = T(0);
+  FGSGD_UNROLL
+  for (int i = 0; i < A; ++i)
+    FGSGD_UNROLL
+    for (int j = i + 1; j < A; ++j) m = select_(abs_(M[i * A + j]) > m, abs_(M[i * A + j]), m);
+  const T inv_m = inv_or_one_(m);
+  T kk = T(0);  // ‖K‖_F² / (2m²)
+  FGSGD_UNROLL
+  for (int i = 0; i < A; ++i)
+    FGSGD_UNROLL
+    for (int j = i + 1; j < A; ++j) kk += (M[i * A + j] * inv_m) * (M[i * A + j] * inv_m);
+  const T norm = m * sqrt_(kk);  // ‖K‖_F / √2
+  const T tau = T(cayley_clamp_of(scalar_of<T>()));
+  const T f = select_(norm > tau, tau / norm, T(1));
+  FGSGD_UNROLL
+  for (int i = 0; i < A; ++i)
+    FGSGD_UNROLL
+    for (int j = 0; j < A; ++j)
+      if (i != j) M[i * A + j] *= f;
 }
 
 // Y = (I − W/2)⁻¹ (I + W/2) ω, W = P V ωᵀ − ω (P V)ᵀ, P = I − ωωᵀ/2 (A <= kMaxCayleyRows).
@@ -112,19 +189,39 @@ FGSGD_HD void cayley(const S& s, const T* w, const T* v, T* out) {
     // K = W/2 is skew 3×3 (K x = k × x): K² = kkᵀ − ‖k‖²I, so (I − K)(I + K + kkᵀ) = (1 + ‖k‖²)I and
     // (I − K)⁻¹(I + K) = I + 2(K + K²)/(1 + ‖k‖²): Y = ω + c (Kω + K(Kω)), c = 2/(1 + ‖k‖²), no solve (a
     // shorter dependency chain than the elimination).
-    const T k01 = M[1 * A + 0], k02 = M[2 * A + 0], k12 = M[2 * A + 1];  // K_ij = −M_ij = M_ji, i < j
-    const T c = T(2) / (T(1) + (k01 * k01 + k02 * k02 + k12 * k12));
+    // Where ‖k‖² overflows, k = m·k̂ (m = max|k_ij|) and c(Kx + K²x) = 2(K̂x/m + K̂²x)/(1/m² + ‖k̂‖²).
+    T k01 = M[1 * A + 0], k02 = M[2 * A + 0], k12 = M[2 * A + 1];  // K_ij = −M_ij = M_ji, i < j
+    T kk = k01 * k01 + k02 * k02 + k12 * k12, inv_m = T(1);
+    if (any_(kk > big_sq_<T>())) {
+      const T a01 = abs_(k01), a02 = abs_(k02), a12 = abs_(k12);
+      const T m01 = select_(a01 > a02, a01, a02);
+      inv_m = inv_or_one_(select_(m01 > a12, m01, a12));
+      k01 *= inv_m;
+      k02 *= inv_m;
+      k12 *= inv_m;
+      kk = k01 * k01 + k02 * k02 + k12 * k12;
+    }
+    const T c = T(2) / (inv_m * inv_m + kk);
     FGSGD_UNROLL
     for (int q = 0; q < B; ++q) {
       const T x0 = w[0 * B + q], x1 = w[1 * B + q], x2 = w[2 * B + q];
       const T u0 = k01 * x1 + k02 * x2, u1 = k12 * x2 - k01 * x0, u2 = -(k02 * x0 + k12 * x1);  // K x
       const T v0 = k01 * u1 + k02 * u2, v1 = k12 * u2 - k01 * u0, v2 = -(k02 * u0 + k12 * u1);  // K K x
-      out[0 * B + q] = x0 + c * (u0 + v0);
-      out[1 * B + q] = x1 + c * (u1 + v1);
-      out[2 * B + q] = x2 + c * (u2 + v2);
+      out[0 * B + q] = x0 + c * (u0 * inv_m + v0);
+      out[1 * B + q] = x1 + c * (u1 * inv_m + v1);
+      out[2 * B + q] = x2 + c * (u2 * inv_m + v2);
     }
     return;
   }
+  // A > 3: the elimination without pivoting loses accuracy as ‖W‖²ε, so it is kept for ‖K‖_F² ≤ 2 (K = W/2),
+  // where the growth bound of small_linalg.h is below 3n; larger steps take cayley_of_large.
+  T kk = T(0);
+  FGSGD_UNROLL
+  for (int i = 0; i < A; ++i)
+    FGSGD_UNROLL
+    for (int j = i + 1; j < A; ++j) kk += M[i * A + j] * M[i * A + j];
+  const bool large = any_(kk > T(1));
+  if (large) clamp_cayley(M, A);
   FGSGD_UNROLL
   for (int i = 0; i < A; ++i)  // rhs = (I + W/2) ω = 2ω − M ω
     FGSGD_UNROLL
@@ -134,20 +231,21 @@ FGSGD_HD void cayley(const S& s, const T* w, const T* v, T* out) {
       for (int j = 0; j < A; ++j) acc += M[i * A + j] * w[j * B + q];
       out[i * B + q] = T(2) * w[i * B + q] - acc;
     }
-  solve_nopivot_inplace(M, out, A, B);  // M = I − W/2 has symmetric part I: see small_linalg.h
+  if (!large) {
+    solve_inplace(M, out, A, B);  // M = I − W/2 has symmetric part I: see small_linalg.h
+    return;
+  }
+  solve_inplace<true>(M, out, A, B);
+  qr_q_inplace(s, out);  // back onto the manifold: the solve's error, about ‖K‖ε, is no longer at rounding level
 }
 
 // x ← the exact projection onto the manifold (stiefel: the Q factor of QR, diag(R) > 0).
 template <class S, class T>
 FGSGD_HD void projx_inplace(const S& s, int code, T* x) {
-  const int n = s.size();
   switch (manifold_of(code)) {
-    case kManSphere: {
-      const T inv = rsqrt_(dot(s, x, x));
-      FGSGD_UNROLL
-      for (int i = 0; i < n; ++i) x[i] *= inv;
+    case kManSphere:
+      normalize(s, x);
       break;
-    }
     case kManOblique:
       normalize_columns(s, x);
       break;
@@ -176,16 +274,32 @@ FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
   }
   switch (code) {
     case kSphereExp: {  // cos‖V‖ ω + sin‖V‖ V/‖V‖
+      const T tt = dot(s, v, v);
+      if (any_(tt > big_sq_<T>())) {
+        exp_of_large(w, v, out, n, 1);
+        break;
+      }
       T c, sc;
-      cos_sinc_sq_(dot(s, v, v), &c, &sc);
+      cos_sinc_sq_(tt, &c, &sc);
       FGSGD_UNROLL
       for (int i = 0; i < n; ++i) out[i] = c * w[i] + sc * v[i];
       break;
     }
     case kObliqueExp: {  // the same per column
       T c[S::kCap], sc[S::kCap];
+      bool large = false;
       FGSGD_UNROLL
-      for (int j = 0; j < B; ++j) cos_sinc_sq_(col_dot(s, v, v, j), &c[j], &sc[j]);
+      for (int j = 0; j < B; ++j) {
+        c[j] = col_dot(s, v, v, j);
+        large = large || any_(c[j] > big_sq_<T>());
+      }
+      if (large) {
+        FGSGD_UNROLL
+        for (int j = 0; j < B; ++j) exp_of_large(w + j, v + j, out + j, s.rows(), B);
+        break;
+      }
+      FGSGD_UNROLL
+      for (int j = 0; j < B; ++j) cos_sinc_sq_(c[j], &c[j], &sc[j]);
       FGSGD_UNROLL
       for (int i = 0; i < n; ++i) out[i] = c[i % B] * w[i] + sc[i % B] * v[i];
       break;

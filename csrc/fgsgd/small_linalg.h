@@ -1,6 +1,7 @@
 // Dense linear algebra on one small row-major matrix held in local memory (registers on a GPU).
-// T is a scalar or a CPU lane type (config.h): no branch below depends on a value of T, except the choice of
-// algorithm in qr_q_of_step_inplace (uniform over the lanes).
+// T is a scalar or a CPU lane type (config.h): no branch below depends on a value of T, except choices between
+// two ways of computing the same values (qr_q_of_step_inplace, cos_sinc_sq_, the overflow guards), each uniform
+// over the lanes.
 #pragma once
 #include "config.h"
 
@@ -75,30 +76,92 @@ FGSGD_HD T col_dot(const S& s, const T* x, const T* y, int jx, int jy) {
   return acc;
 }
 
-// x ← Q of the thin QR of x with diag(R) > 0, by classical Gram–Schmidt applied twice (CGS2: "twice
-// is enough", Giraud, Langou, Rozložník 2005), which keeps ‖QᵀQ − I‖ at rounding level for
-// numerically full-rank x. Classical rather than modified: the projections onto q_0..q_{j-1} of a
-// pass are independent, a short dependency chain (SIMD lanes, GPU threads).
+// Overflow guards. Squared norms above big_sq_<T>() (2^100 in float, 2^900 in double: entries beyond about
+// 2^50, resp. 2^450) send the retractions to a slow path that rescales first, so that a finite step, however
+// large, still lands finite and on the manifold (tests/test_large_steps.py). Uniform branches over the lanes.
+FGSGD_HD constexpr float big_sq_of(float) { return 0x1p100f; }
+FGSGD_HD constexpr double big_sq_of(double) { return 0x1p900; }
+template <class T>
+FGSGD_HD T big_sq_() {
+  return T(big_sq_of(scalar_of<T>()));
+}
+
+// max_i |x_i| over the n = A·B entries.
+template <class S, class T>
+FGSGD_HD T max_abs(const S& s, const T* x) {
+  const int n = s.size();
+  T m = abs_(x[0]);
+  FGSGD_UNROLL
+  for (int i = 1; i < n; ++i) m = select_(abs_(x[i]) > m, abs_(x[i]), m);
+  return m;
+}
+
+// max_r |x[r, j]| over column j.
+template <class S, class T>
+FGSGD_HD T col_max_abs(const S& s, const T* x, int j) {
+  const int A = s.rows(), B = s.cols();
+  T m = abs_(x[j]);
+  FGSGD_UNROLL
+  for (int r = 1; r < A; ++r) m = select_(abs_(x[r * B + j]) > m, abs_(x[r * B + j]), m);
+  return m;
+}
+
+// 1/m where m > 0, else 1 (a factor that rescales a nonzero vector to max-entry 1 and leaves 0 alone).
+template <class T>
+FGSGD_HD T inv_or_one_(T m) {
+  return select_(m > T(0), T(1) / m, T(1));
+}
+
+// Column k of x ← H_j x_k, H_j = I − β v_j v_jᵀ, the reflector stored in rows j.. of column j of v.
+template <class S, class T>
+FGSGD_HD void reflect_column(const S& s, const T* v, T beta, int j, T* x, int k) {
+  const int A = s.rows(), B = s.cols();
+  T f = T(0);
+  FGSGD_UNROLL
+  for (int i = j; i < A; ++i) f += v[i * B + j] * x[i * B + k];
+  f *= beta;
+  FGSGD_UNROLL
+  for (int i = j; i < A; ++i) x[i * B + k] -= f * v[i * B + j];
+}
+
+// x ← Q of the thin QR of x with diag(R) > 0, by Householder reflections on x/max|x| (Q does not change
+// when x is scaled, and the column norms cannot overflow). Q is orthogonal to rounding for every x, also
+// one that is numerically rank-deficient (a huge step: ω + a·V with ‖a·V‖ beyond 1/ε, where Gram–Schmidt
+// normalises rounding noise); a column with nothing left (R_jj = 0) becomes the reflectors' image of e_j. The
+// sign of each reflector is a select, so there is no branch on values.
 template <class S, class T>
 FGSGD_HD void qr_q_inplace(const S& s, T* x) {
-  const int A = s.rows(), B = s.cols();
+  const int A = s.rows(), B = s.cols(), n = s.size();
+  const T inv_m = inv_or_one_(max_abs(s, x));
+  FGSGD_UNROLL
+  for (int i = 0; i < n; ++i) x[i] *= inv_m;
+  T v[S::kCap], beta[kMaxStiefelCols], flip[kMaxStiefelCols];  // v[i, j], i >= j: reflector j
   FGSGD_UNROLL
   for (int j = 0; j < B; ++j) {
+    const T x0 = x[j * B + j];
+    T tail = T(0);
     FGSGD_UNROLL
-    for (int pass = 0; pass < 2; ++pass) {
-      T r[kMaxStiefelCols];  // r[k] = q_kᵀ x_j, k < j < B
-      FGSGD_UNROLL
-      for (int k = 0; k < j; ++k) r[k] = col_dot(s, x, x, k, j);
-      FGSGD_UNROLL
-      for (int k = 0; k < j; ++k) {
-        FGSGD_UNROLL
-        for (int i = 0; i < A; ++i) x[i * B + j] -= r[k] * x[i * B + k];
-      }
-    }
-    const T inv = rsqrt_(col_dot(s, x, x, j));
+    for (int i = j + 1; i < A; ++i) tail += x[i * B + j] * x[i * B + j];
+    const T nrm = sqrt_(tail + x0 * x0);
+    const T alpha = select_(x0 < T(0), nrm, -nrm);  // H_j x_j = α e_j; v = x_j − α e_j, no cancellation
+    const T v0 = x0 - alpha;
+    v[j * B + j] = v0;
     FGSGD_UNROLL
-    for (int i = 0; i < A; ++i) x[i * B + j] *= inv;
+    for (int i = j + 1; i < A; ++i) v[i * B + j] = x[i * B + j];
+    const T vv = tail + v0 * v0;
+    beta[j] = select_(vv > T(0), T(2) / vv, T(0));
+    flip[j] = select_(alpha > T(0), T(1), T(-1));  // Q's column j times sign(R_jj): diag(R) > 0
+    FGSGD_UNROLL
+    for (int k = j + 1; k < B; ++k) reflect_column(s, v, beta[j], j, x, k);  // x_k ← H_j x_k
   }
+  FGSGD_UNROLL
+  for (int i = 0; i < n; ++i) x[i] = T(i / B == i % B ? 1 : 0);  // [I_B; 0], then H_0 ⋯ H_{B−1} applied to it
+  FGSGD_UNROLL
+  for (int j = B - 1; j >= 0; --j)
+    FGSGD_UNROLL
+    for (int q = j; q < B; ++q) reflect_column(s, v, beta[j], j, x, q);  // columns q < j are still e_q
+  FGSGD_UNROLL
+  for (int i = 0; i < n; ++i) x[i] *= flip[i % B];
 }
 
 // x ← Q of the thin QR of x (diag(R) > 0) for x = ω + V, ω on the Stiefel manifold and V tangent at ω (the
@@ -107,9 +170,9 @@ FGSGD_HD void qr_q_inplace(const S& s, T* x) {
 // Cholesky QR: R from the Cholesky factor of the Gram matrix xᵀx (pivots ≥ 1), then Q = x R⁻¹ column by column.
 // Its loss of orthogonality, O(κ²ε), is then at rounding level like CGS2's, at about half the latency (the Gram
 // entries are independent, where CGS2 chains through every column twice): 1.2 M 3×3 components, 2 threads,
-// stiefel-qr step AVX2 5.2 → 3.9 ms, AVX-512 3.4 → 2.8 ms. Larger steps take CGS2 (qr_q_inplace), whose
-// orthogonality does not depend on κ. This choice is the one branch on values of T in these headers: uniform
-// over the lanes of a block, and both sides compute the same Q.
+// stiefel-qr step AVX2 5.2 → 3.9 ms, AVX-512 3.4 → 2.8 ms. Larger steps take Householder QR
+// (qr_q_inplace), whose orthogonality does not depend on κ. The choice is uniform over the lanes of a block, and
+// both sides compute the same Q.
 template <class S, class T>
 FGSGD_HD void qr_q_of_step_inplace(const S& s, T* x) {
   const int A = s.rows(), B = s.cols();
@@ -151,7 +214,7 @@ FGSGD_HD void qr_q_of_step_inplace(const S& s, T* x) {
 }
 
 // Solve M Y = R in place for an n×n matrix M (row-major, n <= kMaxCayleyRows) and n×b right-hand
-// sides R, by Gaussian elimination WITHOUT pivoting. M is destroyed, R becomes Y.
+// sides R, by Gaussian elimination, by default WITHOUT pivoting. M is destroyed, R becomes Y.
 //
 // Precondition: the symmetric part of M is ⪰ I. The Cayley retraction solves with M = I − W/2, W
 // skew-symmetric (Wᵀ = −W), whose symmetric part is exactly I. For such M:
@@ -165,11 +228,33 @@ FGSGD_HD void qr_q_of_step_inplace(const S& s, T* x) {
 //  * Growth is bounded (Golub & Van Loan, Matrix Computations, §4.2, matrices with a positive
 //    definite symmetric part H and skew part K: ‖|L||U|‖ ≤ n(‖H‖ + ‖KH⁻¹Kᵀ‖) = n(1 + ‖W‖²/4) here),
 //    so no pivoting is needed for stability.
-// No pivoting keeps the solve free of data-dependent branches (SIMD lanes, GPU threads).
-template <class T>
-FGSGD_HD void solve_nopivot_inplace(T* M, T* R, int n, int b) {
+// No pivoting keeps the solve free of data-dependent branches (SIMD lanes, GPU threads). Its error grows as
+// ‖W‖²ε, though, so the Cayley retraction takes it only for ‖W‖ of ordinary steps; kPivot = true is partial
+// pivoting for the others (error about κ(M)ε ≤ ‖W‖ε/2): before eliminating column c, every later row whose
+// |M_rc| beats the current pivot's is swapped into row c by selects, which leaves the largest there without a
+// branch on values.
+template <bool kPivot = false, class T>
+FGSGD_HD void solve_inplace(T* M, T* R, int n, int b) {
   FGSGD_UNROLL
   for (int c = 0; c < n; ++c) {
+    if constexpr (kPivot) {
+      FGSGD_UNROLL
+      for (int r = c + 1; r < n; ++r) {
+        const auto swap = abs_(M[r * n + c]) > abs_(M[c * n + c]);
+        FGSGD_UNROLL
+        for (int k = c; k < n; ++k) {
+          const T top = M[c * n + k], low = M[r * n + k];
+          M[c * n + k] = select_(swap, low, top);
+          M[r * n + k] = select_(swap, top, low);
+        }
+        FGSGD_UNROLL
+        for (int k = 0; k < b; ++k) {
+          const T top = R[c * b + k], low = R[r * b + k];
+          R[c * b + k] = select_(swap, low, top);
+          R[r * b + k] = select_(swap, top, low);
+        }
+      }
+    }
     const T inv = T(1) / M[c * n + c];
     FGSGD_UNROLL
     for (int r = c + 1; r < n; ++r) {
