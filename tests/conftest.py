@@ -141,14 +141,26 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def backend_step(backend, device):
-    """run(p, g, codes, hp) for check_step_sizes: one ``ops.step_`` of p on ``backend``/``device`` (momentum buffer
-    zero), returning the stepped p."""
+def backend_step_pm(backend, device):
+    """run(p, g, m, codes, hp) for check_large_steps: one ``ops.step_`` on ``backend``/``device`` of CPU tensors p and
+    m, updated in place."""
     from fgsgd_cuda import ops
 
+    def run(p, g, m, codes, hp):
+        pd, gd, md = (t.to(device, copy=True).contiguous() for t in (p, g, m))
+        ops.step_([pd], [gd], [md], [codes.to(device)], backend=backend, **hp)
+        p.copy_(pd.cpu())
+        m.copy_(md.cpu())
+    return run
+
+
+def backend_step(backend, device):
+    """run(p, g, codes, hp) for check_step_sizes: backend_step_pm's step with a zero momentum buffer, returning the
+    stepped p."""
+    step = backend_step_pm(backend, device)
+
     def run(p, g, codes, hp):
-        p, g = p.to(device).contiguous(), g.to(device).contiguous()
-        ops.step_([p], [g], [torch.zeros_like(p)], [codes.to(device)], backend=backend, **hp)
+        step(p, g, torch.zeros_like(p), codes, hp)
         return p
     return run
 
@@ -185,15 +197,9 @@ def check_step_sizes(run, code, shape, dtype, cpp):
         e = rel_err(got.cpu(), ref_p)
         tol = FP32_RTOL if dtype == torch.float32 else 1e-12
         assert e <= tol, f"code {code} {shape} size {size}: relative error {e:.3g} > {tol:g}"
-        q = got.cpu().double()
-        if code in (5, 6):
-            off = (q.transpose(1, 2) @ q - torch.eye(b, dtype=torch.float64)).abs().amax()
-        elif code == 4:
-            off = (q.square().sum(1) - 1).abs().amax()
-        else:
-            off = (q.square().sum((1, 2)) - 1).abs().amax()
+        off = off_manifold(got, code)
         bound = 2e-6 if dtype == torch.float32 else 1e-14
-        assert float(off) <= bound, f"code {code} {shape} size {size}: off the manifold by {float(off):.3g} > {bound:g}"
+        assert off <= bound, f"code {code} {shape} size {size}: off the manifold by {off:.3g} > {bound:g}"
 
 
 def off_manifold(q: torch.Tensor, code: int) -> float:

@@ -9,21 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import backends_on, check_large_steps
-from fgsgd_cuda import ops
+from conftest import backend_step_pm, backends_on, check_large_steps
 
 BACKENDS = backends_on((("cpu", "cpu"), ("torch", "cpu"), ("cuda", "cuda")))  # triton: tests/test_triton.py
-
-
-def device_step(backend, device):
-    """run(p, g, m, codes, hp) for check_large_steps: one ``ops.step_`` on ``backend``/``device``, p and m updated in
-    place."""
-    def run(p, g, m, codes, hp):
-        pd, gd, md = (t.to(device, copy=True).contiguous() for t in (p, g, m))
-        ops.step_([pd], [gd], [md], [codes.to(device)], backend=backend, **hp)
-        p.copy_(pd.cpu())
-        m.copy_(md.cpu())
-    return run
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -32,4 +20,4 @@ def device_step(backend, device):
                          ids=["sphere-normalize", "sphere-exp", "oblique-normalize", "oblique-exp", "qr", "cayley"])
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_large_finite_steps_stay_on_the_manifold(backend, device, code, shape, dtype):
-    check_large_steps(device_step(backend, device), code, shape, dtype)
+    check_large_steps(backend_step_pm(backend, device), code, shape, dtype)

@@ -62,18 +62,25 @@ FGSGD_HD void proj(const S& s, int code, const T* w, const T* u, T* out) {
   }
 }
 
+// nn[j] = ‖x_j‖² for every column j; true when any of them is above big_sq_ in any lane (the rescaling path).
+template <class S, class T>
+FGSGD_HD bool col_sq_norms_overflow(const S& s, const T* x, T* nn) {
+  const int B = s.cols();
+  bool large = false;
+  FGSGD_UNROLL
+  for (int j = 0; j < B; ++j) {
+    nn[j] = col_dot(s, x, x, j);
+    large = large || any_(nn[j] > big_sq_<T>());
+  }
+  return large;
+}
+
 // Scale every column of y to unit norm.
 template <class S, class T>
 FGSGD_HD void normalize_columns(const S& s, T* y) {
   const int B = s.cols(), n = s.size();
   T nn[S::kCap], inv[S::kCap];
-  bool large = false;
-  FGSGD_UNROLL
-  for (int j = 0; j < B; ++j) {
-    nn[j] = col_dot(s, y, y, j);
-    large = large || any_(nn[j] > big_sq_<T>());
-  }
-  if (large) {  // a column norm overflows: rescale the columns first (normalising is scale-invariant)
+  if (col_sq_norms_overflow(s, y, nn)) {  // a column norm overflows: rescale the columns first (normalising is scale-invariant)
     FGSGD_UNROLL
     for (int j = 0; j < B; ++j) inv[j] = inv_or_one_(col_max_abs(s, y, j));
     FGSGD_UNROLL
@@ -107,9 +114,7 @@ FGSGD_HD void normalize(const S& s, T* x) {
 // at stride `stride` from 0), where ‖V‖² may overflow: V = m·U with m = max|V_i|, t = m‖U‖, V/t = U/‖U‖.
 template <class T>
 FGSGD_HD void exp_of_large(const T* w, const T* v, T* out, int n_el, int stride) {
-  T m = abs_(v[0]);
-  FGSGD_UNROLL
-  for (int i = 1; i < n_el; ++i) m = select_(abs_(v[i * stride]) > m, abs_(v[i * stride]), m);
+  const T m = max_abs_strided(v, n_el, stride);
   const T inv_m = inv_or_one_(m);
   T uu = T(0);
   FGSGD_UNROLL
@@ -287,13 +292,7 @@ FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
     }
     case kObliqueExp: {  // the same per column
       T c[S::kCap], sc[S::kCap];
-      bool large = false;
-      FGSGD_UNROLL
-      for (int j = 0; j < B; ++j) {
-        c[j] = col_dot(s, v, v, j);
-        large = large || any_(c[j] > big_sq_<T>());
-      }
-      if (large) {
+      if (col_sq_norms_overflow(s, v, c)) {  // c[j] = ‖V_j‖² until cos_sinc_sq_ below
         FGSGD_UNROLL
         for (int j = 0; j < B; ++j) exp_of_large(w + j, v + j, out + j, s.rows(), B);
         break;

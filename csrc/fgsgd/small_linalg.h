@@ -86,24 +86,24 @@ FGSGD_HD T big_sq_() {
   return T(big_sq_of(scalar_of<T>()));
 }
 
-// max_i |x_i| over the n = A·B entries.
-template <class S, class T>
-FGSGD_HD T max_abs(const S& s, const T* x) {
-  const int n = s.size();
+// max |x_i| over the n_el entries of x at stride `stride` (a whole component: stride 1; a column: stride B).
+template <class T>
+FGSGD_HD T max_abs_strided(const T* x, int n_el, int stride) {
   T m = abs_(x[0]);
   FGSGD_UNROLL
-  for (int i = 1; i < n; ++i) m = select_(abs_(x[i]) > m, abs_(x[i]), m);
+  for (int i = 1; i < n_el; ++i) m = select_(abs_(x[i * stride]) > m, abs_(x[i * stride]), m);
   return m;
+}
+
+template <class S, class T>
+FGSGD_HD T max_abs(const S& s, const T* x) {
+  return max_abs_strided(x, s.size(), 1);
 }
 
 // max_r |x[r, j]| over column j.
 template <class S, class T>
 FGSGD_HD T col_max_abs(const S& s, const T* x, int j) {
-  const int A = s.rows(), B = s.cols();
-  T m = abs_(x[j]);
-  FGSGD_UNROLL
-  for (int r = 1; r < A; ++r) m = select_(abs_(x[r * B + j]) > m, abs_(x[r * B + j]), m);
-  return m;
+  return max_abs_strided(x + j, s.rows(), s.cols());
 }
 
 // 1/m where m > 0, else 1 (a factor that rescales a nonzero vector to max-entry 1 and leaves 0 alone).
