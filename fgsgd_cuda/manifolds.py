@@ -31,16 +31,18 @@ def _normalize(x: torch.Tensor, dim) -> torch.Tensor:
 
 
 def _exp(x: torch.Tensor, v: torch.Tensor, dim) -> torch.Tensor:
-    """cos(t)·x + sin(t)·v/t with t = ‖v‖ over ``dim`` (the exp map of the sphere, per column for the oblique
-    manifold). Where ‖v‖ overflows, t from v = m·u, m = max|v|: t = m‖u‖, v/t = u/‖u‖."""
-    t = v.norm(dim=dim, keepdim=True)
+    """cos(t)·x + sin(t)·u/t over ``dim`` (the exp map of the sphere, per column for the oblique manifold) along the
+    tangent part u = v − ⟨x,v⟩x of v, t = ‖u‖: v is tangent, but its computed radial part is the rounding of the
+    projection, which a mostly radial gradient makes large relative to ‖v‖ (csrc small_linalg.h exp_coeffs_; exact:
+    ⟨x,v⟩ = 0). Where ‖v‖ overflows, from v = m·w, m = max|v|: t = m‖w⊥‖, u/t = w⊥/‖w⊥‖."""
     m = v.abs().amax(dim=dim, keepdim=True)
-    u = v / _nonzero(m)
-    nu = u.norm(dim=dim, keepdim=True)
-    ok = torch.isfinite(t)
-    direction = torch.where(ok, v / _nonzero(t), u / _nonzero(nu))
-    t = torch.where(ok, t, m * nu)
-    return torch.cos(t) * x + torch.sin(t) * direction
+    big = ~torch.isfinite(v.square().sum(dim=dim, keepdim=True))
+    scale = torch.where(big, _nonzero(m), torch.ones_like(m))  # ‖v/scale‖² is finite
+    w = v / scale
+    w = w - (x * w).sum(dim=dim, keepdim=True) * x
+    nw = w.norm(dim=dim, keepdim=True)
+    t = scale * nw
+    return torch.cos(t) * x + torch.sin(t) * (w / _nonzero(nw))
 
 
 # Large Cayley steps: K = W/2 is scaled down to ‖K‖_F ≤ √2·τ, τ about 1/√ε (csrc/fgsgd/manifold.h, clamp_cayley)

@@ -217,6 +217,7 @@ def off_manifold(q: torch.Tensor, code: int) -> float:
 
 
 LARGE_SCALES = {torch.float32: [1e5, 1e10, 1e20, 1e30, 1e37], torch.float64: [1e50, 1e100, 1e160, 1e250, 1e300]}
+LARGE_CODES = {1: "sphere-normalize", 2: "sphere-exp", 3: "oblique-normalize", 4: "oblique-exp", 5: "qr", 6: "cayley"}
 
 
 def check_large_steps(run, code, shape, dtype):
@@ -251,3 +252,51 @@ def check_large_steps(run, code, shape, dtype):
             ordinary = ~huge if code not in (1, 3) or dtype == torch.float64 else torch.ones(n, dtype=torch.bool)
             e = rel_err(p.cpu()[ordinary], ref_p[ordinary])
             assert e <= tol, f"code {code} {shape} scale {scale:g} step {k}: relative error {e:.3g} > {tol:g}"
+
+
+RADIAL = {torch.float32: [10.0, 1e3, 1e5], torch.float64: [10.0, 1e6, 1e10]}
+RADIAL_SHAPES = [(3, 3), (5, 3), (7, 7), (100, 1)]  # (100, 1): a row component (csrc/fgsgd/row_step.h)
+
+
+def check_radial_gradients(run, code, shape, dtype):
+    """Gradients mostly along the point, g = ξ + λ·ω with ‖ξ‖_F = 2 and λ up to 1e5 (fp32) or 1e10 (fp64): the
+    tangent part is then known only to about ε‖g‖, and the rounding of its radial part must not take an exp step
+    off the manifold (it did by sin 2t·ελ: 1e-2 in fp32 at λ = 1e5; csrc/fgsgd/small_linalg.h exp_coeffs_). Two
+    steps of size about 1 (the momentum buffer written, then read and transported), each landing on the manifold
+    at rounding level with a finite momentum; at λ = 10, where the rounding of ξ is below the tolerance, against
+    the float64 reference of the same rounded gradient. run(p, g, m, codes, hp) steps p and m in place."""
+    a, b = shape
+    gen = make_gen(zlib.crc32(repr(("radial", code, shape, str(dtype))).encode()))
+    n = 40 if b > 1 else 4
+    codes = torch.full((n,), code, dtype=torch.uint8)
+    tol = FP32_RTOL if dtype == torch.float32 else 1e-12
+    bound = 2e-6 if dtype == torch.float32 else 1e-14
+    for lam in RADIAL[dtype]:
+        p = random_points(n, a, b, codes, gen).to(dtype)
+        m = torch.zeros_like(p)
+        ref_m = torch.zeros(n, a, b, dtype=torch.float64)
+        for k in range(2):
+            w = p.double().clone()  # float64 p: a copy, not p itself (run steps p in place)
+            xi = random_tangents(w, codes, gen)
+            xi = xi * (2.0 / xi.flatten(1).norm(dim=1)).reshape(n, 1, 1)
+            g = (xi + lam * w).to(dtype)
+            hp = dict(lr=0.5, momentum=0.9, first_step=k == 0)
+            run(p, g, m, codes, hp)
+            ref_p, ref_m = R.step(w, g.double(), ref_m, codes.long(), None, None, **hp)
+            off = off_manifold(p, code)
+            assert off <= bound, f"code {code} {shape} radial {lam:g} step {k}: off the manifold by {off:.3g}"
+            assert bool(torch.isfinite(m).all()), f"code {code} {shape} radial {lam:g} step {k}: momentum not finite"
+            if lam <= 10:
+                e = rel_err(p.cpu(), ref_p)
+                assert e <= tol, f"code {code} {shape} radial {lam:g} step {k}: relative error {e:.3g} > {tol:g}"
+
+
+def radial_cases(test):
+    """Parametrizes a radial-gradient test over dtype × RADIAL_SHAPES × the codes each shape allows (rows: no
+    cayley)."""
+    cases = [(code, shape) for shape in RADIAL_SHAPES for code in LARGE_CODES if code != 6 or shape[1] > 1]
+    marks = (pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"]),
+             pytest.mark.parametrize("code,shape", cases, ids=[f"{LARGE_CODES[c]}-{a}x{b}" for c, (a, b) in cases]))
+    for mark in marks:
+        test = mark(test)
+    return test

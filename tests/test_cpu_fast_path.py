@@ -16,8 +16,9 @@ import zlib
 import pytest
 import torch
 
-from conftest import (FP32_RTOL, SHAPES, check_large_steps, check_step_sizes, codes_for, make_gen, make_row_tensors,
-                      random_points, random_tangents, rel_err, requires_cpu_kernels)
+from conftest import (FP32_RTOL, SHAPES, check_large_steps, check_radial_gradients, check_step_sizes, codes_for,
+                      make_gen, make_row_tensors, radial_cases, random_points, random_tangents, rel_err,
+                      requires_cpu_kernels)
 from fgsgd_cuda import _ext, ops
 from fgsgd_cuda import codes as C
 from fgsgd_cuda import reference as R
@@ -236,11 +237,22 @@ def test_retraction_at_every_step_size(isa, code, shape, dtype):
 def test_large_finite_steps_stay_on_the_manifold(isa, code, shape, dtype):
     """Gradients up to near the largest float on every instruction set (conftest.check_large_steps; the overflow
     guards and large-step paths are uniform branches over the lanes, so each ISA's blocks take them)."""
+    check_large_steps(_step_pm(dtype), code, shape, dtype)
+
+
+@radial_cases
+def test_radial_gradients_stay_on_the_manifold(isa, code, shape, dtype):
+    """Gradients mostly along the point on every instruction set (conftest.check_radial_gradients)."""
+    check_radial_gradients(_step_pm(dtype), code, shape, dtype)
+
+
+def _step_pm(dtype):
+    """run(p, g, m, codes, hp): the compiled step of p and m in place (conftest.backend_step_pm's contract)."""
     def run(p, g, m, codes, hp):
         p_new, m_new = _run([p], [g], [m], [codes], [], [], [], dtype, hp)
         p.copy_(p_new[0])
         m.copy_(m_new[0])
-    check_large_steps(run, code, shape, dtype)
+    return run
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["bytes", "packed"])

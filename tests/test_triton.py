@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (FP32_RTOL, SHAPES, backend_step, check_step_sizes, codes_for, make_gen, make_row_tensors,
-                      random_points, random_tangents, rel_err)
+from conftest import (FP32_RTOL, SHAPES, backend_step, backend_step_pm, check_radial_gradients, check_step_sizes,
+                      codes_for, make_gen, make_row_tensors, radial_cases, random_points, random_tangents, rel_err)
 from fgsgd_cuda import codes as C, dispatch, manifolds as M, ops, reference as R
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
@@ -462,6 +462,13 @@ def test_retraction_at_every_step_size(device, code, shape, dtype):
     """Triton's exp, qr (Gram-Schmidt twice) and cayley (elimination) retractions in the step at sizes ‖lr·d‖
     from 1e-3 to 300 (cayley: to 3), against the reference and on the manifold: conftest.check_step_sizes."""
     check_step_sizes(backend_step("triton", device), code, shape, dtype, cpp=False)
+
+
+@radial_cases
+def test_radial_gradients_stay_on_the_manifold(device, code, shape, dtype):
+    """Gradients mostly along the point: exp steps along the tangent part of the direction (codegen exp_direction and
+    the row kernels): conftest.check_radial_gradients."""
+    check_radial_gradients(backend_step_pm("triton", device), code, shape, dtype)
 
 
 # -- a plain `pytest tests` on a machine without a GPU -----------------------------------------------------

@@ -28,12 +28,23 @@ FGSGD_HD bool row_curved(int code) { return code >= kSphereNormalize && code <= 
 FGSGD_HD bool row_exp(int code) { return code == kSphereExp || code == kObliqueExp; }
 FGSGD_HD bool row_code_ok(int code) { return code >= kEuclidean && code <= kStiefelQR; }
 
-// a = ⟨ω, R·g⟩ (the sphere's tangent projection ξ = R·g − a·ω); 0 for euclidean rows.
+// a = ⟨ω, R·g⟩ (the sphere's tangent projection ξ = R·g − a·ω); 0 for euclidean rows. With `ww`, also *ww = ‖ω‖²
+// (the exp rows' step along d⊥ = d − ⟨ω,d⟩ω: ‖d⊥‖² = ‖d‖² − ⟨ω,d⟩²(2 − ‖ω‖²); manifold.h exp_of_large).
 template <class Ctx, class T>
-FGSGD_HD T row_tangent_dot(Ctx& ctx, int code, const T* p, const T* g, int64_t n, T r) {
+FGSGD_HD T row_tangent_dot(Ctx& ctx, int code, const T* p, const T* g, int64_t n, T r, T* ww = nullptr) {
   using Acc = typename Ctx::Acc;
   if (!row_curved(code)) return T(0);
   const T inv_r = T(1) / r;
+  if (ww) {
+    Acc s[2];
+    ctx.reduce(n, [&](int64_t i, Acc& v, Acc& u) {
+      const T w = p[i] * inv_r;
+      v = Acc(w) * Acc(r * g[i]);
+      u = Acc(w) * Acc(w);
+    }, s);
+    *ww = T(s[1]);
+    return T(s[0]);
+  }
   Acc s[1];
   ctx.reduce(n, [&](int64_t i, Acc& v, Acc&) { v = Acc(p[i] * inv_r) * Acc(r * g[i]); }, s);
   return T(s[0]);
@@ -66,7 +77,9 @@ FGSGD_HD void row_step_impl(Ctx& ctx, int code, T* p, const T* g, T* m, int64_t 
   const bool curved = row_curved(code);
   const T inv_r = T(1) / r;
   const T wd = curved ? T(0) : h.weight_decay;
-  const T a = row_tangent_dot(ctx, code, p, g, n, r);
+  const bool exp_map = row_exp(code);
+  T ww = T(1);  // ‖ω‖², exp rows only
+  const T a = row_tangent_dot(ctx, code, p, g, n, r, exp_map ? &ww : nullptr);
   const T mom = h.momentum, omd = T(1) - h.dampening, lr = h.lr;
   auto xi_at = [&](int64_t i, T w) {  // s_g·Π_ω(R·(g + wd·p)) at i
     return sg * (r * (g[i] + wd * p[i]) - a * w);
@@ -89,18 +102,20 @@ FGSGD_HD void row_step_impl(Ctx& ctx, int code, T* p, const T* g, T* m, int64_t 
     });
     return;
   }
-  const bool exp_map = row_exp(code);
   const T on_w = exp_map ? T(0) : T(1);  // ‖d‖² (exp) or ‖ω + d‖² (normalize)
-  Acc q[1];
-  ctx.reduce(n, [&](int64_t i, Acc& out, Acc&) {
+  Acc q[2];  // ‖ω + d‖² or ‖d‖², and ⟨ω, d⟩ (exp: the step is along d⊥ = d − ⟨ω,d⟩ω, manifold.h exp_of_large)
+  ctx.reduce(n, [&](int64_t i, Acc& out, Acc& wd_out) {
     const T w = p[i] * inv_r, xi = xi_at(i, w), buf = buf_at(i, xi);
     if constexpr (kMom != kRowNoMomentum) m[i] = buf;
-    const T v = on_w * w + d_of(xi, buf);
+    const T d = d_of(xi, buf), v = on_w * w + d;
     out = Acc(v) * Acc(v);
+    wd_out = Acc(w) * Acc(d);
   }, q);
   T alpha, beta;  // ω' = α·ω + β·d
   if (exp_map) {
-    cos_sinc_(sqrt_(T(q[0])), &alpha, &beta);  // cos‖V‖ ω + sin‖V‖ V/‖V‖
+    const T rad = T(q[1]);
+    cos_sinc_sq_(tangent_sq_(T(q[0]), rad, ww), &alpha, &beta);  // cos t ω + sin t d⊥/t, t = ‖d⊥‖
+    alpha -= beta * rad;
   } else {
     alpha = beta = rsqrt_(T(q[0]));  // (ω + V)/‖ω + V‖
   }

@@ -277,6 +277,7 @@ class Math:
             if code == C.STIEFEL_CAYLEY:
                 return self.cayley(w, v)
             if code in (C.SPHERE_EXP, C.OBLIQUE_EXP):
+                v = self.proj(w, v)  # the step along V⊥ = V − ⟨ω,V⟩ω (see exp_direction)
                 cols = self.col_sq(v)
                 if code == C.SPHERE_EXP:
                     t = self.s.let(f"tl.sqrt({self.total(cols)})")
@@ -295,10 +296,11 @@ class Math:
         # The exp, QR and Cayley retractions are computed only in blocks that hold such a component.
 
         def exp_branch():
-            ts = [self.s.let(f"tl.sqrt({c})") for c in self.per_column_sq(v, sph)]
+            vp = self.exp_direction(w, v, sph)
+            ts = [self.s.let(f"tl.sqrt({c})") for c in self.per_column_sq(vp, sph)]
             cos = [self.s.let(f"tl.cos({t})") for t in ts]
             sinc = [self.sinc(t) for t in ts]
-            return [self.s.let(f"tl.where({exp}, {cos[i % B]} * {w[i]} + {sinc[i % B]} * {v[i]}, {out[i]})")
+            return [self.s.let(f"tl.where({exp}, {cos[i % B]} * {w[i]} + {sinc[i % B]} * {vp[i]}, {out[i]})")
                     for i in range(n)]
 
         out = self.s.guarded(exp, out, exp_branch)
@@ -313,6 +315,17 @@ class Math:
             out = self.s.guarded(cay, base, lambda: [self.s.let(f"tl.where({cay}, {c}, {o})")
                                                      for c, o in zip(self.cayley(w, v), base)])
         return out
+
+    def exp_direction(self, w, v, sph: str) -> list[str]:
+        """V⊥ = V − ⟨ω,V⟩ω (per column where the component is not a sphere): the exp retractions step along it (csrc
+        manifold.h, before exp_of_large: V's computed radial part is the rounding of the tangent projection, large
+        relative to ‖V‖ for a mostly radial gradient)."""
+        B = self.B
+        a = [self.s.let(_sum(f"{w[self.ix(r, j)]} * {v[self.ix(r, j)]}" for r in range(self.A))) for j in range(B)]
+        if B > 1:
+            tot = self.total(a)
+            a = [self.s.let(f"tl.where({sph}, {tot}, {c})") for c in a]
+        return [self.s.let(f"{v[i]} - {a[i % B]} * {w[i]}") for i in range(self.A * B)]
 
     def per_column_sq(self, x, sph: str) -> list[str]:
         """Per column: the squared Frobenius norm where the component is a sphere, else the column's own."""

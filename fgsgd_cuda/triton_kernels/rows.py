@@ -47,16 +47,24 @@ def _row_prologue(src: _cg.Src, dtype: str, log_tensors: int, *, rescale: bool, 
         src.raw(f"sg = tl.full((), 1.0, {tl_dt})")
 
 
-def _tangent_dot(src: _cg.Src, dtype: str) -> None:
-    """a = ⟨ω, R·g⟩ on curved rows, 0 on euclidean ones."""
-    src.raw(f"acc = tl.zeros([BLOCK], {_cg.TL_DTYPE[dtype]})")
+def _tangent_dot(src: _cg.Src, dtype: str, with_ww: bool = False) -> None:
+    """a = ⟨ω, R·g⟩ on curved rows, 0 on euclidean ones; ``with_ww``: also ww = ‖ω‖² (the exp rows' step along
+    d⊥ = d − ⟨ω,d⟩ω has ‖d⊥‖² = ‖d‖² − ⟨ω,d⟩²(2 − ww); csrc/fgsgd/row_step.h)."""
+    tl_dt = _cg.TL_DTYPE[dtype]
+    src.raw(f"acc = tl.zeros([BLOCK], {tl_dt})")
+    if with_ww:
+        src.raw(f"acc_ww = tl.zeros([BLOCK], {tl_dt})")
 
     def body():
         src.raw("pv = tl.load(p_ptr + offs, mask=mk, other=0.0)")
         src.raw("gv = tl.load(g_ptr + offs, mask=mk, other=0.0)")
         src.raw("acc += (pv * inv_r) * (r * gv)")
+        if with_ww:
+            src.raw("acc_ww += (pv * inv_r) * (pv * inv_r)")
     _chunk_loop(src, body)
     src.raw("a = tl.where(curved, tl.sum(acc, axis=0), 0.0)")
+    if with_ww:
+        src.raw("ww = tl.sum(acc_ww, axis=0)")
 
 
 def _xi(src: _cg.Src, weight_decay: bool) -> None:
@@ -84,7 +92,7 @@ def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale
     src.raw("expm = (code == 2) | (code == 4)")
     if weight_decay:
         src.raw("wdr = tl.where(curved, 0.0, wd)")  # weight decay on euclidean rows only
-    _tangent_dot(src, dtype)
+    _tangent_dot(src, dtype, with_ww=True)
 
     def load_pg():
         src.raw("pv = tl.load(p_ptr + offs, mask=mk, other=0.0)")
@@ -104,8 +112,9 @@ def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale
         else:
             src.raw("d = -lr * xi")
 
-    # pass 2: the buffer into m; ‖ω + d‖² or ‖d‖²
+    # pass 2: the buffer into m; ‖ω + d‖² or ‖d‖², and ⟨ω, d⟩ (exp steps along d⊥; codegen.Math.exp_direction)
     src.raw(f"acc = tl.zeros([BLOCK], {tl_dt})")
+    src.raw(f"acc_rad = tl.zeros([BLOCK], {tl_dt})")
 
     def pass2():
         load_pg()
@@ -115,11 +124,13 @@ def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale
             src.raw("tl.store(m_ptr + offs, buf, mask=mks)")
         src.raw("v = tl.where(expm, d, w + d)")
         src.raw("acc += v * v")
+        src.raw("acc_rad += w * d")
     _chunk_loop(src, pass2)
     src.raw("q = tl.sum(acc, axis=0)")
-    src.raw("tq = tl.sqrt(q)")
-    src.raw("c_exp = tl.cos(tq)")
+    src.raw("rad = tl.sum(acc_rad, axis=0)")
+    src.raw("tq = tl.sqrt(tl.maximum(q - rad * rad * (2.0 - ww), 0.0))  # ‖d⊥‖, d⊥ = d − ⟨ω,d⟩ω")
     src.raw("sc_exp = tl.where(tq > 1e-4, tl.sin(tq) / tl.where(tq > 1e-4, tq, 1.0), 1.0 - tq * tq / 6.0)")
+    src.raw("c_exp = tl.cos(tq) - sc_exp * rad")
     src.raw("inv = tl.where(curved, 1.0 / tl.sqrt(tl.where(curved, q, 1.0)), 1.0)")
     # pass 3: ω' into p; ⟨ω', buf⟩, ‖ω'‖²
     src.raw(f"acc_b = tl.zeros([BLOCK], {tl_dt})")
