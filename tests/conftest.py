@@ -165,19 +165,19 @@ def backend_step(backend, device):
     return run
 
 
-def check_step_sizes(run, code, shape, dtype, cpp):
+def check_step_sizes(run, code, shape, dtype):
     """The step's retraction of ``code`` (2 sphere exp, 4 oblique exp, 5 stiefel qr, 6 stiefel cayley) at steps
     from ‖lr·d‖ = 1e-3 to 300 (the spectral norm for stiefel, the Frobenius norm otherwise), each size alone and all
     of them interleaved, against the float64 reference, with the result on the manifold at rounding level.
-    run(p, g, codes, hp) -> the stepped p (in ``dtype``). ``cpp``: a backend of the C++ header (csrc/fgsgd).
+    run(p, g, codes, hp) -> the stepped p (in ``dtype``).
 
     The header takes shortcuts for steps of ordinary size, chosen per block of lanes, with the general method as
     the fallback: qr by Cholesky QR where every lane has ‖lr·d‖_F <= 1, else Householder (qr_q_of_step_inplace;
     Cholesky QR alone loses orthogonality as κ²ε = (1 + ‖lr·d‖²)ε: 1e-3 at 100 in fp32); exp by the Taylor
     series of cos and sinc in ‖V‖² where every lane (column) has ‖V‖ <= 1/2 (cos_sinc_sq_); cayley for more than
     3 rows by elimination without pivoting where every lane has ‖W‖_F² <= 8, else with pivoting and a final QR.
-    The header's closed form for 3 rows holds at every size. ``cpp`` is False for Triton, whose Cayley is a
-    pivoted elimination without the final QR: checked up to size 3 (its error grows as ‖W‖ε)."""
+    The header's closed form for 3 rows holds at every size. Triton and the torch backend solve Cayley with
+    pivoting, then take a QR where ‖K‖_F² > 2 (the solve's error grows as ‖K‖ε), and Triton's qr is Householder."""
     a, b = shape
     gen = make_gen(zlib.crc32(repr((code, shape, str(dtype))).encode()))
     n = 333
@@ -187,7 +187,7 @@ def check_step_sizes(run, code, shape, dtype, cpp):
     xi = R.tangent(w, g, codes.long())[1]
     xi_norm = torch.linalg.matrix_norm(xi, ord=2 if code in (5, 6) else "fro")
     hp = dict(lr=0.5, momentum=0.9, first_step=True)  # d = ξ: ‖lr·d‖ = size
-    sizes = [1e-3, 0.3, 3.0] + ([30.0, 300.0] if code != 6 or cpp else [])
+    sizes = [1e-3, 0.3, 3.0, 30.0, 300.0]
     mixed = torch.tensor(sizes, dtype=torch.float64)[torch.randint(len(sizes), (n,), generator=gen)]
     for size in sizes + ["mixed"]:
         target = mixed if size == "mixed" else torch.full((n,), size, dtype=torch.float64)
@@ -217,7 +217,18 @@ def off_manifold(q: torch.Tensor, code: int) -> float:
 
 
 LARGE_SCALES = {torch.float32: [1e5, 1e10, 1e20, 1e30, 1e37], torch.float64: [1e50, 1e100, 1e160, 1e250, 1e300]}
+LARGE_SHAPES = [(3, 3), (5, 3), (4, 4), (7, 7)]
 LARGE_CODES = {1: "sphere-normalize", 2: "sphere-exp", 3: "oblique-normalize", 4: "oblique-exp", 5: "qr", 6: "cayley"}
+
+
+def large_cases(test):
+    """Parametrizes a large-step test over dtype × LARGE_SHAPES × LARGE_CODES."""
+    marks = (pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"]),
+             pytest.mark.parametrize("shape", LARGE_SHAPES, ids=[f"{a}x{b}" for a, b in LARGE_SHAPES]),
+             pytest.mark.parametrize("code", list(LARGE_CODES), ids=list(LARGE_CODES.values())))
+    for mark in marks:
+        test = mark(test)
+    return test
 
 
 def check_large_steps(run, code, shape, dtype):
@@ -252,6 +263,39 @@ def check_large_steps(run, code, shape, dtype):
             ordinary = ~huge if code not in (1, 3) or dtype == torch.float64 else torch.ones(n, dtype=torch.bool)
             e = rel_err(p.cpu()[ordinary], ref_p[ordinary])
             assert e <= tol, f"code {code} {shape} scale {scale:g} step {k}: relative error {e:.3g} > {tol:g}"
+
+
+def check_large_single_ops(backend, device, code, shape, dtype):
+    """``ops.retr`` with tangents and ``ops.projx`` with points of any finite size, up to near the largest float:
+    finite and on the manifold, with huge and ordinary components interleaved (the ordinary ones against the
+    float64 reference). projx is scale-invariant, so its huge components must match the reference too; a huge
+    retr step only has to land on the manifold (x + V is numerically V, rank-deficient for a square Stiefel
+    tangent, and a huge exp angle is rounding)."""
+    from fgsgd_cuda import ops
+
+    a, b = shape
+    gen = make_gen(zlib.crc32(repr(("large-ops", code, shape, str(dtype))).encode()))
+    n = 40
+    huge = torch.arange(n) % 2 == 1
+    man = M.from_code(code)
+    tol = FP32_RTOL if dtype == torch.float32 else 1e-12
+    bound = 2e-6 if dtype == torch.float32 else 1e-14
+    for scale in LARGE_SCALES[dtype]:
+        x = random_points(n, a, b, code, gen)
+        v = random_tangents(x, code, gen)
+        y = torch.randn(n, a, b, generator=gen, dtype=torch.float64)
+        v[huge] *= scale
+        y[huge] *= scale
+        got = ops.retr(x.to(dtype).to(device), v.to(dtype).to(device), code, backend=backend).cpu()
+        off = off_manifold(got, code)
+        assert off <= bound, f"retr {code} {shape} scale {scale:g}: off the manifold by {off:.3g}"
+        e = rel_err(got[~huge], man.retr(x[~huge], v[~huge]))
+        assert e <= tol, f"retr {code} {shape} scale {scale:g}: relative error {e:.3g} > {tol:g}"
+        got = ops.projx(y.to(dtype).to(device), code, backend=backend).cpu()
+        off = off_manifold(got, code)
+        assert off <= bound, f"projx {code} {shape} scale {scale:g}: off the manifold by {off:.3g}"
+        e = rel_err(got, man.projx(y))
+        assert e <= tol, f"projx {code} {shape} scale {scale:g}: relative error {e:.3g} > {tol:g}"
 
 
 RADIAL = {torch.float32: [10.0, 1e3, 1e5], torch.float64: [10.0, 1e6, 1e10]}

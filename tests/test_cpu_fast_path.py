@@ -9,7 +9,6 @@ must give the same results through the scalar path.
 """
 from __future__ import annotations
 
-import math
 import os
 import zlib
 
@@ -228,7 +227,7 @@ def test_retraction_at_every_step_size(isa, code, shape, dtype):
     """The step's exp, qr and cayley retractions at steps from ‖lr·d‖ = 1e-3 to 300 on every instruction set
     (conftest.check_step_sizes; tests/test_step_sizes.py runs it on every backend)."""
     check_step_sizes(lambda p, g, c, hp: _run([p], [g], [torch.zeros_like(p)], [c], [], [], [], dtype,
-                                                      hp)[0][0], code, shape, dtype, cpp=True)
+                                                      hp)[0][0], code, shape, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

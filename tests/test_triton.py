@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (FP32_RTOL, SHAPES, backend_step, backend_step_pm, check_radial_gradients, check_step_sizes,
-                      codes_for, make_gen, make_row_tensors, radial_cases, random_points, random_tangents, rel_err)
+from conftest import (FP32_RTOL, SHAPES, backend_step, backend_step_pm, check_large_single_ops, check_large_steps,
+                      check_radial_gradients, check_step_sizes, codes_for, large_cases, make_gen, make_row_tensors,
+                      radial_cases, random_points, random_tangents, rel_err)
 from fgsgd_cuda import codes as C, dispatch, manifolds as M, ops, reference as R
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
@@ -459,14 +460,30 @@ def test_kernels_compile_for_sm90(kind, a, b, dtype, flags):
 @pytest.mark.parametrize("shape", [(3, 3), (5, 3)], ids=["3x3", "5x3"])
 @pytest.mark.parametrize("code", [2, 4, 5, 6], ids=["sphere-exp", "oblique-exp", "qr", "cayley"])
 def test_retraction_at_every_step_size(device, code, shape, dtype):
-    """Triton's exp, qr (Gram-Schmidt twice) and cayley (elimination) retractions in the step at sizes ‖lr·d‖
-    from 1e-3 to 300 (cayley: to 3), against the reference and on the manifold: conftest.check_step_sizes."""
-    check_step_sizes(backend_step("triton", device), code, shape, dtype, cpp=False)
+    """Triton's exp, qr (Householder) and cayley (pivoted elimination, with a QR for large steps) retractions in
+    the step at sizes ‖lr·d‖ from 1e-3 to 300, against the reference and on the manifold:
+    conftest.check_step_sizes."""
+    check_step_sizes(backend_step("triton", device), code, shape, dtype)
+
+
+
+@large_cases
+def test_large_finite_steps_stay_on_the_manifold(device, code, shape, dtype):
+    """Finite gradients up to near the largest float: the fused step lands finite and on the manifold (rescaled norms
+    in normalize and exp, Householder QR, the clamped Cayley with its QR): conftest.check_large_steps."""
+    check_large_steps(backend_step_pm("triton", device), code, shape, dtype)
+
+
+@large_cases
+def test_large_single_ops_stay_on_the_manifold(device, code, shape, dtype):
+    """The single-tensor retr and projx kernels (their code fixed in the source) with inputs up to near the largest
+    float: conftest.check_large_single_ops."""
+    check_large_single_ops("triton", device, code, shape, dtype)
 
 
 @radial_cases
 def test_radial_gradients_stay_on_the_manifold(device, code, shape, dtype):
-    """Gradients mostly along the point: exp steps along the tangent part of the direction (codegen exp_direction and
+    """Gradients mostly along the point: exp steps along the tangent part of the direction (codegen exp_terms and
     the row kernels): conftest.check_radial_gradients."""
     check_radial_gradients(backend_step_pm("triton", device), code, shape, dtype)
 

@@ -7,10 +7,12 @@ loop of the C++ code is unrolled at generation time. The generated kernels use o
 (``load``/``store``/``where``/``sqrt``/``sin``/``cos``/``abs``/``maximum``/``program_id``/``arange``/
 ``.to``), which Triton 3.6 and 3.9, compiled and interpreted, all accept.
 
-The algorithms follow csrc/fgsgd, up to rounding rather than operation for operation: QR by Gram-Schmidt
-applied twice (modified here, classical in C++, whose step also takes Cholesky QR for steps with
-‖lr·d‖_F <= 1: qr_q_of_step_inplace), Cayley by Gaussian elimination (with partial pivoting here; the
-C++ solve needs none), sinc with a Taylor branch for t <= 1e-4, the spectral
+The algorithms follow csrc/fgsgd, up to rounding rather than operation for operation: QR by Householder
+reflections on x/max|x| (the C++ step also takes Cholesky QR for steps with ‖lr·d‖_F <= 1:
+qr_q_of_step_inplace), Cayley by Gaussian elimination with partial pivoting (the C++ solve pivots for large
+steps only and has a closed form for 3 rows), and for a step with ‖K‖_F² > 2 the clamp of K and a final QR,
+norms rescaled where their squares would overflow (BIG_SQ; tests/test_triton.py checks steps up to near the
+largest float), exp along the tangent part of its direction, sinc with a Taylor branch for t <= 1e-4, the spectral
 norm as the square root of the largest eigenvalue of the Gram matrix by cyclic Jacobi rotations
 (a fixed number of sweeps here, enough for the sizes allowed; see ``jacobi_sweeps``).
 
@@ -32,6 +34,10 @@ SINC_SMALL = 1e-4       # sinc(t) = 1 − t²/6 below this (csrc/fgsgd/small_lin
 NUM_HYPER = 4           # lr, momentum, dampening, weight_decay (float64 bits at the head of the table)
 ROW = 11                # int64 entries per tensor in the pointer table (see _prologue_multi)
 TL_DTYPE = {"fp32": "tl.float32", "fp64": "tl.float64"}
+# Overflow guards (csrc/fgsgd/small_linalg.h big_sq_, manifold.h clamp_cayley): squared norms above BIG_SQ take the
+# rescaled path; a large Cayley step's K = W/2 is scaled down to ‖K‖_F ≤ √2·CAYLEY_CLAMP (manifolds.CAYLEY_CLAMP).
+BIG_SQ = {"fp32": 2.0 ** 100, "fp64": 2.0 ** 900}
+CAYLEY_CLAMP = {"fp32": 2.0 ** 12, "fp64": 2.0 ** 26}
 
 
 def jacobi_sweeps(m: int, dtype: str) -> int:
@@ -133,10 +139,104 @@ class Math:
         return r * self.B + c
 
     def col_sq(self, x) -> list[str]:
-        return [self.s.let(_sum(f"{x[self.ix(r, j)]} * {x[self.ix(r, j)]}" for r in range(self.A))) for j in range(self.B)]
+        return self.col_dots(x, x, False)
 
     def total(self, cols) -> str:
         return cols[0] if len(cols) == 1 else self.s.let(_sum(cols))
+
+    def largest(self, terms) -> str:
+        terms = list(terms)
+        acc = terms[0]
+        for t in terms[1:]:
+            acc = f"tl.maximum({acc}, {t})"
+        return self.s.let(acc)
+
+    def inv_or_one(self, m: str) -> str:
+        """1/m where m > 0, else 1 (csrc inv_or_one_: scales a nonzero vector to max-entry 1, leaves 0 alone)."""
+        pos = self.s.let(f"{m} > 0.0")
+        return self.s.let(f"tl.where({pos}, 1.0 / tl.where({pos}, {m}, 1.0), 1.0)")
+
+    def per_column(self, cols, sph, whole) -> list[str]:
+        """One value per column → per column the component's value ``whole(cols)`` where ``sph``, else the column's
+        own. ``sph``: True (a static sphere), False (a static oblique) or a mask name (a dynamic kernel)."""
+        if self.B == 1 or sph is False:
+            return list(cols)
+        tot = whole(cols)
+        if sph is True:
+            return [tot] * self.B
+        return [self.s.let(f"tl.where({sph}, {tot}, {c})") for c in cols]
+
+    def per_column_sq(self, x, sph) -> list[str]:
+        """Per column: ‖x‖_F² where the component is a sphere (see per_column), else ‖x_j‖²."""
+        return self.per_column(self.col_sq(x), sph, self.total)
+
+    def per_column_max(self, x, sph) -> list[str]:
+        """Per column: max |x_i| over the component where it is a sphere, else over the column."""
+        cols = [self.largest(f"tl.abs({x[self.ix(r, j)]})" for r in range(self.A)) for j in range(self.B)]
+        return self.per_column(cols, sph, self.largest)
+
+    def overflows(self, sq, among: str | None = None):
+        """(per column: ‖·‖² > BIG_SQ [and ``among``], the lanes where any column's is), for a guarded rescaled path."""
+        cond = f" & ({among})" if among else ""
+        flags = {c: self.s.let(f"({c} > {BIG_SQ[self.dtype]!r}){cond}", "big") for c in dict.fromkeys(sq)}
+        names = list(flags.values())
+        return [flags[c] for c in sq], names[0] if len(names) == 1 else self.s.let(" | ".join(names), "big")
+
+    def inv_norms(self, x, sph, among: str | None = None) -> list[str]:
+        """1/‖·‖ per column (of the whole component where ``sph``, see per_column); where a squared norm would
+        overflow, from the norms of x/max|x| (csrc normalize, normalize_columns: normalising is scale-invariant).
+        ``among``: the lanes that use the result (others may overflow without taking the rescaled path)."""
+        B, n = self.B, self.A * self.B
+        sq = self.per_column_sq(x, sph)
+        inv = [self.s.let(f"1.0 / tl.sqrt({c})") for c in sq]
+        big, any_big = self.overflows(sq, among)
+
+        def rescaled():
+            im = [self.inv_or_one(m) for m in self.per_column_max(x, sph)]
+            y = [self.s.let(f"{x[i]} * {im[i % B]}") for i in range(n)]
+            return [self.s.let(f"tl.where({b}, {m} / tl.sqrt({c}), {v})")
+                    for b, m, c, v in zip(big, im, self.per_column_sq(y, sph), inv)]
+        return self.s.guarded(any_big, inv, rescaled)
+
+    def col_dots(self, x, y, sph) -> list[str]:
+        """Per column: ⟨x, y⟩ over the component where it is a sphere (see per_column), else x_jᵀy_j."""
+        cols = [self.s.let(_sum(f"{x[self.ix(r, j)]} * {y[self.ix(r, j)]}" for r in range(self.A)))
+                for j in range(self.B)]
+        return self.per_column(cols, sph, self.total)
+
+    def exp_terms(self, w, v, sph, among: str | None = None):
+        """(c, k) per column with Exp_ω(V⊥) = c·ω + k·V (of the whole component where ``sph``, see per_column): the
+        step along V⊥ = V − aω, a = ⟨ω,V⟩ (csrc manifold.h, before exp_of_large: V's computed radial part is rounding,
+        large relative to ‖V‖ for a mostly radial gradient), t = ‖V⊥‖, k = sinc t, c = cos t − k·a. Where ‖V⊥‖² or
+        a² would overflow, U = V/m with m = max|V|, U⊥ = U − ⟨ω,U⟩ω: t = m‖U⊥‖, k = sin t/(m‖U⊥‖),
+        c = cos t − sin t·⟨ω,U⟩/‖U⊥‖ (csrc exp_of_large)."""
+        B, n = self.B, self.A * self.B
+        a = self.col_dots(w, v, sph)
+        vp = [self.s.let(f"{v[i]} - {a[i % B]} * {w[i]}") for i in range(n)]
+        sq = self.per_column_sq(vp, sph)
+        ts = [self.s.let(f"tl.sqrt({c})") for c in sq]
+        k = [self.sinc(t) for t in ts]
+        terms = [self.s.let(f"tl.cos({t}) - {kj} * {aj}") for t, kj, aj in zip(ts, k, a)] + k
+        a_sq = [self.s.let(f"tl.maximum({c}, {aj} * {aj})") for c, aj in zip(sq, a)]  # ⟨ω,V⟩ may overflow too
+        big, any_big = self.overflows(a_sq, among)
+
+        def rescaled():
+            ms = self.per_column_max(v, sph)
+            im = [self.inv_or_one(m) for m in ms]
+            u = [self.s.let(f"{v[i]} * {im[i % B]}") for i in range(n)]
+            wu = self.col_dots(w, u, sph)
+            up = [self.s.let(f"{u[i]} - {wu[i % B]} * {w[i]}") for i in range(n)]
+            cos, ks = [], []
+            for j, uu in enumerate(self.per_column_sq(up, sph)):
+                pos = self.s.let(f"{uu} > 0.0")
+                nu = self.s.let(f"tl.sqrt(tl.where({pos}, {uu}, 1.0))")
+                t = self.s.let(f"{ms[j]} * {nu}")
+                sn = self.s.let(f"tl.where({pos}, tl.sin({t}) / {nu}, 0.0)")
+                cos.append(self.s.let(f"tl.where({big[j]}, tl.cos({t}) - {sn} * {wu[j]}, {terms[j]})"))
+                ks.append(self.s.let(f"tl.where({big[j]}, {sn} * {im[j]}, {terms[B + j]})"))
+            return cos + ks
+        terms = self.s.guarded(any_big, terms, rescaled)
+        return terms[:B], terms[B:]
 
     def sinc(self, t: str) -> str:
         small = self.s.let(f"{t} > {SINC_SMALL}")
@@ -195,20 +295,50 @@ class Math:
                         S[p, q] = S[q, p] = self.s.let(f"tl.where({sti}, 0.5 * ({M[p, q]} + {M[q, p]}), 0.0)")
         return self.minus_x_times(u, x, S)
 
-    # -- Q of QR (modified Gram-Schmidt, twice) ------------------------------------------------------
+    # -- Q of QR (Householder) ------------------------------------------------------------------------
     def qr_q(self, x) -> list[str]:
-        A, B = self.A, self.B
-        x = list(x)
+        """Q of the thin QR of x with diag(R) > 0, by Householder reflections on x/max|x| (csrc qr_q_inplace): Q is
+        orthogonal to rounding for every x, also a numerically rank-deficient one (a huge step ω + a·V), where
+        Gram-Schmidt normalises rounding noise; reflector signs by selects, no branch on values."""
+        A, B, n = self.A, self.B, self.A * self.B
+        im = self.inv_or_one(self.largest(f"tl.abs({e})" for e in x))
+        x = [self.s.let(f"{e} * {im}") for e in x]
+        refl = []  # (v: rows j.. of reflector j, beta_j)
+        flips = []
         for j in range(B):
-            for _ in range(2):
-                for k in range(j):
-                    r = self.s.let(_sum(f"{x[self.ix(i, k)]} * {x[self.ix(i, j)]}" for i in range(A)))
-                    for i in range(A):
-                        x[self.ix(i, j)] = self.s.let(f"{x[self.ix(i, j)]} - {r} * {x[self.ix(i, k)]}")
-            inv = self.s.let(f"1.0 / tl.sqrt({_sum(f'{x[self.ix(i, j)]} * {x[self.ix(i, j)]}' for i in range(A))})")
-            for i in range(A):
-                x[self.ix(i, j)] = self.s.let(f"{x[self.ix(i, j)]} * {inv}")
-        return x
+            x0 = x[self.ix(j, j)]
+            tail = self.s.let(_sum(f"{x[self.ix(i, j)]} * {x[self.ix(i, j)]}" for i in range(j + 1, A))) \
+                if j + 1 < A else None
+            sq0 = f"{tail} + {x0} * {x0}" if tail else f"{x0} * {x0}"
+            nrm = self.s.let(f"tl.sqrt({sq0})")
+            alpha = self.s.let(f"tl.where({x0} < 0.0, {nrm}, -{nrm})")  # H_j x_j = α e_j; v = x_j − α e_j
+            v0 = self.s.let(f"{x0} - {alpha}")
+            vv = self.s.let(f"{tail} + {v0} * {v0}" if tail else f"{v0} * {v0}")
+            pos = self.s.let(f"{vv} > 0.0")
+            beta = self.s.let(f"tl.where({pos}, 2.0 / tl.where({pos}, {vv}, 1.0), 0.0)")
+            flips.append(self.s.let(f"tl.where({alpha} > 0.0, 1.0, -1.0)"))  # Q_j·sign(R_jj): diag(R) > 0
+            refl.append(([v0] + [x[self.ix(i, j)] for i in range(j + 1, A)], beta))
+            for k in range(j + 1, B):
+                self.reflect(refl[j], j, x, k)
+        q = ["1.0" if i // B == i % B else "0.0" for i in range(n)]  # [I_B; 0], then H_0 ⋯ H_{B−1} applied to it
+        for j in reversed(range(B)):
+            for k in range(j, B):  # columns k < j are still e_k
+                self.reflect(refl[j], j, q, k)
+        return [self.s.let(f"{q[i]} * {flips[i % B]}") for i in range(n)]
+
+    def reflect(self, reflector, j: int, x: list, k: int) -> None:
+        """Column k of x ← H_j x_k, H_j = I − β v vᵀ on rows j.. (csrc reflect_column); entries may be the
+        constants "0.0" and "1.0" (the columns of Q before their first reflection)."""
+        v, beta = reflector
+        rows = range(j, self.A)
+        terms = [vi if x[self.ix(i, k)] == "1.0" else f"{vi} * {x[self.ix(i, k)]}"
+                 for vi, i in zip(v, rows) if x[self.ix(i, k)] != "0.0"]
+        if not terms:
+            return
+        f = self.s.let(f"{beta} * ({_sum(terms)})")
+        for vi, i in zip(v, rows):
+            e = x[self.ix(i, k)]
+            x[self.ix(i, k)] = self.s.let(f"-{f} * {vi}" if e == "0.0" else f"{e} - {f} * {vi}")
 
     # -- Gaussian elimination with partial pivoting (csrc solve_inplace) ----------------------------
     def solve(self, M, R, n: int, b: int):
@@ -249,96 +379,101 @@ class Math:
                 R[c][k] = self.s.let(f"{acc} * {invs[c]}")
         return R
 
-    def cayley(self, w, v) -> list[str]:
-        """Y = (I − W/2)⁻¹(I + W/2)ω, W = P V ωᵀ − ω (P V)ᵀ, P = I − ωωᵀ/2 (csrc cayley)."""
+    def cayley(self, w, v):
+        """(Y, large): Y = (I − W/2)⁻¹(I + W/2)ω, W = P V ωᵀ − ω (P V)ᵀ, P = I − ωωᵀ/2 (csrc cayley), by a pivoted
+        elimination. ``large`` (None for one row): the lanes with ‖K‖_F² > 2, K = W/2, whose K is first scaled down
+        to ‖K‖_F ≤ √2·τ (CAYLEY_CLAMP; csrc clamp_cayley: Cayley(K) moves by O(1/‖K‖) beyond it) and whose Y the
+        caller puts back on the manifold by QR (the solve's error grows as ‖K‖ε)."""
         A, B = self.A, self.B
         wtv = self.gram_t(w, v)
         pv = [self.s.let(f"{v[self.ix(r, q)]} - 0.5 * ({_sum(f'{w[self.ix(r, p)]} * {wtv[p, q]}' for p in range(B))})")
               for r in range(A) for q in range(B)]
         # M = I − W/2; W is skew-symmetric, so M_ii = 1 and M_ji = 2δ − M_ij.
+        upper = [(i, j) for i in range(A) for j in range(i + 1, A)]
+        mij = [self.s.let("-0.5 * ({})".format(_sum(f"{pv[self.ix(i, q)]} * {w[self.ix(j, q)]} - "
+                                                    f"{w[self.ix(i, q)]} * {pv[self.ix(j, q)]}" for q in range(B))))
+               for i, j in upper]
+        large = None
+        if upper:
+            large = self.s.let(f"{self.total([f'{m} * {m}' for m in mij])} > 1.0", "big")
+
+            def clamp():
+                m = self.largest(f"tl.abs({e})" for e in mij)
+                im = self.inv_or_one(m)
+                norm = self.s.let(f"{m} * tl.sqrt({_sum(f'({e} * {im}) * ({e} * {im})' for e in mij)})")
+                tau = repr(CAYLEY_CLAMP[self.dtype])
+                over = self.s.let(f"{norm} > {tau}")
+                f = self.s.let(f"tl.where({over}, {tau} / tl.where({over}, {norm}, 1.0), 1.0)")
+                return [self.s.let(f"{e} * {f}") for e in mij]
+            mij = self.s.guarded(large, mij, clamp)
         M = [["1.0"] * A for _ in range(A)]
-        for i in range(A):
-            for j in range(i + 1, A):
-                wij = _sum(f"{pv[self.ix(i, q)]} * {w[self.ix(j, q)]} - {w[self.ix(i, q)]} * {pv[self.ix(j, q)]}"
-                           for q in range(B))
-                M[i][j] = self.s.let(f"-0.5 * ({wij})")
-                M[j][i] = self.s.let(f"-{M[i][j]}")
+        for (i, j), m in zip(upper, mij):
+            M[i][j] = m
+            M[j][i] = self.s.let(f"-{m}")
         # rhs = (I + W/2) ω = 2ω − M ω = ω − (M − I) ω
         R = [[self.s.let(f"{w[self.ix(i, q)]} - ({_sum(f'{M[i][j]} * {w[self.ix(j, q)]}' for j in range(A) if j != i)})")
               if A > 1 else w[self.ix(i, q)] for q in range(B)] for i in range(A)]
         Y = self.solve(M, R, A, B)
-        return [Y[r][q] for r in range(A) for q in range(B)]
+        return [Y[r][q] for r in range(A) for q in range(B)], large
 
     # -- Retr_w(v) ----------------------------------------------------------------------------------
     def retr(self, w, v) -> list[str]:
-        A, B, n = self.A, self.B, self.A * self.B
+        B, n = self.B, self.A * self.B
         if not self.dynamic:
             code = self.code
             if code == C.STIEFEL_CAYLEY:
-                return self.cayley(w, v)
+                y, large = self.cayley(w, v)
+                if large is None:
+                    return y
+                return self.s.guarded(large, y, lambda: [self.s.let(f"tl.where({large}, {q}, {o})")
+                                                         for q, o in zip(self.qr_q(y), y)])
             if code in (C.SPHERE_EXP, C.OBLIQUE_EXP):
-                v = self.proj(w, v)  # the step along V⊥ = V − ⟨ω,V⟩ω (see exp_direction)
-                cols = self.col_sq(v)
-                if code == C.SPHERE_EXP:
-                    t = self.s.let(f"tl.sqrt({self.total(cols)})")
-                    ts = [t] * B
-                else:
-                    ts = [self.s.let(f"tl.sqrt({c})") for c in cols]
-                cs = {t: (self.s.let(f"tl.cos({t})"), self.sinc(t)) for t in dict.fromkeys(ts)}
-                return [self.s.let(f"{cs[ts[i % B]][0]} * {w[i]} + {cs[ts[i % B]][1]} * {v[i]}") for i in range(n)]
+                cos, k = self.exp_terms(w, v, code == C.SPHERE_EXP)
+                return [self.s.let(f"{cos[i % B]} * {w[i]} + {k[i % B]} * {v[i]}") for i in range(n)]
             y = [self.s.let(f"{w[i]} + {v[i]}") for i in range(n)]
             return self.projx(y, code)
         y = [self.s.let(f"{w[i]} + {v[i]}") for i in range(n)]
         # normalize: sphere by the Frobenius norm, oblique per column (one scale per column either way)
         sph, exp, nrm = self.mask("sph"), self.mask("exp"), self.mask("nrm")
-        inv = [self.s.let(f"1.0 / tl.sqrt({c})") for c in self.per_column_sq(y, sph)]
+        inv = self.inv_norms(y, sph, among=nrm)
         out = [self.s.let(f"tl.where({nrm}, {y[i]} * {inv[i % B]}, {y[i]})") for i in range(n)]
         # The exp, QR and Cayley retractions are computed only in blocks that hold such a component.
 
         def exp_branch():
-            vp = self.exp_direction(w, v, sph)
-            ts = [self.s.let(f"tl.sqrt({c})") for c in self.per_column_sq(vp, sph)]
-            cos = [self.s.let(f"tl.cos({t})") for t in ts]
-            sinc = [self.sinc(t) for t in ts]
-            return [self.s.let(f"tl.where({exp}, {cos[i % B]} * {w[i]} + {sinc[i % B]} * {vp[i]}, {out[i]})")
+            cos, k = self.exp_terms(w, v, sph, among=exp)
+            return [self.s.let(f"tl.where({exp}, {cos[i % B]} * {w[i]} + {k[i % B]} * {v[i]}, {out[i]})")
                     for i in range(n)]
 
         out = self.s.guarded(exp, out, exp_branch)
-        if self.stiefel_possible:
-            qr = self.mask("qr")
-            base = out
-            out = self.s.guarded(qr, base, lambda: [self.s.let(f"tl.where({qr}, {q}, {o})")
-                                                    for q, o in zip(self.qr_q(y), base)])
+        qr_of = None  # the lanes whose QR is taken: the qr retraction's, and large Cayley steps' (one QR for both)
         if self.cayley_possible:
             cay = self.mask("cay")
             base = out
-            out = self.s.guarded(cay, base, lambda: [self.s.let(f"tl.where({cay}, {c}, {o})")
-                                                     for c, o in zip(self.cayley(w, v), base)])
+
+            def cayley_branch():
+                c, large = self.cayley(w, v)
+                return [self.s.let(f"tl.where({cay}, {ci}, {o})") for ci, o in zip(c, base)] + \
+                       [f"{cay} & {large}" if large else "code < 0"]
+            *out, qr_of = self.s.guarded(cay, base + ["code < 0"], cayley_branch)
+        if self.stiefel_possible:
+            qr = self.mask("qr")
+            if qr_of is None:
+                qr_of = qr
+            else:
+                qr_of = self.s.let(f"{qr} | {qr_of}")
+            base = out
+
+            def qr_branch():
+                x = y if not self.cayley_possible else \
+                    [self.s.let(f"tl.where({qr}, {a}, {o})") for a, o in zip(y, base)]
+                return [self.s.let(f"tl.where({qr_of}, {q}, {o})") for q, o in zip(self.qr_q(x), base)]
+            out = self.s.guarded(qr_of, base, qr_branch)
         return out
-
-    def exp_direction(self, w, v, sph: str) -> list[str]:
-        """V⊥ = V − ⟨ω,V⟩ω (per column where the component is not a sphere): the exp retractions step along it (csrc
-        manifold.h, before exp_of_large: V's computed radial part is the rounding of the tangent projection, large
-        relative to ‖V‖ for a mostly radial gradient)."""
-        B = self.B
-        a = [self.s.let(_sum(f"{w[self.ix(r, j)]} * {v[self.ix(r, j)]}" for r in range(self.A))) for j in range(B)]
-        if B > 1:
-            tot = self.total(a)
-            a = [self.s.let(f"tl.where({sph}, {tot}, {c})") for c in a]
-        return [self.s.let(f"{v[i]} - {a[i % B]} * {w[i]}") for i in range(self.A * B)]
-
-    def per_column_sq(self, x, sph: str) -> list[str]:
-        """Per column: the squared Frobenius norm where the component is a sphere, else the column's own."""
-        cols = self.col_sq(x)
-        if self.B == 1:
-            return cols
-        tot = self.total(cols)
-        return [self.s.let(f"tl.where({sph}, {tot}, {c})") for c in cols]
 
     # -- projx: the exact projection onto the manifold ----------------------------------------------
     def projx(self, x, code: int | None = None) -> list[str]:
         """``code`` overrides the static code (retr uses it for the normalize/qr retractions)."""
-        A, B, n = self.A, self.B, self.A * self.B
+        B, n = self.B, self.A * self.B
         code = self.code if code is None else code
         if code is not None:
             man = C.manifold_of(code)
@@ -346,14 +481,10 @@ class Math:
                 return list(x)
             if man == "stiefel":
                 return self.qr_q(x)
-            cols = self.col_sq(x)
-            if man == "sphere":
-                inv = self.s.let(f"1.0 / tl.sqrt({self.total(cols)})")
-                return [self.s.let(f"{x[i]} * {inv}") for i in range(n)]
-            inv = [self.s.let(f"1.0 / tl.sqrt({c})") for c in cols]
+            inv = self.inv_norms(x, man == "sphere")
             return [self.s.let(f"{x[i]} * {inv[i % B]}") for i in range(n)]
-        inv = [self.s.let(f"1.0 / tl.sqrt({c})") for c in self.per_column_sq(x, self.mask("sph"))]
         euc = self.mask("euc")
+        inv = self.inv_norms(x, self.mask("sph"), among="(code != 0)")
         out = [self.s.let(f"tl.where({euc}, {x[i]}, {x[i]} * {inv[i % B]})") for i in range(n)]
         if self.stiefel_possible:
             sti = self.mask("sti")

@@ -112,7 +112,7 @@ def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale
         else:
             src.raw("d = -lr * xi")
 
-    # pass 2: the buffer into m; ‖ω + d‖² or ‖d‖², and ⟨ω, d⟩ (exp steps along d⊥; codegen.Math.exp_direction)
+    # pass 2: the buffer into m; ‖ω + d‖² or ‖d‖², and ⟨ω, d⟩ (exp steps along d⊥; codegen.Math.exp_terms)
     src.raw(f"acc = tl.zeros([BLOCK], {tl_dt})")
     src.raw(f"acc_rad = tl.zeros([BLOCK], {tl_dt})")
 
