@@ -217,18 +217,9 @@ def off_manifold(q: torch.Tensor, code: int) -> float:
 
 
 LARGE_SCALES = {torch.float32: [1e5, 1e10, 1e20, 1e30, 1e37], torch.float64: [1e50, 1e100, 1e160, 1e250, 1e300]}
-LARGE_SHAPES = [(3, 3), (5, 3), (4, 4), (7, 7)]
+LARGE_SHAPES = [(3, 3), (5, 3), (4, 4), (7, 7)]  # + (100, 1) for the step: a row component (csrc/fgsgd/row_step.h)
 LARGE_CODES = {1: "sphere-normalize", 2: "sphere-exp", 3: "oblique-normalize", 4: "oblique-exp", 5: "qr", 6: "cayley"}
 
-
-def large_cases(test):
-    """Parametrizes a large-step test over dtype × LARGE_SHAPES × LARGE_CODES."""
-    marks = (pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"]),
-             pytest.mark.parametrize("shape", LARGE_SHAPES, ids=[f"{a}x{b}" for a, b in LARGE_SHAPES]),
-             pytest.mark.parametrize("code", list(LARGE_CODES), ids=list(LARGE_CODES.values())))
-    for mark in marks:
-        test = mark(test)
-    return test
 
 
 def check_large_steps(run, code, shape, dtype):
@@ -335,12 +326,16 @@ def check_radial_gradients(run, code, shape, dtype):
                 assert e <= tol, f"code {code} {shape} radial {lam:g} step {k}: relative error {e:.3g} > {tol:g}"
 
 
-def radial_cases(test):
-    """Parametrizes a radial-gradient test over dtype × RADIAL_SHAPES × the codes each shape allows (rows: no
-    cayley)."""
-    cases = [(code, shape) for shape in RADIAL_SHAPES for code in LARGE_CODES if code != 6 or shape[1] > 1]
+
+def shape_code_cases(shapes):
+    """A decorator parametrizing a test over dtype × (code, shape) for ``shapes`` and every code of LARGE_CODES that
+    the shape allows (a row component, n×1 with n > 64, has no cayley)."""
+    cases = [(code, shape) for shape in shapes for code in LARGE_CODES if code != 6 or shape[0] * shape[1] <= 64]
     marks = (pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"]),
              pytest.mark.parametrize("code,shape", cases, ids=[f"{LARGE_CODES[c]}-{a}x{b}" for c, (a, b) in cases]))
-    for mark in marks:
-        test = mark(test)
-    return test
+
+    def decorate(test):
+        for mark in marks:
+            test = mark(test)
+        return test
+    return decorate

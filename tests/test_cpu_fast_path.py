@@ -15,9 +15,9 @@ import zlib
 import pytest
 import torch
 
-from conftest import (FP32_RTOL, SHAPES, check_large_steps, check_radial_gradients, check_step_sizes, codes_for,
-                      make_gen, make_row_tensors, radial_cases, random_points, random_tangents, rel_err,
-                      requires_cpu_kernels)
+from conftest import (FP32_RTOL, RADIAL_SHAPES, SHAPES, check_large_steps, check_radial_gradients, check_step_sizes,
+                      codes_for, make_gen, make_row_tensors, random_points, random_tangents, rel_err,
+                      requires_cpu_kernels, shape_code_cases)
 from fgsgd_cuda import _ext, ops
 from fgsgd_cuda import codes as C
 from fgsgd_cuda import reference as R
@@ -239,7 +239,7 @@ def test_large_finite_steps_stay_on_the_manifold(isa, code, shape, dtype):
     check_large_steps(_step_pm(dtype), code, shape, dtype)
 
 
-@radial_cases
+@shape_code_cases(RADIAL_SHAPES)
 def test_radial_gradients_stay_on_the_manifold(isa, code, shape, dtype):
     """Gradients mostly along the point on every instruction set (conftest.check_radial_gradients)."""
     check_radial_gradients(_step_pm(dtype), code, shape, dtype)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import backend_step_pm, backends_on, check_radial_gradients, radial_cases
+from conftest import RADIAL_SHAPES, backend_step_pm, backends_on, check_radial_gradients, shape_code_cases
 
 BACKENDS = backends_on((("cpu", "cpu"), ("torch", "cpu"), ("cuda", "cuda")))  # triton: tests/test_triton.py
 
 
-@radial_cases
+@shape_code_cases(RADIAL_SHAPES)
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_radial_gradients_stay_on_the_manifold(backend, device, code, shape, dtype):
     check_radial_gradients(backend_step_pm(backend, device), code, shape, dtype)

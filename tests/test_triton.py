@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (FP32_RTOL, SHAPES, backend_step, backend_step_pm, check_large_single_ops, check_large_steps,
-                      check_radial_gradients, check_step_sizes, codes_for, large_cases, make_gen, make_row_tensors,
-                      radial_cases, random_points, random_tangents, rel_err)
+from conftest import (FP32_RTOL, LARGE_SHAPES, RADIAL_SHAPES, SHAPES, backend_step, backend_step_pm,
+                      check_large_single_ops, check_large_steps, check_radial_gradients, check_step_sizes, codes_for,
+                      make_gen, make_row_tensors, random_points, random_tangents, rel_err, shape_code_cases)
 from fgsgd_cuda import codes as C, dispatch, manifolds as M, ops, reference as R
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
@@ -467,21 +467,21 @@ def test_retraction_at_every_step_size(device, code, shape, dtype):
 
 
 
-@large_cases
+@shape_code_cases(LARGE_SHAPES + [(100, 1)])
 def test_large_finite_steps_stay_on_the_manifold(device, code, shape, dtype):
     """Finite gradients up to near the largest float: the fused step lands finite and on the manifold (rescaled norms
     in normalize and exp, Householder QR, the clamped Cayley with its QR): conftest.check_large_steps."""
     check_large_steps(backend_step_pm("triton", device), code, shape, dtype)
 
 
-@large_cases
+@shape_code_cases(LARGE_SHAPES)
 def test_large_single_ops_stay_on_the_manifold(device, code, shape, dtype):
     """The single-tensor retr and projx kernels (their code fixed in the source) with inputs up to near the largest
     float: conftest.check_large_single_ops."""
     check_large_single_ops("triton", device, code, shape, dtype)
 
 
-@radial_cases
+@shape_code_cases(RADIAL_SHAPES)
 def test_radial_gradients_stay_on_the_manifold(device, code, shape, dtype):
     """Gradients mostly along the point: exp steps along the tangent part of the direction (codegen exp_terms and
     the row kernels): conftest.check_radial_gradients."""

@@ -17,6 +17,7 @@
 // Every worker visits the same indices in every pass, so a pass may overwrite what it read; f must not
 // depend on other elements than i (the CPU vectorises the loops on that promise).
 #pragma once
+#include <type_traits>
 #include "codes.h"
 #include "small_linalg.h"
 #include "types.h"
@@ -102,36 +103,65 @@ FGSGD_HD void row_step_impl(Ctx& ctx, int code, T* p, const T* g, T* m, int64_t 
     });
     return;
   }
+  auto d_again = [&](int64_t i, T w, T& buf) {  // d after pass 2, which wrote the buffer into m
+    buf = T(0);
+    if constexpr (kMom == kRowNoMomentum) {
+      return d_of(xi_at(i, w), buf);
+    } else {
+      buf = m[i];
+      if constexpr (kNesterov) return d_of(xi_at(i, w), buf);
+      return -lr * buf;  // neither g nor ξ needed
+    }
+  };
   const T on_w = exp_map ? T(0) : T(1);  // ‖d‖² (exp) or ‖ω + d‖² (normalize)
-  Acc q[2];  // ‖ω + d‖² or ‖d‖², and ⟨ω, d⟩ (exp: the step is along d⊥ = d − ⟨ω,d⟩ω, manifold.h exp_of_large)
-  ctx.reduce(n, [&](int64_t i, Acc& out, Acc& wd_out) {
-    const T w = p[i] * inv_r, xi = xi_at(i, w), buf = buf_at(i, xi);
-    if constexpr (kMom != kRowNoMomentum) m[i] = buf;
-    const T d = d_of(xi, buf), v = on_w * w + d;
-    out = Acc(v) * Acc(v);
-    wd_out = Acc(w) * Acc(d);
-  }, q);
+  Acc q[2] = {Acc(0), Acc(0)};  // ‖ω + d‖² or ‖d‖², and for exp ⟨ω, d⟩ (the step is along d⊥ = d − ⟨ω,d⟩ω,
+                                // manifold.h exp_of_large): a second sum only where used (a compile-time choice:
+                                // the CPU loop vectorises either way, normalize rows 4.2 → 3.9 ms for 12 M entries)
+  auto pass2 = [&](auto with_rad) {
+    ctx.reduce(n, [&](int64_t i, Acc& out, Acc& wd_out) {
+      const T w = p[i] * inv_r, xi = xi_at(i, w), buf = buf_at(i, xi);
+      if constexpr (kMom != kRowNoMomentum) m[i] = buf;
+      const T d = d_of(xi, buf), v = on_w * w + d;
+      out = Acc(v) * Acc(v);
+      if constexpr (decltype(with_rad)::value) wd_out = Acc(w) * Acc(d);
+    }, q);
+  };
+  if (exp_map)
+    pass2(std::true_type{});
+  else
+    pass2(std::false_type{});
+  // A huge step (‖v‖² above big_sq_, or overflowed): the same sums of sc·v, sc = row_rescale_of (uniform over the row).
+  T sc = T(1);
+  if (T(q[0]) > big_sq_<T>()) {
+    sc = T(row_rescale_of(T(0)));
+    ctx.reduce(n, [&](int64_t i, Acc& out, Acc& wd_out) {
+      const T w = p[i] * inv_r;
+      T buf;
+      const T d = d_again(i, w, buf) * sc, v = on_w * w * sc + d;
+      out = Acc(v) * Acc(v);
+      wd_out = Acc(w) * Acc(d);
+    }, q);
+  }
   T alpha, beta;  // ω' = α·ω + β·d
   if (exp_map) {
-    const T rad = T(q[1]);
-    cos_sinc_sq_(tangent_sq_(T(q[0]), rad, ww), &alpha, &beta);  // cos t ω + sin t d⊥/t, t = ‖d⊥‖
-    alpha -= beta * rad;
+    const T rad = T(q[1]), tt = tangent_sq_(T(q[0]), rad, ww);  // sc·⟨ω,d⟩, sc²‖d⊥‖²
+    if (sc == T(1)) {
+      cos_sinc_sq_(tt, &alpha, &beta);  // cos t ω + sin t d⊥/t, t = ‖d⊥‖
+      alpha -= beta * rad;
+    } else {  // t = ‖d⊥‖ capped at big_sq_ (its angle is rounding long before); sin t·d⊥/t = sin t·(sc·d⊥)/√tt
+      const T nu = sqrt_(tt), t = nu / sc < big_sq_<T>() ? nu / sc : big_sq_<T>();
+      const T sn = tt > T(0) ? sin_(t) / nu : T(0);
+      alpha = cos_(t) - sn * rad;
+      beta = sn * sc;
+    }
   } else {
-    alpha = beta = rsqrt_(T(q[0]));  // (ω + V)/‖ω + V‖
+    alpha = beta = rsqrt_(T(q[0])) * sc;  // (ω + V)/‖ω + V‖
   }
   Acc s[2];
   ctx.reduce(n, [&](int64_t i, Acc& v0, Acc& v1) {
     const T w = p[i] * inv_r;
-    T buf = T(0), d;
-    if constexpr (kMom == kRowNoMomentum) {
-      d = d_of(xi_at(i, w), buf);
-    } else {
-      buf = m[i];
-      if constexpr (kNesterov)
-        d = d_of(xi_at(i, w), buf);
-      else
-        d = -lr * buf;  // pass 3 needs neither g nor ξ
-    }
+    T buf;
+    const T d = d_again(i, w, buf);
     const T wn = alpha * w + beta * d;
     p[i] = wn;
     v0 = Acc(wn) * Acc(buf);

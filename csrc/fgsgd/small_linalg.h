@@ -96,6 +96,12 @@ FGSGD_HD T big_sq_() {
   return T(big_sq_of(scalar_of<T>()));
 }
 
+// The row kernels' rescue pass (row_step.h): a power of two s such that (s·x)² of any finite x, summed over up to
+// 2^31 entries, stays finite (2^-80 in float, 2^-600 in double); what underflows is negligible beside an entry whose
+// square exceeds big_sq_ / n.
+FGSGD_HD constexpr float row_rescale_of(float) { return 0x1p-80f; }
+FGSGD_HD constexpr double row_rescale_of(double) { return 0x1p-600; }
+
 // max |x_i| over the n_el entries of x at stride `stride` (a whole component: stride 1; a column: stride B).
 template <class T>
 FGSGD_HD T max_abs_strided(const T* x, int n_el, int stride) {

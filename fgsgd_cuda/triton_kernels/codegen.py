@@ -38,6 +38,7 @@ TL_DTYPE = {"fp32": "tl.float32", "fp64": "tl.float64"}
 # rescaled path; a large Cayley step's K = W/2 is scaled down to ‖K‖_F ≤ √2·CAYLEY_CLAMP (manifolds.CAYLEY_CLAMP).
 BIG_SQ = {"fp32": 2.0 ** 100, "fp64": 2.0 ** 900}
 CAYLEY_CLAMP = {"fp32": 2.0 ** 12, "fp64": 2.0 ** 26}
+ROW_RESCALE = {"fp32": 2.0 ** -80, "fp64": 2.0 ** -600}  # the row kernels' rescue pass (small_linalg.h row_rescale_of)
 
 
 def jacobi_sweeps(m: int, dtype: str) -> int:

@@ -128,10 +128,41 @@ def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale
     _chunk_loop(src, pass2)
     src.raw("q = tl.sum(acc, axis=0)")
     src.raw("rad = tl.sum(acc_rad, axis=0)")
-    src.raw("tq = tl.sqrt(tl.maximum(q - rad * rad * (2.0 - ww), 0.0))  # ‖d⊥‖, d⊥ = d − ⟨ω,d⟩ω")
-    src.raw("sc_exp = tl.where(tq > 1e-4, tl.sin(tq) / tl.where(tq > 1e-4, tq, 1.0), 1.0 - tq * tq / 6.0)")
-    src.raw("c_exp = tl.cos(tq) - sc_exp * rad")
-    src.raw("inv = tl.where(curved, 1.0 / tl.sqrt(tl.where(curved, q, 1.0)), 1.0)")
+
+    def d_again():  # d after pass 2, which wrote the buffer into m
+        if momentum:
+            src.raw("buf = tl.load(m_ptr + offs, mask=mk, other=0.0)")
+            src.raw("d = -lr * (xi + mom * buf)" if nesterov else "d = -lr * buf")
+        else:
+            src.raw("d = -lr * xi")
+
+    # a huge step (‖v‖² above BIG_SQ, or overflowed): the same sums of rs·v (csrc row_step.h, row_rescale_of)
+    big = repr(_cg.BIG_SQ[dtype])
+    src.raw(f"rs = tl.full((), 1.0, {tl_dt})")
+    src.raw(f"if q > {big}:")
+    src.depth += 1
+    src.raw(f"rs = tl.full((), {_cg.ROW_RESCALE[dtype]!r}, {tl_dt})")
+    src.raw(f"acc = tl.zeros([BLOCK], {tl_dt})")
+    src.raw(f"acc_rad = tl.zeros([BLOCK], {tl_dt})")
+
+    def rescue():
+        load_pg()
+        _xi(src, weight_decay)
+        d_again()
+        src.raw("d = d * rs")
+        src.raw("v = tl.where(expm, d, w * rs + d)")
+        src.raw("acc += v * v")
+        src.raw("acc_rad += w * d")
+    _chunk_loop(src, rescue)
+    src.raw("q = tl.sum(acc, axis=0)")
+    src.raw("rad = tl.sum(acc_rad, axis=0)")
+    src.depth -= 1
+    # exp: t = ‖d⊥‖ (d⊥ = d − ⟨ω,d⟩ω; q, rad are sums of rs·v), capped at BIG_SQ; ω' = cos t·ω + sin t·d⊥/t
+    src.raw("nu = tl.sqrt(tl.maximum(q - rad * rad * (2.0 - ww), 0.0))  # rs·‖d⊥‖")
+    src.raw(f"tq = tl.minimum(nu / rs, {big})")
+    src.raw("sc_exp = tl.where(tq > 1e-4, tl.sin(tq) * rs / tl.where(tq > 1e-4, nu, 1.0), 1.0 - tq * tq / 6.0)")
+    src.raw("c_exp = tl.cos(tq) - (sc_exp / rs) * rad")
+    src.raw("inv = tl.where(curved, rs / tl.sqrt(tl.where(curved, q, 1.0)), 1.0)")
     # pass 3: ω' into p; ⟨ω', buf⟩, ‖ω'‖²
     src.raw(f"acc_b = tl.zeros([BLOCK], {tl_dt})")
     src.raw(f"acc_w = tl.zeros([BLOCK], {tl_dt})")
@@ -139,11 +170,7 @@ def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale
     def pass3():
         load_pg()
         _xi(src, weight_decay)
-        if momentum:
-            src.raw("buf = tl.load(m_ptr + offs, mask=mk, other=0.0)")
-            src.raw("d = -lr * (xi + mom * buf)" if nesterov else "d = -lr * buf")
-        else:
-            src.raw("d = -lr * xi")
+        d_again()
         src.raw("wn = tl.where(expm, c_exp * w + sc_exp * d, (w + d) * inv)")
         src.raw("tl.store(p_ptr + offs, wn, mask=mks)")
         if momentum:
