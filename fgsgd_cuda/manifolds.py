@@ -33,7 +33,7 @@ def _normalize(x: torch.Tensor, dim) -> torch.Tensor:
 def _exp(x: torch.Tensor, v: torch.Tensor, dim) -> torch.Tensor:
     """cos(t)·x + sin(t)·u/t over ``dim`` (the exp map of the sphere, per column for the oblique manifold) along the
     tangent part u = v − ⟨x,v⟩x of v, t = ‖u‖: v is tangent, but its computed radial part is the rounding of the
-    projection, which a mostly radial gradient makes large relative to ‖v‖ (csrc small_linalg.h exp_coeffs_; exact:
+    projection, which a mostly radial gradient makes large relative to ‖v‖ (csrc manifold.h exp_of_large; exact:
     ⟨x,v⟩ = 0). Where ‖v‖ overflows, from v = m·w, m = max|v|: t = m‖w⊥‖, u/t = w⊥/‖w⊥‖."""
     m = v.abs().amax(dim=dim, keepdim=True)
     big = ~torch.isfinite(v.square().sum(dim=dim, keepdim=True))

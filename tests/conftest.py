@@ -154,15 +154,23 @@ def backend_step_pm(backend, device):
     return run
 
 
-def backend_step(backend, device):
-    """run(p, g, codes, hp) for check_step_sizes: backend_step_pm's step with a zero momentum buffer, returning the
-    stepped p."""
-    step = backend_step_pm(backend, device)
-
+def with_zero_momentum(step):
+    """run(p, g, codes, hp) for check_step_sizes from a run(p, g, m, codes, hp) that steps p and m in place: the step
+    with a zero momentum buffer, returning the stepped p."""
     def run(p, g, codes, hp):
         step(p, g, torch.zeros_like(p), codes, hp)
         return p
     return run
+
+
+def backend_step(backend, device):
+    """run(p, g, codes, hp) for check_step_sizes: backend_step_pm's step with a zero momentum buffer."""
+    return with_zero_momentum(backend_step_pm(backend, device))
+
+
+def step_tolerances(dtype):
+    """(relative error against the float64 reference, distance to the manifold) that a step in ``dtype`` must meet."""
+    return (FP32_RTOL, 2e-6) if dtype == torch.float32 else (1e-12, 1e-14)
 
 
 def check_step_sizes(run, code, shape, dtype):
@@ -187,6 +195,7 @@ def check_step_sizes(run, code, shape, dtype):
     xi = R.tangent(w, g, codes.long())[1]
     xi_norm = torch.linalg.matrix_norm(xi, ord=2 if code in (5, 6) else "fro")
     hp = dict(lr=0.5, momentum=0.9, first_step=True)  # d = ξ: ‖lr·d‖ = size
+    tol, bound = step_tolerances(dtype)
     sizes = [1e-3, 0.3, 3.0, 30.0, 300.0]
     mixed = torch.tensor(sizes, dtype=torch.float64)[torch.randint(len(sizes), (n,), generator=gen)]
     for size in sizes + ["mixed"]:
@@ -195,10 +204,8 @@ def check_step_sizes(run, code, shape, dtype):
         ref_p, _ = R.step(w, gs, torch.zeros_like(w), codes.long(), None, None, **hp)
         got = run(w.to(dtype, copy=True), gs.to(dtype, copy=True), codes, hp)  # copies: run may step in place
         e = rel_err(got.cpu(), ref_p)
-        tol = FP32_RTOL if dtype == torch.float32 else 1e-12
         assert e <= tol, f"code {code} {shape} size {size}: relative error {e:.3g} > {tol:g}"
         off = off_manifold(got, code)
-        bound = 2e-6 if dtype == torch.float32 else 1e-14
         assert off <= bound, f"code {code} {shape} size {size}: off the manifold by {off:.3g} > {bound:g}"
 
 
@@ -221,7 +228,6 @@ LARGE_SHAPES = [(3, 3), (5, 3), (4, 4), (7, 7)]  # + (100, 1) for the step: a ro
 LARGE_CODES = {1: "sphere-normalize", 2: "sphere-exp", 3: "oblique-normalize", 4: "oblique-exp", 5: "qr", 6: "cayley"}
 
 
-
 def check_large_steps(run, code, shape, dtype):
     """Finite gradients of any size, up to near the largest float, give a finite step that lands on the manifold
     (the header's overflow guards and large-step paths, the torch manifolds' rescaled norms): two steps (the
@@ -235,8 +241,7 @@ def check_large_steps(run, code, shape, dtype):
     n = 40
     codes = torch.full((n,), code, dtype=torch.uint8)
     huge = torch.arange(n) % 2 == 1
-    tol = FP32_RTOL if dtype == torch.float32 else 1e-12
-    bound = 2e-6 if dtype == torch.float32 else 1e-14
+    tol, bound = step_tolerances(dtype)
     for scale in LARGE_SCALES[dtype]:
         w = random_points(n, a, b, codes, gen)
         gs = [torch.randn(n, a, b, generator=gen, dtype=torch.float64) for _ in range(2)]
@@ -269,8 +274,7 @@ def check_large_single_ops(backend, device, code, shape, dtype):
     n = 40
     huge = torch.arange(n) % 2 == 1
     man = M.from_code(code)
-    tol = FP32_RTOL if dtype == torch.float32 else 1e-12
-    bound = 2e-6 if dtype == torch.float32 else 1e-14
+    tol, bound = step_tolerances(dtype)
     for scale in LARGE_SCALES[dtype]:
         x = random_points(n, a, b, code, gen)
         v = random_tangents(x, code, gen)
@@ -296,7 +300,7 @@ RADIAL_SHAPES = [(3, 3), (5, 3), (7, 7), (100, 1)]  # (100, 1): a row component 
 def check_radial_gradients(run, code, shape, dtype):
     """Gradients mostly along the point, g = ξ + λ·ω with ‖ξ‖_F = 2 and λ up to 1e5 (fp32) or 1e10 (fp64): the
     tangent part is then known only to about ε‖g‖, and the rounding of its radial part must not take an exp step
-    off the manifold (it did by sin 2t·ελ: 1e-2 in fp32 at λ = 1e5; csrc/fgsgd/small_linalg.h exp_coeffs_). Two
+    off the manifold (it did by sin 2t·ελ: 1e-2 in fp32 at λ = 1e5; csrc/fgsgd/manifold.h exp_of_large). Two
     steps of size about 1 (the momentum buffer written, then read and transported), each landing on the manifold
     at rounding level with a finite momentum; at λ = 10, where the rounding of ξ is below the tolerance, against
     the float64 reference of the same rounded gradient. run(p, g, m, codes, hp) steps p and m in place."""
@@ -304,8 +308,7 @@ def check_radial_gradients(run, code, shape, dtype):
     gen = make_gen(zlib.crc32(repr(("radial", code, shape, str(dtype))).encode()))
     n = 40 if b > 1 else 4
     codes = torch.full((n,), code, dtype=torch.uint8)
-    tol = FP32_RTOL if dtype == torch.float32 else 1e-12
-    bound = 2e-6 if dtype == torch.float32 else 1e-14
+    tol, bound = step_tolerances(dtype)
     for lam in RADIAL[dtype]:
         p = random_points(n, a, b, codes, gen).to(dtype)
         m = torch.zeros_like(p)
@@ -324,7 +327,6 @@ def check_radial_gradients(run, code, shape, dtype):
             if lam <= 10:
                 e = rel_err(p.cpu(), ref_p)
                 assert e <= tol, f"code {code} {shape} radial {lam:g} step {k}: relative error {e:.3g} > {tol:g}"
-
 
 
 def shape_code_cases(shapes):

@@ -17,7 +17,7 @@ import torch
 
 from conftest import (FP32_RTOL, RADIAL_SHAPES, SHAPES, check_large_steps, check_radial_gradients, check_step_sizes,
                       codes_for, make_gen, make_row_tensors, random_points, random_tangents, rel_err,
-                      requires_cpu_kernels, shape_code_cases)
+                      requires_cpu_kernels, shape_code_cases, with_zero_momentum)
 from fgsgd_cuda import _ext, ops
 from fgsgd_cuda import codes as C
 from fgsgd_cuda import reference as R
@@ -226,13 +226,10 @@ def test_writes_stay_inside_the_tensor(isa, dtype):
 def test_retraction_at_every_step_size(isa, code, shape, dtype):
     """The step's exp, qr and cayley retractions at steps from ‖lr·d‖ = 1e-3 to 300 on every instruction set
     (conftest.check_step_sizes; tests/test_step_sizes.py runs it on every backend)."""
-    check_step_sizes(lambda p, g, c, hp: _run([p], [g], [torch.zeros_like(p)], [c], [], [], [], dtype,
-                                                      hp)[0][0], code, shape, dtype)
+    check_step_sizes(with_zero_momentum(_step_pm(dtype)), code, shape, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("shape", [(3, 3), (5, 3), (7, 7)], ids=["3x3", "5x3", "7x7"])
-@pytest.mark.parametrize("code", [1, 2, 3, 4, 5, 6])
+@shape_code_cases([(3, 3), (5, 3), (7, 7)])
 def test_large_finite_steps_stay_on_the_manifold(isa, code, shape, dtype):
     """Gradients up to near the largest float on every instruction set (conftest.check_large_steps; the overflow
     guards and large-step paths are uniform branches over the lanes, so each ISA's blocks take them)."""

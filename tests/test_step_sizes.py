@@ -1,7 +1,8 @@
 """The step's retractions at every step size on every backend (conftest.check_step_sizes): the C++ header's
 shortcuts with their fallbacks (Cholesky QR / Householder, Taylor series / cos and sin) and its closed-form 3-row
-Cayley on the cpu and cuda backends, and the torch backend's own algorithms. tests/test_cpu_fast_path.py runs the cpu backend on every instruction set,
-tests/test_triton.py the Triton backend (on the GPU, or under TRITON_INTERPRET=1)."""
+Cayley on the cpu and cuda backends, and the torch backend's own algorithms. tests/test_cpu_fast_path.py runs the
+cpu backend on every instruction set, tests/test_triton.py the Triton backend (on the GPU, or under
+TRITON_INTERPRET=1)."""
 from __future__ import annotations
 
 import pytest

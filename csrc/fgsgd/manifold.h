@@ -231,7 +231,8 @@ FGSGD_HD void cayley(const S& s, const T* w, const T* v, T* out) {
     return;
   }
   // A > 3: the elimination without pivoting loses accuracy as ‖W‖²ε, so it is kept for ‖K‖_F² ≤ 2 (K = W/2),
-  // where the growth bound of small_linalg.h is below 3n; larger steps take cayley_of_large.
+  // where the growth bound of small_linalg.h is below 3n; larger steps are clamped (clamp_cayley), solved with
+  // pivoting and end with a QR.
   T kk = T(0);
   FGSGD_UNROLL
   for (int i = 0; i < A; ++i)
