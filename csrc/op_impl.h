@@ -298,10 +298,10 @@ Tensor tangent_sqnorm(TensorList params, TensorList grads, TensorList codes, Ten
               "), got ", num(grads.size()));
   int64_t total = 0;
   for (const Tensor& p : params) total += p.dim() >= 3 ? components_of(p) : 0;
-  Tensor out = at::empty({total}, params[0].options());
+  Tensor out = at::empty({total}, params[0].options().dtype(at::kDouble));  // float64 for every dtype (types.h)
   FGSGD_FLOATING(params[0].scalar_type(), [&] {
     auto slots = make_slots<T>(params, grads, {}, codes, rescale, {}, {}, "rescale", /*rows=*/true);
-    T* o = out.data_ptr<T>();
+    double* o = out.data_ptr<double>();
     for (auto& s : slots) { s.out = o; o += s.n; }
     Backend::sqnorm(slots, params[0], T(weight_decay));
   });
@@ -327,7 +327,8 @@ void rescale_(TensorList params, TensorList codes, TensorList ratio) {
 }
 
 template <class Backend>
-Tensor group_scale(const Tensor& sqnorm, const Tensor& members, const Tensor& offsets, double group_clip) {
+Tensor group_scale(const Tensor& sqnorm, const Tensor& members, const Tensor& offsets, double group_clip,
+                   std::optional<at::ScalarType> dtype) {
   check_dense(sqnorm, "sqnorm");
   TORCH_CHECK(sqnorm.dim() == 1 && (sqnorm.scalar_type() == at::kFloat || sqnorm.scalar_type() == at::kDouble) &&
                   sqnorm.is_contiguous(),
@@ -340,10 +341,15 @@ Tensor group_scale(const Tensor& sqnorm, const Tensor& members, const Tensor& of
                   offsets.device() == sqnorm.device() && offsets.is_contiguous(),
               "fgsgd: offsets must be a contiguous 1-D int64 tensor of G + 1 >= 1 entries on the device of sqnorm");
   TORCH_CHECK(group_clip > 0, "fgsgd: group_clip must be positive");
-  Tensor out = at::empty({offsets.size(0) - 1}, sqnorm.options());
+  const at::ScalarType out_type = dtype.value_or(sqnorm.scalar_type());
+  TORCH_CHECK(out_type == at::kFloat || out_type == at::kDouble,
+              "fgsgd: dtype (of s_g) must be float32 or float64, got ", out_type);
+  Tensor out = at::empty({offsets.size(0) - 1}, sqnorm.options().dtype(out_type));
   if (out.numel() == 0) return out;
-  FGSGD_FLOATING(sqnorm.scalar_type(), [&] {
-    Backend::group_scale(GroupScaleArgs<T>{sqnorm.data_ptr<T>(), members32 ? nullptr : members.data_ptr<int64_t>(),
+  // the sums are in double (group_scale.h); a float32 sqnorm (made by the caller) is widened first
+  const Tensor sq = sqnorm.scalar_type() == at::kDouble ? sqnorm : sqnorm.to(at::kDouble);
+  FGSGD_FLOATING(out_type, [&] {
+    Backend::group_scale(GroupScaleArgs<T>{sq.data_ptr<double>(), members32 ? nullptr : members.data_ptr<int64_t>(),
                                            members32 ? members.data_ptr<int32_t>() : nullptr,
                                            offsets.data_ptr<int64_t>(), out.data_ptr<T>(), out.numel(), group_clip},
                          sqnorm);

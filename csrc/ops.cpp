@@ -16,11 +16,12 @@
 //       incremented by a step that is not skipped; grad_scale (float32, one element: GradScaler's scale) makes
 //       the step read g / grad_scale (weight_decay must be 0).
 //   tangent_sqnorm(params, grads, codes, rescale, weight_decay) -> ‖Π_ω(R·g)‖² of every component,
-//       concatenated over the tensors (the input of the group step size, step 2).
+//       concatenated over the tensors (the input of the group step size, step 2), float64 for every dtype.
 //   projx_(params, codes, rescale): p ← R·projx(p/R) in place.
 //   rescale_(params, codes, ratio): p ← ratio·p per component, in place (a new rescale R).
-//   group_scale(sqnorm, members, offsets, group_clip) -> s_g of every group (step 2): members (int64 or int32) lists
-//       the components of group g at [offsets[g], offsets[g+1]) (int64, G + 1 entries).
+//   group_scale(sqnorm, members, offsets, group_clip, dtype=None) -> s_g of every group (step 2), in dtype (default:
+//       sqnorm's): members (int64 or int32) lists the components of group g at [offsets[g], offsets[g+1]) (int64,
+//       G + 1 entries); sqnorm float64 (or float32, taken as float64).
 #include "op_impl.h"
 #include "cpu/kernels.h"
 
@@ -77,7 +78,7 @@ TORCH_LIBRARY(fgsgd, m) {
   m.def("tangent_sqnorm(Tensor[] params, Tensor[] grads, Tensor[] codes, Tensor[] rescale, float weight_decay) -> Tensor");
   m.def("projx_(Tensor(a!)[] params, Tensor[] codes, Tensor[] rescale) -> ()");
   m.def("rescale_(Tensor(a!)[] params, Tensor[] codes, Tensor[] ratio) -> ()");
-  m.def("group_scale(Tensor sqnorm, Tensor members, Tensor offsets, float group_clip) -> Tensor");
+  m.def("group_scale(Tensor sqnorm, Tensor members, Tensor offsets, float group_clip, ScalarType? dtype=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fgsgd, CPU, m) { fgsgd::ops::register_impls<fgsgd::ops::CpuBackend>(m); }

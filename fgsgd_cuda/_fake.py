@@ -52,7 +52,7 @@ def register() -> None:
         if not params:
             raise ValueError("params: needs at least one tensor")
         _lists(params, grads, None, codes, rescale, rows=True)
-        return params[0].new_empty((sum(checks.num_components(p) for p in params),))
+        return params[0].new_empty((sum(checks.num_components(p) for p in params),), dtype=torch.float64)
 
     @torch.library.register_fake(lib + "step_")
     def _step(params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening,
@@ -72,10 +72,10 @@ def register() -> None:
         return None
 
     @torch.library.register_fake(lib + "group_scale")
-    def _group_scale(sqnorm, members, offsets, group_clip):
+    def _group_scale(sqnorm, members, offsets, group_clip, dtype=None):
         from .ops import check_group_scale
-        check_group_scale(sqnorm, members, offsets, group_clip)
-        return sqnorm.new_empty((offsets.shape[0] - 1,))
+        check_group_scale(sqnorm, members, offsets, group_clip, dtype)
+        return sqnorm.new_empty((offsets.shape[0] - 1,), dtype=dtype or sqnorm.dtype)
 
     @torch.library.register_fake(lib + "rescale_")
     def _rescale_(params, codes, ratio):

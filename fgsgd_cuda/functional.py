@@ -52,7 +52,7 @@ def group_step_sizes(impl, ps, gs, codes, rescale, group_index_of, num_groups, *
         offsets = torch.cat([gid.new_zeros(1), torch.bincount(gid, minlength=sum(num_groups)).cumsum(0)])
         cache[key] = (gidx, members, offsets)
     gidx, members, offsets = cache[key]
-    scale = impl.group_scale(sq, members, offsets, group_clip)
+    scale = impl.group_scale(sq, members, offsets, group_clip, ps[0].dtype)  # sq: float64 (a float32 one overflows)
     return gidx, list(scale.split(num_groups))
 
 

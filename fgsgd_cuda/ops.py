@@ -138,7 +138,8 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
 
 def tangent_sqnorm(params: Tensors, grads: Tensors, codes: Tensors, *, rescale: Tensors = (),
                    weight_decay: float = 0.0, backend: str = "auto") -> torch.Tensor:
-    """‖Π_ω(R·g)‖_F² of every component, concatenated over the tensors (step 2's input)."""
+    """‖Π_ω(R·g)‖_F² of every component, concatenated over the tensors (step 2's input), float64 for every dtype
+    (a float32 ‖ξ_i‖² overflows from ‖ξ_i‖ = 1.8e19, where group_clip's s_g = c/‖ξ_g‖ is still finite)."""
     if not params:
         raise ValueError("params: needs at least one tensor")
     check_lists(params, grads, None, codes, rescale, rows=True)
@@ -146,7 +147,7 @@ def tangent_sqnorm(params: Tensors, grads: Tensors, codes: Tensors, *, rescale: 
         list(params), list(grads), list(codes), list(rescale), weight_decay)
 
 
-def check_group_scale(sqnorm, members, offsets, group_clip) -> None:
+def check_group_scale(sqnorm, members, offsets, group_clip, dtype=None) -> None:
     """The checks of :func:`group_scale` (shapes, dtypes, devices)."""
     if sqnorm.dim() != 1 or sqnorm.dtype not in checks.FLOAT_DTYPES:
         raise ValueError(f"sqnorm: expected a 1-D float32 or float64 tensor, got {sqnorm.dtype} {tuple(sqnorm.shape)}")
@@ -159,14 +160,17 @@ def check_group_scale(sqnorm, members, offsets, group_clip) -> None:
                          f"{offsets.dtype} {tuple(offsets.shape)} on {offsets.device}")
     if not group_clip > 0:
         raise ValueError(f"group_clip: must be positive, got {group_clip!r}")
+    if dtype is not None and dtype not in checks.FLOAT_DTYPES:
+        raise ValueError(f"dtype: expected torch.float32 or torch.float64 (the dtype of s_g), got {dtype}")
 
 
 def group_scale(sqnorm: torch.Tensor, members: torch.Tensor, offsets: torch.Tensor, group_clip: float,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", *, dtype: torch.dtype | None = None) -> torch.Tensor:
     """s_g = 1 / max(1, ‖ξ_g‖/c) of every group (DESIGN.md §1 step 2), ‖ξ_g‖² summed in float64 over
-    ``members[offsets[g]:offsets[g+1]]`` (indices into ``sqnorm``, the ‖ξ_i‖² of tangent_sqnorm) in that order."""
-    check_group_scale(sqnorm, members, offsets, group_clip)
-    return dispatch.get(backend, sqnorm.device).group_scale(sqnorm, members, offsets, group_clip)
+    ``members[offsets[g]:offsets[g+1]]`` (indices into ``sqnorm``, the ‖ξ_i‖² of tangent_sqnorm) in that order;
+    in ``dtype`` (the parameters' dtype, which the step reads; default: sqnorm's)."""
+    check_group_scale(sqnorm, members, offsets, group_clip, dtype)
+    return dispatch.get(backend, sqnorm.device).group_scale(sqnorm, members, offsets, group_clip, dtype)
 
 
 def projx_(params: Tensors, codes: Tensors, *, rescale: Tensors = (), backend: str = "auto") -> None:

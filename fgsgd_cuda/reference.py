@@ -41,8 +41,10 @@ def tangent(p, g, codes, rescale=None, weight_decay=0.0):
 
 
 def tangent_sqnorm(p, g, codes, rescale=None, weight_decay=0.0):
-    """‖ξ_i‖_F² per component (the input of the group step size, step 2)."""
+    """‖ξ_i‖_F² per component (the input of the group step size, step 2), summed in float64 (in float32 it
+    overflows from ‖ξ_i‖ = 1.8e19, where s_g = c/‖ξ_g‖ is still finite)."""
     _, xi = tangent(p, g, codes, rescale, weight_decay)
+    xi = xi.double()
     return (xi * xi).sum(dim=(-2, -1))
 
 

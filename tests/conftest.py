@@ -329,6 +329,80 @@ def check_radial_gradients(run, code, shape, dtype):
                 assert e <= tol, f"code {code} {shape} radial {lam:g} step {k}: relative error {e:.3g} > {tol:g}"
 
 
+CLIP_SCALES = {torch.float32: [1e15, 1e25, 1e36], torch.float64: [1e100, 1e150]}
+CLIP_SHAPES = [(3, 3), (5, 3), (100, 1)]  # (100, 1): a row component (csrc/fgsgd/row_step.h)
+
+
+def group_members(gis, num_groups):
+    """(members, offsets) of the groups of several tensors (group_index ``gis``, num_groups each), numbered on
+    from tensor to tensor, as fgsgd_cuda.functional.group_step_sizes makes them."""
+    starts = torch.tensor([0] + list(num_groups[:-1])).cumsum(0).tolist()
+    gid = torch.cat([gi.long() + st for gi, st in zip(gis, starts)])
+    members = torch.argsort(gid, stable=True).to(torch.int32)
+    offsets = torch.cat([gid.new_zeros(1), torch.bincount(gid, minlength=sum(num_groups)).cumsum(0)])
+    return members, offsets
+
+
+def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max_i |got_i − ref_i| / |ref_i| in float64 (entries of very different sizes, each to its own precision)."""
+    ref = ref.double()
+    return float(((got.double().cpu() - ref).abs() / ref.abs().clamp_min(1e-300)).max())
+
+
+def check_huge_group_clip(backend, device, shape, dtype):
+    """group_clip with gradients whose ‖ξ_i‖² leaves the float32 range (‖ξ_i‖ > 1.8e19; in float64 up to near its
+    own limit): ``ops.tangent_sqnorm`` is float64 and finite, ``ops.group_scale`` gives s_g = c/‖ξ_g‖ in the
+    parameters' dtype, and the step with it matches the float64 reference. A float32 ‖ξ_i‖² made s_g = 0, a step
+    that silently ignored the gradient. Huge and ordinary components alternate in each tensor (and share blocks
+    of lanes); every code of the shape; euclidean components with weight decay."""
+    from fgsgd_cuda import ops
+
+    gen = make_gen(zlib.crc32(repr(("huge-clip", shape, str(dtype))).encode()))
+    sizes = [37, 4] if shape[1] > 1 else [6, 3]
+    clip, wd = 1.5, 0.01
+    tol = step_tolerances(dtype)[0]
+    for scale in CLIP_SCALES[dtype]:
+        ts = make_step_tensors(sizes, shape, dtype, gen)
+        for t in ts:  # fresh groups: every other group huge
+            t["gi"] = (torch.arange(t["p"].shape[0]) // 2).to(torch.int32)
+            huge = t["gi"] % 2 == 1
+            t["g"] = t["g"].double() * (0.1 / (shape[0] * shape[1]) ** 0.5)  # ordinary groups: ‖ξ_g‖ < c, s_g = 1
+            t["g"][huge] *= scale
+            t["g"] = t["g"].to(dtype)
+        num = [int(t["gi"].max()) + 1 for t in ts]
+        dev = [{k: (v.to(device, copy=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in ts]
+        cat = (lambda key: torch.cat([t[key].double() if t[key].is_floating_point() else t[key] for t in ts]))
+        what = f"{shape} {dtype} scale {scale:g}"
+        sq = ops.tangent_sqnorm([t["p"] for t in dev], [t["g"] for t in dev], [t["codes"] for t in dev],
+                                rescale=[t["r"] for t in dev], weight_decay=wd, backend=backend)
+        ref_sq = R.tangent_sqnorm(cat("p"), cat("g"), cat("codes").long(), cat("r"), wd)
+        assert sq.dtype == torch.float64, f"{what}: tangent_sqnorm gave {sq.dtype}"
+        assert bool(torch.isfinite(sq).all()), f"{what}: ‖ξ_i‖² not finite"
+        e = max_rel_err(sq, ref_sq)
+        assert e <= tol, f"{what}: ‖ξ_i‖² relative error {e:.3g} > {tol:g}"
+        members, offsets = group_members([t["gi"] for t in ts], num)
+        s = ops.group_scale(sq, members.to(device), offsets.to(device), clip, backend=backend, dtype=dtype)
+        ref_s = torch.cat([R.group_step_size(R.tangent_sqnorm(t["p"].double(), t["g"].double(), t["codes"].long(),
+                                                              t["r"].double(), wd), t["gi"], n, clip)
+                           for t, n in zip(ts, num)])
+        assert s.dtype == dtype, f"{what}: s_g in {s.dtype}"
+        assert bool((ref_s < 1e-6).any()) and bool((ref_s == 1).any()), f"{what}: the clip is not exercised"
+        e = max_rel_err(s, ref_s)
+        assert e <= tol, f"{what}: s_g relative error {e:.3g} > {tol:g}"
+        gs = list(s.split(num))
+        ops.step_([t["p"] for t in dev], [t["g"] for t in dev], [t["m"] for t in dev], [t["codes"] for t in dev],
+                  rescale=[t["r"] for t in dev], group_index=[t["gi"] for t in dev], group_scale=gs, lr=0.1,
+                  momentum=0.9, weight_decay=wd, backend=backend)
+        for k, t in enumerate(ts):
+            p_ref, m_ref = R.step(t["p"].double(), t["g"].double(), t["m"].double(), t["codes"].long(),
+                                  t["r"].double(), ref_s[sum(num[:k]):sum(num[:k + 1])][t["gi"].long()], lr=0.1,
+                                  momentum=0.9, weight_decay=wd)
+            e = rel_err(dev[k]["p"].cpu(), p_ref)
+            assert e <= tol, f"{what}: params[{k}] relative error {e:.3g} > {tol:g}"
+            e = rel_err(dev[k]["m"].cpu(), m_ref)
+            assert e <= tol, f"{what}: momentum_buffers[{k}] relative error {e:.3g} > {tol:g}"
+
+
 def shape_code_cases(shapes):
     """A decorator parametrizing a test over dtype × (code, shape) for ``shapes`` and every code of LARGE_CODES that
     the shape allows (a row component, n×1 with n > 64, has no cayley)."""

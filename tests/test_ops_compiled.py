@@ -339,7 +339,7 @@ def test_tangent_sqnorm(backend, device, dtype, shape, wd):
     got = ops.tangent_sqnorm([_to(t["p"], device) for t in ts], [_to(t["g"], device) for t in ts],
                              [_to(t["codes"], device) for t in ts], rescale=[_to(t["r"], device) for t in ts],
                              weight_decay=wd, backend=backend).cpu()
-    assert got.shape == (sum(t["p"].shape[0] for t in ts),) and got.dtype == dtype
+    assert got.shape == (sum(t["p"].shape[0] for t in ts),) and got.dtype == torch.float64  # for every dtype
     ref = R.tangent_sqnorm(_cat(ts, "p"), _cat(ts, "g"), _cat(ts, "codes"), _cat(ts, "r"), wd)
     _assert_close(got, ref, TOL[dtype])
     # without rescale: R = 1
@@ -534,6 +534,11 @@ def test_group_scale(backend, device, dtype, n, groups, index):
     if n > groups:
         assert bool((got < 1).any()) and bool((got == 1).any())    # some groups clipped, some not
     _assert_close(got, ref, TOL[dtype])
+    for out in (torch.float32, torch.float64):  # s_g in the parameters' dtype (sqnorm is float64 from tangent_sqnorm, or float32 here)
+        got = ops.group_scale(sq.to(device), members.to(device), offsets.to(device), clip, backend=backend,
+                              dtype=out).cpu()
+        assert got.dtype == out
+        _assert_close(got, ref, TOL[out])
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -546,5 +551,9 @@ def test_group_scale_refuses_bad_input_by_name(backend, device):
         ops.group_scale(sq, members, offsets.float(), 1.0, backend=backend)
     with pytest.raises(ValueError, match=r"^group_clip: must be positive"):
         ops.group_scale(sq, members, offsets, 0.0, backend=backend)
+    with pytest.raises(ValueError, match=r"^dtype: expected torch.float32 or torch.float64 \(the dtype of s_g\)"):
+        ops.group_scale(sq, members, offsets, 1.0, backend=backend, dtype=torch.int32)
     with pytest.raises(RuntimeError, match=r"fgsgd: members must have dtype Long"):
         torch.ops.fgsgd.group_scale(sq, members.short(), offsets, 1.0)
+    with pytest.raises(RuntimeError, match=r"fgsgd: dtype \(of s_g\) must be float32 or float64"):
+        torch.ops.fgsgd.group_scale(sq, members, offsets, 1.0, torch.int32)

@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (FP32_RTOL, LARGE_SHAPES, RADIAL_SHAPES, SHAPES, backend_step, backend_step_pm,
-                      check_large_single_ops, check_large_steps, check_radial_gradients, check_step_sizes, codes_for,
-                      make_gen, make_row_tensors, random_points, random_tangents, rel_err, shape_code_cases)
+from conftest import (CLIP_SHAPES, FP32_RTOL, LARGE_SHAPES, RADIAL_SHAPES, SHAPES, backend_step, backend_step_pm,
+                      check_huge_group_clip, check_large_single_ops, check_large_steps, check_radial_gradients,
+                      check_step_sizes, codes_for, make_gen, make_row_tensors, random_points, random_tangents, rel_err,
+                      shape_code_cases)
 from fgsgd_cuda import codes as C, dispatch, manifolds as M, ops, reference as R
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
@@ -308,7 +309,7 @@ def test_tangent_sqnorm(device, a, b):
         ref = torch.cat([R.tangent_sqnorm(p[k].double().cpu(), g[k].double().cpu(), codes[k].cpu(),
                                           rescale[k].double().cpu() if use_rescale else None, wd)
                          for k in range(len(p))])
-        assert got.shape == ref.shape and got.dtype == torch.float32
+        assert got.shape == ref.shape and got.dtype == torch.float64  # float64 for every dtype
         assert rel_err(got, ref) <= FP32_RTOL
 
 
@@ -486,6 +487,14 @@ def test_radial_gradients_stay_on_the_manifold(device, code, shape, dtype):
     """Gradients mostly along the point: exp steps along the tangent part of the direction (codegen exp_terms and
     the row kernels): conftest.check_radial_gradients."""
     check_radial_gradients(backend_step_pm("triton", device), code, shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", CLIP_SHAPES, ids=[f"{a}x{b}" for a, b in CLIP_SHAPES])
+def test_huge_gradients_are_clipped(device, shape, dtype):
+    """group_clip where a float32 ‖ξ_i‖² overflows: the sqnorm kernels (components and rows) sum in float64, s_g is
+    c/‖ξ_g‖ and the step matches the reference: conftest.check_huge_group_clip."""
+    check_huge_group_clip("triton", device, shape, dtype)
 
 
 # -- a plain `pytest tests` on a machine without a GPU -----------------------------------------------------

@@ -119,7 +119,14 @@ __attribute__((flatten)) void sqnorm_block(const S& s, const TensorSlot<E>& t, c
   load_soa<N>(t.g + c0 * N, off, g);
   tangent(s, kCode, p, g, r, manifold_of(kCode) == kManEuclidean ? h.weight_decay : E(0), w, xi);
   const L sq = dot(s, xi, xi);
-  for (int c = 0; c < W; ++c) t.out[c0 + idx[c]] = sq.lane(c);
+  for (int c = 0; c < W; ++c) {
+    const E v = sq.lane(c);
+    if (v <= big_sq_<E>()) {
+      t.out[c0 + idx[c]] = double(v);
+    } else {  // ‖ξ‖² leaves the float range: the scalar path sums it in double (step.h tangent_sqnorm)
+      sqnorm_at(s, t, h.weight_decay, c0 + idx[c]);
+    }
+  }
 }
 
 template <class S, class E>

@@ -64,7 +64,7 @@ __device__ __forceinline__ void row_sqnorm_block(const SlotTable<T>& table, T wd
   const TensorSlot<T>& s = table.slot[t];
   const int64_t i = b - table.block_start[t];
   BlockRow<T, kT> ctx{red};
-  const T v = row_tangent_sqnorm(ctx, code_at(s, i), s.p + i * n, s.g + i * n, n, rescale_at(s, i), wd);
+  const double v = row_tangent_sqnorm(ctx, code_at(s, i), s.p + i * n, s.g + i * n, n, rescale_at(s, i), wd);
   if (threadIdx.x == 0) s.out[i] = v;
 }
 

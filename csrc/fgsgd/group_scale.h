@@ -11,9 +11,9 @@ template <class T>
 FGSGD_HD T group_scale_at(const GroupScaleArgs<T>& a, int64_t g) {
   double acc = 0.0;
   if (a.members != nullptr) {
-    for (int64_t k = a.offsets[g]; k < a.offsets[g + 1]; ++k) acc += double(a.sqnorm[a.members[k]]);
+    for (int64_t k = a.offsets[g]; k < a.offsets[g + 1]; ++k) acc += a.sqnorm[a.members[k]];
   } else {
-    for (int64_t k = a.offsets[g]; k < a.offsets[g + 1]; ++k) acc += double(a.sqnorm[a.members32[k]]);
+    for (int64_t k = a.offsets[g]; k < a.offsets[g + 1]; ++k) acc += a.sqnorm[a.members32[k]];
   }
   const double q = sqrt(acc) / a.clip;
   return T(1.0 / (q > 1.0 ? q : 1.0));

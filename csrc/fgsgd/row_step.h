@@ -55,19 +55,27 @@ FGSGD_HD T row_tangent_dot(Ctx& ctx, int code, const T* p, const T* g, int64_t n
   return T(s[0]);
 }
 
-// ‖ξ‖² of one row (step 2's input); wd acts on euclidean rows only.
+// ‖ξ‖² of one row (step 2's input), in double; wd acts on euclidean rows only. Where a sum in float (the GPU's
+// Acc) leaves big_sq_, the row is summed again scaled by row_rescale_of (uniform over the row), as the step does.
 template <class Ctx, class T>
-FGSGD_HD T row_tangent_sqnorm(Ctx& ctx, int code, const T* p, const T* g, int64_t n, T r, T wd) {
+FGSGD_HD double row_tangent_sqnorm(Ctx& ctx, int code, const T* p, const T* g, int64_t n, T r, T wd) {
   using Acc = typename Ctx::Acc;
   const T a = row_tangent_dot(ctx, code, p, g, n, r);
   const T w_d = manifold_of(code) == kManEuclidean ? wd : T(0);
   const T inv_r = T(1) / r;
+  auto xi_at = [&](int64_t i) { return r * (g[i] + w_d * p[i]) - a * (p[i] * inv_r); };
   Acc s[1];
   ctx.reduce(n, [&](int64_t i, Acc& v, Acc&) {
-    const T xi = r * (g[i] + w_d * p[i]) - a * (p[i] * inv_r);
+    const T xi = xi_at(i);
     v = Acc(xi) * Acc(xi);
   }, s);
-  return T(s[0]);
+  if (s[0] <= big_sq_<Acc>()) return double(s[0]);
+  const T sc = T(row_rescale_of(T(0)));
+  ctx.reduce(n, [&](int64_t i, Acc& v, Acc&) {
+    const T xi = xi_at(i) * sc;
+    v = Acc(xi) * Acc(xi);
+  }, s);
+  return double(s[0]) / double(sc) / double(sc);  // (sc² underflows in double)
 }
 
 // How a step uses the momentum buffer: none, read and written, written only (the first step).

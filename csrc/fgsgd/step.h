@@ -41,12 +41,18 @@ FGSGD_HD void tangent(const S& s, int code, const T* p, const T* g, T r, scalar_
   proj(s, code, w, xi, xi);
 }
 
-// ‖ξ‖_F² of one component (input of the group step size).
+// ‖ξ‖_F² of one component (input of the group step size), in double: summed in T, and where that sum leaves
+// big_sq_ (in float from ‖ξ‖ = 2^50; it overflows from 1.8e19, where s_g = c/‖ξ_g‖ is still finite) summed
+// again in double. Scalar T (csrc/cpu's lanes send such a component here: fast_impl.h sqnorm_block).
 template <class S, class T>
-FGSGD_HD T tangent_sqnorm(const S& s, int code, const T* p, const T* g, T r, scalar_of<T> wd) {
+FGSGD_HD double tangent_sqnorm(const S& s, int code, const T* p, const T* g, T r, T wd) {
   T w[S::kCap], xi[S::kCap];
   tangent(s, code, p, g, r, wd, w, xi);
-  return dot(s, xi, xi);
+  const T sq = dot(s, xi, xi);
+  if (sq <= big_sq_<T>()) return double(sq);
+  double acc = 0.0;
+  for (int i = 0; i < s.size(); ++i) acc += double(xi[i]) * double(xi[i]);
+  return acc;
 }
 
 // The step in two phases, so that a caller may fetch m between them (the CPU lanes do: fewer

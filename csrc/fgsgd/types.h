@@ -46,7 +46,7 @@ struct TensorSlot {
   const T* rescale;
   const int32_t* group_index;
   const T* group_scale;
-  T* out;  // tangent_sqnorm: N outputs
+  double* out;  // tangent_sqnorm: N outputs, in double (a float ‖ξ_i‖² overflows from ‖ξ_i‖ ≈ 1.8e19)
   int64_t n;
   float* step;  // the step: this tensor's count of steps taken (float32, one element), or null (step_control.h)
   // codes packed 2 bits per component (fgsgd_cuda/codes.py): word 0 the palette (byte v: the code of value v),
@@ -55,10 +55,10 @@ struct TensorSlot {
 };
 
 // The group step sizes of G groups (group_scale.h): members[offsets[g] .. offsets[g+1]) (int64 or int32) are the
-// components of group g (indices into sqnorm, ‖ξ_i‖² per component); out[g] = s_g; clip = c.
+// components of group g (indices into sqnorm, ‖ξ_i‖² per component, in double); out[g] = s_g (in T); clip = c.
 template <class T>
 struct GroupScaleArgs {
-  const T* sqnorm;
+  const double* sqnorm;
   const int64_t* members;    // int64 indices, or (members null) the int32 ones below
   const int32_t* members32;
   const int64_t* offsets;

@@ -50,5 +50,5 @@ class CompiledBackend:
     def rescale_(self, params, codes, ratio):
         self._ops.rescale_(params, codes, ratio)
 
-    def group_scale(self, sqnorm, members, offsets, group_clip):
-        return self._ops.group_scale(sqnorm, members, offsets, float(group_clip))
+    def group_scale(self, sqnorm, members, offsets, group_clip, dtype=None):
+        return self._ops.group_scale(sqnorm, members, offsets, float(group_clip), dtype)

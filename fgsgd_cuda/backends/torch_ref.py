@@ -13,13 +13,13 @@ from .. import reference as _ref
 from . import as_components
 
 
-def group_scale(sqnorm, members, offsets, group_clip):
-    """s_g = 1/max(1, ‖ξ_g‖/c) from the ‖ξ_i‖² of the members of each group, in torch ops (the torch and
-    triton backends): a float64 cumulative sum in member order, differenced at the group ends
-    (deterministic on every device: no atomics)."""
+def group_scale(sqnorm, members, offsets, group_clip, dtype=None):
+    """s_g = 1/max(1, ‖ξ_g‖/c) in ``dtype`` (default: sqnorm's) from the ‖ξ_i‖² of the members of each group, in
+    torch ops (the torch and triton backends): a float64 cumulative sum in member order, differenced at the group
+    ends (deterministic on every device: no atomics)."""
     csum = torch.cat([sqnorm.new_zeros(1, dtype=torch.float64), sqnorm[members].double().cumsum(0)])
     total = csum[offsets[1:]] - csum[offsets[:-1]]
-    return (1.0 / torch.clamp(total.sqrt() / group_clip, min=1.0)).to(sqnorm.dtype)
+    return (1.0 / torch.clamp(total.sqrt() / group_clip, min=1.0)).to(dtype or sqnorm.dtype)
 
 
 class TorchBackend:
@@ -68,5 +68,5 @@ class TorchBackend:
         for k, p in enumerate(as_components(params)):
             p.mul_(ratio[k].reshape(-1, 1, 1))
 
-    def group_scale(self, sqnorm, members, offsets, group_clip):
-        return group_scale(sqnorm, members, offsets, group_clip)
+    def group_scale(self, sqnorm, members, offsets, group_clip, dtype=None):
+        return group_scale(sqnorm, members, offsets, group_clip, dtype)

@@ -52,5 +52,5 @@ class TritonBackend:
         if params:
             _k.rescale_(as_components(params), list(codes), list(ratio))  # the kernel does not read the codes
 
-    def group_scale(self, sqnorm, members, offsets, group_clip):
-        return _torch_group_scale(sqnorm, members, offsets, group_clip)  # torch ops: no Triton kernel of its own
+    def group_scale(self, sqnorm, members, offsets, group_clip, dtype=None):
+        return _torch_group_scale(sqnorm, members, offsets, group_clip, dtype)  # torch ops: no Triton kernel of its own

@@ -776,8 +776,9 @@ def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, resca
 
 
 def sqnorm_source(a, b, dtype, *, rescale, weight_decay, log_tensors, packed=False):
-    """‖ξ‖_F² per component, written to the tensor's slice of the concatenated output ``out_base`` (the table
-    holds each tensor's element offset into it)."""
+    """‖ξ‖_F² per component, written to the tensor's slice of the concatenated float64 output ``out_base`` (the
+    table holds each tensor's element offset into it). The squares are summed in float64: in float32 they overflow
+    from ‖ξ‖ = 1.8e19, where group_clip's s_g = c/‖ξ_g‖ is still finite."""
     name = kernel_name("sqnorm", a, b, dtype, f"{'r' if rescale else '_'}{'w' if weight_decay else '_'}"
                                               f"{'P' if packed else ''}_L{log_tensors}")
     n = a * b
@@ -797,7 +798,8 @@ def sqnorm_source(a, b, dtype, *, rescale, weight_decay, log_tensors, packed=Fal
     p = frame.load("p", "p")
     g = frame.load("g", "g")
     _, _, xi = _tangent(src, frame, math, p, g, rescale, weight_decay)
-    frame.store("o", [src.let(_sum(f"{x} * {x}" for x in xi))])
+    wide = [src.let(f"{x}.to(tl.float64)") for x in xi]
+    frame.store("o", [src.let(_sum(f"{x} * {x}" for x in wide))])
     frame.end()
     return name, _function(name, "meta, out_base, BLOCK: tl.constexpr", src)
 

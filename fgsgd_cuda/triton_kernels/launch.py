@@ -214,7 +214,7 @@ def step_(params, grads, momenta, codes, rescale, group_index, group_scale, lr, 
 
 def tangent_sqnorm(params, grads, codes, rescale, weight_decay):
     total = sum(p.shape[0] for p in params)
-    out = torch.empty(total, dtype=params[0].dtype, device=params[0].device)
+    out = torch.empty(total, dtype=torch.float64, device=params[0].device)  # float64 for every dtype
     codes, packed = _codes_of(codes, params)
     rows, off = [], 0
     for k, p in enumerate(params):

@@ -206,13 +206,14 @@ def row_sqnorm_source(dtype, *, rescale, weight_decay, log_tensors, packed=False
     if weight_decay:
         src.raw("wdr = tl.where(code == 0, wd, 0.0)")
     _tangent_dot(src, dtype)
-    src.raw(f"acc = tl.zeros([BLOCK], {_cg.TL_DTYPE[dtype]})")
+    src.raw("acc = tl.zeros([BLOCK], tl.float64)")  # float64 sums (codegen.sqnorm_source)
 
     def body():
         src.raw("pv = tl.load(p_ptr + offs, mask=mk, other=0.0)")
         src.raw("gv = tl.load(g_ptr + offs, mask=mk, other=0.0)")
         _xi(src, weight_decay)
-        src.raw("acc += xi * xi")
+        src.raw("xw = xi.to(tl.float64)")
+        src.raw("acc += xw * xw")
     _chunk_loop(src, body)
     src.raw("tl.store(out_ptr + rowi, tl.sum(acc, axis=0))")
     return name, _cg._function(name, "meta, n_row, out_base, BLOCK: tl.constexpr", src)

@@ -168,9 +168,9 @@ int run(bool sorted, int64_t row_len, bool sqnorm = false) {
       for (int t = 0; t < cuda::kSlotsPerLaunch; ++t) cuda::count_step_of_slot(table, ctl, t);
     }
   }
-  std::vector<std::vector<T>> outs(nt);
+  std::vector<std::vector<double>> outs(nt);
   for (int k = 0; k < nt && sqnorm; ++k) {
-    outs[k].assign(size_t(n[k]), T(-1));
+    outs[k].assign(size_t(n[k]), -1.0);
     slots[k].out = outs[k].data();
   }
   for (int first_slot = 0; first_slot < nt && row_len == 0 && sqnorm; first_slot += cuda::kSlotsPerLaunch) {
@@ -180,7 +180,7 @@ int run(bool sorted, int64_t row_len, bool sqnorm = false) {
   }
   if (sqnorm) {
     for (int k = 0; k < nt; ++k)
-      for (int64_t i = 0; i < n[k]; ++i) std::printf("%.17g\n", double(outs[k][size_t(i)]));
+      for (int64_t i = 0; i < n[k]; ++i) std::printf("%.17g\n", outs[k][size_t(i)]);
     return 0;
   }
   for (int first_slot = 0; first_slot < nt && row_len == 0; first_slot += cuda::kSlotsPerLaunch) {
