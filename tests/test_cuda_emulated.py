@@ -234,8 +234,30 @@ def test_staged_sqnorm_block(emulator, dtype, offsets):
         assert rel_err(got, ref) <= TOL[dtype], f"tensor {k} (N={SIZES[k]})"
 
 
-def _run_sqnorm(emulator, dtype, hp, tensors, offsets):
-    """The emulator's ‖ξ_i‖² per tensor (mode "sqnorm"; the inputs as _run writes them)."""
+@pytest.mark.parametrize("variant", ["sqnorm", "rowsqnorm 100"])
+def test_sqnorm_blocks_beyond_the_float_range(emulator, variant):
+    """‖ξ_i‖² of float32 components where it overflows float (‖ξ_i‖ up to 1e36): the staged block's per-thread sum
+    redone in double (csrc/fgsgd/step.h tangent_sqnorm), the row block's float sums redone scaled
+    (row_step.h row_tangent_sqnorm; the CPU's rows sum in double, so only this block code takes that path),
+    ordinary components beside huge ones, each to float precision against the float64 reference."""
+    shape = (100, 1) if variant.startswith("row") else (3, 3)
+    gen = make_gen(zlib.crc32(("huge " + variant).encode()))
+    ts = make_step_tensors([129, 7] if shape == (3, 3) else [5, 4], shape, torch.float32, gen, groups=False)
+    for k, t in enumerate(ts):
+        g = t["g"].double()
+        g[1::2] *= (1e15, 1e25, 1e36)[k % 3] if shape == (3, 3) else 1e25
+        t["g"] = g.float()
+    hp = dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.05, first_step=False,
+              stabilize=False)
+    for k, (t, got) in enumerate(zip(ts, _run_sqnorm(emulator, torch.float32, hp, ts, [(0, 0, 0)] * 2, variant))):
+        ref = R.tangent_sqnorm(t["p"].double(), t["g"].double(), t["codes"], t["r"].double(), 0.05)
+        assert bool(torch.isfinite(got).all()), f"tensor {k}: ‖ξ_i‖² not finite"
+        err = float(((got - ref).abs() / ref).max())
+        assert err <= FP32_RTOL, f"tensor {k}: relative error {err:.3g}"
+
+
+def _run_sqnorm(emulator, dtype, hp, tensors, offsets, variant="sqnorm"):
+    """The emulator's ‖ξ_i‖² per tensor (mode "sqnorm" or "rowsqnorm L"; the inputs as _run writes them)."""
     lines = [str(8 if dtype == torch.float64 else 4),
              " ".join(str(v) for v in (hp["momentum"], hp["dampening"], int(hp["nesterov"]), hp["weight_decay"],
                                        hp["lr"], 0, 0, 1, 0, len(tensors))),
@@ -245,8 +267,8 @@ def _run_sqnorm(emulator, dtype, hp, tensors, offsets):
     for t in tensors:
         for key in ("p", "g", "m", "codes", "r"):
             lines.append(_fmt(t[key]))
-    proc = subprocess.run([str(emulator), "sqnorm"], input="\n".join(lines) + "\n", capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([str(emulator), *variant.split()], input="\n".join(lines) + "\n", capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     values = torch.tensor([float(v) for v in proc.stdout.split()], dtype=torch.float64)
     out, start = [], 0

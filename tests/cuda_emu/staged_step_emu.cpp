@@ -1,8 +1,9 @@
 // Runs the CUDA step's block code on the CPU, block after block, one std::thread per CUDA thread, over tensors
 // read from stdin; prints the updated p and m. Driven by tests/test_cuda_emulated.py.
 // Arguments: "staged" (default: csrc/cuda/staged.cuh, 3×3 components), "sorted" (its code-sorted variant),
-// "sqnorm" (staged_sqnorm_block: prints ‖ξ_i‖² of every component instead of p and m, weight_decay as wd), or
-// "rows L" (csrc/cuda/rows.cuh: L×1 row components, one block per row).
+// "sqnorm" (staged_sqnorm_block: prints ‖ξ_i‖² of every component instead of p and m, weight_decay as wd),
+// "rows L" (csrc/cuda/rows.cuh: L×1 row components, one block per row), or "rowsqnorm L" (row_sqnorm_block: ‖ξ_i‖²
+// of L×1 rows, printed as with "sqnorm").
 //
 // stdin (whitespace separated): T_bytes momentum dampening nesterov weight_decay lr first_step stabilize
 //   use_rescale use_groups ntensors, then the run-time controls (csrc/fgsgd/step_control.h): found_inf (-1: none)
@@ -158,7 +159,7 @@ int run(bool sorted, int64_t row_len, bool sqnorm = false) {
   alignas(16) static T sp[kT * 9], sg[kT * 9], sm[kT * 9];  // the block's shared memory
   static int scratch[cuda::kSortScratchInts<kT>];
   static T red[2 * cuda::kRowThreads];
-  if (row_len > 0) {  // what launch_rows does: one block of kRowThreads per row
+  if (row_len > 0 && !sqnorm) {  // what launch_rows does: one block of kRowThreads per row
     if (h.momentum == T(0))
       for (auto& s : slots) s.m = nullptr;  // as op_impl.h passes no buffers then
     for (int first_slot = 0; first_slot < nt; first_slot += cuda::kSlotsPerLaunch) {
@@ -173,10 +174,16 @@ int run(bool sorted, int64_t row_len, bool sqnorm = false) {
     outs[k].assign(size_t(n[k]), -1.0);
     slots[k].out = outs[k].data();
   }
-  for (int first_slot = 0; first_slot < nt && row_len == 0 && sqnorm; first_slot += cuda::kSlotsPerLaunch) {
-    const cuda::SlotTable<T> table = cuda::next_table(slots.data(), nt, first_slot);
-    run_blocks(table, kT,
-               [&](int64_t b) { cuda::staged_sqnorm_block<kT>(Fixed<3, 3>{}, table, h.weight_decay, b, sp, sg); });
+  for (int first_slot = 0; first_slot < nt && sqnorm; first_slot += cuda::kSlotsPerLaunch) {
+    if (row_len > 0) {
+      const cuda::SlotTable<T> table = cuda::next_table(slots.data(), nt, first_slot, 1);
+      run_blocks(table, cuda::kRowThreads,
+                 [&](int64_t b) { cuda::row_sqnorm_block<cuda::kRowThreads>(table, h.weight_decay, row_len, b, red); });
+    } else {
+      const cuda::SlotTable<T> table = cuda::next_table(slots.data(), nt, first_slot);
+      run_blocks(table, kT,
+                 [&](int64_t b) { cuda::staged_sqnorm_block<kT>(Fixed<3, 3>{}, table, h.weight_decay, b, sp, sg); });
+    }
   }
   if (sqnorm) {
     for (int k = 0; k < nt; ++k)
@@ -210,9 +217,9 @@ int run(bool sorted, int64_t row_len, bool sqnorm = false) {
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "staged";
-  const int64_t row_len = mode == "rows" && argc > 2 ? std::atoll(argv[2]) : 0;
+  const int64_t row_len = (mode == "rows" || mode == "rowsqnorm") && argc > 2 ? std::atoll(argv[2]) : 0;
   int bytes;
   std::cin >> bytes;
-  const bool sq = mode == "sqnorm";
+  const bool sq = mode == "sqnorm" || mode == "rowsqnorm";
   return bytes == 8 ? run<double>(mode == "sorted", row_len, sq) : run<float>(mode == "sorted", row_len, sq);
 }
