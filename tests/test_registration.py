@@ -84,6 +84,10 @@ def _samples():
             ("rescale_", (params, codes, [r * 1.1 for r in rescale]), tag),
             ("group_scale", (torch.rand(14, generator=gen, dtype=torch.float64).to(dtype) * 3,
                              torch.randperm(14, generator=gen), torch.tensor([0, 5, 5, 9, 14]), 1.5), tag),
+            # the optimizer's call: a float64 sqnorm (tangent_sqnorm's), s_g in the parameters' dtype
+            ("group_scale", (torch.rand(14, generator=gen, dtype=torch.float64) * 3,
+                             torch.randperm(14, generator=gen).int(), torch.tensor([0, 5, 5, 9, 14]), 1.5, dtype),
+             tag + "-dtype"),
         ]
     return [pytest.param(name, args, id=f"{name}-{tag}") for name, args, tag in out]
 
