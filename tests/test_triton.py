@@ -197,7 +197,8 @@ def _step_cases():
             yield pytest.param(a, b, *case, id=f"{a}x{b}-" + "-".join(map(str, case)))
 
 
-@pytest.mark.parametrize("a,b,momentum,dampening,nesterov,wd,first,stabilize,use_rescale,use_groups", _step_cases())
+@pytest.mark.parametrize("a,b,momentum,dampening,nesterov,wd,first,stabilize,use_rescale,use_groups",
+                         list(_step_cases()))  # a list: pytest deprecates generators here
 def test_step_mixed_codes(device, a, b, momentum, dampening, nesterov, wd, first, stabilize, use_rescale, use_groups):
     """Three tensors of one call (N = 7, 37, 1), every code of the shape mixed inside each tensor."""
     gen = make_gen(1000 * a + 10 * b + int(100 * momentum) + 2 * nesterov + first)
