@@ -33,6 +33,17 @@ def cached_view(views: dict | None, t: torch.Tensor, shape: tuple[int, int]) -> 
     return v
 
 
+def group_members(gidx, num_groups):
+    """(members, offsets) of the groups of several tensors, numbered on from tensor to tensor (tensor j's groups
+    ``gidx[j]``, ``num_groups[j]`` of them): members (int32) lists the components of group g, in index order, at
+    [offsets[g], offsets[g+1]) (int64): the input of ``group_scale``."""
+    starts = torch.tensor([0] + list(num_groups[:-1])).cumsum(0).tolist()
+    gid = torch.cat([gi.long() + st for gi, st in zip(gidx, starts)])
+    members = torch.argsort(gid, stable=True).to(torch.int32)  # 4 bytes per component in the cache
+    offsets = torch.cat([gid.new_zeros(1), torch.bincount(gid, minlength=sum(num_groups)).cumsum(0)])
+    return members, offsets
+
+
 def group_step_sizes(impl, ps, gs, codes, rescale, group_index_of, num_groups, *, weight_decay, group_clip, cache,
                      key):
     """(group_index, s_g): the (N,) int32 groups of every tensor and s_g = 1 / max(1, ‖ξ_g‖/c) of every
@@ -46,11 +57,7 @@ def group_step_sizes(impl, ps, gs, codes, rescale, group_index_of, num_groups, *
     sq = impl.tangent_sqnorm(ps, gs, codes, rescale, weight_decay)
     if key not in cache:
         gidx = [group_index_of(j).to(device=sq.device, dtype=torch.int32) for j in range(len(ps))]
-        offsets = torch.tensor([0] + num_groups[:-1]).cumsum(0).tolist()
-        gid = torch.cat([gi.long() + off for gi, off in zip(gidx, offsets)])
-        members = torch.argsort(gid, stable=True).to(torch.int32)  # 4 bytes per component in the cache
-        offsets = torch.cat([gid.new_zeros(1), torch.bincount(gid, minlength=sum(num_groups)).cumsum(0)])
-        cache[key] = (gidx, members, offsets)
+        cache[key] = (gidx, *group_members(gidx, num_groups))
     gidx, members, offsets = cache[key]
     scale = impl.group_scale(sq, members, offsets, group_clip, ps[0].dtype)  # sq: float64 (a float32 one overflows)
     return gidx, list(scale.split(num_groups))

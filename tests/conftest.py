@@ -333,16 +333,6 @@ CLIP_SCALES = {torch.float32: [1e15, 1e25, 1e36], torch.float64: [1e100, 1e150]}
 CLIP_SHAPES = [(3, 3), (5, 3), (100, 1)]  # (100, 1): a row component (csrc/fgsgd/row_step.h)
 
 
-def group_members(gis, num_groups):
-    """(members, offsets) of the groups of several tensors (group_index ``gis``, num_groups each), numbered on
-    from tensor to tensor, as fgsgd_cuda.functional.group_step_sizes makes them."""
-    starts = torch.tensor([0] + list(num_groups[:-1])).cumsum(0).tolist()
-    gid = torch.cat([gi.long() + st for gi, st in zip(gis, starts)])
-    members = torch.argsort(gid, stable=True).to(torch.int32)
-    offsets = torch.cat([gid.new_zeros(1), torch.bincount(gid, minlength=sum(num_groups)).cumsum(0)])
-    return members, offsets
-
-
 def max_rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     """max_i |got_i − ref_i| / |ref_i| in float64 (entries of very different sizes, each to its own precision)."""
     ref = ref.double()
@@ -356,6 +346,7 @@ def check_huge_group_clip(backend, device, shape, dtype):
     that silently ignored the gradient. Huge and ordinary components alternate in each tensor (and share blocks
     of lanes); every code of the shape; euclidean components with weight decay."""
     from fgsgd_cuda import ops
+    from fgsgd_cuda.functional import group_members
 
     gen = make_gen(zlib.crc32(repr(("huge-clip", shape, str(dtype))).encode()))
     sizes = [37, 4] if shape[1] > 1 else [6, 3]
