@@ -129,6 +129,9 @@ def backends_on(pairs) -> list:
     return out
 
 
+# the backends of the checks run on every backend but Triton (tests/test_triton.py runs them there, on its device)
+CPU_TORCH_CUDA = backends_on((("cpu", "cpu"), ("torch", "cpu"), ("cuda", "cuda")))
+
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import (LARGE_SHAPES, backend_step_pm, backends_on, check_large_single_ops, check_large_steps,
+from conftest import (CPU_TORCH_CUDA, LARGE_SHAPES, backend_step_pm, check_large_single_ops, check_large_steps,
                       shape_code_cases)
-
-BACKENDS = backends_on((("cpu", "cpu"), ("torch", "cpu"), ("cuda", "cuda")))  # triton: tests/test_triton.py
 
 
 @shape_code_cases(LARGE_SHAPES + [(100, 1)])
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", CPU_TORCH_CUDA)
 def test_large_finite_steps_stay_on_the_manifold(backend, device, code, shape, dtype):
     check_large_steps(backend_step_pm(backend, device), code, shape, dtype)
 
 
 @shape_code_cases(LARGE_SHAPES)
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", CPU_TORCH_CUDA)
 def test_large_single_ops_stay_on_the_manifold(backend, device, code, shape, dtype):
     check_large_single_ops(backend, device, code, shape, dtype)

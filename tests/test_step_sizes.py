@@ -8,14 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import backend_step, backends_on, check_step_sizes
-
-BACKENDS = backends_on((("cpu", "cpu"), ("torch", "cpu"), ("cuda", "cuda")))  # triton: tests/test_triton.py
+from conftest import CPU_TORCH_CUDA, backend_step, check_step_sizes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("shape", [(3, 3), (5, 3)], ids=["3x3", "5x3"])
 @pytest.mark.parametrize("code", [2, 4, 5, 6], ids=["sphere-exp", "oblique-exp", "qr", "cayley"])
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", CPU_TORCH_CUDA)
 def test_retraction_at_every_step_size(backend, device, code, shape, dtype):
     check_step_sizes(backend_step(backend, device), code, shape, dtype)
