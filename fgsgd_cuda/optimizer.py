@@ -34,6 +34,11 @@ MANIFOLD_DEFAULTS = dict(
     foreach=None,            # Euclidean groups: passed to torch.optim.sgd
     fused=None,
 )
+# the options that only manifold groups read: given to an optimizer without a manifold group they would change
+# nothing (on a Euclidean group of one with manifold groups they are the unread defaults, as torch's Optimizer
+# copies every default into every group, and param-group dicts copied from an optimizer carry them)
+MANIFOLD_ONLY = ("assign", "collection", "group_size", "num_groups", "selection", "seed", "retraction", "group_clip",
+                 "stabilize")
 
 
 class FGSGD(Optimizer):
@@ -50,7 +55,9 @@ class FGSGD(Optimizer):
     nesterov, dampening, retraction, rescale p = R·ω, re-projection every ``stabilize`` steps.
 
     Groups with ``manifolds=None`` behave exactly as :class:`torch.optim.SGD`. Weight decay on a
-    group with a non-Euclidean manifold is an error (those norms are fixed).
+    group with a non-Euclidean manifold is an error (those norms are fixed); so is an option only manifold
+    groups read (``MANIFOLD_ONLY``: ``group_clip``, ``retraction``, the grouping, ``stabilize``) given to an
+    optimizer without any manifold group: ``FGSGD(model.parameters(), group_clip=1.0)`` would be unclipped SGD.
 
     Use :func:`fgsgd_cuda.param_groups` to split a model: ``FGSGD(param_groups(model), lr=0.1,
     momentum=0.9)``. Construct the optimizer before loading a checkpoint into the model, then load the
@@ -85,6 +92,8 @@ class FGSGD(Optimizer):
         # the initial projections wait until every group is checked: a bad group leaves the weights alone
         self._pending_projx: list | None = []
         super().__init__(params, defaults)
+        if not any(g["manifolds"] for g in self.param_groups):
+            _refuse_manifold_only_options(manifold_options, "this optimizer has no manifold group")
         pending, self._pending_projx = self._pending_projx, None
         with torch.no_grad():
             for args in pending:
@@ -508,6 +517,16 @@ class FGSGD(Optimizer):
                 if group["momentum"] != 0 and new_buffers:  # sgd made buffers where there were none
                     for p, buf in zip(params, bufs):
                         self.state[p]["momentum_buffer"] = buf
+
+
+def _refuse_manifold_only_options(options: dict, where: str) -> None:
+    """A manifold-only option set away from its default where no manifold group reads it is an error, not a
+    silent no-op (e.g. ``FGSGD(model.parameters(), group_clip=1.0)`` is plain SGD, unclipped)."""
+    for key in MANIFOLD_ONLY:
+        if key in options and options[key] != MANIFOLD_DEFAULTS[key]:
+            raise ValueError(f"{key}: only manifold groups use it, but {where}, so {key}={options[key]!r} "
+                             "would change nothing; give the group manifolds=[...] (or build the groups with "
+                             "fgsgd_cuda.param_groups(model)), or drop the option")
 
 
 def _by_device(tensors) -> dict:

@@ -167,6 +167,27 @@ def test_good_configuration_after_the_checks():
     assert opt.state[m.wide.weight]["shape"] == (1, 3) and opt.state[m.fc.weight]["shape"] == (8, 1)
 
 
+@pytest.mark.parametrize("option", [dict(group_clip=1.0), dict(collection="PI"), dict(stabilize=0),
+                                    dict(retraction={"stiefel": "cayley"})], ids=lambda o: next(iter(o)))
+def test_manifold_options_without_a_manifold_group_are_an_error(option):
+    """FGSGD(params) without manifolds= is plain SGD: an option only manifold groups read is refused there rather
+    than ignored; as a default of an optimizer with a manifold group it is fine (the Euclidean group ignores it),
+    and so are full param-group dicts copied from such an optimizer (every group carries every default)."""
+    m = model()
+    before = weights(m)
+    key = next(iter(option))
+    with pytest.raises(ValueError, match=rf"{key}: only manifold groups use it, but this optimizer has no manifold"):
+        FGSGD(m.parameters(), lr=0.1, **option)
+    assert_weights_unchanged(m, before)
+    FGSGD(m.parameters(), lr=0.1, stabilize=50, group_clip=None)  # the defaults, spelled out
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
+    opt = FGSGD(param_groups(net), lr=0.1, **option)
+    assert len(opt.param_groups) == 2 and all(g[key] == option[key] for g in opt.param_groups)
+    copied = [{k: v for k, v in g.items()} for g in opt.param_groups]  # as ZeroRedundancyOptimizer passes them on
+    FGSGD(copied[1:], lr=0.1)
+    FGSGD(copied, lr=0.1, init_projx=False)
+
+
 def test_all_zero_filters_are_rejected_and_nothing_changes():
     conv = torch.nn.Conv2d(2, 3, 3)
     with torch.no_grad():
