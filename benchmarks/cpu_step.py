@@ -133,9 +133,10 @@ def main(argv=None):
         import json
         import platform
         import sys
+        from bench_step import cpu_family, cpu_model_name
         env = dict(date=datetime.datetime.now().isoformat(), command=" ".join([sys.executable] + sys.argv),
                    torch=torch.__version__, threads=torch.get_num_threads(), platform=platform.platform(),
-                   cpu=platform.processor() or platform.machine(), default_isa=default_isa)
+                   cpu=cpu_model_name(), cpu_family=cpu_family(), default_isa=default_isa)
         settings = dict(n=n, shape=list(shape), dtype=a.dtype, reps=a.reps,
                         timer="min over reps of interleaved calls, wall clock (perf_counter) and process CPU time")
         with open(a.out, "w") as fh:
