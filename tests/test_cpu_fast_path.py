@@ -294,24 +294,17 @@ def test_isa_switch():
 
 
 
-def _cpuinfo(key: str) -> str:
-    """The first /proc/cpuinfo value of ``key`` ("" where there is none)."""
+def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as fh:
-            return next((line.split(":", 1)[1].strip() for line in fh if line.split(":", 1)[0].strip() == key), "")
+            return next((set(line.split(":", 1)[1].split()) for line in fh if line.startswith("flags")), set())
     except OSError:
-        return ""
-
-
-def _cpu_flags() -> set[str]:
-    return set(_cpuinfo("flags").split())
+        return set()
 
 
 def test_widest_instruction_set_is_the_default():
     """Where the CPU has AVX-512 F/VL/DQ/BW (Linux: /proc/cpuinfo) and the build has the fast paths, the
-    AVX-512 lanes run by default (unless FGSGD_CPU_ISA chose), but for AMD Zen 4 (family 25 = 19h), which
-    splits 512-bit ops and runs the default step faster on the AVX2 lanes (csrc/cpu/kernels.cpp); where it
-    lacks them they are refused."""
+    AVX-512 lanes run by default (unless FGSGD_CPU_ISA chose); where it lacks them they are refused."""
     flags = _cpu_flags()
     if not hasattr(_ext._C, "_cpu_isa") or not flags:
         pytest.skip("needs the instruction-set switch and /proc/cpuinfo")
@@ -322,8 +315,7 @@ def test_widest_instruction_set_is_the_default():
         has512 = {"avx512f", "avx512vl", "avx512dq", "avx512bw"} <= flags
         assert _ext._C._set_cpu_isa("avx512") == has512
         if "FGSGD_CPU_ISA" not in os.environ:
-            zen4 = _cpuinfo("vendor_id") == "AuthenticAMD" and _cpuinfo("cpu family") == "25"
-            assert before == ("avx512" if has512 and not zen4 else "avx2")
+            assert before == ("avx512" if has512 else "avx2")
     finally:
         _ext._C._set_cpu_isa(before)
 

@@ -8,9 +8,6 @@
 #include <cstring>
 
 #include "fast.h"
-#if FGSGD_CPU_HAVE_AVX512_TU
-#include <cpuid.h>
-#endif
 #include "serial_row.h"
 #include "../fgsgd/group_scale.h"
 
@@ -50,26 +47,6 @@ bool cpu_has_avx512() {
 #endif
 }
 
-// AMD family 19h: Zen 3 (no AVX-512) and Zen 4, which runs each 512-bit op as two 256-bit halves. There the
-// AVX-512 lanes lose to the AVX2 lanes on the default step (a random code per component: each block gathers
-// its 16 components from a span of ~48), so the AVX2 lanes are the default. Measured on a 2-core Zen 4 VM
-// (benchmarks/cpu_step.py --codes mix --isa avx512,avx2, 1.2 M 3×3 components, same rounds): 1 thread
-// 15.1 → 13.1 ms, 2 threads 8.3 → 7.0; bench_step.py ResNet-18 / -50, 2 threads: 1.16 → 1.00× and
-// 0.91 → 0.78× SGD(foreach) (benchmarks/README.md, 2026-11-28). Single-code runs are faster on the AVX-512
-// lanes there (stiefel-qr 9.7 vs 10.8 ms, 1 thread), and Zen 5 (family 1Ah, full-width) and Intel keep them.
-bool cpu_splits_512bit_ops() {
-#if FGSGD_CPU_HAVE_AVX512_TU
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid(0, &a, &b, &c, &d)) return false;
-  const bool amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "AuthenticAMD"
-  if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return false;
-  const unsigned base = (a >> 8) & 0xfu, family = base == 0xfu ? base + ((a >> 20) & 0xffu) : base;
-  return family == 0x19u;
-#else
-  return false;
-#endif
-}
-
 int parse_isa(const char* name) {
   if (!name) return -1;
   if (!std::strcmp(name, "scalar")) return kScalar;
@@ -82,11 +59,11 @@ int parse_isa(const char* name) {
 std::atomic<int>& isa_state() {
   static std::atomic<int> state([] {
     const int env = parse_isa(std::getenv("FGSGD_CPU_ISA"));
-    return env >= 0                                       ? env
-           : cpu_has_avx512() && !cpu_splits_512bit_ops() ? int(kAvx512)
-           : cpu_has_avx2()                               ? int(kAvx2)
-           : FGSGD_CPU_HAVE_FAST                          ? int(kBase)
-                                                          : int(kScalar);
+    return env >= 0                ? env
+           : cpu_has_avx512()      ? int(kAvx512)
+           : cpu_has_avx2()        ? int(kAvx2)
+           : FGSGD_CPU_HAVE_FAST   ? int(kBase)
+                                   : int(kScalar);
   }());
   return state;
 }

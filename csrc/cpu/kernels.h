@@ -21,7 +21,7 @@ template <class T> void group_scale(const GroupScaleArgs<T>& a);
 // The instruction set of the fused step's fast path (csrc/cpu/fast.h): "avx512" (AVX-512 F/VL/DQ/BW, float
 // only: double runs avx2's lanes), "avx2" (AVX2 + FMA), each where the CPU has it, "base" (the build's
 // baseline: SSE2 on x86-64), or "scalar" (one component at a time, no fast path); the first the CPU runs by
-// default, except that AMD Zen 4 (family 19h, 512-bit ops as two halves) defaults to avx2 (kernels.cpp). Chosen once from the CPU, or from the environment variable FGSGD_CPU_ISA;
+// default. Chosen once from the CPU, or from the environment variable FGSGD_CPU_ISA;
 // set_isa changes it (tests and benchmarks). set_isa returns false for a name this CPU or build
 // cannot run, and changes nothing then.
 const char* isa();
