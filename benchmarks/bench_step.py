@@ -709,26 +709,26 @@ def slug(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
 
 
-def cpu_model_name() -> str:
+def cpuinfo() -> dict:
+    """The first processor's entries of /proc/cpuinfo ({} where there is none)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        block = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return {}
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in block.splitlines() if ":" in line)}
+
+
+def cpu_model_name() -> str:
+    return cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def cpu_family() -> str:
-    """Vendor, family and model of the CPU from /proc/cpuinfo (e.g. "AuthenticAMD family 25 model 17": Zen 4),
-    which "model name" does not tell on some VMs ("AMD EPYC"); the default instruction set depends on it."""
-    try:
-        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-                    if ":" in line)
-        info = {k.strip(): v.strip() for k, v in info.items()}
-        return f"{info.get('vendor_id', '?')} family {info.get('cpu family', '?')} model {info.get('model', '?')}"
-    except OSError:
+    """Vendor, family and model of the CPU (e.g. "AuthenticAMD family 25 model 17": Zen 4), which "model name"
+    does not tell on some VMs ("AMD EPYC")."""
+    info = cpuinfo()
+    if not info:
         return platform.machine()
+    return f"{info.get('vendor_id', '?')} family {info.get('cpu family', '?')} model {info.get('model', '?')}"
 
 
 def device_name(device) -> str:
@@ -748,7 +748,8 @@ def environment(device, args) -> dict:
     env = {
         "device": str(device), "device_name": device_name(device), "date": datetime.datetime.now().isoformat(),
         "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "cpu": cpu_model_name(), "cpu_family": cpu_family(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model_name(), "cpu_family": cpu_family(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "fgsgd_cuda": fgsgd_cuda.__version__, "fgsgd_compiled_cpu": fgsgd_cuda._ext.HAS_CPU_KERNELS,
         "fgsgd_compiled_cuda": fgsgd_cuda._ext.HAS_CUDA_KERNELS, "command": " ".join([sys.executable] + sys.argv),
         "argv": sys.argv[1:],

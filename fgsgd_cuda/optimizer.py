@@ -93,7 +93,7 @@ class FGSGD(Optimizer):
         self._pending_projx: list | None = []
         super().__init__(params, defaults)
         if not any(g["manifolds"] for g in self.param_groups):
-            _refuse_manifold_only_options(manifold_options, "this optimizer has no manifold group")
+            _refuse_manifold_only_options(manifold_options)
         pending, self._pending_projx = self._pending_projx, None
         with torch.no_grad():
             for args in pending:
@@ -519,14 +519,14 @@ class FGSGD(Optimizer):
                         self.state[p]["momentum_buffer"] = buf
 
 
-def _refuse_manifold_only_options(options: dict, where: str) -> None:
-    """A manifold-only option set away from its default where no manifold group reads it is an error, not a
-    silent no-op (e.g. ``FGSGD(model.parameters(), group_clip=1.0)`` is plain SGD, unclipped)."""
+def _refuse_manifold_only_options(options: dict) -> None:
+    """The options of an optimizer without a manifold group: a manifold-only one set away from its default is an
+    error, not a silent no-op (e.g. ``FGSGD(model.parameters(), group_clip=1.0)`` is plain SGD, unclipped)."""
     for key in MANIFOLD_ONLY:
         if key in options and options[key] != MANIFOLD_DEFAULTS[key]:
-            raise ValueError(f"{key}: only manifold groups use it, but {where}, so {key}={options[key]!r} "
-                             "would change nothing; give the group manifolds=[...] (or build the groups with "
-                             "fgsgd_cuda.param_groups(model)), or drop the option")
+            raise ValueError(f"{key}: only manifold groups use it, but this optimizer has no manifold group, so "
+                             f"{key}={options[key]!r} would change nothing; give the group manifolds=[...] (or "
+                             "build the groups with fgsgd_cuda.param_groups(model)), or drop the option")
 
 
 def _by_device(tensors) -> dict:

@@ -183,7 +183,7 @@ def test_manifold_options_without_a_manifold_group_are_an_error(option):
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
     opt = FGSGD(param_groups(net), lr=0.1, **option)
     assert len(opt.param_groups) == 2 and all(g[key] == option[key] for g in opt.param_groups)
-    copied = [{k: v for k, v in g.items()} for g in opt.param_groups]  # as ZeroRedundancyOptimizer passes them on
+    copied = [dict(g) for g in opt.param_groups]  # as ZeroRedundancyOptimizer passes them on
     FGSGD(copied[1:], lr=0.1)
     FGSGD(copied, lr=0.1, init_projx=False)
 
