@@ -69,7 +69,7 @@ def main(argv=None):
                     "timed side by side (default: the library's choice)")
     ap.add_argument("--out", default="", help="also write the results as JSON here")
     ap.add_argument("--row-len", type=int, default=0,
-                    help="components are n×1 rows of this length (> 64: the row kernels), --n of them, instead of 3×3")
+                    help="components are n×1 rows of this length (> 8: the CPU row kernels), --n of them, instead of 3×3")
     ap.add_argument("--shape", default="3x3", help="component shape AxB (A*B <= 64), e.g. 7x7 (ResNet's stem)")
     ap.add_argument("--packed", action="store_true",
                     help="codes packed 2 bits per component (fgsgd_cuda.codes.pack), as FGSGD keeps them")

@@ -15,8 +15,8 @@ import zlib
 import pytest
 import torch
 
-from conftest import (FP32_RTOL, RADIAL_SHAPES, SHAPES, check_large_steps, check_radial_gradients, check_step_sizes,
-                      codes_for, make_gen, make_row_tensors, random_points, random_tangents, rel_err,
+from conftest import (FP32_RTOL, RADIAL_SHAPES, SHAPES, SHORT_ROW, check_large_steps, check_radial_gradients,
+                      check_step_sizes, codes_for, make_gen, make_row_tensors, random_points, random_tangents, rel_err,
                       requires_cpu_kernels, shape_code_cases, with_zero_momentum)
 from fgsgd_cuda import _ext, ops
 from fgsgd_cuda import codes as C
@@ -229,14 +229,14 @@ def test_retraction_at_every_step_size(isa, code, shape, dtype):
     check_step_sizes(with_zero_momentum(_step_pm(dtype)), code, shape, dtype)
 
 
-@shape_code_cases([(3, 3), (5, 3), (7, 7)])
+@shape_code_cases([(3, 3), (5, 3), (7, 7), SHORT_ROW])
 def test_large_finite_steps_stay_on_the_manifold(isa, code, shape, dtype):
     """Gradients up to near the largest float on every instruction set (conftest.check_large_steps; the overflow
     guards and large-step paths are uniform branches over the lanes, so each ISA's blocks take them)."""
     check_large_steps(_step_pm(dtype), code, shape, dtype)
 
 
-@shape_code_cases(RADIAL_SHAPES)
+@shape_code_cases(RADIAL_SHAPES + [SHORT_ROW])
 def test_radial_gradients_stay_on_the_manifold(isa, code, shape, dtype):
     """Gradients mostly along the point on every instruction set (conftest.check_radial_gradients)."""
     check_radial_gradients(_step_pm(dtype), code, shape, dtype)
@@ -327,15 +327,15 @@ ROW_CASES = {"momentum": dict(momentum=0.9), "sgd-stabilize": dict(momentum=0.0,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("case", list(ROW_CASES))
-def test_rows_on_every_instruction_set(isa, case, dtype):
+@pytest.mark.parametrize("n", [203, 23])
+def test_rows_on_every_instruction_set(isa, case, dtype, n):
     """Row components (serial_row.h: one compiled copy per instruction set, vectorised loops) against the
-    float64 reference: each momentum mode × nesterov specialisation, n odd and not a multiple of the lanes,
-    ‖ω‖ drifted for stabilize, and ‖ξ‖² (tangent_sqnorm)."""
+    float64 reference: each momentum mode × nesterov specialisation, n odd and not a multiple of the lanes
+    (23: a short row, streamed as well), ‖ω‖ drifted for stabilize, and ‖ξ‖² (tangent_sqnorm)."""
     hp = dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, first_step=False,
               stabilize=False)
     hp.update(ROW_CASES[case])
-    n = 203
-    gen = make_gen(zlib.crc32(repr(("rows-isa", case, str(dtype))).encode()))
+    gen = make_gen(zlib.crc32(repr(("rows-isa", case, str(dtype), n)).encode()))
     ts = make_row_tensors([5, 33], n, dtype, gen, drift=hp["stabilize"])
     ps, ms = [t["p"].clone() for t in ts], [t["m"].clone() for t in ts]
     ops.step_(ps, [t["g"] for t in ts], ms, [t["codes"] for t in ts], rescale=[t["r"] for t in ts],

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import CLIP_SHAPES, CPU_TORCH_CUDA, check_huge_group_clip, rel_err, step_tolerances
+from conftest import CLIP_SHAPES, CPU_TORCH_CUDA, SHORT_ROW, check_huge_group_clip, rel_err, step_tolerances
 from fgsgd_cuda import FGSGD, reference as R
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("shape", CLIP_SHAPES, ids=[f"{a}x{b}" for a, b in CLIP_SHAPES])
+@pytest.mark.parametrize("shape", CLIP_SHAPES + [SHORT_ROW], ids=[f"{a}x{b}" for a, b in CLIP_SHAPES + [SHORT_ROW]])
 @pytest.mark.parametrize("backend,device", CPU_TORCH_CUDA)
 def test_huge_gradients_are_clipped(backend, device, shape, dtype):
     check_huge_group_clip(backend, device, shape, dtype)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import (CPU_TORCH_CUDA, LARGE_SHAPES, backend_step_pm, check_large_single_ops, check_large_steps,
-                      shape_code_cases)
+from conftest import (CPU_TORCH_CUDA, LARGE_SHAPES, SHORT_ROW, backend_step_pm, check_large_single_ops,
+                      check_large_steps, shape_code_cases)
 
 
-@shape_code_cases(LARGE_SHAPES + [(100, 1)])
+@shape_code_cases(LARGE_SHAPES + [(100, 1), SHORT_ROW])
 @pytest.mark.parametrize("backend,device", CPU_TORCH_CUDA)
 def test_large_finite_steps_stay_on_the_manifold(backend, device, code, shape, dtype):
     check_large_steps(backend_step_pm(backend, device), code, shape, dtype)

@@ -452,10 +452,11 @@ def test_compiled_and_torch_backends_agree_in_fp64():
 
 
 # ----------------------------------------------------------------------------------------------
-# row components: n×1 with n > 64 (the row view of 1×1 convs and linear weights), streamed
+# row components: n×1 with n > 64 (the row view of 1×1 convs and linear weights), streamed; the CPU streams the
+# shorter n×1 with n > 8 too (csrc/cpu/kernels.cpp, takes_row_kernel): 9, 16 and 64 cross that path's limits
 # ----------------------------------------------------------------------------------------------
 
-ROW_CASES = ([(n, config) for n in (65, 300) for config in STEP_CONFIGS]
+ROW_CASES = ([(n, config) for n in (9, 16, 64, 65, 300) for config in STEP_CONFIGS]
              + [(2048, config) for config in ("momentum", "nesterov-first-stabilize", "wd-sgd")])
 
 
@@ -478,7 +479,7 @@ def test_step_rows(backend, device, dtype, n, config):
 
 
 @pytest.mark.parametrize("wd", [0.0, 0.03])
-@pytest.mark.parametrize("n", [65, 1000])
+@pytest.mark.parametrize("n", [9, 40, 65, 1000])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_tangent_sqnorm_rows(backend, device, dtype, n, wd):

@@ -46,7 +46,8 @@ def _pair(ts):
     return out
 
 
-@pytest.mark.parametrize("shape", [(3, 3), (2, 3), (5, 5), (100, 1)], ids=["3x3", "2x3", "5x5", "row100"])
+@pytest.mark.parametrize("shape", [(3, 3), (2, 3), (5, 5), (100, 1), (16, 1)],
+                         ids=["3x3", "2x3", "5x5", "row100", "row16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_packed_codes_give_the_same_bits(backend, device, dtype, shape):

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import CPU_TORCH_CUDA, RADIAL_SHAPES, backend_step_pm, check_radial_gradients, shape_code_cases
+from conftest import CPU_TORCH_CUDA, RADIAL_SHAPES, SHORT_ROW, backend_step_pm, check_radial_gradients, shape_code_cases
 
 
-@shape_code_cases(RADIAL_SHAPES)
+@shape_code_cases(RADIAL_SHAPES + [SHORT_ROW])
 @pytest.mark.parametrize("backend,device", CPU_TORCH_CUDA)
 def test_radial_gradients_stay_on_the_manifold(backend, device, code, shape, dtype):
     check_radial_gradients(backend_step_pm(backend, device), code, shape, dtype)

@@ -16,7 +16,8 @@ from fgsgd_cuda import reference as R
 
 BACKENDS = backends_on((("cpu", "cpu"), ("torch", "cpu"), ("triton", "cpu"), ("cuda", "cuda"), ("triton", "cuda")))
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")]
-SHAPES = [pytest.param((3, 3), id="3x3"), pytest.param((2, 3), id="2x3"), pytest.param((100, 1), id="row100")]
+SHAPES = [pytest.param((3, 3), id="3x3"), pytest.param((2, 3), id="2x3"), pytest.param((100, 1), id="row100"),
+          pytest.param((16, 1), id="row16")]
 STEPS = [0, 4, 9, 2]          # with stabilize_every 5: tensor 0 takes its first step, tensors 1 and 2 re-project
 EVERY = 5
 HP = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0)

@@ -24,7 +24,10 @@ void each(int64_t n, F&& f) {
   });
 }
 
-inline bool is_row_shape(int A, int B) { return A * B > kMaxElems; }  // the checks allow only B == 1 there
+// Components streamed by the row kernels (serial_row.h): every n×1 longer than kMaxCayleyRows, not only those
+// over kMaxElems (the checks allow only n×1 there). No Cayley code reaches them (it needs A <= 8), and from
+// 16×1 up the row kernel is 2-4× faster than the per-component path (benchmarks/README, "Short rows").
+inline bool takes_row_kernel(int A, int B) { return A * B > kMaxElems || (B == 1 && A > kMaxCayleyRows); }
 
 enum Isa : int { kScalar = 0, kBase = 1, kAvx2 = 2, kAvx512 = 3 };
 
@@ -155,7 +158,7 @@ void norms(const UnaryArgs<T>& a, int A, int B) {
 // other shapes (and the scalar choice) per component, each(s, t, i) with the shape policy s.
 template <class T, class Rows, class Fast, class Each>
 void route(const std::vector<TensorSlot<T>>& slots, int A, int B, int isa, Rows&& rows, Fast&& fast, Each&& each) {
-  if (is_row_shape(A, B)) return each_range(slots, row_grain(A), rows);
+  if (takes_row_kernel(A, B)) return each_range(slots, row_grain(A), rows);
   if (isa != kScalar && fast_shape(A, B)) return each_range(slots, kGrain, fast);
   with_shape(A, B, [&](auto s) { each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) { each(s, t, i); }); });
 }

@@ -1,4 +1,4 @@
-// Row components on the CPU (n×1, n > kMaxElems: csrc/fgsgd/row_step.h): one thread streams a whole row
+// Row components on the CPU (n×1, n > kMaxCayleyRows: csrc/fgsgd/row_step.h): one thread streams a whole row
 // in `omp simd` loops (row_step's passes are elementwise but for their sums, which are in double, in the
 // order the vectorised loop makes). Compiled by kernels.cpp (the scalar ISA choice) and once per fast-path
 // instruction set (fast_impl.h), each copy in its own namespace (config.h).

@@ -1,9 +1,10 @@
 // The fused step of one *row* component: an n×1 column of any length n (the row view of a 1×1 conv or
 // linear weight, one output channel's weights), too long for the small-matrix math of step.h
-// (A·B <= kMaxElems). DESIGN.md §1, Algorithm 1, steps 1, 3, 4 and 5 with s_g given, as step.h, for the
-// manifolds an n×1 component can sit on: euclidean, sphere and oblique (one column: the same manifold)
-// and stiefel with qr (St(n, 1) is the sphere; Q of QR with diag(R) > 0 is x/‖x‖). Cayley and unknown
-// codes leave the row as it is (callers refuse them: the cayley retraction needs A <= 8).
+// (A·B <= kMaxElems); the CPU streams the shorter n×1 with n > kMaxCayleyRows here too (faster than step.h
+// from 16×1 up: csrc/cpu/kernels.cpp, takes_row_kernel). DESIGN.md §1, Algorithm 1, steps 1, 3, 4 and 5
+// with s_g given, as step.h, for the manifolds an n×1 component can sit on: euclidean, sphere and oblique
+// (one column: the same manifold) and stiefel with qr (St(n, 1) is the sphere; Q of QR with diag(R) > 0 is
+// x/‖x‖). Cayley and unknown codes leave the row as it is (callers refuse them: cayley needs A <= 8).
 //
 // The row is streamed instead of held in registers: the reductions are sums over the row, so the math
 // runs as a few passes over p, g and m with a sum between passes. `Ctx` says how a pass is split and how
