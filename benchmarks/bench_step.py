@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""One optimizer step of FG-SGD against torch.optim.SGD (and geoopt), on the parameters of ResNet-18/50/101.
+"""One optimizer step of FG-SGD against torch.optim.SGD (and geoopt), on the parameters of ResNet-18/50/101
+(and SE-ResNet-50/101 with ``--models``).
 
 Every case gets the same parameters (a fresh copy of one random set) and the same random
 gradients (never zeros), lr 0.01, momentum 0.9, fp32. Cases:
@@ -64,20 +65,29 @@ MOMENTUM = 0.9
 # --------------------------------------------------------------------------------------------------
 # Parameter sets. The layer lists follow torchvision's resnet18 / resnet50 / resnet101 (ResNet v1.5:
 # the stride sits on the 3×3 conv of a bottleneck); only the shapes matter. ("conv", O, I, k) is a
-# bias-free conv weight, ("bn", C) a BatchNorm's weight and bias, ("linear", O, I) a weight and bias.
+# bias-free conv weight, ("bn", C) a BatchNorm's weight and bias, ("linear", O, I) a weight and bias,
+# ("se", C, r) a squeeze-and-excitation module on C channels (Hu et al. 2018): 1×1 convs with bias
+# C → C/r → C, as in Cadene's pretrainedmodels se_resnet50/101 (timm's legacy_seresnet*), whose other
+# parameter shapes are torchvision's. In the row view (--row-view) the second conv's rows are C/r long:
+# 16, 32, 64 and 128 entries on SE-ResNet-50/101.
 # --------------------------------------------------------------------------------------------------
 RESNETS = {
-    # name: (block, blocks per stage)
-    "resnet18": ("basic", (2, 2, 2, 2)),
-    "resnet50": ("bottleneck", (3, 4, 6, 3)),
-    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+    # name: (block, blocks per stage, SE reduction r or 0 for none)
+    "resnet18": ("basic", (2, 2, 2, 2), 0),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), 0),
+    "resnet101": ("bottleneck", (3, 4, 23, 3), 0),
+    "seresnet50": ("bottleneck", (3, 4, 6, 3), 16),
+    "seresnet101": ("bottleneck", (3, 4, 23, 3), 16),
 }
 TORCHVISION_PARAM_COUNTS = {"resnet18": 11_689_512, "resnet50": 25_557_032, "resnet101": 44_549_160}
+# torchvision's ResNet-50/101 plus 2·C·C/16 + C/16 + C per bottleneck with C output channels
+PARAM_COUNTS = {**TORCHVISION_PARAM_COUNTS, "seresnet50": 28_088_024, "seresnet101": 49_326_872}
 
 
 def resnet_layers(name: str, width_div: int = 1, num_classes: int = 1000) -> list[tuple]:
-    """The conv / bn / linear layers of a torchvision ResNet, channels divided by ``width_div``."""
-    block, stages = RESNETS[name]
+    """The conv / bn / se / linear layers of a torchvision ResNet (or SE-ResNet), channels divided by
+    ``width_div``."""
+    block, stages, se = RESNETS[name]
     expansion = 1 if block == "basic" else 4
     w = lambda c: max(1, c // width_div)  # noqa: E731
     layers = [("conv", w(64), 3, 7), ("bn", w(64))]
@@ -91,6 +101,8 @@ def resnet_layers(name: str, width_div: int = 1, num_classes: int = 1000) -> lis
             else:
                 layers += [("conv", planes, inplanes, 1), ("bn", planes), ("conv", planes, planes, 3), ("bn", planes),
                            ("conv", planes * expansion, planes, 1), ("bn", planes * expansion)]
+            if se:
+                layers.append(("se", planes * expansion, se))
             if b == 0 and (stride != 1 or inplanes != planes * expansion):
                 layers += [("conv", planes * expansion, inplanes, 1), ("bn", planes * expansion)]
             inplanes = planes * expansion
@@ -110,6 +122,9 @@ def param_shapes(layers: list[tuple]) -> list[tuple[int, ...]]:
         elif kind == "linear":
             o, i = dims
             shapes += [(o, i), (o,)]
+        elif kind == "se":
+            c, r = dims
+            shapes += [(max(1, c // r), c, 1, 1), (max(1, c // r),), (c, max(1, c // r), 1, 1), (c,)]
         else:
             raise ValueError(kind)
     return shapes
@@ -120,7 +135,7 @@ def model_shapes(name: str, quick: bool = False) -> list[tuple[int, ...]]:
     shapes = param_shapes(resnet_layers(name, *((8, 100) if quick else (1, 1000))))
     if not quick:
         n = sum(math.prod(s) for s in shapes)
-        assert n == TORCHVISION_PARAM_COUNTS[name], (name, n)
+        assert n == PARAM_COUNTS[name], (name, n)
     return shapes
 
 
@@ -764,7 +779,8 @@ def environment(device, args) -> dict:
     C = getattr(fgsgd_cuda._ext, "_C", None)
     env["fgsgd_cpu_isa"] = C._cpu_isa() if C is not None and hasattr(C, "_cpu_isa") else None  # the CPU fast path
     try:
-        root = HERE.parent
+        root = Path(fgsgd_cuda.__file__).resolve().parent.parent  # the measured library's checkout (PYTHONPATH)
+        env["fgsgd_cuda_path"] = str(root)
         env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                            timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root, capture_output=True, text=True,

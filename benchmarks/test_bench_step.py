@@ -95,9 +95,20 @@ def test_launches_independent_of_depth():
     assert len({c["ops"] for c in counts.values()}) == 1, counts
 
 
-def test_param_counts_match_torchvision():
-    for name, n in B.TORCHVISION_PARAM_COUNTS.items():
+def test_param_counts():
+    """torchvision's counts for ResNet-18/50/101; SE-ResNet-50/101 add their SE modules (model_shapes asserts it too)."""
+    for name, n in B.PARAM_COUNTS.items():
         assert sum(B.math.prod(s) for s in B.model_shapes(name)) == n
+
+
+def test_se_module_shapes():
+    """("se", C, r) has the parameters of an SE module built from torch.nn (1×1 convs with bias, C → C/r → C), and
+    SE-ResNet-101's row view gets rows of 16, 32, 64 and 128 entries from the expanding convs."""
+    se = torch.nn.Sequential(torch.nn.Conv2d(256, 16, 1), torch.nn.Conv2d(16, 256, 1))
+    assert B.param_shapes([("se", 256, 16)]) == [tuple(p.shape) for p in se.parameters()]
+    expanding = [s for s in B.model_shapes("seresnet101") if B.is_row_weight(s) and s[0] == 16 * s[1]]
+    assert sorted({s[1] for s in expanding}) == [16, 32, 64, 128] and len(expanding) == 33
+    assert not [s for s in B.model_shapes("resnet101") if B.is_row_weight(s) and s[0] == 16 * s[1]]
 
 
 def test_script_smoke(tmp_path):
