@@ -124,7 +124,8 @@ def param_shapes(layers: list[tuple]) -> list[tuple[int, ...]]:
             shapes += [(o, i), (o,)]
         elif kind == "se":
             c, r = dims
-            shapes += [(max(1, c // r), c, 1, 1), (max(1, c // r),), (c, max(1, c // r), 1, 1), (c,)]
+            h = max(1, c // r)  # the squeezed width
+            shapes += [(h, c, 1, 1), (h,), (c, h, 1, 1), (c,)]
         else:
             raise ValueError(kind)
     return shapes

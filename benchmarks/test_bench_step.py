@@ -106,9 +106,10 @@ def test_se_module_shapes():
     SE-ResNet-101's row view gets rows of 16, 32, 64 and 128 entries from the expanding convs."""
     se = torch.nn.Sequential(torch.nn.Conv2d(256, 16, 1), torch.nn.Conv2d(16, 256, 1))
     assert B.param_shapes([("se", 256, 16)]) == [tuple(p.shape) for p in se.parameters()]
-    expanding = [s for s in B.model_shapes("seresnet101") if B.is_row_weight(s) and s[0] == 16 * s[1]]
+    r = B.RESNETS["seresnet101"][2]
+    expanding = [s for s in B.model_shapes("seresnet101") if B.is_row_weight(s) and s[0] == r * s[1]]
     assert sorted({s[1] for s in expanding}) == [16, 32, 64, 128] and len(expanding) == 33
-    assert not [s for s in B.model_shapes("resnet101") if B.is_row_weight(s) and s[0] == 16 * s[1]]
+    assert not [s for s in B.model_shapes("resnet101") if B.is_row_weight(s) and s[0] == r * s[1]]
 
 
 def test_script_smoke(tmp_path):

@@ -8,7 +8,7 @@ import zlib
 import pytest
 import torch
 
-from conftest import backends_on, make_gen, make_row_tensors, make_step_tensors
+from conftest import SHORT_ROW, backends_on, make_gen, make_row_tensors, make_step_tensors
 from fgsgd_cuda import codes as C
 from fgsgd_cuda import dispatch, ops
 
@@ -46,7 +46,7 @@ def _pair(ts):
     return out
 
 
-@pytest.mark.parametrize("shape", [(3, 3), (2, 3), (5, 5), (100, 1), (16, 1)],
+@pytest.mark.parametrize("shape", [(3, 3), (2, 3), (5, 5), (100, 1), SHORT_ROW],
                          ids=["3x3", "2x3", "5x5", "row100", "row16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("backend,device", BACKENDS)

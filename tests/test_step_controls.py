@@ -9,7 +9,7 @@ import zlib
 import pytest
 import torch
 
-from conftest import backends_on, FP32_RTOL, make_gen, make_row_tensors, make_step_tensors, rel_err
+from conftest import SHORT_ROW, backends_on, FP32_RTOL, make_gen, make_row_tensors, make_step_tensors, rel_err
 from fgsgd_cuda import dispatch, ops
 from fgsgd_cuda import reference as R
 
@@ -17,7 +17,7 @@ from fgsgd_cuda import reference as R
 BACKENDS = backends_on((("cpu", "cpu"), ("torch", "cpu"), ("triton", "cpu"), ("cuda", "cuda"), ("triton", "cuda")))
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")]
 SHAPES = [pytest.param((3, 3), id="3x3"), pytest.param((2, 3), id="2x3"), pytest.param((100, 1), id="row100"),
-          pytest.param((16, 1), id="row16")]
+          pytest.param(SHORT_ROW, id="row16")]
 STEPS = [0, 4, 9, 2]          # with stabilize_every 5: tensor 0 takes its first step, tensors 1 and 2 re-project
 EVERY = 5
 HP = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0)
