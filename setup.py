@@ -43,11 +43,11 @@ def extension():
     # explicit -std=c++17 drew warnings from c10's headers); the sources need C++17 or later.
     cxx = ["-O3", "-Wno-unknown-pragmas"] + openmp_flags() + simd
     link = openmp_flags()
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/channel_directed_ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     include = [os.path.join(HERE, "csrc")]
     if want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        sources += ["csrc/ops_cuda.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += ["csrc/ops_cuda.cpp", "csrc/channel_directed_ops_cuda.cpp"] + sorted(glob.glob("csrc/cuda/*.cu"))
         return CUDAExtension(
             "fgsgd_cuda._C", sources, include_dirs=include,
             define_macros=[("FGSGD_WITH_CUDA", None)],

@@ -11,6 +11,7 @@ from .grouping import Grouping, make_grouping
 from .optimizer import FGSGD
 from .param_groups import param_groups
 from .renorm import Renormalizer
+from .channel_directed import channel_directed_, conv_weights
 
 if _ext.HAS_CPU_KERNELS:
     from . import _fake
@@ -19,5 +20,5 @@ if _ext.HAS_CPU_KERNELS:
 
 __version__ = "0.1.0"
 
-__all__ = ["FGSGD", "param_groups", "Renormalizer", "Grouping", "make_grouping", "codes", "manifolds", "reference", "dispatch", "ops", "manifold", "Sphere", "Oblique", "Stiefel",
+__all__ = ["FGSGD", "param_groups", "Renormalizer", "channel_directed_", "conv_weights", "Grouping", "make_grouping", "codes", "manifolds", "reference", "dispatch", "ops", "manifold", "Sphere", "Oblique", "Stiefel",
            "Euclidean"]

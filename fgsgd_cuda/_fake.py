@@ -84,3 +84,14 @@ def register() -> None:
                 raise ValueError(f"ratio: expected one tensor per parameter ({len(params)}), got {len(ratio)}")
             _lists(params, None, None, codes, ratio, rescale_name="ratio")
         return None
+
+    @torch.library.register_fake(lib + "channel_directed_")
+    def _channel_directed_(grads, dim, metric, lam):
+        from .channel_directed import check_options
+        check_options(metric, lam, dim)
+        for k, g in enumerate(grads):
+            if g.dtype not in checks.FLOAT_DTYPES:
+                raise TypeError(f"grads[{k}]: expected dtype float32 or float64, got {g.dtype}")
+            if g.dim() <= dim:
+                raise ValueError(f"grads[{k}]: has shape {tuple(g.shape)}, which has no axis dim={dim}")
+        return None

@@ -1,4 +1,5 @@
-"""The FG-SGD step for a batch of components in plain torch: the oracle of every backend.
+"""The FG-SGD step for a batch of components in plain torch, and the channel-directed gradients: the oracle
+of every backend.
 
 ``step`` is DESIGN.md §1, Algorithm 1, steps 1, 3, 4 and 5 for components that may each sit on a
 different manifold (``codes``, see :mod:`fgsgd_cuda.codes`), with the group step size s_g of step 2
@@ -94,3 +95,24 @@ def projx(p, codes, rescale=None):
     for man, mask in _per_code(codes):
         out[mask] = man.projx(w[mask])
     return r * out
+
+
+def channel_directed(g, metric, lam, dim=0):
+    """The channel-directed gradient of ``g`` (DESIGN.md §1): every fiber f along ``dim`` (length L, periodic)
+    becomes mean(f) + (f − mean(f))/λ (``"reweighted"``, H⁰) or the solution of (I − λΔ) f_new = f
+    (``"sobolev"``, H¹), Δ the periodic second difference, solved here as a dense L×L system (written for
+    clarity: run it in float64 on small L). Returns a new tensor."""
+    f = g.movedim(dim, 0)
+    L = f.shape[0]
+    cols = f.reshape(L, -1)
+    if metric == "reweighted":
+        mean = cols.mean(dim=0, keepdim=True)
+        out = mean + (cols - mean) / lam
+    elif metric == "sobolev":
+        eye = torch.eye(L, dtype=g.dtype, device=g.device)
+        shift = torch.roll(eye, 1, dims=0)            # (S f)_j = f_{j−1}, periodic
+        laplacian = shift + shift.T - 2 * eye         # (Δf)_j = f_{j+1} − 2 f_j + f_{j−1}
+        out = torch.linalg.solve(eye - lam * laplacian, cols)
+    else:
+        raise ValueError(f"metric: expected 'sobolev' or 'reweighted', got {metric!r}")
+    return out.reshape(f.shape).movedim(0, dim)

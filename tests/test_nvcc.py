@@ -1,6 +1,7 @@
 """The CUDA sources compile with the local nvcc, with no GPU and no torch headers (DESIGN.md §2:
 csrc/cuda is plain CUDA C++), and the shared header math of csrc/fgsgd is __host__ __device__ clean; the
-torch-facing csrc/ops_cuda.cpp passes the host compiler against torch's CUDA headers."""
+torch-facing csrc/ops_cuda.cpp and csrc/channel_directed_ops_cuda.cpp pass the host compiler against torch's CUDA
+headers."""
 from __future__ import annotations
 
 import os
@@ -100,12 +101,13 @@ def _compile(src: Path, out: Path, extra=()) -> subprocess.Popen:
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """Runs the three compiles at once (about 20 s together) and returns {name: (returncode, output, object)}."""
+    """Runs the four compiles at once (about 20 s together) and returns {name: (returncode, output, object)}."""
     tmp = tmp_path_factory.mktemp("nvcc")
     (tmp / "probe.cu").write_text(HEADER_PROBE)
     (tmp / "bad.cu").write_text(BAD_PROBE)
     jobs = {
         "kernels": (_compile(CSRC / "cuda" / "kernels.cu", tmp / "kernels.o"), tmp / "kernels.o"),
+        "fibers": (_compile(CSRC / "cuda" / "channel_directed.cu", tmp / "fibers.o"), tmp / "fibers.o"),
         "probe": (_compile(tmp / "probe.cu", tmp / "probe.o"), tmp / "probe.o"),
         "bad": (_compile(tmp / "bad.cu", tmp / "bad.o"), tmp / "bad.o"),
     }
@@ -125,6 +127,14 @@ def test_cuda_kernels_compile(compiled):
     """nvcc -c -std=c++17 -arch=sm_90 -O3 -I csrc csrc/cuda/kernels.cu"""
     rc, text, obj = compiled["kernels"]
     assert rc == 0, f"nvcc failed on csrc/cuda/kernels.cu:\n{text}"
+    assert obj.is_file() and obj.stat().st_size > 0
+
+
+def test_channel_directed_kernel_compiles(compiled):
+    """nvcc -c -std=c++17 -arch=sm_90 -O3 -I csrc csrc/cuda/channel_directed.cu (csrc/fgsgd/channel_directed.h in
+    __global__ code)"""
+    rc, text, obj = compiled["fibers"]
+    assert rc == 0, f"nvcc failed on csrc/cuda/channel_directed.cu:\n{text}"
     assert obj.is_file() and obj.stat().st_size > 0
 
 
@@ -148,7 +158,7 @@ def test_kernels_do_not_include_torch():
             assert bad not in text, f"{path.relative_to(ROOT)} includes {bad}"
 
 
-def _torch_cuda_compile_command(tmp: Path) -> list[str] | None:
+def _torch_cuda_compile_command(tmp: Path, source: str) -> list[str] | None:
     """g++ -fsyntax-only of csrc/ops_cuda.cpp (the torch-facing code of the CUDA build: op_impl.h over
     csrc/cuda) against the installed torch's headers and the CUDA toolkit's, or None where they are missing. A
     CPU-only torch wheel ships c10/cuda but not the header its CMake generates (cuda_cmake_macros.h): a stand-in."""
@@ -170,15 +180,16 @@ def _torch_cuda_compile_command(tmp: Path) -> list[str] | None:
         (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     flags = [f"-I{d}" for d in [str(CSRC), *includes, str(tmp / "stub"), str(cuda_include),
                                 sysconfig.get_paths()["include"]]]
-    return [cxx, "-std=c++20", "-fsyntax-only", "-DFGSGD_WITH_CUDA", *flags, str(CSRC / "ops_cuda.cpp")]
+    return [cxx, "-std=c++20", "-fsyntax-only", "-DFGSGD_WITH_CUDA", *flags, str(CSRC / source)]
 
 
-def test_torch_facing_cuda_code_compiles(tmp_path):
-    """csrc/ops_cuda.cpp, compiled in the GPU build by the host compiler against torch's CUDA headers: checked
-    here for syntax and types (no GPU, no CUDA build of torch), so that a change of op_impl.h cannot break it
-    unseen."""
-    cmd = _torch_cuda_compile_command(tmp_path)
+@pytest.mark.parametrize("source", ["ops_cuda.cpp", "channel_directed_ops_cuda.cpp"])
+def test_torch_facing_cuda_code_compiles(tmp_path, source):
+    """csrc/ops_cuda.cpp and csrc/channel_directed_ops_cuda.cpp, compiled in the GPU build by the host compiler
+    against torch's CUDA headers: checked here for syntax and types (no GPU, no CUDA build of torch), so that a
+    change of op_impl.h or channel_directed_impl.h cannot break them unseen."""
+    cmd = _torch_cuda_compile_command(tmp_path, source)
     if cmd is None:
         pytest.skip("needs g++, the CUDA toolkit's headers and torch's c10/cuda headers")
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=600)
-    assert proc.returncode == 0, f"csrc/ops_cuda.cpp does not compile:\n{proc.stdout}{proc.stderr}"
+    assert proc.returncode == 0, f"csrc/{source} does not compile:\n{proc.stdout}{proc.stderr}"

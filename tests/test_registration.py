@@ -17,8 +17,10 @@ from fgsgd_cuda import codes as C
 from fgsgd_cuda import manifolds as M
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS = ["proj", "retr", "projx", "norms", "step_", "tangent_sqnorm", "projx_", "rescale_", "group_scale"]
-MUTATED = {"step_": {"params", "momentum_buffers", "steps"}, "projx_": {"params"}, "rescale_": {"params"}}
+OPS = ["proj", "retr", "projx", "norms", "step_", "tangent_sqnorm", "projx_", "rescale_", "group_scale",
+       "channel_directed_"]
+MUTATED = {"step_": {"params", "momentum_buffers", "steps"}, "projx_": {"params"}, "rescale_": {"params"},
+           "channel_directed_": {"grads"}}
 
 
 @requires_cpu_kernels
@@ -89,6 +91,9 @@ def _samples():
                              torch.randperm(14, generator=gen).int(), torch.tensor([0, 5, 5, 9, 14]), 1.5, dtype),
              tag + "-dtype"),
         ]
+        grads = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in ((6, 2, 3, 3), (5, 4))]
+        out += [("channel_directed_", (grads, 0, "sobolev", 0.7), tag + "-sobolev"),
+                ("channel_directed_", (grads, 1, "reweighted", 2.0), tag + "-reweighted")]
     return [pytest.param(name, args, id=f"{name}-{tag}") for name, args, tag in out]
 
 

@@ -606,3 +606,53 @@ def test_capturable_optimizer_reads_its_controls_in_the_kernels(device):
     m1, o1, m2, o2 = OC.follow_eager(True, backend="triton")
     OC.assert_same(m1, o1, m2, o2)
     assert [float(o2.state[p]["step"]) for p in OC.manifold_params(o2)] == [8.0, 7.0, 8.0, 8.0]
+
+
+# (gradient shapes, dim) of the channel-directed kernels (triton_kernels/fibers.py): L = 1 and 2, 130 columns (two
+# programs of 128, the second masked), a long fiber, and fibers along the input channels
+FIBER_CASES = {"conv": ([(12, 5, 3, 3)], 0), "short": ([(1, 4, 3, 3), (2, 3, 3, 3)], 0),
+               "masked": ([(6, 130)], 0), "long": ([(200, 2, 1, 1)], 0), "input-dim": ([(3, 7, 3, 3)], 1)}
+
+
+@pytest.mark.parametrize("metric,lam", [("sobolev", 0.0), ("sobolev", 0.05), ("sobolev", 2.0), ("sobolev", 1e4),
+                                        ("reweighted", 0.5), ("reweighted", 4.0)])
+@pytest.mark.parametrize("key", list(FIBER_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_channel_directed(device, dtype, key, metric, lam):
+    """Channel-directed gradients on Triton against the float64 dense solve (fgsgd_cuda.reference.channel_directed)."""
+    from torch import nn
+    from fgsgd_cuda import channel_directed_
+    shapes, dim = FIBER_CASES[key]
+    gen = make_gen(zlib.crc32(repr(("fibers", key, metric, lam, str(dtype))).encode()))
+    grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    refs = [R.channel_directed(g, metric, lam, dim) for g in grads]
+    params = []
+    for g in grads:
+        p = nn.Parameter(torch.zeros(g.shape, dtype=dtype, device=device))
+        p.grad = g.to(device=device, dtype=dtype)
+        params.append(p)
+    channel_directed_(params, metric, lam, dim=dim, backend="triton")
+    tol = (1e-6 if dtype == torch.float32 else 1e-13) * max(1.0, lam ** 0.5)
+    for p, ref in zip(params, refs):
+        assert rel_err(p.grad.cpu(), ref) <= tol, (tuple(ref.shape), rel_err(p.grad.cpu(), ref))
+
+
+@pytest.mark.skipif(triton_kernels.interpreting(), reason="compiling needs a process without TRITON_INTERPRET=1 "
+                    "(the plain `pytest tests` run does it)")
+@pytest.mark.parametrize("name", ["_sobolev_kernel", "_reweighted_kernel"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+def test_fiber_kernels_compile_for_sm90(name, dtype):
+    """The channel-directed kernels (triton_kernels/fibers.py) with the real Triton compiler for sm_90, no GPU."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from fgsgd_cuda.triton_kernels import fibers
+        fn = getattr(fibers, name)
+        types = {"x_ptr": "*" + dtype, "coef_ptr": "*" + dtype, "L": "i32", "C": "i32", "terms": "i32"}
+        sig = {arg: types[arg] for arg in fn.arg_names if arg != "BLOCK"}
+        src = ASTSource(fn=fn, signature={**sig, "BLOCK": "constexpr"}, constexprs={"BLOCK": fibers.BLOCK})
+        target = GPUTarget("cuda", 90, 32)
+    except Exception as exc:  # another Triton's API: this check is for CI's Triton
+        pytest.skip(f"cannot set up an offline compile with this Triton: {type(exc).__name__}: {exc}")
+    compiled = triton.compile(src, target=target, options={"num_warps": fibers.WARPS, **fibers.OPTIONS})
+    assert ".entry" in compiled.asm["ptx"]

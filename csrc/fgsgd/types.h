@@ -67,4 +67,12 @@ struct GroupScaleArgs {
   double clip;
 };
 
+// One tensor of channel_directed_ (channel_directed.h): `outer` blocks of (L, C) values, contiguous; its fibers are
+// the C columns of each block (length L, their entries C apart).
+template <class T>
+struct FiberSlot {
+  T* x;
+  int64_t outer, L, C;
+};
+
 }  // namespace fgsgd

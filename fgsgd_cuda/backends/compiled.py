@@ -52,3 +52,6 @@ class CompiledBackend:
 
     def group_scale(self, sqnorm, members, offsets, group_clip, dtype=None):
         return self._ops.group_scale(sqnorm, members, offsets, float(group_clip), dtype)
+
+    def channel_directed_(self, grads, dim, metric, lam):
+        self._ops.channel_directed_(list(grads), int(dim), str(metric), float(lam))

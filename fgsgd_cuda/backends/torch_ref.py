@@ -22,8 +22,30 @@ def group_scale(sqnorm, members, offsets, group_clip, dtype=None):
     return (1.0 / torch.clamp(total.sqrt() / group_clip, min=1.0)).to(dtype or sqnorm.dtype)
 
 
+def channel_directed_(grads, dim, metric, lam):
+    """Channel-directed gradients in torch ops (the torch backend, and float16/bfloat16 on every backend): the
+    re-weighted metric directly, the Sobolev metric by FFT along ``dim``: (I − λΔ) is circulant, its eigenvalue
+    at frequency k is 1 + 4λ sin²(πk/L). Computed in float32 at least, written back in place."""
+    for g in grads:
+        x = g if g.dtype in (torch.float32, torch.float64) else g.float()
+        L = x.shape[dim]
+        if metric == "reweighted":
+            mean = x.mean(dim=dim, keepdim=True)
+            out = x / lam + mean * (1.0 - 1.0 / lam)
+        else:
+            k = torch.arange(L // 2 + 1, device=x.device, dtype=x.dtype)
+            gain = 1.0 / (1.0 + 4.0 * lam * torch.sin(torch.pi * k / L) ** 2)
+            shape = [1] * x.dim()
+            shape[dim] = gain.numel()
+            out = torch.fft.irfft(torch.fft.rfft(x, dim=dim) * gain.view(shape), n=L, dim=dim)
+        g.copy_(out)
+
+
 class TorchBackend:
     name = "torch"
+
+    def channel_directed_(self, grads, dim, metric, lam):
+        channel_directed_(grads, dim, metric, lam)
 
     def proj(self, x, u, code):
         return _m.from_code(code).proj(x, u)

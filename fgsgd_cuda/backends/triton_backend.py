@@ -54,3 +54,7 @@ class TritonBackend:
 
     def group_scale(self, sqnorm, members, offsets, group_clip, dtype=None):
         return _torch_group_scale(sqnorm, members, offsets, group_clip, dtype)  # torch ops: no Triton kernel of its own
+
+    def channel_directed_(self, grads, dim, metric, lam):
+        from ..triton_kernels import fibers  # imports triton: on first use only
+        fibers.channel_directed_(grads, dim, metric, lam)
