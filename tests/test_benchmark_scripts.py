@@ -42,3 +42,17 @@ def test_cpu_step_runs_instruction_sets_side_by_side(tmp_path):
     assert _C._cpu_isa() == default  # the switch is restored
     packed = cpu_step.main(["--n", "101", "--reps", "1", "--codes", "mix", "--packed"])
     assert [(r["codes"], r["packed"]) for r in packed] == [("mix", True)] and packed[0]["fgsgd_ms"] > 0
+
+
+@pytest.mark.skipif(not dispatch.available("cpu", "cpu"), reason="needs the compiled CPU kernels")
+def test_bench_channel_directed_runs(tmp_path):
+    import bench_channel_directed
+    out = tmp_path / "cd.json"
+    report = bench_channel_directed.main(["--device", "cpu", "--models", "resnet50", "--quick", "--repeats", "1",
+                                          "--backends", "cpu,torch", "--out", str(out)])
+    (model,) = report["models"]
+    assert model["tensors"] == 53  # ResNet-50's convs
+    assert {"SGD(foreach)", "sobolev[cpu]", "reweighted[cpu]", "sobolev[torch]", "reweighted[torch]"} <= set(
+        model["cases"])
+    assert all(c["median_s"] > 0 for c in model["cases"].values())
+    assert json.loads(out.read_text())["models"][0]["cases"].keys() == model["cases"].keys()
