@@ -410,3 +410,27 @@ def shape_code_cases(shapes):
             test = mark(test)
         return test
     return decorate
+
+
+def run_ranks(target, world: int, args_of, out_dir, timeout: float = 120) -> None:
+    """Runs target(*args_of(rank)) in ``world`` processes (fork where the OS has it: the children inherit the
+    imported torch and fgsgd_cuda, cheaper than fresh interpreters) and fails with a rank's traceback
+    (``out_dir/error<rank>.txt``, written by the target) when one exits with an error or hangs."""
+    import torch.multiprocessing as mp
+    from fgsgd_cuda import FGSGD
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    FGSGD([torch.nn.Parameter(torch.ones(2, 2))], lr=0.1)  # torch.optim's lazy imports, once, before forking
+    procs = [ctx.Process(target=target, args=args_of(r)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    for r, p in enumerate(procs):
+        err = os.path.join(str(out_dir), f"error{r}.txt")
+        why = open(err).read() if os.path.exists(err) else ""
+        assert p.exitcode == 0, f"rank {r} failed (exit code {p.exitcode}):\n{why}"

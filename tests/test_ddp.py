@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from torch import nn
 
+from conftest import run_ranks
 from fgsgd_cuda import FGSGD, codes as C, manifolds as M, param_groups
 
 WORLD = 2
@@ -71,25 +71,8 @@ def gloo_missing() -> str | None:
 
 @pytest.mark.skipif(gloo_missing() is not None, reason=str(gloo_missing()))
 def test_ddp_two_ranks_identical_weights_on_the_manifolds(tmp_path):
-    # fork: the children inherit the imported torch and fgsgd_cuda (spawning two fresh interpreters costs more
-    # than the whole test); each child sets one intra-op thread before any work
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    FGSGD([nn.Parameter(torch.ones(2, 2))], lr=0.1)  # imports what torch.optim imports lazily, once, before forking
     store = str(tmp_path / "store")
-    procs = [ctx.Process(target=_entry, args=(r, WORLD, store, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=120)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-    for r, p in enumerate(procs):
-        err = tmp_path / f"error{r}.txt"
-        why = err.read_text() if err.exists() else ""
-        assert p.exitcode == 0, f"rank {r} failed (exit code {p.exitcode}):\n{why}"
+    run_ranks(_entry, WORLD, lambda r: (r, WORLD, store, str(tmp_path)), tmp_path)
     res = [torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in range(WORLD)]
     # each rank saw different data
     assert res[0]["losses"] != res[1]["losses"]
