@@ -4,7 +4,8 @@ stand-in <cuda_runtime.h> (a std::thread per CUDA thread, a barrier for __syncth
 (whole and partial chunks, the 16-byte vector path and the scalar one, unaligned tensors, tables of more
 than 40 tensors, empty tensors), and the code-sorted variant's permutation, are checked on machines
 without a GPU. The GPU runs the same code
-(tests/test_cuda_step.py)."""
+(tests/test_cuda_step.py). Likewise tests/cuda_emu/fibers_emu.cpp runs the channel-directed kernel's code
+(csrc/cuda/fibers.cuh: launch tables, block-to-tensor search, a thread per fiber)."""
 from __future__ import annotations
 
 import os
@@ -277,3 +278,48 @@ def _run_sqnorm(emulator, dtype, hp, tensors, offsets, variant="sqnorm"):
         start += t["p"].shape[0]
     assert start == values.numel()
     return out
+
+
+@pytest.fixture(scope="module")
+def fibers_emulator(tmp_path_factory):
+    """tests/cuda_emu/fibers_emu.cpp: the CUDA channel-directed kernel's code (csrc/cuda/fibers.cuh) on the CPU."""
+    exe = tmp_path_factory.mktemp("emu") / "fibers_emu"
+    proc = subprocess.run([CXX, "-std=c++20", "-O1", f"-I{ROOT / 'tests' / 'cuda_emu'}", f"-I{ROOT / 'csrc'}",
+                           str(ROOT / "tests" / "cuda_emu" / "fibers_emu.cpp"), "-o", str(exe)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return exe
+
+
+# (outer, L, C) of the tensors of one call: fibers of length 1, 2 and 300; 128 fibers (one block), 129 (a
+# block + 1), 1 fiber; outer > 1 (fibers along dim 1); 40 tensors (two tables of at most 32), one of them empty
+FIBER_CALLS = {
+    "shapes": [(1, 16, 72), (1, 1, 45), (1, 2, 27), (1, 300, 6), (1, 5, 128), (1, 7, 129), (1, 9, 1), (4, 9, 9)],
+    "two-tables": [(1, 3 + k % 7, 11 * k % 37) for k in range(40)],
+}
+
+
+@pytest.mark.parametrize("call", list(FIBER_CALLS))
+@pytest.mark.parametrize("metric,lam", [("sobolev", 1.5), ("sobolev", 400.0), ("reweighted", 3.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_channel_directed_kernel(fibers_emulator, dtype, metric, lam, call):
+    """Every fiber of every tensor against the float64 dense solve (fgsgd_cuda.reference.channel_directed), nothing
+    written outside the tensors."""
+    shapes = FIBER_CALLS[call]
+    gen = make_gen(zlib.crc32(repr((call, metric, lam, str(dtype))).encode()))
+    grads = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in shapes]
+    lines = [str(8 if dtype == torch.float64 else 4), f"{int(metric == 'sobolev')} {lam!r} {len(shapes)}",
+             " ".join(str(v) for s in shapes for v in s)] + [_fmt(g) for g in grads if g.numel()]
+    proc = subprocess.run([str(fibers_emulator)], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    values = torch.tensor([float(v) for v in proc.stdout.split()], dtype=torch.float64)
+    start = 0
+    for k, g in enumerate(grads):
+        got = values[start:start + g.numel()].view(g.shape)
+        start += g.numel()
+        if g.numel():
+            ref = R.channel_directed(g.double(), metric, lam, dim=1)
+            # the recursions round as 1/(1 − r) ≈ √λ: 20 at λ = 400
+            assert rel_err(got, ref) <= TOL[dtype] * max(1.0, lam ** 0.5), f"tensor {k} {tuple(g.shape)}"
+    assert start == values.numel()
