@@ -87,11 +87,8 @@ def register() -> None:
 
     @torch.library.register_fake(lib + "channel_directed_")
     def _channel_directed_(grads, dim, metric, lam):
-        from .channel_directed import check_options
+        from .channel_directed import check_gradient, check_options
         check_options(metric, lam, dim)
         for k, g in enumerate(grads):
-            if g.dtype not in checks.FLOAT_DTYPES:
-                raise TypeError(f"grads[{k}]: expected dtype float32 or float64, got {g.dtype}")
-            if g.dim() <= dim:
-                raise ValueError(f"grads[{k}]: has shape {tuple(g.shape)}, which has no axis dim={dim}")
+            check_gradient(g, f"grads[{k}]", dim)
         return None

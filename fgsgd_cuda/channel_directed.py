@@ -28,11 +28,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from . import dispatch
+from . import checks, dispatch
 
 METRICS = ("sobolev", "reweighted")
-_KERNEL_DTYPES = (torch.float32, torch.float64)
-_TORCH_ONLY_DTYPES = (torch.float16, torch.bfloat16)
+_TORCH_ONLY_DTYPES = (torch.float16, torch.bfloat16)  # the torch backend only (in float32); the kernels take FLOAT_DTYPES
 
 
 def conv_weights(model: nn.Module) -> list[torch.Tensor]:
@@ -56,6 +55,17 @@ def check_options(metric: str, lam: float, dim: int) -> None:
                          f"metric, got {lam}")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
         raise ValueError(f"dim: expected an int >= 0 (the fiber axis), got {dim!r}")
+
+
+def check_gradient(g: torch.Tensor, name: str, dim: int, dtypes=checks.FLOAT_DTYPES) -> None:
+    """``g`` is dense, of one of ``dtypes``, and has an axis ``dim`` (the checks of :func:`channel_directed_` and of
+    the op's fake kernel)."""
+    if g.is_sparse or g.layout != torch.strided:
+        raise ValueError(f"{name}: sparse gradients are not supported (layout {g.layout})")
+    if g.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype one of {', '.join(str(d)[6:] for d in dtypes)}, got {g.dtype}")
+    if g.dim() <= dim:
+        raise ValueError(f"{name}: has shape {tuple(g.shape)}, which has no axis dim={dim}")
 
 
 def _fiber_layout(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, int] | None:
@@ -94,12 +104,7 @@ def channel_directed_(parameters: torch.Tensor | Iterable[torch.Tensor], metric:
         if g is None:
             continue
         name = f"parameters[{k}].grad"
-        if g.is_sparse or g.layout != torch.strided:
-            raise ValueError(f"{name}: sparse gradients are not supported (layout {g.layout})")
-        if g.dtype not in _KERNEL_DTYPES + _TORCH_ONLY_DTYPES:
-            raise TypeError(f"{name}: expected a floating dtype (float32, float64, float16, bfloat16), got {g.dtype}")
-        if g.dim() <= dim:
-            raise ValueError(f"{name}: has shape {tuple(g.shape)}, which has no axis dim={dim}")
+        check_gradient(g, name, dim, checks.FLOAT_DTYPES + _TORCH_ONLY_DTYPES)
         if g.dtype in _TORCH_ONLY_DTYPES and backend not in ("auto", "torch"):
             raise TypeError(f"{name}: backend {backend!r} takes float32 and float64 gradients, got {g.dtype} "
                             "(backend='auto' or 'torch' computes it in float32)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import checks
 from .. import codes as _codes
 from .. import manifolds as _m
 from .. import reference as _ref
@@ -27,7 +28,7 @@ def channel_directed_(grads, dim, metric, lam):
     re-weighted metric directly, the Sobolev metric by FFT along ``dim``: (I − λΔ) is circulant, its eigenvalue
     at frequency k is 1 + 4λ sin²(πk/L). Computed in float32 at least, written back in place."""
     for g in grads:
-        x = g if g.dtype in (torch.float32, torch.float64) else g.float()
+        x = g if g.dtype in checks.FLOAT_DTYPES else g.float()
         L = x.shape[dim]
         if metric == "reweighted":
             mean = x.mean(dim=dim, keepdim=True)
