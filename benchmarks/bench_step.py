@@ -161,14 +161,19 @@ class ParamSet:
         return sum(p.numel() for p in self.params if is_filter(p.shape))
 
 
-def make_param_set(name: str, shapes, device, seed: int = 0) -> ParamSet:
+def make_param_set(name: str, shapes, device, seed: int = 0, channels_last: bool = False) -> ParamSet:
+    """Random weights and fixed gradients of the given shapes; ``channels_last``: 4-D ones (and their gradients,
+    as autograd makes them) in that layout, which every case keeps (clones preserve it)."""
     gen = torch.Generator().manual_seed(seed)
     params, grads = [], []
     for s in shapes:
         fan_in = math.prod(s[1:]) if len(s) > 1 else 1
-        params.append((torch.randn(s, generator=gen) / math.sqrt(fan_in)).to(device))
-        g = torch.randn(s, generator=gen) * 1e-2
-        grads.append(g.to(device))
+        p = (torch.randn(s, generator=gen) / math.sqrt(fan_in)).to(device)
+        g = (torch.randn(s, generator=gen) * 1e-2).to(device)
+        if channels_last and len(s) == 4:
+            p, g = p.contiguous(memory_format=torch.channels_last), g.contiguous(memory_format=torch.channels_last)
+        params.append(p)
+        grads.append(g)
     return ParamSet(name, list(shapes), params, grads)
 
 
@@ -958,6 +963,9 @@ def parse_args(argv=None):
     ap.add_argument("--capturable", action="store_true",
                     help="also FGSGD (main mix, cpu/cuda/triton) with capturable=True and a tensor lr: case name "
                          "'capturable'")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="4-D weights and gradients channels-last (every case: SGD steps them in place, FGSGD through "
+                         "a contiguous copy of each k×k filter bank)")
     ap.add_argument("--row-view", action="store_true",
                     help="also FGSGD with the row view (1×1 convs and the linear weight on sphere+oblique), its rows "
                          "on the same backend and on the torch backend")
@@ -1034,7 +1042,7 @@ def main(argv=None) -> dict:
         shapes = model_shapes(m, args.quick)
         if args.filters_only:
             shapes = [s for s in shapes if is_filter(s)]
-        ps = make_param_set(m, shapes, device)
+        ps = make_param_set(m, shapes, device, channels_last=args.channels_last)
         bk = [b for b in backends if b != "torch" or m in torch_models]
         cases = make_cases(device, bk, geoopt_reason=geoopt_reason if m in geoopt_models else
                            (geoopt_reason or f"geoopt runs only on {','.join(geoopt_models) or 'no model'} "

@@ -162,3 +162,17 @@ def test_fgsgd_cpu_capturable(benchmark, small):
     opt = _run(benchmark, small, build, "fgsgd-cpu capturable")
     counts = {float(st["step"]) for _, _, st in opt.manifold_params()}
     assert len(counts) == 1 and counts.pop() > 1 and isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("optimizer", ["sgd-foreach", "fgsgd-cpu"])
+def test_channels_last(benchmark, optimizer):
+    """bench_step.py --channels-last: 4-D weights and gradients channels-last; FGSGD steps its filter banks
+    through contiguous copies (they keep their layout), SGD in place."""
+    cl = B.make_param_set("resnet18/16", SMALL, DEVICE, seed=0, channels_last=True)
+    build = (B.build_sgd(dict(foreach=True)) if optimizer == "sgd-foreach" else
+             B.build_fgsgd(B.MIXES[B.MAIN_MIX], B.RETRACTION_SETS["default"], "cpu", EUCLID, stabilize=50))
+    opt = _run(benchmark, cl, build, "channels-last")
+    filters = [p for g in opt.param_groups for p in g["params"] if B.is_filter(p.shape)]
+    assert filters and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                           for p in filters)

@@ -21,6 +21,19 @@ def component_view(t: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return t.view(-1, shape[0], shape[1])
 
 
+def staged(t: torch.Tensor) -> torch.Tensor:
+    """t itself when it is contiguous, else a contiguous copy to work on (a channels-last conv weight, whose
+    kh×kw filters are strided): the kernels take contiguous components. Write the copy back with
+    :func:`unstage` once the work on it has succeeded, so that a failure leaves t as it was."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def unstage(t: torch.Tensor, work: torch.Tensor) -> None:
+    """Writes ``work`` (from :func:`staged`) back into ``t`` in t's own layout; nothing when it is t."""
+    if work is not t:
+        t.copy_(work)
+
+
 def cached_view(views: dict | None, t: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """component_view(t, shape), kept in ``views`` across steps for tensors that live across steps (weights,
     momentum buffers): a hit needs the same tensor object and the same storage address (``p.data = ...``
@@ -91,9 +104,10 @@ def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, w
         stab = None if capturable else bool(stabilize) and (st["step"] + 1) % int(stabilize) == 0
         name = backend if a * b <= checks.MAX_ELEMS or checks.is_row_shape(a, b) else "torch"
         batches[(a, b, first, stab, st.get("rescale") is not None, name)].append(k)
-    # buffers made on the current stream, before any launch on the side stream
-    new_buffers = {k: torch.empty_like(params[k]) for (*_, first, _, _, _), idx in batches.items() if first
-                   for k in idx}
+    # buffers made on the current stream, before any launch on the side stream; contiguous whatever the
+    # weight's layout (a channels-last weight is worked on through a contiguous copy: _batch_step)
+    new_buffers = {k: torch.empty_like(params[k], memory_format=torch.contiguous_format)
+                   for (*_, first, _, _, _), idx in batches.items() if first for k in idx}
     own = overlap is None
     overlap = streams.Overlap() if own else overlap
     largest = (max(batches, key=lambda key: sum(params[k].numel() for k in batches[key])) if len(batches) > 1
@@ -126,7 +140,10 @@ def _batch_step(key, idx, params, grads, states, new_buffers, *, lr, momentum, d
     # its gradient and momentum buffer (their shapes are its shape): no views to make; other layouts (the row
     # view, n×1 rows of an (O, I, 1, 1) weight) go as (N, A, B) views
     whole = [params[k].dim() >= 3 and params[k].shape[-2:] == shape for k in idx]
-    ps = [params[k] if w else cached_view(views, params[k], shape) for k, w in zip(idx, whole)]
+    # a weight that is not contiguous (channels-last) steps in a contiguous copy, written back at the end
+    work = {k: staged(params[k]) for k in idx}
+    ps = [work[k] if w else cached_view(views if work[k] is params[k] else None, work[k], shape)
+          for k, w in zip(idx, whole)]
     gs = [grads[k].contiguous() if w else component_view(grads[k].contiguous(), shape) for k, w in zip(idx, whole)]
     if momentum != 0:
         bufs = [new_buffers[k] if first else states[k]["momentum_buffer"] for k in idx]
@@ -151,3 +168,5 @@ def _batch_step(key, idx, params, grads, states, new_buffers, *, lr, momentum, d
     else:
         impl.step_(ps, gs, ms, codes, rescale, gidx, gscale, lr, momentum, dampening, nesterov, weight_decay,
                    first, stab)
+    for k in idx:
+        unstage(params[k], work[k])

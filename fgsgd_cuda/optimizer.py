@@ -14,7 +14,7 @@ from torch.optim.sgd import sgd
 from . import checks, dispatch, streams
 from . import codes as _codes
 from .euclidean import sgd_step
-from .functional import component_view, manifold_step
+from .functional import component_view, manifold_step, staged, unstage
 from .grouping import MEMBERSHIP_OPTIONS, Grouping, make_grouping, membership
 
 MANIFOLD_DEFAULTS = dict(
@@ -97,7 +97,7 @@ class FGSGD(Optimizer):
         pending, self._pending_projx = self._pending_projx, None
         with torch.no_grad():
             for args in pending:
-                self._projx_views(*args)
+                self._projx(*args)
 
     def _init_runtime(self) -> None:
         """What a step keeps besides the state (caches, side streams, flags): made anew, never saved."""
@@ -187,14 +187,11 @@ class FGSGD(Optimizer):
 
     def _init_manifold_group(self, group: dict, gi: int) -> None:
         kinds = group["manifolds"]
-        views, codes = [], []
+        params, codes = [], []
         for j, p in enumerate(group["params"]):
             name = f"param_groups[{gi}]['params'][{j}]"
             if p.dtype not in checks.FLOAT_DTYPES:
                 raise TypeError(f"{name}: manifold parameters must be float32 or float64, got {p.dtype}")
-            if not p.is_contiguous():
-                raise ValueError(f"{name}: manifold parameters must be contiguous (channels_last weights are not "
-                                 "supported)")
             out_ch, in_ch, shape, is_row = self._component_layout(p, name)
             impl = dispatch.get(group["backend"] if shape[0] * shape[1] <= checks.MAX_ELEMS or is_row else "torch",
                                 p.device)
@@ -219,7 +216,7 @@ class FGSGD(Optimizer):
                 checks.code_for_shape(code, shape[0], shape[1], f"{name} ({_codes.manifold_of(code)})")
             checks.finite(p.detach(), name)
             curved = grouping.codes != _codes.EUCLIDEAN
-            zero_cols = (component_view(p.detach(), shape).norm(dim=-2) == 0).any(-1).cpu() & curved
+            zero_cols = (p.detach().reshape(-1, *shape).norm(dim=-2) == 0).any(-1).cpu() & curved
             if bool(zero_cols.any()):
                 raise ValueError(f"{name}: {int(zero_cols.sum())} components have an all-zero column (or are all "
                                  "zero) and cannot be moved onto the sphere/oblique/stiefel manifolds; initialise the "
@@ -230,30 +227,34 @@ class FGSGD(Optimizer):
             state.update(shape=shape, codes=_codes.pack(grouping.codes).to(p.device),
                          group_codes=grouping.group_codes.to(p.device), num_groups=grouping.num_groups,
                          membership=options, step=self._new_step_count(group, p), rescale=None)
-            views.append(component_view(p.detach(), shape))
+            params.append(p)
             codes.append(state["codes"])
         if self._init_projx:
             if self._pending_projx is not None:
-                self._pending_projx.append((views, codes, [], group["backend"]))
+                self._pending_projx.append((params, codes, group["backend"]))
             else:
                 with torch.no_grad():
-                    self._projx_views(views, codes, [], group["backend"])
+                    self._projx(params, codes, group["backend"])
 
     @staticmethod
     def _new_step_count(group: dict, p: torch.Tensor, value: float = 0.0):
         """A manifold parameter's count of steps taken: an int, or (capturable) a float32 tensor on its device."""
         return torch.tensor(float(value), dtype=torch.float32, device=p.device) if group["capturable"] else int(value)
 
-    def _projx_views(self, views, codes, rescale, backend) -> None:
+    def _projx(self, params, codes, backend) -> None:
+        """Moves every component of the manifold parameters onto its manifold, one call per shape (under
+        no_grad)."""
         by_shape: dict = {}
-        for k, v in enumerate(views):
-            by_shape.setdefault((tuple(v.shape[1:]), v.device), []).append(k)
+        for k, p in enumerate(params):
+            by_shape.setdefault((self.state[p]["shape"], p.device), []).append(k)
         for (shape, device), idx in by_shape.items():
             name = backend if shape[0] * shape[1] <= checks.MAX_ELEMS else "torch"
+            work = [staged(params[k].detach()) for k in idx]
             # the backend directly, as manifold_step does: ops.projx_ refuses components of more than 64
             # entries, which go to the torch backend here (long rows of the row view)
-            dispatch.get(name, device).projx_([views[k] for k in idx], [codes[k] for k in idx],
-                                              [rescale[k] for k in idx] if rescale else [])
+            dispatch.get(name, device).projx_([component_view(w, shape) for w in work], [codes[k] for k in idx], [])
+            for k, w in zip(idx, work):
+                unstage(params[k].detach(), w)
 
     def load_state_dict(self, state_dict) -> None:
         # torch casts every tensor of a parameter's state to the parameter's dtype and mangles strings inside
@@ -324,8 +325,9 @@ class FGSGD(Optimizer):
         return _codes.unpack(self.state[p]["codes"], self.num_components(p))
 
     def components(self, p: torch.Tensor) -> torch.Tensor:
-        """The (N, A, B) component view of a manifold parameter."""
-        return component_view(p, self.state[p]["shape"])
+        """The (N, A, B) components of a manifold parameter: a view of p, or a copy when p is not contiguous (a
+        channels-last conv weight, whose filters are strided)."""
+        return p.reshape(-1, *self.state[p]["shape"])
 
     def rescale(self, p: torch.Tensor) -> torch.Tensor:
         """R of every component of p (ones when never rescaled)."""
@@ -356,8 +358,11 @@ class FGSGD(Optimizer):
             groups.setdefault((st["shape"], p.device, backend), []).append((p, st, r_new, ratio))
         for (shape, device, backend), items in groups.items():
             name = backend if shape[0] * shape[1] <= checks.MAX_ELEMS else "torch"
-            dispatch.get(name, device).rescale_([component_view(p, shape) for p, *_ in items],
+            work = [staged(p) for p, *_ in items]
+            dispatch.get(name, device).rescale_([component_view(w, shape) for w in work],
                                                 [st["codes"] for _, st, _, _ in items], [ratio for *_, ratio in items])
+            for (p, *_), w in zip(items, work):
+                unstage(p, w)
             for _, st, r_new, _ in items:
                 st["rescale"] = r_new.contiguous()
 

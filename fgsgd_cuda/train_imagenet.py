@@ -22,9 +22,8 @@ leaves after N epochs, for jobs with a time limit).
 FG-SGD keeps every component of a manifold weight at a fixed norm (a unit 3×3 filter, say), while a ResNet's
 default initialisation gives them norms of about √(2/I) for I input channels: behind batch norm the same
 lr then moves the manifold weights less, so FG-SGD usually wants a larger ``--manifold-lr`` (the digits demo,
-``fgsgd_cuda.demo``, uses 100× the SGD lr); tune it. FGSGD needs contiguous weights: with
-``--channels-last`` it gets channels-last inputs only (cuDNN converts the filters), SGD also a channels-last
-model.
+``fgsgd_cuda.demo``, uses 100× the SGD lr); tune it. ``--channels-last`` makes the model and its inputs
+channels-last, for either optimizer (FGSGD steps a channels-last filter bank through a contiguous copy).
 """
 from __future__ import annotations
 
@@ -298,7 +297,7 @@ def setup(args, d: Dist) -> Run:
     train_set, val_set = datasets_for(args)
     num_classes = len(train_set.classes) if hasattr(train_set, "classes") else args.num_classes
     model = build_model(args.arch, num_classes).to(d.device)
-    if args.channels_last and args.optimizer == "sgd":
+    if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     scale = args.batch_size * d.world / 256
     manifold_lr = args.lr if args.manifold_lr is None else args.manifold_lr

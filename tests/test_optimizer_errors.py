@@ -90,8 +90,6 @@ CASES = [
     ("bfloat16-param", lambda m: {"params": [nn.Parameter(torch.randn(4, 4, 3, 3).bfloat16())],
                                   "manifolds": ["sphere"]},
      TypeError, r"float32 or float64.*bfloat16"),
-    ("channels-last", lambda m: {"params": [m.b.weight, m.c.weight], "manifolds": ["sphere"]},
-     ValueError, r"\['params'\]\[1\].*contiguous"),
     ("non-finite-weight", lambda m: {"params": [m.b.weight, m.c.weight], "manifolds": ["sphere"]},
      ValueError, r"\['params'\]\[1\].*non-finite"),
     ("bias-as-manifold", lambda m: {"params": [m.b.bias], "manifolds": ["sphere"]},
@@ -111,9 +109,6 @@ CASES = [
 
 
 def prepare(name, m):
-    if name == "channels-last":
-        m.c.to(memory_format=torch.channels_last)
-        assert not m.c.weight.is_contiguous()
     if name == "non-finite-weight":
         with torch.no_grad():
             m.c.weight.view(-1)[3] = float("nan")

@@ -128,9 +128,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo")
-def test_two_gloo_ranks(tmp_path):
-    argv = FG + ["--epochs", "2", "--max-steps-per-epoch", "2", "--output", str(tmp_path / "run"),
-                   "--log-file", str(tmp_path / "log.jsonl")]
+@pytest.mark.parametrize("layout", [[], ["--channels-last"]], ids=["contiguous", "channels-last"])
+def test_two_gloo_ranks(tmp_path, layout):
+    argv = FG + layout + ["--epochs", "2", "--max-steps-per-epoch", "2", "--output", str(tmp_path / "run"),
+                          "--log-file", str(tmp_path / "log.jsonl")]
     port = _free_port()
     run_ranks(_rank_entry, 2, lambda r: (r, 2, port, argv, str(tmp_path)), tmp_path)
     res = [torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in range(2)]
@@ -178,6 +179,17 @@ def test_fgsgd_fp16_grad_scaler(tmp_path):
     assert assert_on_manifolds(out["optimizer"])
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["scaler"]["scale"] > 0  # an enabled GradScaler's state was saved
+
+
+def test_fgsgd_channels_last(tmp_path):
+    """--channels-last converts the model for FG-SGD too: its filters stay channels-last and on their manifolds."""
+    out = T.main(FG + ["--epochs", "1", "--max-steps-per-epoch", "3", "--channels-last"])
+    model, opt = out["model"], out["optimizer"]
+    assert math.isfinite(out["history"][0]["train_loss"])
+    convs = [p for _, p, _ in opt.manifold_params() if p.dim() == 4 and p.shape[-1] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                         for p in convs)
+    assert assert_on_manifolds(opt)
 
 
 @pytest.mark.parametrize("optimizer", ["fgsgd", "sgd"])

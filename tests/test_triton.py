@@ -608,6 +608,14 @@ def test_capturable_optimizer_reads_its_controls_in_the_kernels(device):
     assert [float(o2.state[p]["step"]) for p in OC.manifold_params(o2)] == [8.0, 7.0, 8.0, 8.0]
 
 
+@pytest.mark.parametrize("options", [{}, {"capturable": True}], ids=["plain", "capturable"])
+def test_channels_last_weights(device, options):
+    """Channels-last filter banks on Triton step (through contiguous copies) to the bits of contiguous ones
+    (tests/test_channels_last.py runs the other backends)."""
+    import test_channels_last as CLT
+    CLT.test_channels_last_steps_like_contiguous("triton", device.type, torch.float32, options)
+
+
 # (gradient shapes, dim) of the channel-directed kernels (triton_kernels/fibers.py): L = 1 and 2, 130 columns (two
 # programs of 128, the second masked), a long fiber, and fibers along the input channels
 FIBER_CASES = {"conv": ([(12, 5, 3, 3)], 0), "short": ([(1, 4, 3, 3), (2, 3, 3, 3)], 0),

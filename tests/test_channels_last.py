@@ -1,0 +1,152 @@
+"""Channels-last (and other non-contiguous) manifold weights: FGSGD works on them through a contiguous copy
+written back in their own layout (functional.staged / unstage), so every step, projection and rescale gives
+the bits the same weight gets when contiguous, the weight keeps its layout, and a refused step changes nothing.
+
+The contiguous path is checked against the float64 reference elsewhere (test_optimizer_reference.py); here the
+two layouts are compared bit for bit on every backend, with real gradients from a backward pass (autograd gives a
+channels-last weight channels-last gradients)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import CPU_TORCH_CUDA
+from fgsgd_cuda import FGSGD, param_groups
+
+CL = torch.channels_last
+
+
+class Net(nn.Module):
+    """3×3, 5×5 and 3×1 filters (kh×kw components), a 1×1 conv and a transposed (non-contiguous) matrix (rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(5, 12, 3, padding=1), nn.Tanh(), nn.Conv2d(12, 8, 5, padding=2), nn.Tanh(),
+                                   nn.Conv2d(8, 16, (3, 1), padding=(1, 0)), nn.Tanh(), nn.Conv2d(16, 6, 1))
+        self.head_t = nn.Parameter(torch.randn(10, 6 * 7 * 7).t())  # (294, 10) stored transposed: not contiguous
+
+    def forward(self, x):
+        return self.convs(x).flatten(1) @ self.head_t
+
+
+def make(dtype, device, channels_last):
+    torch.manual_seed(0)
+    net = Net().to(device=device, dtype=dtype)
+    if channels_last:
+        net.convs.to(memory_format=CL)
+    return net
+
+
+def backward(net, seed):
+    gen = torch.Generator().manual_seed(seed)
+    p0 = next(net.parameters())
+    x = torch.randn(3, 5, 7, 7, generator=gen, dtype=torch.float64).to(device=p0.device, dtype=p0.dtype)
+    if net.convs[0].weight.is_contiguous(memory_format=CL):
+        x = x.contiguous(memory_format=CL)
+    net.zero_grad(set_to_none=True)
+    w = torch.randn(3, 10, generator=gen, dtype=torch.float64).to(x)
+    (net(x) * w).sum().backward()
+
+
+def same_grads(src, dst):
+    """dst's gradients: src's values in the layout of dst's weights (convolutions in the two layouts round
+    differently, so the steps are compared on the same gradients)."""
+    for a, b in zip(src.parameters(), dst.parameters()):
+        b.grad = torch.empty_like(b).copy_(a.grad)
+
+
+def optimizer(net, backend, capturable=False, **options):
+    groups = param_groups(net, row_view=True, group_size=4, backend=backend, **options)
+    groups[1]["params"].append(net.head_t)  # a transposed matrix's rows (param_groups left it Euclidean)
+    groups[2]["params"] = [p for p in groups[2]["params"] if p is not net.head_t]
+    return FGSGD(groups, lr=0.05, momentum=0.9, nesterov=True, stabilize=2, capturable=capturable)
+
+
+def filters(net):
+    return [net.convs[i].weight for i in (0, 2, 4)]
+
+
+OPTIONS = [pytest.param({}, id="plain"), pytest.param({"group_clip": 0.3}, id="group_clip"),
+           pytest.param({"capturable": True}, id="capturable")]
+
+
+@pytest.mark.parametrize("backend,device", CPU_TORCH_CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("options", OPTIONS)
+def test_channels_last_steps_like_contiguous(backend, device, dtype, options):
+    if options.get("capturable") and backend == "torch":
+        pytest.skip("capturable needs the compiled or Triton kernels")
+    nets = [make(dtype, device, cl) for cl in (False, True)]
+    assert all(w.is_contiguous() for w in filters(nets[0]))
+    assert not any(w.is_contiguous() for w in filters(nets[1])) and not nets[1].head_t.is_contiguous()
+    opts = [optimizer(n, backend, **options) for n in nets]
+    for w0, w1 in zip(nets[0].parameters(), nets[1].parameters()):  # the projection at construction
+        assert torch.equal(w0, w1)
+    backward(nets[1], 0)  # autograd gives a channels-last weight channels-last gradients
+    assert all(w.grad.is_contiguous(memory_format=CL) for w in filters(nets[1]))
+    for s in range(5):
+        backward(nets[0], s)
+        same_grads(nets[0], nets[1])
+        assert all(w.grad.is_contiguous(memory_format=CL) for w in filters(nets[1]))
+        for o in opts:
+            o.step()
+        if s == 2:  # a rescale R between steps (renormalisation), on both
+            for o, n in zip(opts, nets):
+                gen = torch.Generator().manual_seed(9)
+                o.set_rescale({w: 0.5 + torch.rand(o.num_components(w), generator=gen, dtype=torch.float64)
+                               for w in filters(n)})
+    for w0, w1 in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(w0, w1)
+        assert torch.equal(opts[0].state[w0]["momentum_buffer"], opts[1].state[w1]["momentum_buffer"])
+    for w0, w in zip(filters(nets[0]), filters(nets[1])):  # w keeps its layout; its buffer is contiguous
+        assert w.is_contiguous(memory_format=CL)
+        assert opts[1].state[w]["momentum_buffer"].is_contiguous()
+        assert torch.equal(opts[1].components(w), opts[0].components(w0))
+    assert not nets[1].head_t.is_contiguous()
+
+
+@pytest.mark.parametrize("backend,device", CPU_TORCH_CUDA)
+def test_refused_step_leaves_channels_last_weights_alone(backend, device):
+    """A gradient with a nan is refused (check_finite): weights keep their bits and layout, buffers their values."""
+    net = make(torch.float32, device, True)
+    opt = optimizer(net, backend)
+    backward(net, 0)
+    opt.step()
+    before = [w.detach().clone(memory_format=torch.preserve_format) for w in net.parameters()]
+    bufs = [opt.state[w]["momentum_buffer"].clone() for w in filters(net)]
+    backward(net, 1)
+    net.convs[2].weight.grad[1, 3, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="inf or nan"):
+        opt.step()
+    for w, b in zip(net.parameters(), before):
+        assert torch.equal(w, b) and w.stride() == b.stride()
+    for w, b in zip(filters(net), bufs):
+        assert torch.equal(opt.state[w]["momentum_buffer"], b)
+
+
+@pytest.mark.parametrize("backend,device", CPU_TORCH_CUDA)
+def test_resume_into_channels_last_weights(backend, device):
+    """A checkpoint of a contiguous run, loaded into a channels-last model and its optimizer, goes on with the
+    same bits as the contiguous run."""
+    a = make(torch.float32, device, False)
+    oa = optimizer(a, backend)
+    for s in range(2):
+        backward(a, s)
+        oa.step()
+    b = make(torch.float32, device, True)
+    ob = optimizer(b, backend)
+    with torch.no_grad():
+        for wa, wb in zip(a.parameters(), b.parameters()):
+            wb.copy_(wa)
+    ob.load_state_dict(copy.deepcopy(oa.state_dict()))  # as from a file: no tensor shared with oa
+    for s in range(2, 4):
+        backward(a, s)
+        same_grads(a, b)
+        oa.step()
+        ob.step()
+    for wa, wb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(wa, wb)
+    assert all(w.is_contiguous(memory_format=CL) for w in filters(b))
