@@ -645,6 +645,25 @@ def test_channel_directed(device, dtype, key, metric, lam):
         assert rel_err(p.grad.cpu(), ref) <= tol, (tuple(ref.shape), rel_err(p.grad.cpu(), ref))
 
 
+def test_channel_directed_constants_are_made_once(device):
+    """A second call with the same settings reuses its constants (nothing copied from the host: a CUDA graph can
+    capture it); other settings get their own, and both calls still match the reference."""
+    from torch import nn
+    from fgsgd_cuda import channel_directed_
+    from fgsgd_cuda.triton_kernels import fibers
+    gen = make_gen(11)
+    g = torch.randn(9, 4, 3, 3, generator=gen, dtype=torch.float64)
+    p = nn.Parameter(torch.zeros(g.shape, device=device))
+    seen = []
+    for lam in (0.7, 0.7, 0.3):
+        p.grad = g.to(device=device, dtype=torch.float32)
+        channel_directed_([p], "sobolev", lam, backend="triton")
+        assert rel_err(p.grad.cpu(), R.channel_directed(g, "sobolev", lam, 0)) <= 1e-6
+        seen.append(fibers.constants("sobolev", lam, 9, torch.float32, p.device)[0])
+    assert seen[0] is seen[1] and seen[2] is not seen[0]
+    assert fibers.constants("sobolev", 0.7, 9, torch.float64, p.device)[0].dtype == torch.float64
+
+
 @pytest.mark.skipif(triton_kernels.interpreting(), reason="compiling needs a process without TRITON_INTERPRET=1 "
                     "(the plain `pytest tests` run does it)")
 @pytest.mark.parametrize("name", ["_sobolev_kernel", "_reweighted_kernel"])

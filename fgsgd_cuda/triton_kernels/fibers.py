@@ -6,7 +6,9 @@ L rows: Sobolev in three passes (the K-term sum that starts w, the backward recu
 with the sum that starts f, the forward recursion f_j = w_j + r f_{j−1}), re-weighted L2 in two (the mean, then
 f/λ + mean(1 − 1/λ)). One launch per tensor. The constants (r, 1/a, 1/(1 − r^L); 1/λ) come from the host in
 float64 (csrc/fgsgd/channel_directed.h's sobolev_coeffs, mirrored by :func:`sobolev_coeffs`) and travel as a
-small tensor of the gradient's dtype, so float64 gradients get float64 constants.
+small tensor of the gradient's dtype, so float64 gradients get float64 constants. The tensor is made once per
+(metric, λ, L, dtype, device) and kept (:func:`constants`): a step with the same settings copies nothing from the
+host, so it can be captured in a CUDA graph once a first call has made its constants.
 """
 from __future__ import annotations
 
@@ -32,6 +34,27 @@ def sobolev_coeffs(lam: float, L: int, tail: float) -> tuple[float, float, float
         terms += 1
         rk *= r
     return r, 2.0 / d, 1.0 / (1.0 - r ** L), terms
+
+
+_CONSTANTS: dict = {}
+_MAX_CONSTANTS = 1024  # distinct (metric, λ, L, dtype, device): a network has a few dozen
+
+
+def constants(metric: str, lam: float, L: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(the kernel's constants on ``device``, K terms): (r, 1/a, 1/(1 − r^L)) for sobolev, (1/λ,) for reweighted;
+    made on the first call with these settings, then reused."""
+    key = (metric, float(lam), int(L), dtype, torch.device(device))
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        if metric == "sobolev":
+            r, inv_a, inv_1mrl, terms = sobolev_coeffs(lam, L, SOBOLEV_TAIL[dtype])
+            values = [r, inv_a, inv_1mrl]
+        else:
+            values, terms = [1.0 / lam], 0
+        if len(_CONSTANTS) >= _MAX_CONSTANTS:
+            _CONSTANTS.clear()
+        hit = _CONSTANTS[key] = (torch.tensor(values, dtype=dtype, device=device), terms)
+    return hit
 
 
 @triton.jit
@@ -93,10 +116,8 @@ def channel_directed_(grads, dim: int, metric: str, lam: float) -> None:
         L = g.shape[dim]
         C = math.prod(g.shape[dim + 1:])
         grid = (outer, triton.cdiv(C, BLOCK))
+        coef, terms = constants(metric, lam, L, g.dtype, g.device)
         if metric == "sobolev":
-            r, inv_a, inv_1mrl, terms = sobolev_coeffs(lam, L, SOBOLEV_TAIL[g.dtype])
-            coef = torch.tensor([r, inv_a, inv_1mrl], dtype=g.dtype, device=g.device)
             _sobolev_kernel[grid](g, coef, L, C, terms, BLOCK=BLOCK, num_warps=WARPS, **OPTIONS)
         else:
-            coef = torch.tensor([1.0 / lam], dtype=g.dtype, device=g.device)
             _reweighted_kernel[grid](g, coef, L, C, BLOCK=BLOCK, num_warps=WARPS, **OPTIONS)
