@@ -3,11 +3,11 @@
 # kernels against the reference, run the benchmarks on the idle machine, then the test suite on the GPU.
 #
 # Usage there:  bash benchmarks/gpu_check.sh [SECONDS]      (SECONDS: the call's budget, default 480)
-#   PHASES="build first diag kernels parts step host cd tests geoopt triton_step tests_cpu" picks phases (default: all, in that order).
+#   PHASES="build first diag kernels parts step host cd cl tests geoopt triton_step tests_cpu" picks phases (default: all, in that order).
 #   Every phase has its own time limit, cut to what is left of SECONDS, so a slow phase never costs the
 #   ones after it their logs; the JSON files are written as they go (after every model).
 # Outputs under $OUT (default ./gpu-out): run.log (summary), tests_first.log, tests.log, bench.log, kernels.json,
-# parts.json, step.json, host.json, cd.json, geoopt.json, triton_step.json (plots: bench_step.py --replot here). The device
+# parts.json, step.json, host.json, cd.json, cl.json, geoopt.json, triton_step.json (plots: bench_step.py --replot here). The device
 # tool brings back at most 8 files: where there are more at the end, the logs but run.log go into logs.tar. STEP_ARGS replaces bench_step.py's extra cases (default: --row-view --group-clip 1.0 --capturable).
 # Carry geoopt as a wheel in .whl/ to get the geoopt cases (benchmarks/README.md).
 set -u
@@ -15,7 +15,7 @@ OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 BUDGET="${1:-480}"
-PHASES="${PHASES:-build first diag kernels parts step host cd tests geoopt triton_step tests_cpu}"
+PHASES="${PHASES:-build first diag kernels parts step host cd cl tests geoopt triton_step tests_cpu}"
 T0=$(date +%s)
 log() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/run.log"; }
 want() { [[ " $PHASES " == *" $1 "* ]]; }
@@ -51,7 +51,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the scripts in benchmarks/ import fgsgd_cuda from here
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfE)
 FIRST=(tests/test_cuda_step.py tests/test_step_controls.py tests/test_packed_codes.py tests/test_leading_dims.py
-       tests/test_channel_directed.py)
+       tests/test_channel_directed.py tests/test_channels_last.py)
 
 # The CUDA kernels against the reference first, so that a broken kernel shows before any timing.
 # Beside them, the same checks of the Triton backend on the GPU (small shapes: compiling takes most of it).
@@ -104,6 +104,14 @@ if want cd; then
   timeout "$(limit 60)" "$PY" benchmarks/bench_channel_directed.py --device cuda --models "$MODELS" --repeats 30 \
     --out "$OUT/cd.json" >>"$OUT/bench.log" 2>&1
   log "bench_channel_directed exit $?"
+fi
+
+# Channels-last weights: FGSGD steps them through contiguous copies; their cost against SGD on the same layout.
+if want cl; then
+  timeout "$(limit 60)" "$PY" benchmarks/bench_step.py --models resnet50 --backends cuda --channels-last \
+    --mixes sphere+oblique+stiefel --retractions default --geoopt-models none --torch-backend-models none \
+    --repeats 30 --no-plot --out "$OUT/cl.json" >>"$OUT/bench.log" 2>&1
+  log "bench_step channels-last exit $?"
 fi
 
 # The rest of the suite on the GPU, Triton beside it (compile-heavy: small shapes only; its 5x5/7x7/8x8

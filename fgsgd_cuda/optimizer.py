@@ -103,6 +103,7 @@ class FGSGD(Optimizer):
         """What a step keeps besides the state (caches, side streams, flags): made anew, never saved."""
         self._group_cache: dict = {}
         self._view_cache: dict = {}  # component views of weights and momentum buffers (functional.cached_view)
+        self._staging: dict = {}  # contiguous copies of channels-last CPU weights and gradients (functional.staged)
         self._overlap = streams.Overlap()  # CUDA: the small launches of a step on a side stream
         self._finite_flags: dict = {}  # capturable check_finite: device -> persistent (found_inf, one)
 
@@ -510,7 +511,7 @@ class FGSGD(Optimizer):
                                   group_index=lambda k, ps=ps: self._group_index(ps[k]),
                                   capturable=group["capturable"], found_inf=_flag_for(found_inf, device),
                                   grad_scale=_flag_for(grad_scale, device) if self._unscales_in_kernel(group)
-                                  else None, overlap=self._overlap)
+                                  else None, overlap=self._overlap, staging=self._staging)
             elif group["capturable"]:
                 self._euclidean_capturable(group, params, grads, found_inf, grad_scale)
             else:
