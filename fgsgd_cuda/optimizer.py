@@ -250,12 +250,13 @@ class FGSGD(Optimizer):
             by_shape.setdefault((self.state[p]["shape"], p.device), []).append(k)
         for (shape, device), idx in by_shape.items():
             name = backend if shape[0] * shape[1] <= checks.MAX_ELEMS else "torch"
-            work = [staged(params[k].detach()) for k in idx]
+            targets = [params[k].detach() for k in idx]
+            work = [staged(t) for t in targets]
             # the backend directly, as manifold_step does: ops.projx_ refuses components of more than 64
             # entries, which go to the torch backend here (long rows of the row view)
             dispatch.get(name, device).projx_([component_view(w, shape) for w in work], [codes[k] for k in idx], [])
-            for k, w in zip(idx, work):
-                unstage(params[k].detach(), w)
+            for t, w in zip(targets, work):
+                unstage(t, w)
 
     def load_state_dict(self, state_dict) -> None:
         # torch casts every tensor of a parameter's state to the parameter's dtype and mangles strings inside

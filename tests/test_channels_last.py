@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import CPU_TORCH_CUDA
+from conftest import CPU_TORCH_CUDA, requires_cpu_kernels
 from fgsgd_cuda import FGSGD, param_groups
 
 CL = torch.channels_last
@@ -168,3 +168,20 @@ def test_cpu_copies_are_kept_across_steps(backend, device):
         assert len(ptrs[0]) == 2 * (len(filters(net)) + 1) and ptrs[0] == ptrs[1]
     else:
         assert not ptrs[0] and not ptrs[1]
+
+
+@requires_cpu_kernels
+def test_contiguous_weights_are_worked_on_in_place(monkeypatch):
+    """No copy of a contiguous weight or gradient at construction or in a step (staged returns the tensor itself;
+    the compiled kernels work in place, where the torch backend copies its results in)."""
+    net = make(torch.float32, "cpu", False)
+    net.head_t = nn.Parameter(net.head_t.detach().contiguous())
+    copies = []
+    copy_ = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, *a, **k: (copies.append(self.shape),
+                                                                         copy_(self, src, *a, **k))[1])
+    opt = optimizer(net, "cpu")
+    for s in range(2):
+        backward(net, s)
+        opt.step()
+    assert copies == [] and opt._staging == {}
