@@ -469,9 +469,13 @@ class FGSGD(Optimizer):
                 for st, buf in zip(states, bufs):
                     st["momentum_buffer"] = buf
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
-        """Performs one optimization step (nothing is changed when it raises)."""
+        """Performs one optimization step (nothing is changed when it raises).
+
+        Under ``torch.compile`` the step runs eagerly (a graph break): its work is already a few fused launches,
+        and its host-side caches (groups, views, copies) and checks are not traceable."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

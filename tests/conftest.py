@@ -135,6 +135,17 @@ CPU_TORCH_CUDA = backends_on((("cpu", "cpu"), ("torch", "cpu"), ("cuda", "cuda")
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def compile_unusable(backend: str) -> str | None:
+    """None when torch.compile works here at all (on a function without our ops), else why not."""
+    try:
+        fn = torch.compile(lambda t: torch.sin(t) * 2 + 1, fullgraph=True, backend=backend)
+        t = torch.linspace(0, 1, 8)
+        torch.testing.assert_close(fn(t), torch.sin(t) * 2 + 1)
+    except Exception as exc:  # noqa: BLE001  (no C++ compiler, unsupported Python, ...)
+        return f"torch.compile(backend={backend!r}) is not usable on this machine: {type(exc).__name__}: {exc}"
+    return None
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Run a module's tiny-tensor tests on one torch thread (much faster than two on a shared CPU); restored after."""

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_gen, random_codes, random_points, random_tangents, rel_err, requires_cpu_kernels
+from conftest import (compile_unusable, make_gen, random_codes, random_points, random_tangents, rel_err,
+                      requires_cpu_kernels)
 from fgsgd_cuda import _ext
 from fgsgd_cuda import codes as C
 from fgsgd_cuda import manifolds as M
@@ -111,20 +112,9 @@ def test_opcheck(name, args):
 # torch.compile
 # ----------------------------------------------------------------------------------------------
 
-def _compile_usable(backend: str) -> str | None:
-    """None when torch.compile works here at all (on a function without our ops), else why not."""
-    try:
-        fn = torch.compile(lambda t: torch.sin(t) * 2 + 1, fullgraph=True, backend=backend)
-        t = torch.linspace(0, 1, 8)
-        torch.testing.assert_close(fn(t), torch.sin(t) * 2 + 1)
-    except Exception as exc:  # noqa: BLE001  (no C++ compiler, unsupported Python, ...)
-        return f"torch.compile(backend={backend!r}) is not usable on this machine: {type(exc).__name__}: {exc}"
-    return None
-
-
 @requires_cpu_kernels
 def test_torch_compile_fullgraph_proj_retr():
-    why = _compile_usable("inductor")
+    why = compile_unusable("inductor")
     if why:
         pytest.skip(why)
     torch._dynamo.reset()
@@ -151,7 +141,7 @@ def test_torch_compile_fullgraph_proj_retr():
 @requires_cpu_kernels
 def test_torch_compile_fullgraph_multi_tensor_step():
     """The mutating list op traces too (functionalized through its schema); aot_eager, to keep it quick."""
-    why = _compile_usable("aot_eager")
+    why = compile_unusable("aot_eager")
     if why:
         pytest.skip(why)
     torch._dynamo.reset()
