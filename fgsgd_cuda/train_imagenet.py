@@ -24,6 +24,8 @@ default initialisation gives them norms of about √(2/I) for I input channels: 
 lr then moves the manifold weights less, so FG-SGD usually wants a larger ``--manifold-lr`` (the digits demo,
 ``fgsgd_cuda.demo``, uses 100× the SGD lr); tune it. ``--channels-last`` makes the model and its inputs
 channels-last, for either optimizer (FGSGD steps a channels-last filter bank through a contiguous copy).
+``--compile MODE`` compiles the training forward and backward (``torch.compile`` of the DDP model; the optimizer
+step runs eagerly, evaluation and checkpoints use the plain model).
 """
 from __future__ import annotations
 
@@ -81,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--channel-directed-lam", type=float, default=1.0, help="λ of --channel-directed")
     a("--amp", default="none", choices=tuple(AMP_DTYPES), help="autocast dtype; fp16 adds a GradScaler")
     a("--channels-last", action="store_true")
+    a("--compile", default="none", choices=("none", "default", "reduce-overhead", "max-autotune"),
+      help="torch.compile the training forward/backward in this mode (the optimizer step runs eagerly)")
+    a("--compile-backend", default="inductor", help=argparse.SUPPRESS)  # tests: aot_eager (no code generation)
     a("--workers", type=int, default=8, help="data-loading processes per training process")
     a("--print-freq", type=int, default=100, help="steps between progress lines (rank 0)")
     a("--seed", type=int, default=0, help="model init, data order and augmentation, FG-SGD's grouping")
@@ -134,6 +139,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')}: must be at least 1, got {v}")
     if args.workers < 0 or args.warmup_epochs < 0 or args.lr <= 0 or args.weight_decay < 0:
         parser.error("--workers, --warmup-epochs and --weight-decay must be >= 0, --lr > 0")
+    if args.compile != "none" and args.renorm == "running":
+        parser.error("--renorm running measures with forward hooks that hold Python state, which a compiled model "
+                     "does not run; leave out --compile or --renorm")
     if args.optimizer == "sgd":  # an FG-SGD option with SGD would change nothing: say so
         given = [f"--{k.replace('_', '-')}" for k in FGSGD_ONLY if getattr(args, k) != parser.get_default(k)]
         if given:
@@ -329,6 +337,9 @@ def train(args, d: Dist) -> dict:
     start = load_checkpoint(run, resume) if resume else 0
     run.ddp = nn.parallel.DistributedDataParallel(run.model, device_ids=[d.local_rank] if d.device.type == "cuda"
                                                   else None)
+    if args.compile != "none":  # the training forward/backward; evaluation and checkpoints use the plain model
+        run.ddp = torch.compile(run.ddp, mode=None if args.compile == "default" else args.compile,
+                                backend=args.compile_backend)
     if d.rank == 0:
         n = sum(p.numel() for p in run.model.parameters())
         print(f"{args.arch} ({n:,} parameters), {args.optimizer}, world {d.world} on {d.device.type}, global batch "

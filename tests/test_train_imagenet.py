@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from conftest import run_ranks
+from conftest import compile_unusable, run_ranks
 from fgsgd_cuda import FGSGD, codes as C, manifolds as M
 from fgsgd_cuda import train_imagenet as T
 from fgsgd_cuda.imagenet_data import SyntheticImages
@@ -193,6 +193,25 @@ def test_fgsgd_channels_last(tmp_path):
 
 
 @pytest.mark.parametrize("optimizer", ["fgsgd", "sgd"])
+def test_compile_gives_the_eager_run(optimizer):
+    """--compile (aot_eager here: the same aten ops, no code generation) trains to the eager run's losses,
+    accuracies and weights."""
+    why = compile_unusable("aot_eager")
+    if why:
+        pytest.skip(why)
+    torch._dynamo.reset()
+    argv = (FG if optimizer == "fgsgd" else TINY) + ["--optimizer", optimizer, "--epochs", "2",
+                                                     "--max-steps-per-epoch", "3"]
+    eager = T.main(argv)
+    compiled = T.main(argv + ["--compile", "default", "--compile-backend", "aot_eager"])
+    timing = {"epoch_s", "images_per_s", "step_ms"}
+    for a, b in zip(eager["history"], compiled["history"]):
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    for p, q in zip(eager["model"].parameters(), compiled["model"].parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("optimizer", ["fgsgd", "sgd"])
 def test_channel_directed_gradients_every_step(optimizer, monkeypatch):
     """--channel-directed preconditions the conv weights' gradients after every backward, before the step, with
     either optimizer; it changes the training (against the same run without it)."""
@@ -238,8 +257,9 @@ def test_learns_the_synthetic_classes(optimizer):
     (["--synthetic", "--resume", "auto"], "--output"),
     (["--synthetic", "--optimizer", "sgd", "--row-view", "--manifold-lr", "3"], "--manifold-lr, --row-view"),
     (["--synthetic", "--channel-directed", "reweighted", "--channel-directed-lam", "0"], "--channel-directed-lam"),
+    (["--synthetic", "--compile", "default", "--renorm", "running"], "--renorm running"),
 ], ids=["no-data", "arch", "manifolds", "retraction", "batch-size", "resume-auto", "sgd-with-fgsgd-option",
-        "channel-directed-lam"])
+        "channel-directed-lam", "compile-with-renorm"])
 def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         T.main(argv)
