@@ -423,15 +423,26 @@ def shape_code_cases(shapes):
     return decorate
 
 
+def _rank_main(target, rank: int, out_dir: str, args) -> None:
+    """One process of run_ranks: target(*args); a failure's traceback goes to ``out_dir/error<rank>.txt``."""
+    try:
+        target(*args)
+    except BaseException:  # pragma: no cover - reported by the parent
+        import traceback
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
 def run_ranks(target, world: int, args_of, out_dir, timeout: float = 120) -> None:
     """Runs target(*args_of(rank)) in ``world`` processes (fork where the OS has it: the children inherit the
     imported torch and fgsgd_cuda, cheaper than fresh interpreters) and fails with a rank's traceback
-    (``out_dir/error<rank>.txt``, written by the target) when one exits with an error or hangs."""
+    (``out_dir/error<rank>.txt``) when one exits with an error or hangs."""
     import torch.multiprocessing as mp
     from fgsgd_cuda import FGSGD
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     FGSGD([torch.nn.Parameter(torch.ones(2, 2))], lr=0.1)  # torch.optim's lazy imports, once, before forking
-    procs = [ctx.Process(target=target, args=args_of(r)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(target, r, str(out_dir), args_of(r))) for r in range(world)]
     for p in procs:
         p.start()
     try:

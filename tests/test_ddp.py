@@ -53,13 +53,7 @@ def worker(rank: int, world: int, store_path: str, out: str) -> None:
 
 
 def _entry(rank, world, store_path, out_dir):
-    try:
-        worker(rank, world, store_path, os.path.join(out_dir, f"r{rank}.pt"))
-    except BaseException:  # pragma: no cover - reported by the parent
-        import traceback
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    worker(rank, world, store_path, os.path.join(out_dir, f"r{rank}.pt"))
 
 
 def gloo_missing() -> str | None:
@@ -154,22 +148,12 @@ def zero_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _zero_entry(rank, world, store_path, out_dir):
-    try:
-        zero_worker(rank, world, store_path, out_dir)
-    except BaseException:  # pragma: no cover - reported by the parent
-        import traceback
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
 @pytest.mark.skipif(gloo_missing() is not None, reason=str(gloo_missing()))
 def test_zero_redundancy_optimizer_over_fgsgd(tmp_path):
     """ZeroRedundancyOptimizer(optimizer_class=FGSGD) with group_clip and re-projections: the ranks split the
     parameters, end with the same weights, and a consolidated checkpoint resumes bit for bit."""
     store = str(tmp_path / "store")
-    run_ranks(_zero_entry, WORLD, lambda r: (r, WORLD, store, str(tmp_path)), tmp_path)
+    run_ranks(zero_worker, WORLD, lambda r: (r, WORLD, store, str(tmp_path)), tmp_path)
     res = [torch.load(tmp_path / f"zero{r}.pt", weights_only=True) for r in range(WORLD)]
     assert all(0 < r["owned"] < 8 for r in res) and sum(r["owned"] for r in res) == 8  # 4 weights + 4 biases
     for name, p in res[0]["continued"].items():

@@ -107,18 +107,11 @@ def test_resume_is_exact(tmp_path):
 
 
 def _rank_entry(rank: int, world: int, port: int, argv: list[str], out_dir: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-        res = T.main(argv)
-        torch.save({"model": res["model"].state_dict(), "history": res["history"]},
-                   os.path.join(out_dir, f"r{rank}.pt"))
-    except BaseException:  # pragma: no cover - reported by the parent
-        import traceback
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    res = T.main(argv)
+    torch.save({"model": res["model"].state_dict(), "history": res["history"]}, os.path.join(out_dir, f"r{rank}.pt"))
 
 
 def _free_port() -> int:
