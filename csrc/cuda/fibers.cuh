@@ -6,6 +6,7 @@
 
 #include "../fgsgd/channel_directed.h"
 #include "../fgsgd/types.h"
+#include "slot_table.cuh"
 
 namespace fgsgd {
 namespace cuda {
@@ -40,8 +41,7 @@ inline FiberTable<T> next_fiber_table(const FiberSlot<T>* slots, int count, int 
 // Thread t of block b: fiber (b − block_start[slot]) · kFiberThreads + t of its slot, in place.
 template <class T>
 __device__ __forceinline__ void fiber_thread(const FiberTable<T>& table, int64_t b, int t, bool sobolev, T inv_lam) {
-  int k = 0;
-  while (k + 1 < table.count && b >= table.block_start[k + 1]) ++k;  // uniform across the block
+  const int k = owner_of_block(table.block_start, table.count, b);
   const FiberSlot<T>& s = table.slot[k];
   const int64_t i = (b - table.block_start[k]) * kFiberThreads + t;
   if (i >= s.outer * s.C) return;

@@ -45,12 +45,18 @@ inline SlotTable<T> next_table(const TensorSlot<T>* slots, int count, int first,
   return table;
 }
 
-// The slot that block b works on (a scan that is uniform across the block; empty tensors own no block).
+// The entry of a launch table whose blocks [block_start[t], block_start[t+1]) hold block b (a scan that is
+// uniform across the block; empty tensors own no block). Every launch table's search (this one's, fibers.cuh's).
+__device__ __forceinline__ int owner_of_block(const int64_t* block_start, int count, int64_t b) {
+  int t = 0;
+  while (t + 1 < count && b >= block_start[t + 1]) ++t;
+  return t;
+}
+
+// The slot that block b works on.
 template <class T>
 __device__ __forceinline__ int slot_of_block(const SlotTable<T>& table, int64_t b) {
-  int t = 0;
-  while (t + 1 < table.count && b >= table.block_start[t + 1]) ++t;
-  return t;
+  return owner_of_block(table.block_start, table.count, b);
 }
 
 // After a step launch, thread t of one block: slot t's step count + 1, unless found_inf skipped the step (the
