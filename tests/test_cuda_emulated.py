@@ -26,15 +26,19 @@ pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++20 compiler (g++
 TOL = {torch.float32: FP32_RTOL, torch.float64: 1e-12}
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
-    exe = tmp_path_factory.mktemp("emu") / "staged_step_emu"
-    proc = subprocess.run([CXX, "-std=c++20", "-O1", "-fno-strict-aliasing", "-pthread",
-                           f"-I{ROOT / 'tests' / 'cuda_emu'}", f"-I{ROOT / 'csrc'}",
-                           str(ROOT / "tests" / "cuda_emu" / "staged_step_emu.cpp"), "-o", str(exe)],
+def build_emulator(tmp_path_factory, name: str, *flags: str):
+    """tests/cuda_emu/<name>.cpp compiled against csrc/ and the emulated cuda_runtime.h; the executable's path."""
+    exe = tmp_path_factory.mktemp("emu") / name
+    proc = subprocess.run([CXX, "-std=c++20", "-O1", *flags, f"-I{ROOT / 'tests' / 'cuda_emu'}", f"-I{ROOT / 'csrc'}",
+                           str(ROOT / "tests" / "cuda_emu" / f"{name}.cpp"), "-o", str(exe)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return exe
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    return build_emulator(tmp_path_factory, "staged_step_emu", "-fno-strict-aliasing", "-pthread")
 
 
 def _fmt(t: torch.Tensor) -> str:
@@ -283,12 +287,7 @@ def _run_sqnorm(emulator, dtype, hp, tensors, offsets, variant="sqnorm"):
 @pytest.fixture(scope="module")
 def fibers_emulator(tmp_path_factory):
     """tests/cuda_emu/fibers_emu.cpp: the CUDA channel-directed kernel's code (csrc/cuda/fibers.cuh) on the CPU."""
-    exe = tmp_path_factory.mktemp("emu") / "fibers_emu"
-    proc = subprocess.run([CXX, "-std=c++20", "-O1", f"-I{ROOT / 'tests' / 'cuda_emu'}", f"-I{ROOT / 'csrc'}",
-                           str(ROOT / "tests" / "cuda_emu" / "fibers_emu.cpp"), "-o", str(exe)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return exe
+    return build_emulator(tmp_path_factory, "fibers_emu")
 
 
 # (outer, L, C) of the tensors of one call: fibers of length 1, 2 and 300; 128 fibers (one block), 129 (a
