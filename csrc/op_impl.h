@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "fgsgd/batched.h"
@@ -48,16 +49,25 @@ inline void check_dense(const Tensor& t, const ArgName& name) {
               t.layout(), ")");
 }
 
+// A conv weight (O, I, kh, kw) in torch.channels_last that is not also contiguous: its kh×kw components are
+// interleaved (csrc/cpu/interleaved.h), L = I apart.
+inline bool is_interleaved(const Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 // x must be (N, A, B), contiguous, float32/float64, A*B <= 64; with `rows`, also (N, n, 1) for any n
 // (row components: csrc/fgsgd/row_step.h); with `leading` (the multi-tensor ops), any (..., A, B): the
-// components are the last two dimensions (a conv weight (O, I, kh, kw) as it is), N the product of the others.
-inline void check_components(const Tensor& x, const ArgName& name, bool rows = false, bool leading = false) {
+// components are the last two dimensions (a conv weight (O, I, kh, kw) as it is), N the product of the others;
+// with `interleaved`, a channels-last conv weight too.
+inline void check_components(const Tensor& x, const ArgName& name, bool rows = false, bool leading = false,
+                             bool interleaved = false) {
   check_dense(x, name);
   TORCH_CHECK(leading ? x.dim() >= 3 : x.dim() == 3, "fgsgd: ", name.str(), " must have shape (N, A, B)",
               leading ? " or (..., A, B)" : "", ", got ", shape_str(x));
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "fgsgd: ", name.str(),
               " must be float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK(x.is_contiguous(), "fgsgd: ", name.str(), " must be contiguous");
+  TORCH_CHECK(x.is_contiguous() || (interleaved && is_interleaved(x)), "fgsgd: ", name.str(), " must be contiguous",
+              interleaved ? " (or a channels-last (O, I, kh, kw) weight)" : "");
   const int64_t A = x.size(-2), B = x.size(-1);
   if (rows && B == 1 && A > kMaxElems) return;
   TORCH_CHECK(A >= 1 && B >= 1 && A * B <= kMaxElems, "fgsgd: ", name.str(), " components must have 1 <= A*B <= ",
@@ -74,7 +84,9 @@ inline int64_t components_of(const Tensor& x) {
   return n;
 }
 
-inline void check_like(const Tensor& t, const Tensor& ref, const ArgName& name, const ArgName& ref_name) {
+// t like ref: shape, dtype, device; contiguous, or with `same_layout` in ref's layout (both channels-last).
+inline void check_like(const Tensor& t, const Tensor& ref, const ArgName& name, const ArgName& ref_name,
+                       bool same_layout = false) {
   check_dense(t, name);
   TORCH_CHECK(t.sizes() == ref.sizes(), "fgsgd: ", name.str(), " has shape ", shape_str(t), " but ", ref_name.str(),
               " has shape ", shape_str(ref));
@@ -82,6 +94,11 @@ inline void check_like(const Tensor& t, const Tensor& ref, const ArgName& name, 
               ref_name.str(), " has dtype ", ref.scalar_type());
   TORCH_CHECK(t.device() == ref.device(), "fgsgd: ", name.str(), " is on ", t.device(), " but ", ref_name.str(),
               " is on ", ref.device());
+  if (same_layout && is_interleaved(ref)) {
+    TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), "fgsgd: ", name.str(), " must be channels-last, as ",
+                ref_name.str(), " is");
+    return;
+  }
   TORCH_CHECK(t.is_contiguous(), "fgsgd: ", name.str(), " must be contiguous");
 }
 
@@ -164,11 +181,14 @@ inline void check_list_len(TensorList l, size_t n, const char* name) {
               "), got ", num(l.size()));
 }
 
-// Validates the parameter lists shared by the multi-tensor ops and builds the slots.
+// Validates the parameter lists shared by the multi-tensor ops and builds the slots. `interleave` (ops whose
+// backend runs channels-last weights, else null): gets 0 per contiguous parameter and I per channels-last
+// (O, I, kh, kw) one, whose gradient must be channels-last too (the momentum buffer stays contiguous).
 template <class T>
 std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, TensorList momenta, TensorList codes,
                                       TensorList rescale, TensorList group_index, TensorList group_scale,
-                                      const char* rescale_name = "rescale", bool rows = false) {
+                                      const char* rescale_name = "rescale", bool rows = false,
+                                      std::vector<int64_t>* interleave = nullptr) {
   const size_t n = params.size();
   check_list_len(grads, n, "grads");
   check_list_len(momenta, n, "momentum_buffers");
@@ -181,7 +201,8 @@ std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, Tenso
   std::vector<TensorSlot<T>> slots(n);
   for (size_t k = 0; k < n; ++k) {
     const Tensor& p = params[k];
-    check_components(p, ArgName("params", k), rows, /*leading=*/true);
+    check_components(p, ArgName("params", k), rows, /*leading=*/true, interleave != nullptr);
+    if (interleave != nullptr) interleave->push_back(is_interleaved(p) ? p.size(1) : 0);
     if (k > 0) {
       TORCH_CHECK(p.size(-2) == params[0].size(-2) && p.size(-1) == params[0].size(-1), "fgsgd: ",
                   ArgName("params", k).str(), " has components of shape ", num(p.size(-2)), "x", num(p.size(-1)),
@@ -194,7 +215,7 @@ std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, Tenso
     TensorSlot<T>& s = slots[k];
     s = TensorSlot<T>{p.data_ptr<T>(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, N};
     if (!grads.empty()) {
-      check_like(grads[k], p, ArgName("grads", k), ArgName("params", k));
+      check_like(grads[k], p, ArgName("grads", k), ArgName("params", k), /*same_layout=*/true);
       s.g = grads[k].data_ptr<T>();
     }
     if (!momenta.empty()) {
@@ -268,6 +289,13 @@ inline StepControl make_control(TensorList steps, const std::optional<Tensor>& f
   return c;
 }
 
+// Backends that run channels-last weights in place (Backend::kInterleaved: the CPU's) take the `interleave` list
+// of make_slots in their step and sqnorm; the others get contiguous tensors only.
+template <class B, class = void>
+struct takes_interleaved : std::false_type {};
+template <class B>
+struct takes_interleaved<B, std::void_t<decltype(B::kInterleaved)>> : std::bool_constant<B::kInterleaved> {};
+
 template <class Backend>
 void step_(TensorList params, TensorList grads, TensorList momenta, TensorList codes, TensorList rescale,
            TensorList group_index, TensorList group_scale, double lr, double momentum, double dampening, bool nesterov,
@@ -283,11 +311,16 @@ void step_(TensorList params, TensorList grads, TensorList momenta, TensorList c
   const TensorList steps = steps_opt.value_or(TensorList());
   const StepControl ctl = make_control(steps, found_inf, lr_tensor, stabilize_every, grad_scale, weight_decay, params);
   FGSGD_FLOATING(params[0].scalar_type(), [&] {
+    constexpr bool inter = takes_interleaved<Backend>::value;
+    std::vector<int64_t> interleave;
     auto slots = make_slots<T>(params, grads, momentum == 0 ? TensorList() : momenta, codes, rescale, group_index,
-                               group_scale, "rescale", /*rows=*/true);
+                               group_scale, "rescale", /*rows=*/true, inter ? &interleave : nullptr);
     for (size_t k = 0; k < steps.size(); ++k) slots[k].step = steps[k].data_ptr<float>();
     StepHParams<T> h{T(lr), T(momentum), T(dampening), T(weight_decay), nesterov, first_step, stabilize};
-    Backend::step(slots, params[0], h, ctl);
+    if constexpr (inter)
+      Backend::step(slots, interleave, params[0], h, ctl);
+    else
+      Backend::step(slots, params[0], h, ctl);
   });
 }
 
@@ -300,10 +333,16 @@ Tensor tangent_sqnorm(TensorList params, TensorList grads, TensorList codes, Ten
   for (const Tensor& p : params) total += p.dim() >= 3 ? components_of(p) : 0;
   Tensor out = at::empty({total}, params[0].options().dtype(at::kDouble));  // float64 for every dtype (types.h)
   FGSGD_FLOATING(params[0].scalar_type(), [&] {
-    auto slots = make_slots<T>(params, grads, {}, codes, rescale, {}, {}, "rescale", /*rows=*/true);
+    constexpr bool inter = takes_interleaved<Backend>::value;
+    std::vector<int64_t> interleave;
+    auto slots = make_slots<T>(params, grads, {}, codes, rescale, {}, {}, "rescale", /*rows=*/true,
+                               inter ? &interleave : nullptr);
     double* o = out.data_ptr<double>();
     for (auto& s : slots) { s.out = o; o += s.n; }
-    Backend::sqnorm(slots, params[0], T(weight_decay));
+    if constexpr (inter)
+      Backend::sqnorm(slots, interleave, params[0], T(weight_decay));
+    else
+      Backend::sqnorm(slots, params[0], T(weight_decay));
   });
   return out;
 }

@@ -16,10 +16,17 @@ def is_row_shape(a: int, b: int) -> bool:
     return b == 1 and a > MAX_ELEMS
 
 
+def is_interleaved(x: torch.Tensor) -> bool:
+    """A conv weight (O, I, kh, kw) in torch.channels_last that is not also contiguous: its kh×kw components are
+    interleaved, I apart (csrc/cpu/interleaved.h)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def components(x: torch.Tensor, name: str, *, contiguous: bool = True, rows: bool = False,
-               leading: bool = False) -> None:
+               leading: bool = False, interleaved: bool = False) -> None:
     """x must be a dense float32/float64 tensor of shape (N, A, B) with A*B <= 64 (``rows``: or (N, n, 1));
-    ``leading`` (the multi-tensor ops): or any (..., A, B), whose last two dimensions are the components."""
+    ``leading`` (the multi-tensor ops): or any (..., A, B), whose last two dimensions are the components;
+    ``interleaved``: a channels-last (O, I, kh, kw) weight too (a backend that reads it in place)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(x).__name__}")
     if x.is_sparse:
@@ -33,8 +40,9 @@ def components(x: torch.Tensor, name: str, *, contiguous: bool = True, rows: boo
     if (a < 1 or b < 1 or a * b > MAX_ELEMS) and not (rows and is_row_shape(a, b)):
         raise ValueError(f"{name}: components must have 1 <= A*B <= {MAX_ELEMS}"
                          f"{' (or be n×1 rows of any length)' if rows else ''}, got {a}x{b}")
-    if contiguous and not x.is_contiguous():
-        raise ValueError(f"{name}: must be contiguous (call .contiguous() first)")
+    if contiguous and not x.is_contiguous() and not (interleaved and is_interleaved(x)):
+        raise ValueError(f"{name}: must be contiguous (call .contiguous() first"
+                         f"{'; or a channels-last (O, I, kh, kw) weight' if interleaved else ''})")
 
 
 def num_components(x: torch.Tensor) -> int:
@@ -42,8 +50,9 @@ def num_components(x: torch.Tensor) -> int:
     return x.shape[:-2].numel()
 
 
-def like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
-    """t must match ref in shape, dtype and device, and be dense and contiguous."""
+def like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str, *, same_layout: bool = False) -> None:
+    """t must match ref in shape, dtype and device, and be dense and contiguous (``same_layout``: or
+    channels-last as ref is)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
     if t.is_sparse:
@@ -54,6 +63,10 @@ def like(t: torch.Tensor, ref: torch.Tensor, name: str, ref_name: str) -> None:
         raise TypeError(f"{name}: has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{name}: is on {t.device} but {ref_name} is on {ref.device}")
+    if same_layout and is_interleaved(ref):
+        if not t.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError(f"{name}: must be channels-last, as {ref_name} is")
+        return
     if not t.is_contiguous():
         raise ValueError(f"{name}: must be contiguous (call .contiguous() first)")
 

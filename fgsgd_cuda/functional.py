@@ -39,6 +39,16 @@ def staged(t: torch.Tensor, buffers: dict | None = None, key=None) -> torch.Tens
     return b.copy_(t)
 
 
+def in_place(impl, p: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether the backend ``impl`` steps the (O, I, kh, kw) weight p with kh×kw components as it is although it
+    is not contiguous: a channels-last weight with a channels-last gradient on a backend that reads their
+    filters where they are (``impl.interleaved_weights``: the CPU's, csrc/cpu/interleaved.h). Else p and g are
+    :func:`staged`."""
+    return (getattr(impl, "interleaved_weights", False) and p.dim() == 4 and not p.is_contiguous()
+            and p.is_contiguous(memory_format=torch.channels_last)
+            and g.is_contiguous(memory_format=torch.channels_last))
+
+
 def unstage(t: torch.Tensor, work: torch.Tensor) -> None:
     """Writes ``work`` (from :func:`staged`) back into ``t`` in t's own layout; nothing when it is t."""
     if work is not t:
@@ -153,11 +163,13 @@ def _batch_step(key, idx, params, grads, states, new_buffers, *, lr, momentum, d
     # its gradient and momentum buffer (their shapes are its shape): no views to make; other layouts (the row
     # view, n×1 rows of an (O, I, 1, 1) weight) go as (N, A, B) views
     whole = [params[k].dim() >= 3 and params[k].shape[-2:] == shape for k in idx]
-    # a weight that is not contiguous (channels-last) steps in a contiguous copy, written back at the end
-    work = {k: staged(params[k], staging, ("p", id(params[k]))) for k in idx}
+    # a weight that is not contiguous (channels-last) steps in a contiguous copy, written back at the end, unless
+    # the backend reads it where it is
+    native = {k: w and in_place(impl, params[k], grads[k]) for k, w in zip(idx, whole)}
+    work = {k: params[k] if native[k] else staged(params[k], staging, ("p", id(params[k]))) for k in idx}
     ps = [work[k] if w else cached_view(views if work[k] is params[k] else None, work[k], shape)
           for k, w in zip(idx, whole)]
-    gs = [staged(grads[k], staging, ("g", id(params[k]))) for k in idx]
+    gs = [grads[k] if native[k] else staged(grads[k], staging, ("g", id(params[k]))) for k in idx]
     gs = [g if w else component_view(g, shape) for g, w in zip(gs, whole)]
     if momentum != 0:
         bufs = [new_buffers[k] if first else states[k]["momentum_buffer"] for k in idx]

@@ -55,11 +55,13 @@ def norms(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
 
 def check_lists(params: Tensors, grads: Tensors | None, momenta: Tensors | None, codes: Tensors,
                 rescale: Tensors | None = None, group_index: Tensors | None = None,
-                group_scale: Tensors | None = None, *, rescale_name: str = "rescale", rows: bool = False) -> None:
+                group_scale: Tensors | None = None, *, rescale_name: str = "rescale", rows: bool = False,
+                interleaved: bool = False) -> None:
     """The per-tensor checks of the multi-tensor ops (cheap: shapes, dtypes and devices only).
 
     ``rescale_name`` names the per-component scale list in errors (``ratio`` for :func:`rescale_`);
-    ``rows``: n×1 components of any length are allowed too (step_, tangent_sqnorm)."""
+    ``rows``: n×1 components of any length are allowed too (step_, tangent_sqnorm); ``interleaved``: channels-last
+    (O, I, kh, kw) weights with channels-last gradients too (a backend with ``interleaved_weights``)."""
     n = len(params)
     for name, lst in (("grads", grads), ("momentum_buffers", momenta), ("codes", codes), (rescale_name, rescale),
                       ("group_index", group_index), ("group_scale", group_scale)):
@@ -68,14 +70,14 @@ def check_lists(params: Tensors, grads: Tensors | None, momenta: Tensors | None,
     if bool(group_index) != bool(group_scale):
         raise ValueError("group_index and group_scale must both be given or both be empty")
     for k, p in enumerate(params):
-        checks.components(p, f"params[{k}]", rows=rows, leading=True)
+        checks.components(p, f"params[{k}]", rows=rows, leading=True, interleaved=interleaved)
         if k and (p.shape[-2:] != params[0].shape[-2:] or p.dtype != params[0].dtype or p.device != params[0].device):
             raise ValueError(f"params[{k}]: one call takes one component shape, dtype and device; got "
                              f"{tuple(p.shape[-2:])} {p.dtype} {p.device} after {tuple(params[0].shape[-2:])} "
                              f"{params[0].dtype} {params[0].device}")
         nc = checks.num_components(p)  # its components
         if grads is not None:
-            checks.like(grads[k], p, f"grads[{k}]", f"params[{k}]")
+            checks.like(grads[k], p, f"grads[{k}]", f"params[{k}]", same_layout=interleaved)
         if momenta:
             checks.like(momenta[k], p, f"momentum_buffers[{k}]", f"params[{k}]")
         c = codes[k]
@@ -99,6 +101,11 @@ def check_lists(params: Tensors, grads: Tensors | None, momenta: Tensors | None,
                 raise ValueError(f"group_scale[{k}]: expected a 1-D {p.dtype} tensor on {p.device}")
 
 
+def _backend_of(backend: str, params: Tensors):
+    """The backend that runs params (None when params[0] is no tensor: check_lists says so)."""
+    return dispatch.get(backend, params[0].device) if isinstance(params[0], torch.Tensor) else None
+
+
 def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Tensors, *, lr: float,
           momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
           first_step: bool = False, stabilize: bool = False, rescale: Tensors = (), group_index: Tensors = (),
@@ -110,6 +117,8 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
     Components are A×B with A·B <= 64, or n×1 rows of any length (euclidean, sphere, oblique and stiefel
     with qr; every backend streams them: csrc/fgsgd/row_step.h, triton_kernels/rows.py). ``codes[k]`` is a
     uint8 (N,) tensor, or its packed form (int32, 2 bits per component: :func:`fgsgd_cuda.codes.pack`).
+    Tensors are contiguous; the ``cpu`` backend also steps a channels-last (O, I, kh, kw) weight with its
+    channels-last gradient where it is (csrc/cpu/interleaved.h; the momentum buffer stays contiguous).
 
     ``group_scale[k][group_index[k][i]]`` is the group step size s_g of component i of tensor k
     (both empty: s_g = 1); ``rescale[k]`` is R per component (empty: R = 1). With ``first_step`` the
@@ -123,15 +132,16 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
     """
     if not params:
         return
+    impl = _backend_of(backend, params)
     check_lists(params, grads, momentum_buffers if momentum else None, codes, rescale, group_index, group_scale,
-                rows=True)
+                rows=True, interleaved=getattr(impl, "interleaved_weights", False))
     if momentum and len(momentum_buffers) != len(params):
         raise ValueError(f"momentum_buffers: momentum={momentum} needs one buffer per parameter ({len(params)}), "
                          f"got {len(momentum_buffers)}")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov: needs momentum > 0 and dampening = 0")
     controls.check(params, steps, found_inf, lr_tensor, stabilize_every, grad_scale, weight_decay)
-    controls.step(dispatch.get(backend, params[0].device), list(params), list(grads), list(momentum_buffers),
+    controls.step(impl, list(params), list(grads), list(momentum_buffers),
                   list(codes), list(rescale), list(group_index), list(group_scale), lr, momentum, dampening, nesterov,
                   weight_decay, first_step, stabilize, list(steps), found_inf, lr_tensor, stabilize_every, grad_scale)
 
@@ -142,8 +152,9 @@ def tangent_sqnorm(params: Tensors, grads: Tensors, codes: Tensors, *, rescale: 
     (a float32 ‖ξ_i‖² overflows from ‖ξ_i‖ = 1.8e19, where group_clip's s_g = c/‖ξ_g‖ is still finite)."""
     if not params:
         raise ValueError("params: needs at least one tensor")
-    check_lists(params, grads, None, codes, rescale, rows=True)
-    return dispatch.get(backend, params[0].device).tangent_sqnorm(
+    impl = _backend_of(backend, params)
+    check_lists(params, grads, None, codes, rescale, rows=True, interleaved=getattr(impl, "interleaved_weights", False))
+    return impl.tangent_sqnorm(
         list(params), list(grads), list(codes), list(rescale), weight_decay)
 
 

@@ -31,6 +31,7 @@ inline bool fast_shape(int A, int B) { return A == 3 && B == 3; }
 // The fused step of components [begin, end) of one tensor (A×B components, fast_shape(A, B)); ‖ξ‖² of them
 // into t.out (sqnorm_range).
 // Rows [begin, end) of one tensor of n×1 row components (serial_row.h): the step, and ‖ξ‖² into t.out.
+// interleaved_in / _out: the transposes of a channels-last tile of 3×3 components (S = 9: interleaved.h).
 #define FGSGD_DECLARE_FAST(ISA)                                                                        \
   void step_range_##ISA(const TensorSlot<float>& t, const StepHParams<float>& h, int A, int B,       \
                         int64_t begin, int64_t end);                                                   \
@@ -43,7 +44,11 @@ inline bool fast_shape(int A, int B) { return A == 3 && B == 3; }
   void step_rows_##ISA(const TensorSlot<double>& t, const StepHParams<double>& h, int64_t n,         \
                        int64_t begin, int64_t end);                                                    \
   void sqnorm_rows_##ISA(const TensorSlot<float>& t, float wd, int64_t n, int64_t begin, int64_t end);  \
-  void sqnorm_rows_##ISA(const TensorSlot<double>& t, double wd, int64_t n, int64_t begin, int64_t end);
+  void sqnorm_rows_##ISA(const TensorSlot<double>& t, double wd, int64_t n, int64_t begin, int64_t end);  \
+  void interleaved_in_##ISA(const float* src, int64_t stride, int S, int64_t n, float* tile);          \
+  void interleaved_in_##ISA(const double* src, int64_t stride, int S, int64_t n, double* tile);       \
+  void interleaved_out_##ISA(const float* tile, int64_t stride, int S, int64_t n, float* dst);        \
+  void interleaved_out_##ISA(const double* tile, int64_t stride, int S, int64_t n, double* dst);
 #if FGSGD_CPU_HAVE_FAST
 FGSGD_DECLARE_FAST(base)
 #endif

@@ -31,6 +31,12 @@ void step_range_avx512(const TensorSlot<double>& t, const StepHParams<double>& h
 void sqnorm_range_avx512(const TensorSlot<double>& t, double wd, int A, int B, int64_t begin, int64_t end) {
   sqnorm_range_avx2(t, wd, A, B, begin, end);
 }
+void interleaved_in_avx512(const double* src, int64_t stride, int S, int64_t n, double* tile) {
+  interleaved_in_avx2(src, stride, S, n, tile);
+}
+void interleaved_out_avx512(const double* tile, int64_t stride, int S, int64_t n, double* dst) {
+  interleaved_out_avx2(tile, stride, S, n, dst);
+}
 }  // namespace cpu
 }  // namespace fgsgd
 #endif

@@ -416,6 +416,38 @@ void sqnorm_any(const TensorSlot<E>& t, E wd, int A, int B, int64_t begin, int64
                  &sqnorm_scalar<Fixed<3, 3>, E>);
 }
 
+// Channels-last tiles (interleaved.h) of 3×3 components: W components at a time, entry e of all W one load (or
+// store) of a lane value at src + e·stride, the tile side through the AoS <-> SoA transposes of the blocks.
+template <class E>
+struct TileOffsets {
+  int32_t v[Block<E>::kWidth];  // component c of a block at element 9c of the tile
+  TileOffsets() {
+    for (int c = 0; c < Block<E>::kWidth; ++c) v[c] = 9 * c;
+  }
+};
+
+// kIn: the interleaved src (entry e of component j at src[e·stride + j]) into the tile dst (dst[9j + e]); else the
+// tile src back into the interleaved dst.
+template <bool kIn, class E>
+void interleaved_copy(const E* src, int64_t stride, int64_t n, E* dst) {
+  using L = Block<E>;
+  constexpr int W = L::kWidth;
+  static const TileOffsets<E> off;
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    L lanes[9];
+    if constexpr (kIn) {
+      for (int e = 0; e < 9; ++e) memcpy(&lanes[e], src + e * stride + j, sizeof(L));
+      store_soa<9>(lanes, dst + 9 * j, off.v);
+    } else {
+      load_soa<9>(src + 9 * j, off.v, lanes);
+      for (int e = 0; e < 9; ++e) memcpy(dst + e * stride + j, &lanes[e], sizeof(L));
+    }
+  }
+  for (; j < n; ++j)
+    for (int e = 0; e < 9; ++e) (kIn ? dst[9 * j + e] : dst[e * stride + j]) = kIn ? src[e * stride + j] : src[9 * j + e];
+}
+
 }  // namespace
 }  // namespace simd
 FGSGD_NAMESPACE_END
@@ -436,6 +468,20 @@ void FGSGD_FAST_ENTRY(step_range)(const TensorSlot<double>& t, const StepHParams
 }
 void FGSGD_FAST_ENTRY(sqnorm_range)(const TensorSlot<double>& t, double wd, int A, int B, int64_t begin, int64_t end) {
   ::fgsgd::FGSGD_ISA::simd::sqnorm_any(t, wd, A, B, begin, end);
+}
+#endif
+void FGSGD_FAST_ENTRY(interleaved_in)(const float* src, int64_t stride, int, int64_t n, float* tile) {
+  ::fgsgd::FGSGD_ISA::simd::interleaved_copy<true>(src, stride, n, tile);
+}
+void FGSGD_FAST_ENTRY(interleaved_out)(const float* tile, int64_t stride, int, int64_t n, float* dst) {
+  ::fgsgd::FGSGD_ISA::simd::interleaved_copy<false>(tile, stride, n, dst);
+}
+#if !defined(FGSGD_FAST_FLOAT_ONLY)
+void FGSGD_FAST_ENTRY(interleaved_in)(const double* src, int64_t stride, int, int64_t n, double* tile) {
+  ::fgsgd::FGSGD_ISA::simd::interleaved_copy<true>(src, stride, n, tile);
+}
+void FGSGD_FAST_ENTRY(interleaved_out)(const double* tile, int64_t stride, int, int64_t n, double* dst) {
+  ::fgsgd::FGSGD_ISA::simd::interleaved_copy<false>(tile, stride, n, dst);
 }
 #endif
 void FGSGD_FAST_ENTRY(step_rows)(const TensorSlot<float>& t, const StepHParams<float>& h, int64_t n, int64_t begin,

@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "fast.h"
+#include "interleaved.h"
 #include "serial_row.h"
 #include "../fgsgd/group_scale.h"
 
@@ -153,20 +154,48 @@ void norms(const UnaryArgs<T>& a, int A, int B) {
   with_shape(A, B, [&](auto s) { each(a.n, [&](int64_t i) { norms_at(s, a, i); }); });
 }
 
+// The transposes of channels-last tiles (interleaved.h): the fast path's for 3×3 components, else the scalar ones.
+template <class T>
+Transposer<T> transposer(int isa, int A, int B) {
+#if FGSGD_CPU_HAVE_AVX2_TU
+  if (fast_shape(A, B) && isa == kAvx512) return {&interleaved_in_avx512, &interleaved_out_avx512};
+  if (fast_shape(A, B) && isa == kAvx2) return {&interleaved_in_avx2, &interleaved_out_avx2};
+#endif
+#if FGSGD_CPU_HAVE_FAST
+  if (fast_shape(A, B) && isa == kBase) return {&interleaved_in_base, &interleaved_out_base};
+#endif
+  return {&interleaved_in_scalar<T>, &interleaved_out_scalar<T>};
+}
+
 // Where a multi-tensor op runs: row components (serial_row.h) and 3×3 components (fast.h) on the fast path of
 // the chosen instruction set, one run of one tensor per call of rows(t, begin, end) or fast(t, begin, end); the
-// other shapes (and the scalar choice) per component, each(s, t, i) with the shape policy s.
+// other shapes (and the scalar choice) per component, each(s, t, i) with the shape policy s. `interleave`
+// (empty, or one entry per slot): a nonzero entry L makes that slot a channels-last weight, run through tiles
+// (interleaved.h); `writes_p`: the op changes the weights.
 template <class T, class Rows, class Fast, class Each>
-void route(const std::vector<TensorSlot<T>>& slots, int A, int B, int isa, Rows&& rows, Fast&& fast, Each&& each) {
-  if (takes_row_kernel(A, B)) return each_range(slots, row_grain(A), rows);
-  if (isa != kScalar && fast_shape(A, B)) return each_range(slots, kGrain, fast);
-  with_shape(A, B, [&](auto s) { each_slot(slots, [&](const TensorSlot<T>& t, int64_t i) { each(s, t, i); }); });
+void route(const std::vector<TensorSlot<T>>& slots, const std::vector<int64_t>& interleave, int A, int B, int isa,
+           bool writes_p, Rows&& rows, Fast&& fast, Each&& each) {
+  if (takes_row_kernel(A, B)) return each_range(slots, row_grain(A), rows);  // rows are never interleaved (op_impl.h)
+  const bool use_fast = isa != kScalar && fast_shape(A, B);
+  with_shape(A, B, [&](auto s) {
+    auto dense = [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
+      if (use_fast) return fast(t, begin, end);
+      for (int64_t i = begin; i < end; ++i) each(s, t, i);
+    };
+    const Transposer<T> tr = transposer<T>(isa, A, B);
+    each_range(slots, kGrain, [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
+      const int64_t L = interleave.empty() ? 0 : interleave[&t - slots.data()];
+      if (L == 0) return dense(t, begin, end);
+      interleaved_range(t, L, A * B, begin, end, writes_p, tr, dense);
+    });
+  });
 }
 
 template <class T>
-void multi_step(const std::vector<TensorSlot<T>>& slots, int A, int B, const StepHParams<T>& h) {
+void multi_step(const std::vector<TensorSlot<T>>& slots, const std::vector<int64_t>& interleave, int A, int B,
+                const StepHParams<T>& h) {
   const int v = isa_state().load();
-  route(slots, A, B, v,
+  route(slots, interleave, A, B, v, /*writes_p=*/true,
         [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
           FGSGD_CALL_FAST(v, step_rows, t, h, A, begin, end);
           cpu_rows::step_rows(t, h, A, begin, end);
@@ -175,9 +204,9 @@ void multi_step(const std::vector<TensorSlot<T>>& slots, int A, int B, const Ste
         [&](auto s, const TensorSlot<T>& t, int64_t i) { step_at(s, t, h, i); });
 }
 template <class T>
-void multi_sqnorm(const std::vector<TensorSlot<T>>& slots, int A, int B, T wd) {
+void multi_sqnorm(const std::vector<TensorSlot<T>>& slots, const std::vector<int64_t>& interleave, int A, int B, T wd) {
   const int v = isa_state().load();
-  route(slots, A, B, v,
+  route(slots, interleave, A, B, v, /*writes_p=*/false,
         [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
           FGSGD_CALL_FAST(v, sqnorm_rows, t, wd, A, begin, end);
           cpu_rows::sqnorm_rows(t, wd, A, begin, end);
@@ -209,8 +238,9 @@ void group_scale(const GroupScaleArgs<T>& a) {
   template void retr<T>(const UnaryArgs<T>&, int, int);                                              \
   template void projx<T>(const UnaryArgs<T>&, int, int);                                             \
   template void norms<T>(const UnaryArgs<T>&, int, int);                                             \
-  template void multi_step<T>(const std::vector<TensorSlot<T>>&, int, int, const StepHParams<T>&);  \
-  template void multi_sqnorm<T>(const std::vector<TensorSlot<T>>&, int, int, T);                     \
+  template void multi_step<T>(const std::vector<TensorSlot<T>>&, const std::vector<int64_t>&, int, int,  \
+                              const StepHParams<T>&);                                                \
+  template void multi_sqnorm<T>(const std::vector<TensorSlot<T>>&, const std::vector<int64_t>&, int, int, T); \
   template void multi_projx<T>(const std::vector<TensorSlot<T>>&, int, int);                         \
   template void multi_rescale<T>(const std::vector<TensorSlot<T>>&, int, int);                      \
   template void group_scale<T>(const GroupScaleArgs<T>&);
