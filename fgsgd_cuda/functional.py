@@ -44,8 +44,7 @@ def in_place(impl, p: torch.Tensor, g: torch.Tensor) -> bool:
     is not contiguous: a channels-last weight with a channels-last gradient on a backend that reads their
     filters where they are (``impl.interleaved_weights``: the CPU's, csrc/cpu/interleaved.h). Else p and g are
     :func:`staged`."""
-    return (getattr(impl, "interleaved_weights", False) and p.dim() == 4 and not p.is_contiguous()
-            and p.is_contiguous(memory_format=torch.channels_last)
+    return (getattr(impl, "interleaved_weights", False) and checks.is_interleaved(p)
             and g.is_contiguous(memory_format=torch.channels_last))
 
 
@@ -106,9 +105,10 @@ def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, w
     ``num_groups``, ``step`` and optionally ``rescale`` (N,) and ``momentum_buffer``. With ``group_clip``,
     ``group_index(k)`` gives the (N,) int32 groups of params[k]; it is called once per batch, the work built
     from it is kept in ``cache`` (keyed by the parameters' ids). ``views`` (optional) keeps the component views
-    of weights and buffers that are not passed whole (the row view's rows). A weight or gradient that is not
-    contiguous (channels-last) is worked on through a contiguous copy (:func:`staged`), kept in ``staging``
-    (optional) across steps on the CPU.
+    of weights and buffers that are not passed whole (the row view's rows). A channels-last filter bank with a
+    channels-last gradient is stepped where it is on a backend that reads it so (:func:`in_place`: the CPU's);
+    any other weight or gradient that is not contiguous is worked on through a contiguous copy (:func:`staged`),
+    kept in ``staging`` (optional) across steps on the CPU.
 
     ``capturable``: every ``step`` is a float32 tensor on the parameter's device that the kernels read (first
     step, stabilize) and increment, ``lr`` may be a one-element tensor, and ``found_inf`` (a float32 flag)
