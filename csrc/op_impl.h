@@ -49,10 +49,12 @@ inline void check_dense(const Tensor& t, const ArgName& name) {
               t.layout(), ")");
 }
 
-// A conv weight (O, I, kh, kw) in torch.channels_last that is not also contiguous: its kh×kw components are
-// interleaved (csrc/cpu/interleaved.h), L = I apart.
+// A conv weight (O, I, kh, kw) in torch.channels_last that is not also contiguous, with kh·kw <= kMaxElems: its
+// kh×kw components are interleaved (csrc/cpu/interleaved.h), L = I apart. Longer kh×1 filters are row components
+// (row_step.h), streamed in their contiguous layout only: such a weight is refused as not contiguous.
 inline bool is_interleaved(const Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return x.dim() == 4 && x.size(2) * x.size(3) <= kMaxElems && !x.is_contiguous() &&
+         x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 // x must be (N, A, B), contiguous, float32/float64, A*B <= 64; with `rows`, also (N, n, 1) for any n

@@ -16,10 +16,18 @@ def is_row_shape(a: int, b: int) -> bool:
     return b == 1 and a > MAX_ELEMS
 
 
+def takes_step_kernels(a: int, b: int) -> bool:
+    """Whether the step kernels of the compiled and Triton backends take A×B components (step_, tangent_sqnorm):
+    at most MAX_ELEMS entries, or n×1 rows of any length; other shapes step on the torch backend."""
+    return a * b <= MAX_ELEMS or is_row_shape(a, b)
+
+
 def is_interleaved(x: torch.Tensor) -> bool:
-    """A conv weight (O, I, kh, kw) in torch.channels_last that is not also contiguous: its kh×kw components are
-    interleaved, I apart (csrc/cpu/interleaved.h)."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    """A conv weight (O, I, kh, kw) in torch.channels_last that is not also contiguous, with kh·kw <= MAX_ELEMS: its
+    kh×kw components are interleaved, I apart (csrc/cpu/interleaved.h). Longer kh×1 filters are row components,
+    which the kernels stream in their contiguous layout only."""
+    return (x.dim() == 4 and x.shape[2] * x.shape[3] <= MAX_ELEMS and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
 
 
 def components(x: torch.Tensor, name: str, *, contiguous: bool = True, rows: bool = False,

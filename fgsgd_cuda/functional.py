@@ -125,7 +125,7 @@ def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, w
         first = momentum != 0 and st.get("momentum_buffer") is None
         # capturable: the kernels decide from the counts they read (csrc/fgsgd/step_control.h)
         stab = None if capturable else bool(stabilize) and (st["step"] + 1) % int(stabilize) == 0
-        name = backend if a * b <= checks.MAX_ELEMS or checks.is_row_shape(a, b) else "torch"
+        name = backend if checks.takes_step_kernels(a, b) else "torch"
         batches[(a, b, first, stab, st.get("rescale") is not None, name)].append(k)
     # buffers made on the current stream, before any launch on the side stream; contiguous whatever the
     # weight's layout (a channels-last weight is worked on through a contiguous copy: _batch_step)

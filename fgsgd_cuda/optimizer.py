@@ -194,8 +194,8 @@ class FGSGD(Optimizer):
             if p.dtype not in checks.FLOAT_DTYPES:
                 raise TypeError(f"{name}: manifold parameters must be float32 or float64, got {p.dtype}")
             out_ch, in_ch, shape, is_row = self._component_layout(p, name)
-            impl = dispatch.get(group["backend"] if shape[0] * shape[1] <= checks.MAX_ELEMS or is_row else "torch",
-                                p.device)
+            # the backend of its steps (manifold_step's choice); kh×1 filters longer than MAX_ELEMS are rows too
+            impl = dispatch.get(group["backend"] if checks.takes_step_kernels(*shape) else "torch", p.device)
             if group["capturable"]:
                 if not getattr(impl, "device_controls", False):
                     raise ValueError(f"{name}: capturable=True needs kernels that read the step's controls "

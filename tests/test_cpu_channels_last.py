@@ -108,8 +108,9 @@ def test_tangent_sqnorm_on_channels_last_weights(isa, dtype):
 
 
 def test_channels_last_layout_errors():
-    """The gradient must have the weight's layout and the momentum buffer must be contiguous; other strides and
-    the ops that do not take channels-last weights are refused by name, and nothing is changed."""
+    """The gradient must have the weight's layout and the momentum buffer must be contiguous; other strides, the
+    ops that do not take channels-last weights and channels-last n×1 row filters (streamed contiguous only) are
+    refused by name, and nothing is changed."""
     gen = make_gen(5)
     p = torch.randn(4, 6, 3, 3, generator=gen).contiguous(memory_format=CL)
     g = torch.randn(4, 6, 3, 3, generator=gen)
@@ -130,6 +131,15 @@ def test_channels_last_layout_errors():
         torch.ops.fgsgd.tangent_sqnorm([odd], [odd.clone()], [codes], [], 0.0)
     with pytest.raises(ValueError, match=r"^params\[0\]: must be contiguous"):
         ops.projx_([p], [codes], backend="cpu")
+    rows = torch.randn(4, 6, 65, 1, generator=gen).contiguous(memory_format=CL)  # 65×1 row components
+    rows_before = rows.clone()
+    with pytest.raises(ValueError, match=r"^params\[0\]: must be contiguous"):
+        ops.step_([rows], [rows.clone()], [], [codes], lr=0.1, backend="cpu")
+    with pytest.raises(RuntimeError, match=r"fgsgd: params\[0\] must be contiguous"):
+        torch.ops.fgsgd.step_([rows], [rows.clone()], [], [codes], [], [], [], 0.1, 0.0, 0.0, False, 0.0, False, False)
+    with pytest.raises(RuntimeError, match=r"fgsgd: params\[0\] must be contiguous"):
+        torch.ops.fgsgd.tangent_sqnorm([rows], [rows.clone()], [codes], [], 0.0)
+    assert torch.equal(rows, rows_before)
     with pytest.raises(ValueError, match=r"^params\[0\]: must be contiguous"):
         ops.step_([p], [gcl], [m], [codes], lr=0.1, momentum=0.9, backend="torch")
     assert torch.equal(p, before) and torch.equal(m, torch.zeros_like(m))
