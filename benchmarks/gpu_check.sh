@@ -106,7 +106,8 @@ if want cd; then
   log "bench_channel_directed exit $?"
 fi
 
-# Channels-last weights: FGSGD steps them through contiguous copies; their cost against SGD on the same layout.
+# Channels-last weights: the cuda backend steps their filter banks where they are (csrc/cuda/staged.cuh gather_in),
+# against SGD on the same layout (and, in the step phase, against the contiguous weights).
 if want cl; then
   timeout "$(limit 60)" "$PY" benchmarks/bench_step.py --models resnet50 --backends cuda --channels-last \
     --mixes sphere+oblique+stiefel --retractions default --geoopt-models none --torch-backend-models none \

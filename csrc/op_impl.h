@@ -183,14 +183,14 @@ inline void check_list_len(TensorList l, size_t n, const char* name) {
               "), got ", num(l.size()));
 }
 
-// Validates the parameter lists shared by the multi-tensor ops and builds the slots. `interleave` (ops whose
-// backend runs channels-last weights, else null): gets 0 per contiguous parameter and I per channels-last
-// (O, I, kh, kw) one, whose gradient must be channels-last too (the momentum buffer stays contiguous).
+// Validates the parameter lists shared by the multi-tensor ops and builds the slots. `interleaved` (the step and
+// sqnorm of a backend that runs channels-last weights): a channels-last (O, I, kh, kw) parameter is taken as it is
+// (TensorSlot::interleave = I), and its gradient must be channels-last too (the momentum buffer stays contiguous).
 template <class T>
 std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, TensorList momenta, TensorList codes,
                                       TensorList rescale, TensorList group_index, TensorList group_scale,
                                       const char* rescale_name = "rescale", bool rows = false,
-                                      std::vector<int64_t>* interleave = nullptr) {
+                                      bool interleaved = false) {
   const size_t n = params.size();
   check_list_len(grads, n, "grads");
   check_list_len(momenta, n, "momentum_buffers");
@@ -203,8 +203,7 @@ std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, Tenso
   std::vector<TensorSlot<T>> slots(n);
   for (size_t k = 0; k < n; ++k) {
     const Tensor& p = params[k];
-    check_components(p, ArgName("params", k), rows, /*leading=*/true, interleave != nullptr);
-    if (interleave != nullptr) interleave->push_back(is_interleaved(p) ? p.size(1) : 0);
+    check_components(p, ArgName("params", k), rows, /*leading=*/true, interleaved);
     if (k > 0) {
       TORCH_CHECK(p.size(-2) == params[0].size(-2) && p.size(-1) == params[0].size(-1), "fgsgd: ",
                   ArgName("params", k).str(), " has components of shape ", num(p.size(-2)), "x", num(p.size(-1)),
@@ -216,6 +215,7 @@ std::vector<TensorSlot<T>> make_slots(TensorList params, TensorList grads, Tenso
     const int64_t N = components_of(p);
     TensorSlot<T>& s = slots[k];
     s = TensorSlot<T>{p.data_ptr<T>(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, N};
+    s.interleave = interleaved && is_interleaved(p) ? p.size(1) : 0;
     if (!grads.empty()) {
       check_like(grads[k], p, ArgName("grads", k), ArgName("params", k), /*same_layout=*/true);
       s.g = grads[k].data_ptr<T>();
@@ -291,8 +291,8 @@ inline StepControl make_control(TensorList steps, const std::optional<Tensor>& f
   return c;
 }
 
-// Backends that run channels-last weights in place (Backend::kInterleaved: the CPU's) take the `interleave` list
-// of make_slots in their step and sqnorm; the others get contiguous tensors only.
+// Backends whose step and sqnorm run channels-last weights in place (Backend::kInterleaved: the CPU's tiles, the
+// CUDA kernels' gathers) get slots with TensorSlot::interleave set; the others get contiguous tensors only.
 template <class B, class = void>
 struct takes_interleaved : std::false_type {};
 template <class B>
@@ -313,16 +313,11 @@ void step_(TensorList params, TensorList grads, TensorList momenta, TensorList c
   const TensorList steps = steps_opt.value_or(TensorList());
   const StepControl ctl = make_control(steps, found_inf, lr_tensor, stabilize_every, grad_scale, weight_decay, params);
   FGSGD_FLOATING(params[0].scalar_type(), [&] {
-    constexpr bool inter = takes_interleaved<Backend>::value;
-    std::vector<int64_t> interleave;
     auto slots = make_slots<T>(params, grads, momentum == 0 ? TensorList() : momenta, codes, rescale, group_index,
-                               group_scale, "rescale", /*rows=*/true, inter ? &interleave : nullptr);
+                               group_scale, "rescale", /*rows=*/true, takes_interleaved<Backend>::value);
     for (size_t k = 0; k < steps.size(); ++k) slots[k].step = steps[k].data_ptr<float>();
     StepHParams<T> h{T(lr), T(momentum), T(dampening), T(weight_decay), nesterov, first_step, stabilize};
-    if constexpr (inter)
-      Backend::step(slots, interleave, params[0], h, ctl);
-    else
-      Backend::step(slots, params[0], h, ctl);
+    Backend::step(slots, params[0], h, ctl);
   });
 }
 
@@ -335,16 +330,11 @@ Tensor tangent_sqnorm(TensorList params, TensorList grads, TensorList codes, Ten
   for (const Tensor& p : params) total += p.dim() >= 3 ? components_of(p) : 0;
   Tensor out = at::empty({total}, params[0].options().dtype(at::kDouble));  // float64 for every dtype (types.h)
   FGSGD_FLOATING(params[0].scalar_type(), [&] {
-    constexpr bool inter = takes_interleaved<Backend>::value;
-    std::vector<int64_t> interleave;
     auto slots = make_slots<T>(params, grads, {}, codes, rescale, {}, {}, "rescale", /*rows=*/true,
-                               inter ? &interleave : nullptr);
+                               takes_interleaved<Backend>::value);
     double* o = out.data_ptr<double>();
     for (auto& s : slots) { s.out = o; o += s.n; }
-    if constexpr (inter)
-      Backend::sqnorm(slots, interleave, params[0], T(weight_decay));
-    else
-      Backend::sqnorm(slots, params[0], T(weight_decay));
+    Backend::sqnorm(slots, params[0], T(weight_decay));
   });
   return out;
 }

@@ -34,32 +34,29 @@ struct CpuBackend {
   template <class T> static void retr(const UnaryArgs<T>& a, const Tensor& x) { cpu::retr(a, rows_of(x), cols_of(x)); }
   template <class T> static void projx(const UnaryArgs<T>& a, const Tensor& x) { cpu::projx(a, rows_of(x), cols_of(x)); }
   template <class T> static void norms(const UnaryArgs<T>& a, const Tensor& x) { cpu::norms(a, rows_of(x), cols_of(x)); }
-  // channels-last conv weights run in place (csrc/cpu/interleaved.h): step and sqnorm take make_slots' list
+  // channels-last conv weights run in place (csrc/cpu/interleaved.h) in the step and sqnorm
   static constexpr bool kInterleaved = true;
   // The controls are read here, on the host: tensors whose resolved hyper-parameters agree run together.
   template <class T>
-  static void step(const std::vector<TensorSlot<T>>& s, const std::vector<int64_t>& interleave, const Tensor& p0,
-                   const StepHParams<T>& h, const StepControl& c) {
+  static void step(const std::vector<TensorSlot<T>>& s, const Tensor& p0, const StepHParams<T>& h,
+                   const StepControl& c) {
     if (step_skipped(c)) return;
     std::vector<TensorSlot<T>> part[4];  // by (first_step, stabilize)
-    std::vector<int64_t> part_interleave[4];
     StepHParams<T> hp[4];
-    for (size_t j = 0; j < s.size(); ++j) {
-      const StepHParams<T> r = resolve_step(h, c, s[j].step);
+    for (const TensorSlot<T>& t : s) {
+      const StepHParams<T> r = resolve_step(h, c, t.step);
       const int k = 2 * int(r.first_step) + int(r.stabilize);
-      part[k].push_back(s[j]);
-      part_interleave[k].push_back(interleave[j]);
+      part[k].push_back(t);
       hp[k] = r;
     }
     for (int k = 0; k < 4; ++k)
-      if (!part[k].empty()) cpu::multi_step(part[k], part_interleave[k], rows_of(p0), cols_of(p0), hp[k]);
+      if (!part[k].empty()) cpu::multi_step(part[k], rows_of(p0), cols_of(p0), hp[k]);
     for (const TensorSlot<T>& t : s)
       if (t.step != nullptr) *t.step += 1.0f;
   }
   template <class T>
-  static void sqnorm(const std::vector<TensorSlot<T>>& s, const std::vector<int64_t>& interleave, const Tensor& p0,
-                     T wd) {
-    cpu::multi_sqnorm(s, interleave, rows_of(p0), cols_of(p0), wd);
+  static void sqnorm(const std::vector<TensorSlot<T>>& s, const Tensor& p0, T wd) {
+    cpu::multi_sqnorm(s, rows_of(p0), cols_of(p0), wd);
   }
   template <class T> static void projx_slots(const std::vector<TensorSlot<T>>& s, const Tensor& p0) {
     cpu::multi_projx(s, rows_of(p0), cols_of(p0));

@@ -1,14 +1,18 @@
-"""Channels-last (and other non-contiguous) manifold weights. The ``cpu`` backend steps a channels-last conv
-weight where it is (csrc/cpu/interleaved.h: its filters go through tiles in cache); everywhere else, and for
-projections and rescales, FGSGD works through a contiguous copy written back in the weight's own layout
-(functional.staged / unstage). Either way a step gives what the same weight gets when contiguous, the weight keeps
-its layout, and a refused step changes nothing.
+"""Channels-last (and other non-contiguous) manifold weights. The ``cpu`` and ``cuda`` backends step a channels-last
+conv weight where it is (csrc/cpu/interleaved.h: its filters go through tiles in cache; csrc/cuda/staged.cuh: a
+block's threads read their filters coalesced as they lie); everywhere else, and for projections and rescales, FGSGD
+works through a contiguous copy written back in the weight's own layout (functional.staged / unstage). Either way a
+step gives what the same weight gets when contiguous, the weight keeps its layout, and a refused step changes
+nothing.
 
 The contiguous path is checked against the float64 reference elsewhere (test_optimizer_reference.py; the CPU
-kernels' channels-last tiles in test_cpu_channels_last.py); here the two layouts are compared on every backend, with
-real gradients from a backward pass (autograd gives a channels-last weight channels-last gradients): bit for bit
-through a copy, and to a few units in the last place on the ``cpu`` backend, whose SIMD blocks group components
-differently in the tiles (the math has branches uniform over a block's lanes: csrc/fgsgd/small_linalg.h)."""
+kernels' channels-last tiles in test_cpu_channels_last.py, the CUDA block code's in test_cuda_emulated.py); here the
+two layouts are compared on every backend, with real gradients from a backward pass (autograd gives a channels-last
+weight channels-last gradients): bit for bit through a copy, and to a few units in the last place where the kernels
+read the weight in place: on the ``cpu`` backend the SIMD blocks group components differently in the tiles (the math
+has branches uniform over a block's lanes: csrc/fgsgd/small_linalg.h); on ``cuda`` the same math is compiled into
+another kernel (the layout is a template parameter), where nvcc may contract other products into FMAs (the emulator
+of test_cuda_emulated.py shows the block code itself bit for bit, compiled without FMAs)."""
 from __future__ import annotations
 
 import copy
@@ -17,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import CPU_TORCH_CUDA, requires_cpu_kernels
+from conftest import CPU_TORCH_CUDA, compiled_backends, requires_cpu_kernels
 from fgsgd_cuda import FGSGD, param_groups
 
 CL = torch.channels_last
@@ -85,8 +89,9 @@ def without_long_rows(net):
 
 
 def assert_same(a, b, backend):
-    """Equal bits, or on the cpu backend (its channels-last tiles) equal to a few units in the last place."""
-    if backend != "cpu":
+    """Equal bits, or on the backends that read channels-last filters in place equal to a few units in the last
+    place."""
+    if backend not in ("cpu", "cuda"):
         assert torch.equal(a, b)
         return
     ulp = torch.finfo(a.dtype).eps
@@ -214,13 +219,14 @@ def test_contiguous_weights_are_worked_on_in_place(monkeypatch):
     assert copies == [] and opt._staging == {}
 
 
-@requires_cpu_kernels
-def test_cpu_steps_channels_last_filters_in_place(monkeypatch):
-    """The cpu backend copies no channels-last filter bank or its gradient in a step, plain or with group_clip."""
-    for options in ({}, {"group_clip": 0.3}):
-        net = without_long_rows(make(torch.float32, "cpu", True))
+@pytest.mark.parametrize("backend,device", compiled_backends())
+def test_compiled_backends_step_channels_last_filters_in_place(monkeypatch, backend, device):
+    """The cpu and cuda backends copy no channels-last filter bank or its gradient in a step, plain, with group_clip
+    (tangent_sqnorm reads them too) and capturable."""
+    for options in ({}, {"group_clip": 0.3}, {"capturable": True}):
+        net = without_long_rows(make(torch.float32, device, True))
         net.head_t = nn.Parameter(net.head_t.detach().contiguous())
-        opt = optimizer(net, "cpu", **options)
+        opt = optimizer(net, backend, **options)
         copies = []
         copy_ = torch.Tensor.copy_
         monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, *a, **k: (copies.append(self.shape),

@@ -2,7 +2,8 @@
 the float64 reference: tests/cuda_emu/staged_step_emu.cpp compiles that very device code as C++ with a
 stand-in <cuda_runtime.h> (a std::thread per CUDA thread, a barrier for __syncthreads), so the staging
 (whole and partial chunks, the 16-byte vector path and the scalar one, unaligned tensors, tables of more
-than 40 tensors, empty tensors), and the code-sorted variant's permutation, are checked on machines
+than 36 tensors, empty tensors), the code-sorted variant's permutation, and channels-last filter banks read and
+written where they are (also by the one-thread-per-component kernel, batched.h step_at), are checked on machines
 without a GPU. The GPU runs the same code
 (tests/test_cuda_step.py). Likewise tests/cuda_emu/fibers_emu.cpp runs the channel-directed kernel's code
 (csrc/cuda/fibers.cuh: launch tables, block-to-tensor search, a thread per fiber)."""
@@ -45,10 +46,24 @@ def _fmt(t: torch.Tensor) -> str:
     return " ".join(repr(float(v)) if t.is_floating_point() else str(int(v)) for v in t.reshape(-1).tolist())
 
 
-def _run(emulator, dtype, hp, tensors, offsets, use_rescale, use_groups, variant="staged", control=None, packed=False):
+def _interleaved(x: torch.Tensor, L: int) -> torch.Tensor:
+    """The (N, 3, 3) components of x as a channels-last (N/L, L, 3, 3) weight holds them in memory (L = 0: as they
+    are): entry e of component o·L + j at o·9·L + e·L + j (TensorSlot::interleave)."""
+    return x if not L else x.reshape(-1, L, 9).transpose(1, 2).reshape(x.shape)
+
+
+def _from_interleaved(x: torch.Tensor, L: int) -> torch.Tensor:
+    """The inverse of _interleaved."""
+    return x if not L else x.reshape(-1, 9, L).transpose(1, 2).reshape(x.shape)
+
+
+def _run(emulator, dtype, hp, tensors, offsets, use_rescale, use_groups, variant="staged", control=None, packed=False,
+         interleave=None):
     """The emulator's p and m per tensor; with ``control`` (found_inf, lr_kind, lr_value, stabilize_every, steps,
     grad_scale:
-    csrc/fgsgd/step_control.h), also the step counts after the step."""
+    csrc/fgsgd/step_control.h), also the step counts after the step. ``interleave`` (L per tensor, 0: contiguous):
+    p and g go to the kernels as channels-last filters (TensorSlot::interleave), and come back as components."""
+    interleave = interleave or [0] * len(tensors)
     c = {**dict(found_inf=-1, lr_kind=0, lr_value=0.0, stabilize_every=0, steps=None, grad_scale=0),
          **(control or {})}
     lines = [str(8 if dtype == torch.float64 else 4),
@@ -60,18 +75,19 @@ def _run(emulator, dtype, hp, tensors, offsets, use_rescale, use_groups, variant
     for k, (t, off) in enumerate(zip(tensors, offsets)):
         step = () if c["steps"] is None else (c["steps"][k],)
         lines.append(" ".join(str(v) for v in (t["p"].shape[0], *off, t["gs"].numel(), *step)))
-    for t in tensors:
+    for t, L in zip(tensors, interleave):
         for key in ("p", "g", "m", "codes") + (("r",) if use_rescale else ()) + (("gi", "gs") if use_groups else ()):
-            lines.append(_fmt(t[key]))
-    env = dict(os.environ, EMU_PACKED="1" if packed else "0")
+            lines.append(_fmt(_interleaved(t[key], L) if key in ("p", "g") else t[key]))
+    env = dict(os.environ, EMU_PACKED="1" if packed else "0", EMU_INTERLEAVE=" ".join(map(str, interleave)))
     proc = subprocess.run([str(emulator), *variant.split()], input="\n".join(lines) + "\n", capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     values = torch.tensor([float(v) for v in proc.stdout.split()], dtype=torch.float64)
     out, start = [], 0
-    for t in tensors:
+    for t, L in zip(tensors, interleave):
         k = t["p"].numel()
-        out.append((values[start:start + k].view_as(t["p"]), values[start + k:start + 2 * k].view_as(t["p"])))
+        out.append((_from_interleaved(values[start:start + k].view_as(t["p"]), L),
+                    values[start + k:start + 2 * k].view_as(t["p"])))
         start += 2 * k
     if c["steps"] is not None:
         steps = values[start:start + len(tensors)].tolist()
@@ -120,7 +136,7 @@ def test_staged_step_block(emulator, dtype, config, offsets, variant):
 
 @pytest.mark.parametrize("variant", ["staged", "sorted"])
 def test_more_tensors_than_one_table(emulator, variant):
-    """45 tensors (two tables of at most 40), one of them empty, in fp32."""
+    """45 tensors (two tables of at most 36), one of them empty, in fp32."""
     gen = make_gen(45)
     sizes = [int(s) for s in torch.randint(1, 200, (45,), generator=gen)]
     sizes[17] = 0
@@ -261,19 +277,21 @@ def test_sqnorm_blocks_beyond_the_float_range(emulator, variant):
         assert err <= FP32_RTOL, f"tensor {k}: relative error {err:.3g}"
 
 
-def _run_sqnorm(emulator, dtype, hp, tensors, offsets, variant="sqnorm"):
-    """The emulator's ‖ξ_i‖² per tensor (mode "sqnorm" or "rowsqnorm L"; the inputs as _run writes them)."""
+def _run_sqnorm(emulator, dtype, hp, tensors, offsets, variant="sqnorm", interleave=None):
+    """The emulator's ‖ξ_i‖² per tensor (mode "sqnorm", "threadsqnorm" or "rowsqnorm L"; the inputs as _run writes
+    them, ``interleave`` too)."""
+    interleave = interleave or [0] * len(tensors)
     lines = [str(8 if dtype == torch.float64 else 4),
              " ".join(str(v) for v in (hp["momentum"], hp["dampening"], int(hp["nesterov"]), hp["weight_decay"],
                                        hp["lr"], 0, 0, 1, 0, len(tensors))),
              "-1 0 0.0 0 0 0.0"]
     for t, off in zip(tensors, offsets):
         lines.append(" ".join(str(v) for v in (t["p"].shape[0], *off, 0)))
-    for t in tensors:
+    for t, L in zip(tensors, interleave):
         for key in ("p", "g", "m", "codes", "r"):
-            lines.append(_fmt(t[key]))
+            lines.append(_fmt(_interleaved(t[key], L) if key in ("p", "g") else t[key]))
     proc = subprocess.run([str(emulator), *variant.split()], input="\n".join(lines) + "\n", capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=dict(os.environ, EMU_INTERLEAVE=" ".join(map(str, interleave))))
     assert proc.returncode == 0, proc.stderr
     values = torch.tensor([float(v) for v in proc.stdout.split()], dtype=torch.float64)
     out, start = [], 0
@@ -282,6 +300,69 @@ def _run_sqnorm(emulator, dtype, hp, tensors, offsets, variant="sqnorm"):
         start += t["p"].shape[0]
     assert start == values.numel()
     return out
+
+
+# Channels-last filter banks (O, L) of one call: blocks of 128 components that cross output channels (L = 37, 3, 129),
+# L = 64 (two channels a block), L = 300 (channels across blocks), a lone filter; one contiguous tensor beside them
+CHANNELS_LAST = [(3, 37), (43, 3), (2, 64), (2, 129), (1, 300), (1, 1)]
+
+
+@pytest.mark.parametrize("variant", ["staged", "sorted", "thread"])
+@pytest.mark.parametrize("offsets", ["aligned", "unaligned"])
+@pytest.mark.parametrize("config", ["momentum", "first", "none", "nesterov-stabilize-wd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_channels_last_filters(emulator, dtype, config, offsets, variant):
+    """Channels-last 3×3 filter banks stepped where they are (TensorSlot::interleave: staged.cuh gather_in /
+    scatter_out, batched.h entries_of for one thread per component): the float64 reference's step, and bit for bit
+    the step of the same components laid out contiguous (the same math on the same values); packed codes on every
+    other call; nothing written outside the tensors (the emulator's sentinels)."""
+    hp = dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, first_step=False,
+              stabilize=False)
+    hp.update(CONFIGS[config])
+    gen = make_gen(zlib.crc32(repr(("channels-last", dtype, config, offsets, variant)).encode()))
+    sizes = [o * i for o, i in CHANNELS_LAST] + [50]
+    ts = make_step_tensors(sizes, (3, 3), dtype, gen)
+    packed = list(CONFIGS).index(config) % 2 == 1
+    if packed:  # at most four codes per tensor
+        for t in ts:
+            keep = torch.unique(t["codes"])[:4]
+            t["codes"] = torch.where(torch.isin(t["codes"], keep), t["codes"], keep[0])
+    interleave = [i for _, i in CHANNELS_LAST] + [0]
+    offs = [(k % 3, (2 * k) % 3, k % 2) if offsets == "unaligned" else (0, 0, 0) for k in range(len(ts))]
+    use_rescale, use_groups = config != "none", config in ("momentum", "nesterov-stabilize-wd")
+    got = _run(emulator, dtype, hp, ts, offs, use_rescale, use_groups, variant, packed=packed, interleave=interleave)
+    flat = _run(emulator, dtype, hp, ts, offs, use_rescale, use_groups, variant, packed=packed)
+    for k, (t, (p, m), (p_flat, m_flat)) in enumerate(zip(ts, got, flat)):
+        what = f"tensor {k} (L={interleave[k]}, N={sizes[k]})"
+        s = t["gs"].double()[t["gi"].long()] if use_groups else None
+        p_ref, m_ref = R.step(t["p"].double(), t["g"].double(), t["m"].double() if hp["momentum"] else None,
+                              t["codes"], t["r"].double() if use_rescale else None, s, **hp)
+        assert rel_err(p, p_ref) <= TOL[dtype], what
+        assert torch.equal(p, p_flat) and torch.equal(m, m_flat), f"{what}: differs from the contiguous layout"
+        if hp["momentum"]:
+            assert rel_err(m, m_ref) <= TOL[dtype], what
+        else:
+            assert torch.equal(m, t["m"].double())
+
+
+@pytest.mark.parametrize("variant", ["sqnorm", "threadsqnorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_channels_last_sqnorm(emulator, dtype, variant):
+    """‖ξ_i‖² of channels-last 3×3 filter banks read where they are: the float64 reference's, and bit for bit the
+    contiguous layout's."""
+    gen = make_gen(zlib.crc32(repr(("channels-last sqnorm", dtype, variant)).encode()))
+    sizes = [o * i for o, i in CHANNELS_LAST] + [50]
+    ts = make_step_tensors(sizes, (3, 3), dtype, gen, groups=False)
+    interleave = [i for _, i in CHANNELS_LAST] + [0]
+    hp = dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.05, first_step=False,
+              stabilize=False)
+    offs = [(k % 3, k % 2, 0) for k in range(len(ts))]
+    got = _run_sqnorm(emulator, dtype, hp, ts, offs, variant, interleave)
+    flat = _run_sqnorm(emulator, dtype, hp, ts, offs, variant)
+    for k, (t, sq, sq_flat) in enumerate(zip(ts, got, flat)):
+        ref = R.tangent_sqnorm(t["p"].double(), t["g"].double(), t["codes"], t["r"].double(), 0.05)
+        assert rel_err(sq, ref) <= TOL[dtype], f"tensor {k} (L={interleave[k]})"
+        assert torch.equal(sq, sq_flat), f"tensor {k} (L={interleave[k]}): differs from the contiguous layout"
 
 
 @pytest.fixture(scope="module")

@@ -90,6 +90,60 @@ def test_step_kernels_7x7(monkeypatch, dyn, config, dtype):
     _check_step([1, 127, 129, 1003], (7, 7), dtype, _hparams(config), (1, 0, 3), gen)
 
 
+# (O, I) of channels-last filter banks: blocks of 128 filters across output channels (I = 37, 3, 129), I = 64, 300
+CHANNELS_LAST = [(3, 37), (43, 3), (2, 64), (2, 129), (1, 300)]
+
+
+@pytest.mark.parametrize("kernel", [pytest.param(("staged", "0", 3), id="staged-3x3"),
+                                    pytest.param(("sorted", "0", 3), id="sorted-3x3"),
+                                    pytest.param(("thread", "0", 3), id="thread-3x3"),
+                                    pytest.param(("staged", "0", 7), id="fixed-7x7"),
+                                    pytest.param(("staged", "1", 5), id="dyn-5x5")])
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_filters(monkeypatch, kernel, config, dtype):
+    """Channels-last (O, I, k, k) weights stepped where they are (csrc/cuda/staged.cuh gather_in, batched.h
+    entries_of), beside a contiguous one in the same call: the float64 reference's step, a few units in the last
+    place from the same step on contiguous copies, the layout kept; tangent_sqnorm likewise."""
+    variant, dyn, k = kernel
+    monkeypatch.setenv("FGSGD_CUDA_STEP", variant)
+    monkeypatch.setenv("FGSGD_CUDA_DYN", dyn)
+    hp = _hparams(config)
+    gen = make_gen(zlib.crc32(repr(("channels-last", kernel, config, dtype)).encode()))
+    shapes = CHANNELS_LAST + [(5, 11)]
+    ts = make_step_tensors([o * i for o, i in shapes], (k, k), dtype, gen, groups=False)
+
+    def weights(key, channels_last):  # fresh copies on the GPU (the step works in place)
+        fmt = [torch.channels_last if channels_last and j < len(CHANNELS_LAST) else torch.contiguous_format
+               for j in range(len(ts))]
+        return [torch.empty((o, i, k, k), dtype=dtype, device="cuda", memory_format=f).copy_(t[key].reshape(o, i, k, k))
+                for t, (o, i), f in zip(ts, shapes, fmt)]
+
+    got, flat = {}, {}
+    for out, cl in ((got, True), (flat, False)):
+        p, g, m = weights("p", cl), weights("g", cl), weights("m", False)
+        codes, rescale = [t["codes"].cuda() for t in ts], [t["r"].cuda() for t in ts]
+        out["sq"] = ops.tangent_sqnorm(p, g, codes, rescale=rescale, weight_decay=0.02, backend="cuda")
+        ops.step_(p, g, m if hp["momentum"] else [], codes, rescale=rescale, backend="cuda", **hp)
+        out["p"], out["m"] = p, m
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in got["p"][:-1])
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(got["sq"], flat["sq"], rtol=8 * ulp, atol=0)
+    start = 0
+    for j, t in enumerate(ts):
+        n = t["codes"].numel()
+        p_ref, m_ref = R.step(t["p"].double(), t["g"].double(), t["m"].double() if hp["momentum"] else None,
+                              t["codes"], t["r"].double(), None, **hp)
+        sq_ref = R.tangent_sqnorm(t["p"].double(), t["g"].double(), t["codes"], t["r"].double(), 0.02)
+        assert rel_err(got["sq"][start:start + n].cpu(), sq_ref) <= TOL[dtype], f"tangent_sqnorm of tensor {j}"
+        start += n
+        assert rel_err(got["p"][j].reshape(n, k, k).cpu(), p_ref) <= TOL[dtype], f"params[{j}]"
+        torch.testing.assert_close(got["p"][j], flat["p"][j], rtol=8 * ulp, atol=8 * ulp)
+        if hp["momentum"]:
+            assert rel_err(got["m"][j].reshape(n, k, k).cpu(), m_ref) <= TOL[dtype], f"momentum_buffers[{j}]"
+            torch.testing.assert_close(got["m"][j], flat["m"][j], rtol=8 * ulp, atol=8 * ulp)
+
+
 def test_step_kernels_agree(monkeypatch):
     """Same inputs, every kernel: the same math (csrc/fgsgd) in the same order per component, so the same bits."""
     gen = make_gen(7)
@@ -342,7 +396,7 @@ def test_capturable_grad_scaler_skips_without_a_sync():
 
 def _ops_per_step(depth: int) -> tuple[int, int]:
     """(ops dispatched, fgsgd ops among them) by one steady-state step (a TorchDispatchMode count: each fgsgd
-    op is one kernel launch per 40 tensors; torch.profiler was too slow to start on the lent GPU machine)."""
+    op is one kernel launch per 36 tensors; torch.profiler was too slow to start on the lent GPU machine)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):

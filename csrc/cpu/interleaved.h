@@ -92,6 +92,7 @@ void interleaved_range(const TensorSlot<T>& t, int64_t L, int S, int64_t begin, 
     if (next > 0)
       channel_segments(L, S, b + n, next, [&](int64_t, int64_t k, int64_t at) { prefetch_rows(t, L, S, k, at); });
     TensorSlot<T> s = t;
+    s.interleave = 0;  // the tile is contiguous
     s.p = pt;
     s.g = t.g ? gt : nullptr;
     s.n = n;

@@ -169,11 +169,11 @@ Transposer<T> transposer(int isa, int A, int B) {
 
 // Where a multi-tensor op runs: row components (serial_row.h) and 3×3 components (fast.h) on the fast path of
 // the chosen instruction set, one run of one tensor per call of rows(t, begin, end) or fast(t, begin, end); the
-// other shapes (and the scalar choice) per component, each(s, t, i) with the shape policy s. `interleave`
-// (empty, or one entry per slot): a nonzero entry L makes that slot a channels-last weight, run through tiles
-// (interleaved.h); `writes_p`: the op changes the weights.
+// other shapes (and the scalar choice) per component, each(s, t, i) with the shape policy s. A slot with
+// TensorSlot::interleave = L > 0 is a channels-last weight, run through tiles (interleaved.h); `writes_p`: the op
+// changes the weights.
 template <class T, class Rows, class Fast, class Each>
-void route(const std::vector<TensorSlot<T>>& slots, const std::vector<int64_t>& interleave, int A, int B, int isa,
+void route(const std::vector<TensorSlot<T>>& slots, int A, int B, int isa,
            bool writes_p, Rows&& rows, Fast&& fast, Each&& each) {
   if (takes_row_kernel(A, B)) return each_range(slots, row_grain(A), rows);  // rows are never interleaved (op_impl.h)
   const bool use_fast = isa != kScalar && fast_shape(A, B);
@@ -184,18 +184,16 @@ void route(const std::vector<TensorSlot<T>>& slots, const std::vector<int64_t>& 
     };
     const Transposer<T> tr = transposer<T>(isa, A, B);
     each_range(slots, kGrain, [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
-      const int64_t L = interleave.empty() ? 0 : interleave[&t - slots.data()];
-      if (L == 0) return dense(t, begin, end);
-      interleaved_range(t, L, A * B, begin, end, writes_p, tr, dense);
+      if (t.interleave == 0) return dense(t, begin, end);
+      interleaved_range(t, t.interleave, A * B, begin, end, writes_p, tr, dense);
     });
   });
 }
 
 template <class T>
-void multi_step(const std::vector<TensorSlot<T>>& slots, const std::vector<int64_t>& interleave, int A, int B,
-                const StepHParams<T>& h) {
+void multi_step(const std::vector<TensorSlot<T>>& slots, int A, int B, const StepHParams<T>& h) {
   const int v = isa_state().load();
-  route(slots, interleave, A, B, v, /*writes_p=*/true,
+  route(slots, A, B, v, /*writes_p=*/true,
         [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
           FGSGD_CALL_FAST(v, step_rows, t, h, A, begin, end);
           cpu_rows::step_rows(t, h, A, begin, end);
@@ -204,9 +202,9 @@ void multi_step(const std::vector<TensorSlot<T>>& slots, const std::vector<int64
         [&](auto s, const TensorSlot<T>& t, int64_t i) { step_at(s, t, h, i); });
 }
 template <class T>
-void multi_sqnorm(const std::vector<TensorSlot<T>>& slots, const std::vector<int64_t>& interleave, int A, int B, T wd) {
+void multi_sqnorm(const std::vector<TensorSlot<T>>& slots, int A, int B, T wd) {
   const int v = isa_state().load();
-  route(slots, interleave, A, B, v, /*writes_p=*/false,
+  route(slots, A, B, v, /*writes_p=*/false,
         [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
           FGSGD_CALL_FAST(v, sqnorm_rows, t, wd, A, begin, end);
           cpu_rows::sqnorm_rows(t, wd, A, begin, end);
@@ -238,9 +236,8 @@ void group_scale(const GroupScaleArgs<T>& a) {
   template void retr<T>(const UnaryArgs<T>&, int, int);                                              \
   template void projx<T>(const UnaryArgs<T>&, int, int);                                             \
   template void norms<T>(const UnaryArgs<T>&, int, int);                                             \
-  template void multi_step<T>(const std::vector<TensorSlot<T>>&, const std::vector<int64_t>&, int, int,  \
-                              const StepHParams<T>&);                                                \
-  template void multi_sqnorm<T>(const std::vector<TensorSlot<T>>&, const std::vector<int64_t>&, int, int, T); \
+  template void multi_step<T>(const std::vector<TensorSlot<T>>&, int, int, const StepHParams<T>&);     \
+  template void multi_sqnorm<T>(const std::vector<TensorSlot<T>>&, int, int, T);                    \
   template void multi_projx<T>(const std::vector<TensorSlot<T>>&, int, int);                         \
   template void multi_rescale<T>(const std::vector<TensorSlot<T>>&, int, int);                      \
   template void group_scale<T>(const GroupScaleArgs<T>&);

@@ -12,12 +12,10 @@ template <class T> void retr(const UnaryArgs<T>& a, int A, int B);
 template <class T> void projx(const UnaryArgs<T>& a, int A, int B);
 template <class T> void norms(const UnaryArgs<T>& a, int A, int B);
 
-// interleave: empty, or per slot 0 (contiguous components) or L, the input channels of a channels-last conv
-// weight whose kh×kw filters are the components (csrc/cpu/interleaved.h); its gradient has its layout.
-template <class T> void multi_step(const std::vector<TensorSlot<T>>& slots, const std::vector<int64_t>& interleave,
-                                   int A, int B, const StepHParams<T>& h);
-template <class T> void multi_sqnorm(const std::vector<TensorSlot<T>>& slots, const std::vector<int64_t>& interleave,
-                                     int A, int B, T weight_decay);
+// A slot with TensorSlot::interleave = L > 0 is a channels-last conv weight whose kh×kw filters are the components
+// (csrc/cpu/interleaved.h); its gradient has its layout.
+template <class T> void multi_step(const std::vector<TensorSlot<T>>& slots, int A, int B, const StepHParams<T>& h);
+template <class T> void multi_sqnorm(const std::vector<TensorSlot<T>>& slots, int A, int B, T weight_decay);
 template <class T> void multi_projx(const std::vector<TensorSlot<T>>& slots, int A, int B);
 template <class T> void multi_rescale(const std::vector<TensorSlot<T>>& slots, int A, int B);
 template <class T> void group_scale(const GroupScaleArgs<T>& a);

@@ -46,22 +46,22 @@ __global__ void __launch_bounds__(kBlock) slot_kernel(S s, const SlotTable<T> ta
 }
 
 // The step of fixed-shape components with shared-memory staging (staged.cuh); kSort: components handed
-// to the threads in order of their codes.
-template <bool kSort, class S, class T>
+// to the threads in order of their codes; kInterleaved: a table of channels-last weights (by_layout).
+template <bool kSort, bool kInterleaved, class S, class T>
 __global__ void __launch_bounds__(kThreads) staged_step_kernel(S s, const SlotTable<T> table, const Extra<T> x) {
   __shared__ __align__(16) T sp[kThreads * S::kCap];
   __shared__ __align__(16) T sg[kThreads * S::kCap];
   __shared__ __align__(16) T sm[kThreads * S::kCap];
   __shared__ int scratch[kSort ? kSortScratchInts<kThreads> : 1];
-  staged_step_block<kThreads, kSort>(s, table, x.h, x.ctl, blockIdx.x, sp, sg, sm, scratch);
+  staged_step_block<kThreads, kSort, kInterleaved>(s, table, x.h, x.ctl, blockIdx.x, sp, sg, sm, scratch);
 }
 
 // ‖ξ_i‖² of fixed-shape components with shared-memory staging (staged.cuh).
-template <class S, class T>
+template <bool kInterleaved, class S, class T>
 __global__ void __launch_bounds__(kThreads) staged_sqnorm_kernel(S s, const SlotTable<T> table, const Extra<T> x) {
   __shared__ __align__(16) T sp[kThreads * S::kCap];
   __shared__ __align__(16) T sg[kThreads * S::kCap];
-  staged_sqnorm_block<kThreads>(s, table, x.weight_decay, blockIdx.x, sp, sg);
+  staged_sqnorm_block<kThreads, kInterleaved>(s, table, x.weight_decay, blockIdx.x, sp, sg);
 }
 
 // After the step launch of a table whose tensors carry step counts: one thread per tensor (count_step_of_slot).
@@ -106,14 +106,16 @@ inline StepKernel step_kernel_choice() {
   return StepKernel::kStaged;
 }
 
-template <class T>
+// kInterleaved: the table's tensors are channels-last weights (by_layout); the staged kernels are compiled for
+// the one layout, the one-thread-per-component kernel reads either (batched.h entries_of).
+template <bool kInterleaved, class T>
 void launch_step(Fixed<3, 3> s, const SlotTable<T>& table, const Extra<T>& x, int64_t blocks, cudaStream_t stream) {
   switch (step_kernel_choice()) {
     case StepKernel::kStaged:
-      staged_step_kernel<false><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+      staged_step_kernel<false, kInterleaved><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
       break;
     case StepKernel::kSorted:
-      staged_step_kernel<true><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+      staged_step_kernel<true, kInterleaved><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
       break;
     case StepKernel::kThread:
       slot_kernel<Op::kStep, kThreads><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
@@ -121,22 +123,22 @@ void launch_step(Fixed<3, 3> s, const SlotTable<T>& table, const Extra<T>& x, in
   }
 }
 
-// Every other shape (Fixed<7, 7>, Dyn): one thread per component.
-template <class S, class T>
+// Every other shape (Fixed<7, 7>, Dyn): one thread per component, either layout.
+template <bool kInterleaved, class S, class T>
 void launch_step(S s, const SlotTable<T>& table, const Extra<T>& x, int64_t blocks, cudaStream_t stream) {
   slot_kernel<Op::kStep, kThreads><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
 }
 
 // tangent_sqnorm: staged for 3×3 components (one thread per component with FGSGD_CUDA_STEP=thread).
-template <class T>
+template <bool kInterleaved, class T>
 void launch_sqnorm(Fixed<3, 3> s, const SlotTable<T>& table, const Extra<T>& x, int64_t blocks, cudaStream_t stream) {
   if (step_kernel_choice() == StepKernel::kThread)
     slot_kernel<Op::kSqnorm, kThreads><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
   else
-    staged_sqnorm_kernel<<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
+    staged_sqnorm_kernel<kInterleaved><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
 }
 
-template <class S, class T>
+template <bool kInterleaved, class S, class T>
 void launch_sqnorm(S s, const SlotTable<T>& table, const Extra<T>& x, int64_t blocks, cudaStream_t stream) {
   slot_kernel<Op::kSqnorm, kThreads><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
 }
@@ -203,11 +205,9 @@ void with_launch_shape(int A, int B, F&& f) {
     with_shape(A, B, f);
 }
 
-template <Op OP, class T>
-cudaError_t launch_slots(const TensorSlot<T>* slots, int count, int A, int B, const Extra<T>& x, cudaStream_t stream) {
-  if constexpr (OP == Op::kStep || OP == Op::kSqnorm) {
-    if (A * B > kMaxElems) return launch_rows<OP>(slots, count, int64_t(A), x, stream);  // n×1 rows (op_impl.h checks)
-  }
+// The launches of `count` slots of one layout (kInterleaved: channels-last weights, step and sqnorm only).
+template <Op OP, bool kInterleaved, class T>
+cudaError_t launch_tables(const TensorSlot<T>* slots, int count, int A, int B, const Extra<T>& x, cudaStream_t stream) {
   for (int first = 0; first < count; first += kSlotsPerLaunch) {
     const SlotTable<T> table = next_table(slots, count, first);
     const int64_t blocks = table.block_start[table.count];
@@ -222,10 +222,10 @@ cudaError_t launch_slots(const TensorSlot<T>* slots, int count, int A, int B, co
         }
       }
       if constexpr (OP == Op::kStep) {
-        launch_step(s, table, x, blocks, stream);
+        launch_step<kInterleaved>(s, table, x, blocks, stream);
         launch_count_steps(table, x.ctl, stream);
       } else if constexpr (OP == Op::kSqnorm) {
-        launch_sqnorm(s, table, x, blocks, stream);
+        launch_sqnorm<kInterleaved>(s, table, x, blocks, stream);
       } else
         slot_kernel<OP, kThreads><<<unsigned(blocks), kThreads, 0, stream>>>(s, table, x);
     });
@@ -233,6 +233,18 @@ cudaError_t launch_slots(const TensorSlot<T>* slots, int count, int A, int B, co
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+template <Op OP, class T>
+cudaError_t launch_slots(const TensorSlot<T>* slots, int count, int A, int B, const Extra<T>& x, cudaStream_t stream) {
+  if constexpr (OP == Op::kStep || OP == Op::kSqnorm) {
+    if (A * B > kMaxElems) return launch_rows<OP>(slots, count, int64_t(A), x, stream);  // n×1 rows (op_impl.h checks)
+    // channels-last weights (op_impl.h make_slots) in launches of their own
+    return by_layout(slots, count, [&](const TensorSlot<T>* part, int n, auto layout) {
+      return launch_tables<OP, decltype(layout)::value>(part, n, A, B, x, stream);
+    });
+  }
+  return launch_tables<OP, false>(slots, count, A, B, x, stream);  // projx_, rescale_: contiguous only
 }
 
 }  // namespace

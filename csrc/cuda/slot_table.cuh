@@ -6,14 +6,18 @@
 
 #include <stdint.h>
 
+#include <type_traits>
+#include <vector>
+
 #include "../fgsgd/step_control.h"
 #include "../fgsgd/types.h"
 
 namespace fgsgd {
 namespace cuda {
 
-// Tensors per launch: the slot table travels as a kernel argument and must stay under 4 KiB.
-constexpr int kSlotsPerLaunch = 40;
+// Tensors per launch: the slot table travels as a kernel argument and must stay under 4 KiB (kernels.cu): 36 slots
+// of 96 bytes (40 before TensorSlot::interleave; ResNet-101 has 33 3×3 filter banks, still one launch).
+constexpr int kSlotsPerLaunch = 36;
 constexpr int kThreads = 128;  // threads per block = components per block
 
 template <class T>
@@ -43,6 +47,22 @@ inline SlotTable<T> next_table(const TensorSlot<T>* slots, int count, int first,
     table.block_start[c + 1] = table.block_start[c] + (slots[k].n + per_block - 1) / per_block;
   }
   return table;
+}
+
+// Calls f(slots, count, layout) for the contiguous slots (layout: std::false_type) and then the channels-last ones
+// (std::true_type; TensorSlot::interleave), each in their order, so that a kernel is compiled for one layout (staged.cuh
+// kInterleaved); f returns a cudaError_t, and the first error is returned. Only f(slots, count, false_type) when no
+// slot is channels-last (no copy): a model is usually all one or all the other, one launch table either way.
+template <class T, class F>
+cudaError_t by_layout(const TensorSlot<T>* slots, int count, F&& f) {
+  int interleaved = 0;
+  for (int k = 0; k < count; ++k) interleaved += slots[k].interleave != 0;
+  if (interleaved == 0) return f(slots, count, std::false_type{});
+  std::vector<TensorSlot<T>> part[2];
+  for (int k = 0; k < count; ++k) part[slots[k].interleave != 0].push_back(slots[k]);
+  const cudaError_t err = f(part[0].data(), int(part[0].size()), std::false_type{});
+  if (err != cudaSuccess) return err;
+  return f(part[1].data(), int(part[1].size()), std::true_type{});
 }
 
 // The entry of a launch table whose blocks [block_start[t], block_start[t+1]) hold block b (a scan that is

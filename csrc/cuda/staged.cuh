@@ -96,6 +96,37 @@ __device__ __forceinline__ void copy_chunk(T* __restrict__ dst, const T* __restr
     copy_as<kMaxElems, threads, T, T>(dst, src, n);
 }
 
+// Channels-last weights (TensorSlot::interleave = L > 0; batched.h entries_of): thread i < nc moves the E entries of
+// the block's component c0 + i between global memory (entry e at first + e·L) and its shared slot (s[i·E + e]).
+// The components of a block are consecutive input channels (but where the block crosses an output channel), so
+// each of the E load (or store) instructions of a warp touches consecutive addresses: coalesced as it is, without
+// the contiguous copies the weight and gradient would otherwise go through. Every load goes to registers before
+// the first shared store, as in stage_in_as.
+template <int E, class T>
+__device__ __forceinline__ void gather_in(T* sp, T* sg, const T* p, const T* g, Entries at, bool own) {
+  if (!own) return;
+  T rp[E], rg[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    rp[e] = p[at.first + e * at.stride];
+    rg[e] = g[at.first + e * at.stride];
+  }
+  const int i = int(threadIdx.x);
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    sp[i * E + e] = rp[e];
+    sg[i * E + e] = rg[e];
+  }
+}
+
+template <int E, class T>
+__device__ __forceinline__ void scatter_out(T* p, const T* sp, Entries at, bool own) {
+  if (!own) return;
+  const int i = int(threadIdx.x);
+#pragma unroll
+  for (int e = 0; e < E; ++e) p[at.first + e * at.stride] = sp[i * E + e];
+}
+
 // Scratch shared memory of the code-sorted variant: kSortBuckets counters and the block's permutation.
 constexpr int kSortBuckets = 8;  // codes 0..6 (codes.h), and one bucket for idle threads and unknown codes
 template <int kThreadsT>
@@ -157,8 +188,12 @@ __device__ __forceinline__ T group_step(const TensorSlot<T>& slot, const Compone
 // into sp, sg, sm (kThreadsT·A·B values each, 16-byte aligned, shared by the block's threads), run
 // component_step (csrc/fgsgd/step.h) of one component per thread, write p (and m) back. With kSort the
 // components are handed to the threads in order of their codes (component_of_thread; `scratch` holds
-// kSortScratchInts<kThreadsT> shared ints), else scratch is unused.
-template <int kThreadsT, bool kSort = false, class S, class T>
+// kSortScratchInts<kThreadsT> shared ints), else scratch is unused. kInterleaved: every tensor of the table is a
+// channels-last weight (by_layout), whose p and g are staged by gather_in and written back by scatter_out; the
+// shared layout, and so the math and its results, are those of a contiguous weight. A compile-time choice, so that
+// the contiguous kernel is the one it was (the run-time branch cost it 7 registers a thread: 64 → 71 in fp32, sm_90,
+// one block fewer per SM).
+template <int kThreadsT, bool kSort = false, bool kInterleaved = false, class S, class T>
 __device__ __forceinline__ void staged_step_block(S s, const SlotTable<T>& table, const StepHParams<T>& h_launch,
                                                   const StepControl& ctl, int64_t b, T* sp, T* sg, T* sm,
                                                   int* scratch = nullptr) {
@@ -173,17 +208,25 @@ __device__ __forceinline__ void staged_step_block(S s, const SlotTable<T>& table
   const int ne = nc * E;
   const bool use_m = h.momentum != T(0);
   const bool read_m = use_m && !h.first_step;
+  constexpr bool interleaved = kInterleaved;
   T* gp = slot.p + c0 * E;
   const T* gg = slot.g + c0 * E;
   T* gm = use_m ? slot.m + c0 * E : nullptr;
   // 16-byte vectors when this chunk is whole and its three addresses are aligned (a whole chunk is
   // kThreadsT·E·sizeof(T) bytes, a multiple of 16, so every chunk of an aligned tensor is aligned)
-  const bool vec = nc == kThreadsT && aligned16(gp) && aligned16(gg) && (!use_m || aligned16(gm));
+  const bool vec = nc == kThreadsT && (interleaved || (aligned16(gp) && aligned16(gg))) && (!use_m || aligned16(gm));
   // the thread's own component's code, R and group are requested before the chunk, so that their latency
   // overlaps the chunk's instead of following the barrier
+  const bool own = int(threadIdx.x) < nc;
   ComponentInputs<T> in{0, T(1), 0};
-  if (int(threadIdx.x) < nc) in = inputs_of(slot, c0 + threadIdx.x);
-  stage_in<kChunk, kThreadsT>(sp, sg, sm, gp, gg, gm, ne, vec, read_m);
+  if (own) in = inputs_of(slot, c0 + threadIdx.x);
+  const Entries at = interleaved && own ? entries_of(slot, E, c0 + threadIdx.x) : Entries{0, 1};
+  if constexpr (interleaved) {
+    gather_in<E>(sp, sg, slot.p, slot.g, at, own);
+    if (read_m) copy_chunk<kChunk, kThreadsT>(sm, gm, ne, vec);
+  } else {
+    stage_in<kChunk, kThreadsT>(sp, sg, sm, gp, gg, gm, ne, vec, read_m);
+  }
   __syncthreads();
   const int j = component_of_thread<kThreadsT, kSort>(in.code, nc, scratch);
   if (kSort && j < nc) in = inputs_of(slot, c0 + j);  // another thread's component: read again (L1)
@@ -197,14 +240,18 @@ __device__ __forceinline__ void staged_step_block(S s, const SlotTable<T>& table
     if (use_m) store(s, m, sm + j * E);
   }
   __syncthreads();
-  copy_chunk<kChunk, kThreadsT>(gp, sp, ne, vec);
+  if constexpr (interleaved)
+    scatter_out<E>(slot.p, sp, at, own);
+  else
+    copy_chunk<kChunk, kThreadsT>(gp, sp, ne, vec);
   if (use_m) copy_chunk<kChunk, kThreadsT>(gm, sm, ne, vec);
 }
 
 // Block b of a staged tangent_sqnorm launch (group_clip's ‖ξ_i‖², DESIGN.md §1 step 2): p and g staged as in
-// staged_step_block (coalesced; the per-thread reads of the plain kernel touch 9 cache lines per warp load),
-// then ‖Π_ω(R·g)‖² of one component per thread into slot.out.
-template <int kThreadsT, class S, class T>
+// staged_step_block (coalesced; the per-thread reads of the plain kernel touch 9 cache lines per warp load; a
+// channels-last weight's by gather_in: kInterleaved, as in staged_step_block), then ‖Π_ω(R·g)‖² of one component
+// per thread into slot.out.
+template <int kThreadsT, bool kInterleaved = false, class S, class T>
 __device__ __forceinline__ void staged_sqnorm_block(S s, const SlotTable<T>& table, T wd, int64_t b, T* sp, T* sg) {
   constexpr int E = S::kCap;
   constexpr int kChunk = kThreadsT * E;
@@ -222,8 +269,11 @@ __device__ __forceinline__ void staged_sqnorm_block(S s, const SlotTable<T>& tab
     code = code_at(slot, c0 + i);
     r = rescale_at(slot, c0 + i);
   }
-  stage_in<kChunk, kThreadsT>(sp, sg, static_cast<T*>(nullptr), gp, gg, static_cast<const T*>(nullptr), nc * E, vec,
-                              false);
+  if constexpr (kInterleaved)
+    gather_in<E>(sp, sg, slot.p, slot.g, i < nc ? entries_of(slot, E, c0 + i) : Entries{0, 1}, i < nc);
+  else
+    stage_in<kChunk, kThreadsT>(sp, sg, static_cast<T*>(nullptr), gp, gg, static_cast<const T*>(nullptr), nc * E,
+                                vec, false);
   __syncthreads();
   if (i < nc) {
     T p[E], g[E];

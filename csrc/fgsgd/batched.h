@@ -67,12 +67,41 @@ FGSGD_HD T step_scale_at(const TensorSlot<T>& t, int64_t i) {
   return t.group_scale ? t.group_scale[t.group_index[i]] : T(1);
 }
 
+// Where component i's entries are in p and g (TensorSlot::interleave): entry e at first + e·stride.
+struct Entries {
+  int64_t first, stride;
+};
+template <class T>
+FGSGD_HD Entries entries_of(const TensorSlot<T>& t, int S, int64_t i) {
+  if (t.interleave == 0) return Entries{i * S, 1};
+  const int64_t o = i / t.interleave;
+  return Entries{o * S * t.interleave + (i - o * t.interleave), t.interleave};
+}
+
+template <class S, class T>
+FGSGD_HD void load_entries(const S& s, const T* src, Entries at, T* dst) {
+  if (at.stride == 1) return load(s, src + at.first, dst);
+  const int n = s.size();
+  FGSGD_UNROLL
+  for (int e = 0; e < n; ++e) dst[e] = src[at.first + e * at.stride];
+}
+
+template <class S, class T>
+FGSGD_HD void store_entries(const S& s, const T* src, Entries at, T* dst) {
+  if (at.stride == 1) return store(s, src, dst + at.first);
+  const int n = s.size();
+  FGSGD_UNROLL
+  for (int e = 0; e < n; ++e) dst[at.first + e * at.stride] = src[e];
+}
+
+// The step of component i (p and g where entries_of says; m contiguous).
 template <class S, class T>
 FGSGD_HD void step_at(const S& s, const TensorSlot<T>& t, const StepHParams<T>& h, int64_t i) {
   const int64_t off = i * s.size();
+  const Entries at = entries_of(t, s.size(), i);
   T p[S::kCap], g[S::kCap], m[S::kCap];
-  load(s, t.p + off, p);
-  load(s, t.g + off, g);
+  load_entries(s, t.p, at, p);
+  load_entries(s, t.g, at, g);
   const bool use_m = h.momentum != T(0);
   if (use_m && !h.first_step) {
     load(s, t.m + off, m);
@@ -80,16 +109,16 @@ FGSGD_HD void step_at(const S& s, const TensorSlot<T>& t, const StepHParams<T>& 
     for (int e = 0; e < s.size(); ++e) m[e] = T(0);  // not read (first step, or no momentum)
   }
   component_step(s, code_at(t, i), p, g, m, rescale_at(t, i), step_scale_at(t, i), h);
-  store(s, p, t.p + off);
+  store_entries(s, p, at, t.p);
   if (use_m) store(s, m, t.m + off);
 }
 
 template <class S, class T>
 FGSGD_HD void sqnorm_at(const S& s, const TensorSlot<T>& t, T wd, int64_t i) {
-  const int64_t off = i * s.size();
+  const Entries at = entries_of(t, s.size(), i);
   T p[S::kCap], g[S::kCap];
-  load(s, t.p + off, p);
-  load(s, t.g + off, g);
+  load_entries(s, t.p, at, p);
+  load_entries(s, t.g, at, g);
   const int code = code_at(t, i);
   t.out[i] = tangent_sqnorm(s, code, p, g, rescale_at(t, i), manifold_of(code) == kManEuclidean ? wd : T(0));
 }

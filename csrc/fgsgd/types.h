@@ -52,6 +52,11 @@ struct TensorSlot {
   // codes packed 2 bits per component (fgsgd_cuda/codes.py): word 0 the palette (byte v: the code of value v),
   // component i in bits 2·(i mod 16) of word 1 + i/16; when set, `codes` is null (batched.h code_at)
   const uint32_t* packed_codes;
+  // Where p and g hold the entries of a component (batched.h entries_of). 0: contiguous, entry e of component i at
+  // i·S + e (S = A·B). L > 0: the channels-last filters of a conv weight (O, L, kh, kw): component i = o·L + j (output
+  // o, input j) has entry e at o·S·L + e·L + j, so consecutive components are adjacent. m, R, the group indices
+  // and the codes are per component and contiguous either way.
+  int64_t interleave;
 };
 
 // The group step sizes of G groups (group_scale.h): members[offsets[g] .. offsets[g+1]) (int64 or int32) are the

@@ -26,11 +26,9 @@ class CompiledBackend:
     def norms(self, x):
         return self._ops.norms(x)
 
-    @property
-    def interleaved_weights(self) -> bool:
-        """Whether step_ and tangent_sqnorm take a channels-last (O, I, kh, kw) weight and its channels-last
-        gradient as they are (the CPU kernels' tiles: csrc/cpu/interleaved.h); else they need contiguous ones."""
-        return self.name == "cpu"
+    #: step_ and tangent_sqnorm take a channels-last (O, I, kh, kw) weight and its channels-last gradient as they
+    #: are (the CPU kernels' tiles, csrc/cpu/interleaved.h; the CUDA kernels' coalesced gathers, csrc/cuda/staged.cuh)
+    interleaved_weights = True
 
     #: the step reads found_inf, a tensor lr, per-tensor step counts and GradScaler's scale when it runs
     #: (csrc/fgsgd/step_control.h)

@@ -25,6 +25,9 @@ struct alignas(16) double2 {
   double x, y;
 };
 
+// error codes, for host code such as slot_table.cuh's by_layout
+enum cudaError_t { cudaSuccess = 0, cudaErrorUnknown = 999 };
+
 inline std::barrier<>* emu_block_barrier = nullptr;  // the running block's barrier
 inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
 inline int atomicAdd(int* address, int value) { return std::atomic_ref<int>(*address).fetch_add(value); }

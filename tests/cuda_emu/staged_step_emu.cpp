@@ -1,9 +1,10 @@
 // Runs the CUDA step's block code on the CPU, block after block, one std::thread per CUDA thread, over tensors
 // read from stdin; prints the updated p and m. Driven by tests/test_cuda_emulated.py.
-// Arguments: "staged" (default: csrc/cuda/staged.cuh, 3×3 components), "sorted" (its code-sorted variant),
+// Arguments: "staged" (default: csrc/cuda/staged.cuh, 3×3 components), "sorted" (its code-sorted variant), "thread"
+// (kernels.cu's slot_kernel: step_at of csrc/fgsgd/batched.h, one thread per component, no staging),
 // "sqnorm" (staged_sqnorm_block: prints ‖ξ_i‖² of every component instead of p and m, weight_decay as wd),
-// "rows L" (csrc/cuda/rows.cuh: L×1 row components, one block per row), or "rowsqnorm L" (row_sqnorm_block: ‖ξ_i‖²
-// of L×1 rows, printed as with "sqnorm").
+// "threadsqnorm" (slot_kernel's sqnorm_at, printed as with "sqnorm"), "rows L" (csrc/cuda/rows.cuh: L×1 row
+// components, one block per row), or "rowsqnorm L" (row_sqnorm_block: ‖ξ_i‖² of L×1 rows, printed as with "sqnorm").
 //
 // stdin (whitespace separated): T_bytes momentum dampening nesterov weight_decay lr first_step stabilize
 //   use_rescale use_groups ntensors, then the run-time controls (csrc/fgsgd/step_control.h): found_inf (-1: none)
@@ -14,13 +15,16 @@
 //   (if used).
 //   off_*: the tensor's first element sits that many elements past a 64-byte boundary.
 // With EMU_PACKED=1 in the environment the codes go to the kernels packed, 2 bits per component
-// (fgsgd_cuda/codes.py; at most 4 distinct codes per tensor).
+// (fgsgd_cuda/codes.py; at most 4 distinct codes per tensor). EMU_INTERLEAVE="L_0 L_1 ..." (one per tensor) sets
+// TensorSlot::interleave: a nonzero L_k makes tensor k's p and g (read and printed as they lie in memory) the
+// channels-last filters of an (n/L_k, L_k, 3, 3) weight.
 // stdout: per tensor, p then m (n·E each), "%.17g"; then, with use_steps, every tensor's step count after the
 // step (the count launch of kernels.cu, count_step_of_slot, after each table's blocks).
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -69,7 +73,8 @@ void run_blocks(const cuda::SlotTable<T>& table, int threads, F&& body) {
 }
 
 template <class T>
-int run(bool sorted, int64_t row_len, bool sqnorm = false) {
+int run(const std::string& mode, int64_t row_len, bool sqnorm = false) {
+  const bool sorted = mode == "sorted";
   const int64_t E = row_len > 0 ? row_len : 9;  // elements per component
   double mom, damp, wd, lr;
   int nest, first, stab, use_r, use_g, nt;
@@ -133,6 +138,16 @@ int run(bool sorted, int64_t row_len, bool sqnorm = false) {
                              use_g ? gi[k].data() : nullptr, use_g ? gs[k].data : nullptr, nullptr, n[k],
                              use_steps ? &steps[k] : nullptr};
   }
+  if (const char* il = std::getenv("EMU_INTERLEAVE"); il != nullptr && *il != '\0') {
+    std::istringstream in(il);
+    for (int k = 0; k < nt; ++k) {
+      in >> slots[k].interleave;
+      if (!in || slots[k].interleave < 0 || (slots[k].interleave > 0 && n[k] % slots[k].interleave != 0)) {
+        std::fprintf(stderr, "EMU_INTERLEAVE: tensor %d needs L >= 0 that divides n\n", k);
+        return 5;
+      }
+    }
+  }
   for (int k = 0; k < nt && use_packed; ++k) {  // palette of the tensor's distinct codes, then 16 codes a word
     std::vector<uint8_t> pal;
     for (uint8_t c : codes[k])
@@ -179,27 +194,51 @@ int run(bool sorted, int64_t row_len, bool sqnorm = false) {
       const cuda::SlotTable<T> table = cuda::next_table(slots.data(), nt, first_slot, 1);
       run_blocks(table, cuda::kRowThreads,
                  [&](int64_t b) { cuda::row_sqnorm_block<cuda::kRowThreads>(table, h.weight_decay, row_len, b, red); });
-    } else {
+    } else if (mode == "threadsqnorm") {  // slot_kernel<Op::kSqnorm> of kernels.cu
       const cuda::SlotTable<T> table = cuda::next_table(slots.data(), nt, first_slot);
-      run_blocks(table, kT,
-                 [&](int64_t b) { cuda::staged_sqnorm_block<kT>(Fixed<3, 3>{}, table, h.weight_decay, b, sp, sg); });
+      run_blocks(table, kT, [&](int64_t b) {
+        const int t = cuda::slot_of_block(table, b);
+        const int64_t i = (b - table.block_start[t]) * kT + threadIdx.x;
+        if (i < table.slot[t].n) sqnorm_at(Fixed<3, 3>{}, table.slot[t], h.weight_decay, i);
+      });
     }
   }
+  if (sqnorm && row_len == 0 && mode != "threadsqnorm")  // as kernels.cu launch_slots: by layout, then in tables
+    cuda::by_layout(slots.data(), nt, [&](const TensorSlot<T>* part, int count, auto layout) {
+      for (int first_slot = 0; first_slot < count; first_slot += cuda::kSlotsPerLaunch) {
+        const cuda::SlotTable<T> table = cuda::next_table(part, count, first_slot);
+        run_blocks(table, kT, [&](int64_t b) {
+          cuda::staged_sqnorm_block<kT, decltype(layout)::value>(Fixed<3, 3>{}, table, h.weight_decay, b, sp, sg);
+        });
+      }
+      return cudaSuccess;
+    });
   if (sqnorm) {
     for (int k = 0; k < nt; ++k)
       for (int64_t i = 0; i < n[k]; ++i) std::printf("%.17g\n", outs[k][size_t(i)]);
     return 0;
   }
-  for (int first_slot = 0; first_slot < nt && row_len == 0; first_slot += cuda::kSlotsPerLaunch) {
-    const cuda::SlotTable<T> table = cuda::next_table(slots.data(), nt, first_slot);
-    run_blocks(table, kT, [&](int64_t b) {
-      if (sorted)
-        cuda::staged_step_block<kT, true>(Fixed<3, 3>{}, table, h, ctl, b, sp, sg, sm, scratch);
-      else
-        cuda::staged_step_block<kT, false>(Fixed<3, 3>{}, table, h, ctl, b, sp, sg, sm);
+  if (row_len == 0)  // as kernels.cu launch_slots: by layout, then in tables
+    cuda::by_layout(slots.data(), nt, [&](const TensorSlot<T>* part, int count, auto layout) {
+      constexpr bool kIl = decltype(layout)::value;
+      for (int first_slot = 0; first_slot < count; first_slot += cuda::kSlotsPerLaunch) {
+        const cuda::SlotTable<T> table = cuda::next_table(part, count, first_slot);
+        run_blocks(table, kT, [&](int64_t b) {
+          if (mode == "thread") {  // slot_kernel<Op::kStep> of kernels.cu
+            const int t = cuda::slot_of_block(table, b);
+            const int64_t i = (b - table.block_start[t]) * kT + threadIdx.x;
+            if (i < table.slot[t].n && !step_skipped(ctl))
+              step_at(Fixed<3, 3>{}, table.slot[t], resolve_step(h, ctl, table.slot[t].step), i);
+          } else if (sorted) {
+            cuda::staged_step_block<kT, true, kIl>(Fixed<3, 3>{}, table, h, ctl, b, sp, sg, sm, scratch);
+          } else {
+            cuda::staged_step_block<kT, false, kIl>(Fixed<3, 3>{}, table, h, ctl, b, sp, sg, sm);
+          }
+        });
+        for (int t = 0; t < cuda::kSlotsPerLaunch; ++t) cuda::count_step_of_slot(table, ctl, t);
+      }
+      return cudaSuccess;
     });
-    for (int t = 0; t < cuda::kSlotsPerLaunch; ++t) cuda::count_step_of_slot(table, ctl, t);
-  }
   for (int k = 0; k < nt; ++k) {
     if (!p[k].outside_untouched() || !m[k].outside_untouched() || !g[k].outside_untouched()) {
       std::fprintf(stderr, "tensor %d: a value outside the tensor was written\n", k);
@@ -220,6 +259,6 @@ int main(int argc, char** argv) {
   const int64_t row_len = (mode == "rows" || mode == "rowsqnorm") && argc > 2 ? std::atoll(argv[2]) : 0;
   int bytes;
   std::cin >> bytes;
-  const bool sq = mode == "sqnorm" || mode == "rowsqnorm";
-  return bytes == 8 ? run<double>(mode == "sorted", row_len, sq) : run<float>(mode == "sorted", row_len, sq);
+  const bool sq = mode == "sqnorm" || mode == "rowsqnorm" || mode == "threadsqnorm";
+  return bytes == 8 ? run<double>(mode, row_len, sq) : run<float>(mode, row_len, sq);
 }
