@@ -42,8 +42,8 @@ def staged(t: torch.Tensor, buffers: dict | None = None, key=None) -> torch.Tens
 def in_place(impl, p: torch.Tensor, g: torch.Tensor) -> bool:
     """Whether the backend ``impl`` steps the (O, I, kh, kw) weight p with kh×kw components as it is although it
     is not contiguous: a channels-last weight with a channels-last gradient on a backend that reads their
-    filters where they are (``impl.interleaved_weights``: the compiled backends, csrc/cpu/interleaved.h and
-    csrc/cuda/staged.cuh). Else p and g are :func:`staged`."""
+    filters where they are (``impl.interleaved_weights``: cpu, cuda and triton; csrc/cpu/interleaved.h,
+    csrc/cuda/staged.cuh, triton_kernels/codegen.py). Else p and g are :func:`staged`."""
     return (getattr(impl, "interleaved_weights", False) and checks.is_interleaved(p)
             and g.is_contiguous(memory_format=torch.channels_last))
 
@@ -106,7 +106,7 @@ def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, w
     ``group_index(k)`` gives the (N,) int32 groups of params[k]; it is called once per batch, the work built
     from it is kept in ``cache`` (keyed by the parameters' ids). ``views`` (optional) keeps the component views
     of weights and buffers that are not passed whole (the row view's rows). A channels-last filter bank with a
-    channels-last gradient is stepped where it is on a backend that reads it so (:func:`in_place`: the compiled ones);
+    channels-last gradient is stepped where it is on a backend that reads it so (:func:`in_place`: cpu, cuda, triton);
     any other weight or gradient that is not contiguous is worked on through a contiguous copy (:func:`staged`),
     kept in ``staging`` (optional) across steps on the CPU.
 

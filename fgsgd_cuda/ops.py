@@ -117,9 +117,9 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
     Components are A×B with A·B <= 64, or n×1 rows of any length (euclidean, sphere, oblique and stiefel
     with qr; every backend streams them: csrc/fgsgd/row_step.h, triton_kernels/rows.py). ``codes[k]`` is a
     uint8 (N,) tensor, or its packed form (int32, 2 bits per component: :func:`fgsgd_cuda.codes.pack`).
-    Tensors are contiguous; the ``cpu`` and ``cuda`` backends also step a channels-last (O, I, kh, kw) weight with
-    kh·kw <= 64 and its channels-last gradient where they are (csrc/cpu/interleaved.h, csrc/cuda/staged.cuh; the
-    momentum buffer stays contiguous).
+    Tensors are contiguous; the ``cpu``, ``cuda`` and ``triton`` backends also step a channels-last (O, I, kh, kw)
+    weight with kh·kw <= 64 and its channels-last gradient where they are (csrc/cpu/interleaved.h,
+    csrc/cuda/staged.cuh, triton_kernels/codegen.py Frame.interleaved; the momentum buffer stays contiguous).
 
     ``group_scale[k][group_index[k][i]]`` is the group step size s_g of component i of tensor k
     (both empty: s_g = 1); ``rescale[k]`` is R per component (empty: R = 1). With ``first_step`` the

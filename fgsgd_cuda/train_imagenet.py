@@ -23,8 +23,8 @@ FG-SGD keeps every component of a manifold weight at a fixed norm (a unit 3×3 f
 default initialisation gives them norms of about √(2/I) for I input channels: behind batch norm the same
 lr then moves the manifold weights less, so FG-SGD usually wants a larger ``--manifold-lr`` (the digits demo,
 ``fgsgd_cuda.demo``, uses 100× the SGD lr); tune it. ``--channels-last`` makes the model and its inputs
-channels-last, for either optimizer (FGSGD's CPU and CUDA kernels step a channels-last filter bank where it is,
-the Triton backend through a contiguous copy).
+channels-last, for either optimizer (FGSGD's CPU, CUDA and Triton kernels step a channels-last filter bank where
+it is).
 ``--compile MODE`` compiles the training forward and backward (``torch.compile`` of the DDP model; the optimizer
 step runs eagerly, evaluation and checkpoints use the plain model).
 """

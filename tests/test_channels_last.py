@@ -1,7 +1,9 @@
-"""Channels-last (and other non-contiguous) manifold weights. The ``cpu`` and ``cuda`` backends step a channels-last
-conv weight where it is (csrc/cpu/interleaved.h: its filters go through tiles in cache; csrc/cuda/staged.cuh: a
-block's threads read their filters coalesced as they lie); everywhere else, and for projections and rescales, FGSGD
-works through a contiguous copy written back in the weight's own layout (functional.staged / unstage). Either way a
+"""Channels-last (and other non-contiguous) manifold weights. The ``cpu``, ``cuda`` and ``triton`` backends step a
+channels-last conv weight where it is (csrc/cpu/interleaved.h: its filters go through tiles in cache;
+csrc/cuda/staged.cuh and triton_kernels/codegen.py Frame.interleaved: a block's threads read their filters coalesced
+as they lie); everywhere else (the torch backend, long kh×1 filters, which step as rows), and for projections and
+rescales, FGSGD works through a contiguous copy written back in the weight's own layout (functional.staged /
+unstage). Either way a
 step gives what the same weight gets when contiguous, the weight keeps its layout, and a refused step changes
 nothing.
 
@@ -10,9 +12,10 @@ kernels' channels-last tiles in test_cpu_channels_last.py, the CUDA block code's
 two layouts are compared on every backend, with real gradients from a backward pass (autograd gives a channels-last
 weight channels-last gradients): bit for bit through a copy, and to a few units in the last place where the kernels
 read the weight in place: on the ``cpu`` backend the SIMD blocks group components differently in the tiles (the math
-has branches uniform over a block's lanes: csrc/fgsgd/small_linalg.h); on ``cuda`` the same math is compiled into
-another kernel (the layout is a template parameter), where nvcc may contract other products into FMAs (the emulator
-of test_cuda_emulated.py shows the block code itself bit for bit, compiled without FMAs)."""
+has branches uniform over a block's lanes: csrc/fgsgd/small_linalg.h); on ``cuda`` and ``triton`` the same math is
+compiled into another kernel (the layout is a compile-time choice), where the compiler may contract other products
+into FMAs (the CUDA block code on the emulator of test_cuda_emulated.py, and the Triton kernels under the
+interpreter, give equal bits)."""
 from __future__ import annotations
 
 import copy
@@ -35,7 +38,7 @@ class Net(nn.Module):
         super().__init__()
         self.convs = nn.Sequential(nn.Conv2d(5, 12, 3, padding=1), nn.Tanh(), nn.Conv2d(12, 8, 5, padding=2), nn.Tanh(),
                                    nn.Conv2d(8, 16, (3, 1), padding=(1, 0)), nn.Tanh(),
-                                   nn.Conv2d(16, 16, (65, 1), padding=(32, 0)), nn.Tanh(), nn.Conv2d(16, 6, 1))
+                                   nn.Conv2d(16, 2, (65, 1), padding=(32, 0)), nn.Tanh(), nn.Conv2d(2, 6, 1))
         self.head_t = nn.Parameter(torch.randn(10, 6 * 7 * 7).t())  # (294, 10) stored transposed: not contiguous
 
     def forward(self, x):
@@ -81,17 +84,18 @@ def filters(net):
 
 
 def without_long_rows(net):
-    """net without its 65×1 convolution (16 → 16 channels: an identity takes its place), whose projection at
-    construction runs on the torch backend (long rows: ops.projx_ takes A·B <= 64), which copies its results in,
-    and which a step on the cpu backend also copies when channels-last (the kernels stream rows contiguous)."""
-    net.convs[6] = nn.Identity()
+    """net without its 65×1 convolution (a 1×1 one takes its place), whose projection at construction runs on the
+    torch backend (long rows: ops.projx_ takes A·B <= 64), which copies its results in, and which a step also
+    copies when channels-last (the kernels stream rows contiguous)."""
+    w = net.convs[6].weight
+    net.convs[6] = nn.Conv2d(16, 2, 1).to(device=w.device, dtype=w.dtype)
     return net
 
 
 def assert_same(a, b, backend):
     """Equal bits, or on the backends that read channels-last filters in place equal to a few units in the last
     place."""
-    if backend not in ("cpu", "cuda"):
+    if backend not in ("cpu", "cuda", "triton"):
         assert torch.equal(a, b)
         return
     ulp = torch.finfo(a.dtype).eps
@@ -221,8 +225,8 @@ def test_contiguous_weights_are_worked_on_in_place(monkeypatch):
 
 @pytest.mark.parametrize("backend,device", compiled_backends())
 def test_compiled_backends_step_channels_last_filters_in_place(monkeypatch, backend, device):
-    """The cpu and cuda backends copy no channels-last filter bank or its gradient in a step, plain, with group_clip
-    (tangent_sqnorm reads them too) and capturable."""
+    """The cpu and cuda backends (and triton: tests/test_triton.py) copy no channels-last filter bank or its gradient
+    in a step, plain, with group_clip (tangent_sqnorm reads them too) and capturable."""
     for options in ({}, {"group_clip": 0.3}, {"capturable": True}):
         net = without_long_rows(make(torch.float32, device, True))
         net.head_t = nn.Parameter(net.head_t.detach().contiguous())

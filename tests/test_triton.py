@@ -25,8 +25,8 @@ import torch
 
 from conftest import (CLIP_SHAPES, FP32_RTOL, LARGE_SHAPES, RADIAL_SHAPES, SHAPES, backend_step, backend_step_pm,
                       check_huge_group_clip, check_large_single_ops, check_large_steps, check_radial_gradients,
-                      check_step_sizes, codes_for, make_gen, make_row_tensors, random_points, random_tangents, rel_err,
-                      shape_code_cases)
+                      check_step_sizes, codes_for, make_gen, make_row_tensors, make_step_tensors, random_points,
+                      random_tangents, rel_err, shape_code_cases)
 from fgsgd_cuda import codes as C, dispatch, manifolds as M, ops, reference as R
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
@@ -423,6 +423,11 @@ COMPILE_CASES = [
     ("rowstep", 0, 1, "fp32", dict(momentum=True, first_step=False, nesterov=True, stabilize=False, rescale=True,
                                    group=True, weight_decay=False, log_tensors=1, packed=True, controls="flus")),
     ("rowsqnorm", 0, 1, "fp32", dict(rescale=True, weight_decay=True, log_tensors=1, packed=True)),
+    # channels-last filters read and written where they are (codegen.Frame.interleaved)
+    ("step", 3, 3, "fp32", dict(momentum=True, first_step=False, nesterov=True, stabilize=False, rescale=True,
+                                group=True, weight_decay=False, log_tensors=2, packed=True, controls="flus",
+                                interleaved=True)),
+    ("sqnorm", 3, 3, "fp32", dict(rescale=True, weight_decay=True, log_tensors=1, interleaved=True)),
     ("projxm", 1, 1, "fp32", dict(rescale=True, log_tensors=2)),
     ("rescalem", 7, 7, "fp32", dict(log_tensors=1)),
     ("retr", 3, 3, "fp32", dict(code=C.STIEFEL_CAYLEY)),
@@ -608,12 +613,72 @@ def test_capturable_optimizer_reads_its_controls_in_the_kernels(device):
     assert [float(o2.state[p]["step"]) for p in OC.manifold_params(o2)] == [8.0, 7.0, 8.0, 8.0]
 
 
+# (O, I) of channels-last filter banks: programs of 128 filters across output channels (I = 37, 3, 129), I = 300
+CHANNELS_LAST = [(3, 37), (43, 3), (2, 129), (1, 300)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("k", [3, 5], ids=["3x3", "5x5"])
+def test_channels_last_filters_in_place(device, k, dtype):
+    """Channels-last (O, I, k, k) weights read and written where they are (kernels generated with ``interleaved``,
+    a launch of their own beside the contiguous tensor of the same call), with packed codes, R and s_g: the float64
+    reference's step and tangent_sqnorm, and the same step on contiguous copies to a few units in the last place
+    (equal bits under the interpreter); the weights keep their layout."""
+    gen = make_gen(zlib.crc32(repr(("channels-last", k, dtype)).encode()))
+    shapes = CHANNELS_LAST + [(5, 11)]
+    ts = make_step_tensors([o * i for o, i in shapes], (k, k), dtype, gen)
+    hp = dict(lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0, first_step=False, stabilize=False)
+
+    def weights(key, channels_last):  # fresh copies (the step works in place)
+        fmt = [torch.channels_last if channels_last and j < len(CHANNELS_LAST) else torch.contiguous_format
+               for j in range(len(ts))]
+        return [torch.empty((o, i, k, k), dtype=dtype, device=device, memory_format=f).copy_(t[key].reshape(o, i, k, k))
+                for t, (o, i), f in zip(ts, shapes, fmt)]
+
+    for t in ts:  # at most four codes a tensor, packed for 3×3 (the kernels read packed codes when all are)
+        keep = torch.unique(t["codes"])[:4]
+        t["codes"] = torch.where(torch.isin(t["codes"], keep), t["codes"], keep[0])
+    codes = [(C.pack(t["codes"]) if k == 3 else t["codes"]).to(device) for t in ts]
+    assert all(C.is_packed(c) == (k == 3) for c in codes)
+    got, flat = {}, {}
+    for out, cl in ((got, True), (flat, False)):
+        p, g, m = weights("p", cl), weights("g", cl), weights("m", False)
+        rescale = [t["r"].to(device) for t in ts]
+        out["sq"] = ops.tangent_sqnorm(p, g, codes, rescale=rescale, weight_decay=0.0, backend="triton").cpu()
+        ops.step_(p, g, m, codes, rescale=rescale, group_index=[t["gi"].to(device) for t in ts],
+                  group_scale=[t["gs"].to(device) for t in ts], backend="triton", **hp)
+        out["p"], out["m"] = [x.cpu() for x in p], [x.cpu() for x in m]
+        if cl:
+            assert all(w.is_contiguous(memory_format=torch.channels_last) for w in p[:-1])
+    tol = FP32_RTOL if dtype == torch.float32 else FP64_RTOL
+    ulp = 0 if triton_kernels.interpreting() else 8 * torch.finfo(dtype).eps
+    torch.testing.assert_close(got["sq"], flat["sq"], rtol=ulp, atol=0)
+    start = 0
+    for j, t in enumerate(ts):
+        n = t["codes"].numel()
+        s = t["gs"].double()[t["gi"].long()]
+        p_ref, m_ref = R.step(t["p"].double(), t["g"].double(), t["m"].double(), t["codes"], t["r"].double(), s, **hp)
+        sq_ref = R.tangent_sqnorm(t["p"].double(), t["g"].double(), t["codes"], t["r"].double(), 0.0)
+        assert rel_err(got["sq"][start:start + n], sq_ref) <= tol, f"tangent_sqnorm of tensor {j}"
+        start += n
+        assert rel_err(got["p"][j].reshape(n, k, k), p_ref) <= tol, f"params[{j}]"
+        assert rel_err(got["m"][j].reshape(n, k, k), m_ref) <= tol, f"momentum_buffers[{j}]"
+        torch.testing.assert_close(got["p"][j], flat["p"][j], rtol=ulp, atol=ulp)
+        torch.testing.assert_close(got["m"][j], flat["m"][j], rtol=ulp, atol=ulp)
+
+
 @pytest.mark.parametrize("options", [{}, {"capturable": True}], ids=["plain", "capturable"])
 def test_channels_last_weights(device, options):
-    """Channels-last filter banks on Triton step (through contiguous copies) to the bits of contiguous ones
-    (tests/test_channels_last.py runs the other backends)."""
+    """Channels-last filter banks on Triton step (where they are) like contiguous ones (tests/test_channels_last.py
+    runs the other backends)."""
     import test_channels_last as CLT
     CLT.test_channels_last_steps_like_contiguous("triton", device.type, torch.float32, options)
+
+
+def test_channels_last_filters_are_not_copied(device, monkeypatch):
+    """No copy of a channels-last filter bank or its gradient in a Triton step (tests/test_channels_last.py)."""
+    import test_channels_last as CLT
+    CLT.test_compiled_backends_step_channels_last_filters_in_place(monkeypatch, "triton", device.type)
 
 
 # (gradient shapes, dim) of the channel-directed kernels (triton_kernels/fibers.py): L = 1 and 2, 130 columns (two

@@ -3,7 +3,12 @@ that run the FG-SGD ops on (N, A, B) components (the multi-tensor ops: lists of 
 tensors). ``fgsgd_cuda.dispatch`` picks one."""
 
 
-def as_components(tensors) -> list:
+from .. import checks
+
+
+def as_components(tensors, interleaved: bool = False) -> list:
     """(N, A, B) views of the (..., A, B) tensors of a multi-tensor op, for backends whose code indexes
-    components by the first dimension; (N, A, B) tensors as they are."""
-    return [t if t.dim() == 3 else t.view(-1, t.shape[-2], t.shape[-1]) for t in tensors]
+    components by the first dimension; (N, A, B) tensors as they are, and with ``interleaved`` channels-last conv
+    weights too (which have no such view: kernels that read their filters where they are take them whole)."""
+    return [t if t.dim() == 3 or (interleaved and checks.is_interleaved(t)) else t.view(-1, t.shape[-2], t.shape[-1])
+            for t in tensors]

@@ -30,19 +30,24 @@ class TritonBackend:
     #: (fgsgd_cuda/controls.py)
     device_controls = True
 
+    #: step_ and tangent_sqnorm take a channels-last (O, I, kh, kw) weight and its channels-last gradient as they
+    #: are (kernels generated with ``interleaved``: triton_kernels/codegen.py Frame.interleaved)
+    interleaved_weights = True
+
     def step_(self, params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening,
               nesterov, weight_decay, first_step, stabilize, steps=(), found_inf=None, lr_tensor=None,
               stabilize_every=0, grad_scale=None):
         if not params:
             return
-        _k.step_(as_components(params), as_components(grads), as_components(momenta), list(codes), list(rescale),
+        _k.step_(as_components(params, True), as_components(grads, True), as_components(momenta), list(codes),
+                 list(rescale),
                  list(group_index), list(group_scale), float(lr), float(momentum), float(dampening), bool(nesterov),
                  float(weight_decay), bool(first_step), bool(stabilize), list(steps), found_inf, lr_tensor,
                  int(stabilize_every), grad_scale)
 
     def tangent_sqnorm(self, params, grads, codes, rescale, weight_decay):
-        return _k.tangent_sqnorm(as_components(params), as_components(grads), list(codes), list(rescale),
-                                 float(weight_decay))
+        return _k.tangent_sqnorm(as_components(params, True), as_components(grads, True), list(codes),
+                                 list(rescale), float(weight_decay))
 
     def projx_(self, params, codes, rescale):
         if params:

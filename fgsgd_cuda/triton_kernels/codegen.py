@@ -32,7 +32,7 @@ from .. import codes as C
 MAX_CAYLEY_ROWS = 8     # the Cayley retraction solves an A×A system (checks.MAX_CAYLEY_ROWS)
 SINC_SMALL = 1e-4       # sinc(t) = 1 − t²/6 below this (csrc/fgsgd/small_linalg.h)
 NUM_HYPER = 4           # lr, momentum, dampening, weight_decay (float64 bits at the head of the table)
-ROW = 11                # int64 entries per tensor in the pointer table (see _prologue_multi)
+ROW = 12                # int64 entries per tensor in the pointer table (see _prologue_multi)
 TL_DTYPE = {"fp32": "tl.float32", "fp64": "tl.float64"}
 # Overflow guards (csrc/fgsgd/small_linalg.h big_sq_, manifold.h clamp_cayley): squared norms above BIG_SQ take the
 # rescaled path; a large Cayley step's K = W/2 is scaled down to ‖K‖_F ≤ √2·CAYLEY_CLAMP (manifolds.CAYLEY_CLAMP).
@@ -563,6 +563,7 @@ class Frame:
         self.src, self.ab = src, ab
         self.ptrs: dict[str, list[str]] = {}
         self.advance: list[tuple[str, str]] = []
+        self.il_split = False
 
     def elements(self, key: str, base: str) -> None:
         """One pointer tensor per element of the components of array ``base`` (a scalar pointer)."""
@@ -570,6 +571,20 @@ class Frame:
         for e, nm in enumerate(names):
             self.src.raw(f"{nm} = {base} + offs * {self.ab} + {e}")
             self.advance.append((nm, f"BLOCK * {self.ab}"))
+        self.ptrs[key] = names
+
+    def interleaved(self, key: str, base: str) -> None:
+        """As :meth:`elements` for the channels-last filters of a conv weight (O, L, kh, kw), L = ``il`` (the
+        table's interleave column): component i = o·L + j has entry e at o·S·L + e·L + j, so the lanes of one load
+        are consecutive input channels (coalesced; csrc/fgsgd/types.h TensorSlot::interleave). No advance: the
+        frame's loop runs at most once (begin)."""
+        if not self.il_split:  # output and input channel of every lane, once
+            self.src.raw("il_o = offs // il")
+            self.src.raw("il_j = offs - il_o * il")
+            self.il_split = True
+        names = [f"{key}_q{e}" for e in range(self.ab)]
+        for e, nm in enumerate(names):
+            self.src.raw(f"{nm} = {base} + il_o * ({self.ab} * il) + {e} * il + il_j")
         self.ptrs[key] = names
 
     def per_component(self, key: str, base: str, stride: int = 1, count: int = 1) -> None:
@@ -609,15 +624,16 @@ def _function(name: str, args: str, body: Src) -> str:
 
 
 def _prologue_multi(src: Src, dtype: str, log_tensors: int, hyper: bool, packed: bool = False,
-                    bases: dict | None = None) -> None:
+                    bases: dict | None = None, interleaved: bool = False) -> None:
     """Find this program's tensor in the pointer table and its block of components.
 
     The table ``meta`` (int64) holds: NUM_HYPER float64 hyper-parameters (as bits); 2**log_tensors
     first-block indices (one per tensor, padded with a huge value; non-decreasing), searched
     bit by bit for the last tensor whose first block is <= program_id; then ROW entries per tensor:
     data pointers of p, g, m, codes, rescale, group_index, group_scale, out, then N, the first
-    block index and the pointer of the tensor's step count (float32; 0 when the call has none). Defines
-    the scalar pointers ``<name>_ptr``, ``n``, ``start`` and ``offs``. ``packed``: the codes are int32
+    block index, the pointer of the tensor's step count (float32; 0 when the call has none) and the interleave L
+    (the input channels of a channels-last conv weight whose filters are the components, read as ``il`` by
+    ``interleaved`` kernels; 0 otherwise). Defines the scalar pointers ``<name>_ptr``, ``n``, ``start`` and ``offs``. ``packed``: the codes are int32
     words, 2 bits per component (fgsgd_cuda/codes.py; _load_codes decodes them). ``bases`` maps a column
     to a kernel argument: the column then holds an element offset from that tensor (a column that would
     change every step, the outputs of group_scale or tangent_sqnorm, so that the table stays the same).
@@ -640,6 +656,8 @@ def _prologue_multi(src: Src, dtype: str, log_tensors: int, hyper: bool, packed:
     src.raw("n = tl.load(row + 8)")
     src.raw("start = (pid - tl.load(row + 9)) * BLOCK")
     src.raw("offs = start + tl.arange(0, BLOCK)")
+    if interleaved:
+        src.raw("il = tl.load(row + 11)")
     if hyper:
         for k, name in enumerate(("lr", "mom", "damp", "wd")):
             src.raw(f"{name} = tl.load(meta + {k}).to(tl.float64, bitcast=True).to({tl_dt})")
@@ -703,28 +721,31 @@ def kernel_name(op: str, a: int, b: int, dtype: str, tag: str = "") -> str:
 
 
 def step_kernel_name(op, a, b, dtype, momentum, first_step, nesterov, stabilize, rescale, group, weight_decay,
-                     log_tensors, packed, controls) -> str:
+                     log_tensors, packed, controls, interleaved=False) -> str:
     """The name of a generated step kernel (components or rows): one letter per flag that is on."""
     flags = "".join(ch if on else "_" for ch, on in zip("mfnsrgw", (momentum, first_step, nesterov, stabilize,
                                                                      rescale, group, weight_decay)))
-    return kernel_name(op, a, b, dtype, f"{flags}{'P' if packed else ''}{'_C' + controls if controls else ''}"
-                                        f"_L{log_tensors}")
+    return kernel_name(op, a, b, dtype, f"{flags}{'P' if packed else ''}{'I' if interleaved else ''}"
+                                        f"{'_C' + controls if controls else ''}_L{log_tensors}")
 
 
 def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, rescale, group, weight_decay,
-                log_tensors, packed=False, controls=""):
+                log_tensors, packed=False, controls="", interleaved=False):
     """The fused FG-SGD step (reference.step) over all tensors of a call: read p, g, m once, write p, m once.
     ``controls`` (see _controls): "s" decides first_step and stabilize per tensor at run time (the flags are
-    then False)."""
+    then False). ``interleaved``: the tensors are channels-last conv weights whose p and g are read and written
+    where they are (Frame.interleaved; m and the per-component arrays are contiguous)."""
     name = step_kernel_name("step", a, b, dtype, momentum, first_step, nesterov, stabilize, rescale, group,
-                            weight_decay, log_tensors, packed, controls)
+                            weight_decay, log_tensors, packed, controls, interleaved)
     n = a * b
     src = Src()
-    _prologue_multi(src, dtype, log_tensors, hyper=True, packed=packed, bases={"gscale": "gsc_base"} if group else None)
+    _prologue_multi(src, dtype, log_tensors, hyper=True, packed=packed, bases={"gscale": "gsc_base"} if group else None,
+                    interleaved=interleaved)
     _controls(src, dtype, controls)
     frame = Frame(src, n)
-    frame.elements("p", "p_ptr")
-    frame.elements("g", "g_ptr")
+    weights = frame.interleaved if interleaved else frame.elements
+    weights("p", "p_ptr")
+    weights("g", "g_ptr")
     if momentum:
         frame.elements("m", "m_ptr")
     if not packed:
@@ -775,18 +796,20 @@ def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, resca
                            f"{args}, BLOCK: tl.constexpr", src)
 
 
-def sqnorm_source(a, b, dtype, *, rescale, weight_decay, log_tensors, packed=False):
+def sqnorm_source(a, b, dtype, *, rescale, weight_decay, log_tensors, packed=False, interleaved=False):
     """‖ξ‖_F² per component, written to the tensor's slice of the concatenated float64 output ``out_base`` (the
     table holds each tensor's element offset into it). The squares are summed in float64: in float32 they overflow
-    from ‖ξ‖ = 1.8e19, where group_clip's s_g = c/‖ξ_g‖ is still finite."""
+    from ‖ξ‖ = 1.8e19, where group_clip's s_g = c/‖ξ_g‖ is still finite. ``interleaved``: as in step_source."""
     name = kernel_name("sqnorm", a, b, dtype, f"{'r' if rescale else '_'}{'w' if weight_decay else '_'}"
-                                              f"{'P' if packed else ''}_L{log_tensors}")
+                                              f"{'P' if packed else ''}{'I' if interleaved else ''}_L{log_tensors}")
     n = a * b
     src = Src()
-    _prologue_multi(src, dtype, log_tensors, hyper=weight_decay, packed=packed, bases={"out": "out_base"})
+    _prologue_multi(src, dtype, log_tensors, hyper=weight_decay, packed=packed, bases={"out": "out_base"},
+                    interleaved=interleaved)
     frame = Frame(src, n)
-    frame.elements("p", "p_ptr")
-    frame.elements("g", "g_ptr")
+    weights = frame.interleaved if interleaved else frame.elements
+    weights("p", "p_ptr")
+    weights("g", "g_ptr")
     if not packed:
         frame.per_component("c", "codes_ptr")
     frame.per_component("o", "out_ptr")

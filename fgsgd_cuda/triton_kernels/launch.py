@@ -101,8 +101,8 @@ def _double_bits(x: float) -> int:
 def _table(rows, block: int, device, hyper=None):
     """The int64 pointer table of a multi-tensor launch; returns (table, log2 size of the search, blocks).
 
-    rows: (p, g, m, codes, rescale, group_index, group_scale, out, n[, step count]) per tensor with n > 0,
-    pointers as ints (0: absent). Cached by content on CUDA, so steady-state steps make no host-to-device copy (and,
+    rows: (p, g, m, codes, rescale, group_index, group_scale, out, n[, step count[, interleave L]]) per tensor with
+    n > 0, pointers as ints (0: absent). Cached by content on CUDA, so steady-state steps make no host-to-device copy (and,
     after one eager step, a step with unchanged tensors and hyper-parameters can be captured in a CUDA graph).
     """
     t = len(rows)
@@ -114,7 +114,7 @@ def _table(rows, block: int, device, hyper=None):
     firsts += [_BIG] * ((1 << log_t) - t)
     vals = [_double_bits(v) for v in (hyper or (0.0, 0.0, 0.0, 0.0))] + firsts
     for r, first in zip(rows, firsts):
-        vals += list(r[:9]) + [first, r[9] if len(r) > 9 else 0]
+        vals += list(r[:9]) + [first, r[9] if len(r) > 9 else 0, r[10] if len(r) > 10 else 0]
     device = torch.device(device)
     if device.type != "cuda":
         return torch.tensor(vals, dtype=torch.int64), log_t, total
@@ -159,10 +159,11 @@ def _run(kind, params, rows, hyper=None, ctl=None, args=(), **flags):
     rows = [r for r in rows if r[8] > 0]
     if not rows:
         return
-    a, b = params[0].shape[1], params[0].shape[2]
+    a, b = params[0].shape[-2], params[0].shape[-1]
     if checks.is_row_shape(a, b):
+        assert not flags.pop("interleaved", False), "row components are never channels-last (checks.is_interleaved)"
         kind, lead, per_program = "row" + kind, (a,), 1
-        a, b, block, warps = 0, 1, min(1024, triton.next_power_of_2(params[0].shape[1])), 4
+        a, b, block, warps = 0, 1, min(1024, triton.next_power_of_2(a)), 4
     else:
         block, warps = config(a * b)
         lead, per_program = (), block
@@ -174,6 +175,20 @@ def _run(kind, params, rows, hyper=None, ctl=None, args=(), **flags):
 
 
 # -- the multi-tensor ops (one launch per call; a call has one component shape) ----------------------
+
+def _count(p) -> int:
+    """Components of an (N, A, B) tensor or of a whole channels-last conv weight (the cheap test first: host time)."""
+    return p.shape[0] if p.dim() == 3 else checks.num_components(p)
+
+
+def _by_layout(params):
+    """The interleave L of every tensor (the input channels of a channels-last (O, L, kh, kw) weight, read where it
+    is by the kernels generated with ``interleaved``; 0: (N, A, B) components) and, per layout present, the indices
+    of its tensors: a launch each (a model is usually all one or all the other)."""
+    il = [p.shape[1] if checks.is_interleaved(p) else 0 for p in params]
+    parts = [[k for k, v in enumerate(il) if (v != 0) == inter] for inter in (False, True)]
+    return il, [(inter, idx) for inter, idx in zip((False, True), parts) if idx]
+
 
 def _codes_of(codes, params):
     """(codes, packed): the kernels read packed codes (fgsgd_cuda/codes.py) when every tensor of the call has
@@ -197,32 +212,38 @@ def step_(params, grads, momenta, codes, rescale, group_index, group_scale, lr, 
         first_step = stabilize = False  # decided per tensor in the kernel
     rows = []
     gs0 = group_scale[0] if group_index else None  # the s_g columns: element offsets from group_scale[0]
+    il, layouts = _by_layout(params)
     for k, p in enumerate(params):
         rows.append((p.data_ptr(), grads[k].data_ptr(), momenta[k].data_ptr() if use_m else 0, codes[k].data_ptr(),
                      _ptr(rescale[k]) if rescale else 0, _ptr(group_index[k]) if group_index else 0,
-                     _offset(group_scale[k], gs0) if group_index else 0, 0, p.shape[0]) +
-                    ((steps[k].data_ptr(),) if steps else ()))
-    _run("step", params, rows, (lr, momentum, dampening, weight_decay), momentum=use_m,
-         first_step=bool(first_step) and use_m, nesterov=bool(nesterov) and use_m, stabilize=bool(stabilize),
-         rescale=bool(rescale), group=bool(group_index), weight_decay=weight_decay != 0, packed=packed,
-         controls=controls, ctl=(found_inf, lr_tensor, grad_scale, stabilize_every) if controls else None,
-         args=(gs0,) if group_index else ())
+                     _offset(group_scale[k], gs0) if group_index else 0, 0, _count(p),
+                     steps[k].data_ptr() if steps else 0, il[k]))
+    for inter, idx in layouts:
+        _run("step", [params[k] for k in idx], [rows[k] for k in idx], (lr, momentum, dampening, weight_decay),
+             momentum=use_m, first_step=bool(first_step) and use_m, nesterov=bool(nesterov) and use_m,
+             stabilize=bool(stabilize), rescale=bool(rescale), group=bool(group_index),
+             weight_decay=weight_decay != 0, packed=packed, controls=controls, interleaved=inter,
+             ctl=(found_inf, lr_tensor, grad_scale, stabilize_every) if controls else None,
+             args=(gs0,) if group_index else ())
     if steps:
         taken = None if found_inf is None else 1.0 - found_inf.reshape(())
         torch._foreach_add_(list(steps), 1.0 if taken is None else taken)
 
 
 def tangent_sqnorm(params, grads, codes, rescale, weight_decay):
-    total = sum(p.shape[0] for p in params)
+    total = sum(_count(p) for p in params)
     out = torch.empty(total, dtype=torch.float64, device=params[0].device)  # float64 for every dtype
     codes, packed = _codes_of(codes, params)
     rows, off = [], 0
+    il, layouts = _by_layout(params)
     for k, p in enumerate(params):
+        n = _count(p)
         rows.append((p.data_ptr(), grads[k].data_ptr(), 0, codes[k].data_ptr(), _ptr(rescale[k]) if rescale else 0,
-                     0, 0, off, p.shape[0]))  # out: an offset into `out` (a new tensor every call)
-        off += p.shape[0]
-    _run("sqnorm", params, rows, (0.0, 0.0, 0.0, weight_decay), args=(out,), rescale=bool(rescale),
-         weight_decay=weight_decay != 0, packed=packed)
+                     0, 0, off, n, 0, il[k]))  # out: an offset into `out` (a new tensor every call)
+        off += n
+    for inter, idx in layouts:
+        _run("sqnorm", [params[k] for k in idx], [rows[k] for k in idx], (0.0, 0.0, 0.0, weight_decay), args=(out,),
+             rescale=bool(rescale), weight_decay=weight_decay != 0, packed=packed, interleaved=inter)
     return out
 
 
