@@ -134,16 +134,21 @@ def test_staged_step_block(emulator, dtype, config, offsets, variant):
             assert torch.equal(m, t["m"].double())                 # momentum 0: buffers untouched
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "mixed", "channels-last"])
 @pytest.mark.parametrize("variant", ["staged", "sorted"])
-def test_more_tensors_than_one_table(emulator, variant):
-    """45 tensors (two tables of at most 36), one of them empty, in fp32."""
+def test_more_tensors_than_one_table(emulator, variant, layout):
+    """45 tensors (two tables of at most 36), one of them empty, in fp32; contiguous, every other one channels-last
+    (by_layout: a table of each layout), or all channels-last (two tables of them)."""
     gen = make_gen(45)
     sizes = [int(s) for s in torch.randint(1, 200, (45,), generator=gen)]
     sizes[17] = 0
     ts = make_step_tensors(sizes, (3, 3), torch.float32, gen)
     hp = dict(lr=0.05, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0, first_step=False,
               stabilize=False)
-    got = _run(emulator, torch.float32, hp, ts, [(k % 4, 0, (k * 3) % 4) for k in range(45)], True, False, variant)
+    cl = [s > 0 and (layout == "channels-last" or (layout == "mixed" and k % 2 == 1)) for k, s in enumerate(sizes)]
+    interleave = [(s // 2 if s % 2 == 0 else s) if c else 0 for s, c in zip(sizes, cl)]  # (2, s/2) or (1, s) filters
+    got = _run(emulator, torch.float32, hp, ts, [(k % 4, 0, (k * 3) % 4) for k in range(45)], True, False, variant,
+               interleave=interleave)
     for k, (t, (p, m)) in enumerate(zip(ts, got)):
         if not sizes[k]:
             assert p.numel() == 0
