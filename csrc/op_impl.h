@@ -53,7 +53,7 @@ inline void check_dense(const Tensor& t, const ArgName& name) {
 // kh×kw components are interleaved (csrc/cpu/interleaved.h), L = I apart. Longer kh×1 filters are row components
 // (row_step.h), streamed in their contiguous layout only: such a weight is refused as not contiguous.
 inline bool is_interleaved(const Tensor& x) {
-  return x.dim() == 4 && x.size(2) * x.size(3) <= kMaxElems && !x.is_contiguous() &&
+  return x.dim() == 4 && !x.is_contiguous() && x.size(2) * x.size(3) <= kMaxElems &&
          x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 

@@ -26,7 +26,9 @@ def is_interleaved(x: torch.Tensor) -> bool:
     """A conv weight (O, I, kh, kw) in torch.channels_last that is not also contiguous, with kh·kw <= MAX_ELEMS: its
     kh×kw components are interleaved, I apart (csrc/cpu/interleaved.h). Longer kh×1 filters are row components,
     which the kernels stream in their contiguous layout only."""
-    return (x.dim() == 4 and x.shape[2] * x.shape[3] <= MAX_ELEMS and not x.is_contiguous()
+    # contiguous weights leave at the second test (0.16 µs; 0.45 µs with the shape product first): every step asks
+    # for every filter bank on the backends that read channels-last weights (functional.in_place)
+    return (x.dim() == 4 and not x.is_contiguous() and x.shape[2] * x.shape[3] <= MAX_ELEMS
             and x.is_contiguous(memory_format=torch.channels_last))
 
 
