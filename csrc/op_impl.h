@@ -5,7 +5,6 @@
 #include <ATen/ATen.h>
 
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "fgsgd/batched.h"
@@ -291,13 +290,6 @@ inline StepControl make_control(TensorList steps, const std::optional<Tensor>& f
   return c;
 }
 
-// Backends whose step and sqnorm run channels-last weights in place (Backend::kInterleaved: the CPU's tiles, the
-// CUDA kernels' gathers) get slots with TensorSlot::interleave set; the others get contiguous tensors only.
-template <class B, class = void>
-struct takes_interleaved : std::false_type {};
-template <class B>
-struct takes_interleaved<B, std::void_t<decltype(B::kInterleaved)>> : std::bool_constant<B::kInterleaved> {};
-
 template <class Backend>
 void step_(TensorList params, TensorList grads, TensorList momenta, TensorList codes, TensorList rescale,
            TensorList group_index, TensorList group_scale, double lr, double momentum, double dampening, bool nesterov,
@@ -313,8 +305,10 @@ void step_(TensorList params, TensorList grads, TensorList momenta, TensorList c
   const TensorList steps = steps_opt.value_or(TensorList());
   const StepControl ctl = make_control(steps, found_inf, lr_tensor, stabilize_every, grad_scale, weight_decay, params);
   FGSGD_FLOATING(params[0].scalar_type(), [&] {
+    // every backend's step runs channels-last weights in place (TensorSlot::interleave: the CPU's tiles,
+    // csrc/cpu/interleaved.h; the CUDA kernels' gathers, csrc/cuda/staged.cuh)
     auto slots = make_slots<T>(params, grads, momentum == 0 ? TensorList() : momenta, codes, rescale, group_index,
-                               group_scale, "rescale", /*rows=*/true, takes_interleaved<Backend>::value);
+                               group_scale, "rescale", /*rows=*/true, /*interleaved=*/true);
     for (size_t k = 0; k < steps.size(); ++k) slots[k].step = steps[k].data_ptr<float>();
     StepHParams<T> h{T(lr), T(momentum), T(dampening), T(weight_decay), nesterov, first_step, stabilize};
     Backend::step(slots, params[0], h, ctl);
@@ -331,7 +325,7 @@ Tensor tangent_sqnorm(TensorList params, TensorList grads, TensorList codes, Ten
   Tensor out = at::empty({total}, params[0].options().dtype(at::kDouble));  // float64 for every dtype (types.h)
   FGSGD_FLOATING(params[0].scalar_type(), [&] {
     auto slots = make_slots<T>(params, grads, {}, codes, rescale, {}, {}, "rescale", /*rows=*/true,
-                               takes_interleaved<Backend>::value);
+                               /*interleaved=*/true);  // as the step's
     double* o = out.data_ptr<double>();
     for (auto& s : slots) { s.out = o; o += s.n; }
     Backend::sqnorm(slots, params[0], T(weight_decay));

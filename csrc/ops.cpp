@@ -1,7 +1,7 @@
 // Registration of every fgsgd op (schemas) and its CPU implementation.
 //
 // Schemas (all tensors contiguous, except that step_ and tangent_sqnorm take a channels-last (O, I, kh, kw)
-// weight with its channels-last gradient on the CPU; components are (N, A, B) with A*B <= 64; float32 or float64):
+// weight with its channels-last gradient, on every device; components are (N, A, B) with A*B <= 64; float32 or float64):
 //   proj(x, u, code) -> Π_x(u)                      retr(x, v, code) -> Retr_x(v)
 //   projx(x, code)   -> exact projection of x       norms(x) -> (N, 3) [Frobenius, spectral, ℓ2→1]
 //   step_(params, grads, momentum_buffers, codes, rescale, group_index, group_scale, lr, momentum,
@@ -34,8 +34,6 @@ struct CpuBackend {
   template <class T> static void retr(const UnaryArgs<T>& a, const Tensor& x) { cpu::retr(a, rows_of(x), cols_of(x)); }
   template <class T> static void projx(const UnaryArgs<T>& a, const Tensor& x) { cpu::projx(a, rows_of(x), cols_of(x)); }
   template <class T> static void norms(const UnaryArgs<T>& a, const Tensor& x) { cpu::norms(a, rows_of(x), cols_of(x)); }
-  // channels-last conv weights run in place (csrc/cpu/interleaved.h) in the step and sqnorm
-  static constexpr bool kInterleaved = true;
   // The controls are read here, on the host: tensors whose resolved hyper-parameters agree run together.
   template <class T>
   static void step(const std::vector<TensorSlot<T>>& s, const Tensor& p0, const StepHParams<T>& h,

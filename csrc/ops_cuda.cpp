@@ -23,9 +23,6 @@ struct CudaBackend {
   FGSGD_CUDA_UNARY(projx)
   FGSGD_CUDA_UNARY(norms)
 #undef FGSGD_CUDA_UNARY
-  // channels-last conv weights run in place in the step and sqnorm (csrc/cuda/staged.cuh gather_in, batched.h
-  // entries_of): their filters are read and written coalesced where they are, without contiguous copies
-  static constexpr bool kInterleaved = true;
   // The controls stay on the device: the kernels read them (no host synchronisation, capturable).
   template <class T>
   static void step(const std::vector<TensorSlot<T>>& s, const Tensor& p0, const StepHParams<T>& h, const StepControl& c) {
