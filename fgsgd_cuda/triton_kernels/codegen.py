@@ -633,10 +633,11 @@ def _prologue_multi(src: Src, dtype: str, log_tensors: int, hyper: bool, packed:
     data pointers of p, g, m, codes, rescale, group_index, group_scale, out, then N, the first
     block index, the pointer of the tensor's step count (float32; 0 when the call has none) and the interleave L
     (the input channels of a channels-last conv weight whose filters are the components, read as ``il`` by
-    ``interleaved`` kernels; 0 otherwise). Defines the scalar pointers ``<name>_ptr``, ``n``, ``start`` and ``offs``. ``packed``: the codes are int32
-    words, 2 bits per component (fgsgd_cuda/codes.py; _load_codes decodes them). ``bases`` maps a column
-    to a kernel argument: the column then holds an element offset from that tensor (a column that would
-    change every step, the outputs of group_scale or tangent_sqnorm, so that the table stays the same).
+    ``interleaved`` kernels; 0 otherwise). Defines the scalar pointers ``<name>_ptr``, ``n``, ``start`` and
+    ``offs``. ``packed``: the codes are int32 words, 2 bits per component (fgsgd_cuda/codes.py; _load_codes
+    decodes them). ``bases`` maps a column to a kernel argument: the column then holds an element offset from that
+    tensor (a column that would change every step, the outputs of group_scale or tangent_sqnorm, so that the table
+    stays the same).
     """
     tl_dt = TL_DTYPE[dtype]
     src.raw("pid = tl.program_id(0)")

@@ -176,8 +176,11 @@ def _run(kind, params, rows, hyper=None, ctl=None, args=(), **flags):
 
 # -- the multi-tensor ops (one launch per call; a call has one component shape) ----------------------
 
+# The tensors of the multi-tensor ops come as (N, A, B) components, or (TritonBackend, backends.as_components) as
+# whole channels-last (O, I, kh, kw) weights, which have no such view: a tensor that is not 3-D is one of those.
+
 def _count(p) -> int:
-    """Components of an (N, A, B) tensor or of a whole channels-last conv weight (the cheap test first: host time)."""
+    """Components of an (N, A, B) tensor or of a whole channels-last conv weight."""
     return p.shape[0] if p.dim() == 3 else checks.num_components(p)
 
 
@@ -185,7 +188,7 @@ def _by_layout(params):
     """The interleave L of every tensor (the input channels of a channels-last (O, L, kh, kw) weight, read where it
     is by the kernels generated with ``interleaved``; 0: (N, A, B) components) and, per layout present, the indices
     of its tensors: a launch each (a model is usually all one or all the other)."""
-    il = [p.shape[1] if checks.is_interleaved(p) else 0 for p in params]
+    il = [0 if p.dim() == 3 else p.shape[1] for p in params]
     parts = [[k for k, v in enumerate(il) if (v != 0) == inter] for inter in (False, True)]
     return il, [(inter, idx) for inter, idx in zip((False, True), parts) if idx]
 
