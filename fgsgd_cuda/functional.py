@@ -9,6 +9,7 @@ than 64 entries go to the pure-torch backend.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 
 import torch
@@ -96,10 +97,22 @@ def group_step_sizes(impl, ps, gs, codes, rescale, group_index_of, num_groups, *
     return gidx, list(scale.split(num_groups))
 
 
-def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, weight_decay, group_clip,
-                  stabilize, backend, cache, views=None, group_index=None, capturable=False, found_inf=None,
-                  grad_scale=None, overlap=None, staging=None):
-    """One step of the manifold parameters of a group; ``states`` are the optimizer's per-parameter states.
+def manifold_step(params, grads, states, **kw) -> None:
+    """One step of the manifold parameters of a group: :func:`prepare_manifold_step` (every keyword argument is
+    its), then the launches it returns."""
+    prepare_manifold_step(params, grads, states, **kw)()
+
+
+def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, weight_decay, group_clip,
+                          stabilize, backend, cache, views=None, group_index=None, capturable=False, found_inf=None,
+                          grad_scale=None, overlap=None, staging=None):
+    """The step of the manifold parameters of a group in two phases: this call does everything that allocates or
+    may fail (batches, new momentum buffers, contiguous copies, views, the group step sizes s_g) and changes
+    nothing; the function it returns launches the steps and updates the states. So a failure while preparing any
+    batch (an allocation, a grouping that does not match its codes) leaves every parameter and state as it was
+    (the optimizer prepares all its groups before it launches any). The launches themselves only check the tensors
+    (shapes, dtypes, devices), which FGSGD made and load_state_dict checks (fgsgd_cuda/state_checks.py).
+    ``states`` are the optimizer's per-parameter states.
 
     Every state holds ``shape`` (A, B), ``codes`` (uint8 (N,), or packed: fgsgd_cuda/codes.py),
     ``num_groups``, ``step`` and optionally ``rescale`` (N,) and ``momentum_buffer``. With ``group_clip``,
@@ -115,9 +128,10 @@ def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, w
     skips the step on the device, ``grad_scale`` (GradScaler's scale) is read by the kernels that unscale the
     gradients on the fly (fgsgd_cuda/controls.py): no host synchronisation.
 
-    On CUDA every batch but the largest runs on a side stream (fgsgd_cuda/streams.py), beside the largest:
-    ``overlap`` is the caller's :class:`~fgsgd_cuda.streams.Overlap`, joined by the caller at the end of its step
-    (None: one made here, joined before returning).
+    On CUDA every batch but the largest runs on a side stream (fgsgd_cuda/streams.py), beside the largest, its
+    preparation too (the copies and s_g it launches): ``overlap`` is the caller's
+    :class:`~fgsgd_cuda.streams.Overlap`, joined by the caller at the end of its step (None: one made here, joined
+    by the launch).
     """
     batches = defaultdict(list)
     for k, (p, st) in enumerate(zip(params, states)):
@@ -138,24 +152,31 @@ def manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, w
     hp = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
               group_clip=group_clip, stabilize=stabilize, cache=cache, views=views, group_index=group_index,
               capturable=capturable, found_inf=found_inf, grad_scale=grad_scale, staging=staging)
+    launches = []  # (stream context, launch) of every batch
     for key, idx in batches.items():
-        if largest is None or key == largest:
-            _batch_step(key, idx, params, grads, states, new_buffers, **hp)
-        else:
-            with overlap.side(params[idx[0]].device):
-                _batch_step(key, idx, params, grads, states, new_buffers, **hp)
-    if own:
-        overlap.join()
-    for k, buf in new_buffers.items():
-        states[k]["momentum_buffer"] = buf
-    if not capturable:  # else the step counted on the device
-        for st in states:
-            st["step"] += 1
+        side = (lambda: contextlib.nullcontext()) if largest is None or key == largest else \
+            (lambda d=params[idx[0]].device: overlap.side(d))
+        with side():
+            launches.append((side, _prepare_batch(key, idx, params, grads, states, new_buffers, **hp)))
+
+    def launch() -> None:
+        for side, run in launches:
+            with side():
+                run()
+        if own:
+            overlap.join()
+        for k, buf in new_buffers.items():
+            states[k]["momentum_buffer"] = buf
+        if not capturable:  # else the step counted on the device
+            for st in states:
+                st["step"] += 1
+    return launch
 
 
-def _batch_step(key, idx, params, grads, states, new_buffers, *, lr, momentum, dampening, nesterov, weight_decay,
-                group_clip, stabilize, cache, views, group_index, capturable, found_inf, grad_scale, staging):
-    """One batch of manifold_step (one component shape and set of flags): one call of the backend."""
+def _prepare_batch(key, idx, params, grads, states, new_buffers, *, lr, momentum, dampening, nesterov, weight_decay,
+                   group_clip, stabilize, cache, views, group_index, capturable, found_inf, grad_scale, staging):
+    """One batch of the step (one component shape and set of flags), prepared: returns its launch, one call of
+    the backend and the write-back of its contiguous copies."""
     a, b, first, stab, has_r, name = key
     impl = dispatch.get(name, params[idx[0]].device)
     shape = (a, b)
@@ -186,13 +207,16 @@ def _batch_step(key, idx, params, grads, states, new_buffers, *, lr, momentum, d
                                         [states[k]["num_groups"] for k in idx], weight_decay=weight_decay,
                                         group_clip=group_clip, cache=cache,
                                         key=tuple(id(params[k]) for k in idx))
-    if capturable:
-        lr_t = lr if isinstance(lr, torch.Tensor) else None
-        controls.step(impl, ps, gs, ms, codes, rescale, gidx, gscale, 0.0 if lr_t is not None else lr, momentum,
-                      dampening, nesterov, weight_decay, first, False, [states[k]["step"] for k in idx],
-                      found_inf, lr_t, int(stabilize or 0), grad_scale)
-    else:
-        impl.step_(ps, gs, ms, codes, rescale, gidx, gscale, lr, momentum, dampening, nesterov, weight_decay,
-                   first, stab)
-    for k in idx:
-        unstage(params[k], work[k])
+
+    def run() -> None:
+        if capturable:
+            lr_t = lr if isinstance(lr, torch.Tensor) else None
+            controls.step(impl, ps, gs, ms, codes, rescale, gidx, gscale, 0.0 if lr_t is not None else lr, momentum,
+                          dampening, nesterov, weight_decay, first, False, [states[k]["step"] for k in idx],
+                          found_inf, lr_t, int(stabilize or 0), grad_scale)
+        else:
+            impl.step_(ps, gs, ms, codes, rescale, gidx, gscale, lr, momentum, dampening, nesterov, weight_decay,
+                       first, stab)
+        for k in idx:
+            unstage(params[k], work[k])
+    return run

@@ -14,8 +14,9 @@ from torch.optim.sgd import sgd
 from . import checks, dispatch, streams
 from . import codes as _codes
 from .euclidean import sgd_step
-from .functional import component_view, manifold_step, staged, unstage
+from .functional import component_view, prepare_manifold_step, staged, unstage
 from .grouping import MEMBERSHIP_OPTIONS, Grouping, make_grouping, membership
+from .state_checks import check_loadable
 
 MANIFOLD_DEFAULTS = dict(
     manifolds=None,          # None or []: a Euclidean group (plain SGD); else the kinds given to the groups
@@ -259,6 +260,9 @@ class FGSGD(Optimizer):
                 unstage(t, w)
 
     def load_state_dict(self, state_dict) -> None:
+        # a checkpoint that does not fit the parameters is refused whole, by name, before anything is loaded
+        # (fgsgd_cuda/state_checks.py); torch's own load checks only the number of parameters per group
+        check_loadable(self, state_dict)
         # torch casts every tensor of a parameter's state to the parameter's dtype and mangles strings inside
         # containers: keep the grouping's integer tensors (codes, group_codes) and membership options as saved
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
@@ -500,23 +504,17 @@ class FGSGD(Optimizer):
         return loss
 
     def _step_groups(self, work, found_inf, grad_scale) -> None:
-        for group, params, grads in work:
+        """The groups' steps: every manifold group prepared first (all that allocates or may fail:
+        functional.prepare_manifold_step), then the groups run in order, so that a failure while preparing leaves
+        every group as it was."""
+        launches = {gi: self._prepare_manifold_group(group, params, grads, found_inf, grad_scale)
+                    for gi, (group, params, grads) in enumerate(work) if params and group["manifolds"]}
+        for gi, (group, params, grads) in enumerate(work):
             if not params:
                 continue
             if group["manifolds"]:
-                # one call for all; per device only when a flag or scale (one tensor per device) goes with it
-                by_device = _by_device(params) if found_inf or grad_scale else {None: None}
-                for device, idx in by_device.items():
-                    ps, gs = (params, grads) if idx is None else ([params[k] for k in idx], [grads[k] for k in idx])
-                    manifold_step(ps, gs, [self.state[p] for p in ps], lr=group["lr"],
-                                  momentum=group["momentum"], dampening=group["dampening"],
-                                  nesterov=group["nesterov"], weight_decay=group["weight_decay"],
-                                  group_clip=group["group_clip"], stabilize=group["stabilize"],
-                                  backend=group["backend"], cache=self._group_cache, views=self._view_cache,
-                                  group_index=lambda k, ps=ps: self._group_index(ps[k]),
-                                  capturable=group["capturable"], found_inf=_flag_for(found_inf, device),
-                                  grad_scale=_flag_for(grad_scale, device) if self._unscales_in_kernel(group)
-                                  else None, overlap=self._overlap, staging=self._staging)
+                for launch in launches[gi]:
+                    launch()
             elif group["capturable"]:
                 self._euclidean_capturable(group, params, grads, found_inf, grad_scale)
             else:
@@ -528,6 +526,23 @@ class FGSGD(Optimizer):
                 if group["momentum"] != 0 and new_buffers:  # sgd made buffers where there were none
                     for p, buf in zip(params, bufs):
                         self.state[p]["momentum_buffer"] = buf
+
+    def _prepare_manifold_group(self, group, params, grads, found_inf, grad_scale) -> list:
+        """The launches of a manifold group's step: one call for all its parameters, or one per device when a flag
+        or scale (one tensor per device) goes with it."""
+        by_device = _by_device(params) if found_inf or grad_scale else {None: None}
+        launches = []
+        for device, idx in by_device.items():
+            ps, gs = (params, grads) if idx is None else ([params[k] for k in idx], [grads[k] for k in idx])
+            launches.append(prepare_manifold_step(
+                ps, gs, [self.state[p] for p in ps], lr=group["lr"], momentum=group["momentum"],
+                dampening=group["dampening"], nesterov=group["nesterov"], weight_decay=group["weight_decay"],
+                group_clip=group["group_clip"], stabilize=group["stabilize"], backend=group["backend"],
+                cache=self._group_cache, views=self._view_cache, group_index=lambda k, ps=ps: self._group_index(ps[k]),
+                capturable=group["capturable"], found_inf=_flag_for(found_inf, device),
+                grad_scale=_flag_for(grad_scale, device) if self._unscales_in_kernel(group) else None,
+                overlap=self._overlap, staging=self._staging))
+        return launches
 
 
 def _refuse_manifold_only_options(options: dict) -> None:

@@ -1,0 +1,79 @@
+"""Checks of a checkpoint before FGSGD.load_state_dict takes it: errors name the parameter and what is wrong.
+
+torch's ``Optimizer.load_state_dict`` matches saved states to parameters by position and checks only the number
+of parameters per group. A checkpoint of another model (or of the same model with its parameters in another
+order) then loads, and its first step fails in the middle: some batches stepped, others refused, weights
+corrupted. These checks run first, on every tensor the step reads, so that a checkpoint that does not fit is
+refused whole and the optimizer keeps its own state.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import checks
+from . import codes as _codes
+
+
+def _fail(name: str, what: str) -> None:
+    raise ValueError(f"load_state_dict: {name}: {what}; the checkpoint does not fit this optimizer's parameters "
+                     "(another model, or its parameters in another order); nothing was loaded")
+
+
+def _check_tensor(v, name: str, key: str, shape: tuple, floating: bool) -> None:
+    if not isinstance(v, torch.Tensor):
+        _fail(name, f"the saved {key} is a {type(v).__name__}, expected a tensor")
+    if tuple(v.shape) != tuple(shape):
+        _fail(name, f"the saved {key} has shape {tuple(v.shape)}, expected {tuple(shape)}")
+    if floating and not v.is_floating_point():
+        _fail(name, f"the saved {key} has dtype {v.dtype}, expected a floating-point tensor")
+
+
+def _check_manifold_state(saved: dict, p: torch.Tensor, own: dict, name: str) -> None:
+    """A manifold parameter's saved state against the parameter and the state this optimizer made for it."""
+    if "codes" not in saved:
+        _fail(name, "the saved state has no manifold codes (a state of a Euclidean group or of another optimizer), "
+                    "but this parameter is in a manifold group")
+    shape = tuple(saved.get("shape", own["shape"]))
+    if shape != tuple(own["shape"]):
+        _fail(name, f"the saved components are {shape[0]}x{shape[1]}, this parameter's are "
+                    f"{own['shape'][0]}x{own['shape'][1]}")
+    n = p.numel() // (shape[0] * shape[1])
+    codes = saved["codes"]
+    packed = isinstance(codes, torch.Tensor) and codes.dtype == torch.int32
+    expect = (_codes.packed_len(n),) if packed else (n,)
+    if not isinstance(codes, torch.Tensor) or codes.dtype not in (torch.uint8, torch.int32) or \
+            tuple(codes.shape) != expect:
+        got = f"{codes.dtype} {tuple(codes.shape)}" if isinstance(codes, torch.Tensor) else type(codes).__name__
+        _fail(name, f"the saved codes are {got}, expected uint8 ({n},) or packed int32 ({_codes.packed_len(n)},) "
+                    f"for its {n} components")
+    for code in torch.unique(_codes.unpack(codes, n)).tolist():
+        try:
+            checks.code_for_shape(code, shape[0], shape[1], "code")
+        except ValueError as e:
+            _fail(name, f"a saved {e}")
+    group_codes = saved.get("group_codes")
+    if group_codes is not None and group_codes.numel() != saved.get("num_groups", group_codes.numel()):
+        _fail(name, f"the saved group_codes hold {group_codes.numel()} groups, num_groups says "
+                    f"{saved.get('num_groups')}")
+    if saved.get("rescale") is not None:
+        _check_tensor(saved["rescale"], name, "rescale", (n,), floating=True)
+
+
+def check_loadable(optimizer, state_dict: dict) -> None:
+    """Raises ValueError, naming the parameter, when a saved state does not fit the parameter it would be given
+    (the order of ``optimizer.param_groups``): a momentum buffer of another shape, manifold codes for another
+    number or shape of components, codes a manifold cannot take, a rescale of another length, or no manifold
+    state for a parameter of a manifold group. Reads the saved codes (construction-time cost, not per step)."""
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        return  # torch's own check names this
+    for gi, (group, saved_group) in enumerate(zip(optimizer.param_groups, groups)):
+        if len(saved_group["params"]) != len(group["params"]):
+            return  # torch's own check names this
+        for j, (p, i) in enumerate(zip(group["params"], saved_group["params"])):
+            saved = state_dict["state"].get(i) or {}
+            name = f"param_groups[{gi}]['params'][{j}] (shape {tuple(p.shape)})"
+            if saved.get("momentum_buffer") is not None:
+                _check_tensor(saved["momentum_buffer"], name, "momentum_buffer", p.shape, floating=True)
+            if group.get("manifolds"):
+                _check_manifold_state(saved, p, optimizer.state[p], name)
