@@ -15,6 +15,7 @@ from collections import defaultdict
 import torch
 
 from . import checks, controls, dispatch, streams
+from .state_checks import explain_step_failure
 
 
 def component_view(t: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -105,7 +106,7 @@ def manifold_step(params, grads, states, **kw) -> None:
 
 def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nesterov, weight_decay, group_clip,
                           stabilize, backend, cache, views=None, group_index=None, capturable=False, found_inf=None,
-                          grad_scale=None, overlap=None, staging=None):
+                          grad_scale=None, overlap=None, staging=None, names=None):
     """The step of the manifold parameters of a group in two phases: this call does everything that allocates or
     may fail (batches, new momentum buffers, contiguous copies, views, the group step sizes s_g) and changes
     nothing; the function it returns launches the steps and updates the states. So a failure while preparing any
@@ -132,7 +133,31 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
     preparation too (the copies and s_g it launches): ``overlap`` is the caller's
     :class:`~fgsgd_cuda.streams.Overlap`, joined by the caller at the end of its step (None: one made here, joined
     by the launch).
+
+    ``names(k)`` (optional) names params[k] in errors: when an op refuses its tensors, the parameter whose
+    gradient or state does not fit it is named (fgsgd_cuda/state_checks.py explain_step_failure).
     """
+    with _explained(params, grads, states, names):
+        return _prepare(params, grads, states, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                        weight_decay=weight_decay, group_clip=group_clip, stabilize=stabilize, backend=backend,
+                        cache=cache, views=views, group_index=group_index, capturable=capturable, found_inf=found_inf,
+                        grad_scale=grad_scale, overlap=overlap, staging=staging, names=names)
+
+
+@contextlib.contextmanager
+def _explained(params, grads, states, names):
+    """Errors of the ops inside, explained by the parameter they concern when ``names`` is given."""
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError):
+        if names is not None:
+            explain_step_failure(params, grads, states, names)
+        raise
+
+
+def _prepare(params, grads, states, *, lr, momentum, dampening, nesterov, weight_decay, group_clip, stabilize,
+             backend, cache, views, group_index, capturable, found_inf, grad_scale, overlap, staging, names):
+    """prepare_manifold_step's work."""
     batches = defaultdict(list)
     for k, (p, st) in enumerate(zip(params, states)):
         a, b = st["shape"]
@@ -153,18 +178,26 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
               group_clip=group_clip, stabilize=stabilize, cache=cache, views=views, group_index=group_index,
               capturable=capturable, found_inf=found_inf, grad_scale=grad_scale, staging=staging)
     launches = []  # (stream context, launch) of every batch
-    for key, idx in batches.items():
-        side = (lambda: contextlib.nullcontext()) if largest is None or key == largest else \
-            (lambda d=params[idx[0]].device: overlap.side(d))
-        with side():
-            launches.append((side, _prepare_batch(key, idx, params, grads, states, new_buffers, **hp)))
-
-    def launch() -> None:
-        for side, run in launches:
+    try:
+        for key, idx in batches.items():
+            side = (lambda: contextlib.nullcontext()) if largest is None or key == largest else \
+                (lambda d=params[idx[0]].device: overlap.side(d))
             with side():
-                run()
+                launches.append((side, _prepare_batch(key, idx, params, grads, states, new_buffers, **hp)))
+    except BaseException:
         if own:
             overlap.join()
+        raise
+
+    def launch() -> None:
+        try:
+            with _explained(params, grads, states, names):
+                for side, run in launches:
+                    with side():
+                        run()
+        finally:
+            if own:
+                overlap.join()
         for k, buf in new_buffers.items():
             states[k]["momentum_buffer"] = buf
         if not capturable:  # else the step counted on the device

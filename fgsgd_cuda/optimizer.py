@@ -504,18 +504,18 @@ class FGSGD(Optimizer):
         return loss
 
     def _step_groups(self, work, found_inf, grad_scale) -> None:
-        """The groups' steps: every manifold group prepared first (all that allocates or may fail:
-        functional.prepare_manifold_step), then the groups run in order, so that a failure while preparing leaves
-        every group as it was."""
-        launches = {gi: self._prepare_manifold_group(group, params, grads, found_inf, grad_scale)
-                    for gi, (group, params, grads) in enumerate(work) if params and group["manifolds"]}
-        for gi, (group, params, grads) in enumerate(work):
-            if not params:
+        """The groups' steps: every manifold group prepared (all that allocates or may fail:
+        functional.prepare_manifold_step), then launched, then the Euclidean groups: a failure while preparing, or
+        an op that refuses the first batch's tensors (a model moved to another dtype or device after its state was
+        made), leaves every group as it was."""
+        launches = [launch for gi, (group, params, grads) in enumerate(work) if params and group["manifolds"]
+                    for launch in self._prepare_manifold_group(gi, group, params, grads, found_inf, grad_scale)]
+        for launch in launches:
+            launch()
+        for group, params, grads in work:
+            if not params or group["manifolds"]:
                 continue
-            if group["manifolds"]:
-                for launch in launches[gi]:
-                    launch()
-            elif group["capturable"]:
+            if group["capturable"]:
                 self._euclidean_capturable(group, params, grads, found_inf, grad_scale)
             else:
                 bufs = [self.state[p].get("momentum_buffer") for p in params]
@@ -527,9 +527,9 @@ class FGSGD(Optimizer):
                     for p, buf in zip(params, bufs):
                         self.state[p]["momentum_buffer"] = buf
 
-    def _prepare_manifold_group(self, group, params, grads, found_inf, grad_scale) -> list:
-        """The launches of a manifold group's step: one call for all its parameters, or one per device when a flag
-        or scale (one tensor per device) goes with it."""
+    def _prepare_manifold_group(self, gi, group, params, grads, found_inf, grad_scale) -> list:
+        """The launches of a manifold group's step (param_groups[gi]): one call for all its parameters, or one per
+        device when a flag or scale (one tensor per device) goes with it."""
         by_device = _by_device(params) if found_inf or grad_scale else {None: None}
         launches = []
         for device, idx in by_device.items():
@@ -541,8 +541,13 @@ class FGSGD(Optimizer):
                 cache=self._group_cache, views=self._view_cache, group_index=lambda k, ps=ps: self._group_index(ps[k]),
                 capturable=group["capturable"], found_inf=_flag_for(found_inf, device),
                 grad_scale=_flag_for(grad_scale, device) if self._unscales_in_kernel(group) else None,
-                overlap=self._overlap, staging=self._staging))
+                overlap=self._overlap, staging=self._staging, names=lambda k, ps=ps: self._param_name(gi, ps[k])))
         return launches
+
+    def _param_name(self, gi: int, p: torch.Tensor) -> str:
+        """param_groups[gi]['params'][j] of p (errors only: a search)."""
+        j = next(j for j, q in enumerate(self.param_groups[gi]["params"]) if q is p)
+        return f"param_groups[{gi}]['params'][{j}]"
 
 
 def _refuse_manifold_only_options(options: dict) -> None:

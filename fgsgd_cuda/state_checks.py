@@ -77,3 +77,28 @@ def check_loadable(optimizer, state_dict: dict) -> None:
                 _check_tensor(saved["momentum_buffer"], name, "momentum_buffer", p.shape, floating=True)
             if group.get("manifolds"):
                 _check_manifold_state(saved, p, optimizer.state[p], name)
+
+
+def explain_step_failure(params, grads, states, names) -> None:
+    """Called when a step's op refused its tensors: raises an error naming the first parameter whose gradient, state
+    or dtype does not fit it (``names(k)`` names params[k]), or returns when none is found (the op's own error then
+    stands). A cheap per-tensor check would cost every step; this runs on failures only. The usual cause is a model
+    moved to another dtype or device after the optimizer made its state (momentum buffers, codes)."""
+    fix = ("the parameter changed dtype or device after the optimizer made its state: build FGSGD after "
+           "model.to(...), or reload its state (opt.load_state_dict(opt.state_dict()) moves the state to the "
+           "parameters)")
+    for k, (p, g, st) in enumerate(zip(params, grads, states)):
+        name = f"{names(k)} (shape {tuple(p.shape)})"
+        if p.dtype not in checks.FLOAT_DTYPES:
+            raise TypeError(f"{name}: manifold parameters must be float32 or float64, got {p.dtype}")
+        for what, t in (("gradient", g), ("momentum buffer", st.get("momentum_buffer")), ("rescale", st.get("rescale"))):
+            if t is None:
+                continue
+            if t.dtype != p.dtype or t.device != p.device:
+                raise ValueError(f"{name}: its {what} is {t.dtype} on {t.device}, the parameter {p.dtype} on "
+                                 f"{p.device}; {fix}")
+            if what != "rescale" and t.shape != p.shape:
+                raise ValueError(f"{name}: its {what} has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}")
+        if st["codes"].device != p.device:
+            raise ValueError(f"{name}: its manifold codes are on {st['codes'].device}, the parameter on {p.device}; "
+                             f"{fix}")

@@ -220,3 +220,36 @@ def test_euclidean_buffer_of_another_shape_is_refused():
                                          r"momentum_buffer has shape \(7,\), expected \(6,\)"):
         opt.load_state_dict(sd)
     assert_same(m, opt, snap)
+
+
+@pytest.mark.parametrize("order", ["manifold-first", "euclidean-first"])
+@pytest.mark.parametrize("to,exc,error", [
+    (torch.float64, ValueError, r"its momentum buffer is torch.float32 on cpu, the parameter torch.float64 on cpu; "
+                                r"the parameter changed dtype or device after the optimizer made its state"),
+    (torch.bfloat16, TypeError, r"manifold parameters must be float32 or float64, got torch.bfloat16"),
+], ids=["double", "bfloat16"])
+def test_model_moved_to_another_dtype_is_named_and_nothing_changes(order, to, exc, error):
+    """model.to(dtype) after the optimizer made its state: the step names the first manifold parameter and what does
+    not fit it (the op's own error named only its place in the batch), and changes nothing, the Euclidean group
+    either, whichever group comes first (the manifold groups launch before the Euclidean ones). Reloading the state
+    moves it to the parameters, and the step then works."""
+    m = net(4)
+    opt = optimizer(m)
+    if order == "euclidean-first":
+        opt.param_groups.reverse()
+    backward(m, 0)
+    opt.step()
+    m.to(to)
+    gen = make_gen(5)
+    m.zero_grad()
+    m(torch.randn(2, 3, 6, 6, generator=gen, dtype=to)).float().square().mean().backward()
+    snap = snapshot(m, opt)
+    gi = 0 if order == "manifold-first" else 1
+    with pytest.raises(exc, match=rf"param_groups\[{gi}\]\['params'\]\[0\] \(shape \(6, 3, 3, 3\)\): " + error):
+        opt.step()
+    assert_same(m, opt, snap)
+    if to == torch.float64:
+        opt.load_state_dict(opt.state_dict())
+        opt.step()
+        assert all(not torch.equal(a, b) for a, b in zip(snap[0], m.parameters()))
+        assert all(bool(torch.isfinite(p).all()) for p in m.parameters())
