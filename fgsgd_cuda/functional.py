@@ -10,6 +10,7 @@ than 64 entries go to the pure-torch backend.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import defaultdict
 
 import torch
@@ -137,27 +138,6 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
     ``names(k)`` (optional) names params[k] in errors: when an op refuses its tensors, the parameter whose
     gradient or state does not fit it is named (fgsgd_cuda/state_checks.py explain_step_failure).
     """
-    with _explained(params, grads, states, names):
-        return _prepare(params, grads, states, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                        weight_decay=weight_decay, group_clip=group_clip, stabilize=stabilize, backend=backend,
-                        cache=cache, views=views, group_index=group_index, capturable=capturable, found_inf=found_inf,
-                        grad_scale=grad_scale, overlap=overlap, staging=staging, names=names)
-
-
-@contextlib.contextmanager
-def _explained(params, grads, states, names):
-    """Errors of the ops inside, explained by the parameter they concern when ``names`` is given."""
-    try:
-        yield
-    except (RuntimeError, ValueError, TypeError):
-        if names is not None:
-            explain_step_failure(params, grads, states, names)
-        raise
-
-
-def _prepare(params, grads, states, *, lr, momentum, dampening, nesterov, weight_decay, group_clip, stabilize,
-             backend, cache, views, group_index, capturable, found_inf, grad_scale, overlap, staging, names):
-    """prepare_manifold_step's work."""
     batches = defaultdict(list)
     for k, (p, st) in enumerate(zip(params, states)):
         a, b = st["shape"]
@@ -179,11 +159,12 @@ def _prepare(params, grads, states, *, lr, momentum, dampening, nesterov, weight
               capturable=capturable, found_inf=found_inf, grad_scale=grad_scale, staging=staging)
     launches = []  # (stream context, launch) of every batch
     try:
-        for key, idx in batches.items():
-            side = (lambda: contextlib.nullcontext()) if largest is None or key == largest else \
-                (lambda d=params[idx[0]].device: overlap.side(d))
-            with side():
-                launches.append((side, _prepare_batch(key, idx, params, grads, states, new_buffers, **hp)))
+        with _explained(params, grads, states, names):
+            for key, idx in batches.items():
+                side = (contextlib.nullcontext if largest is None or key == largest else
+                        functools.partial(overlap.side, params[idx[0]].device))
+                with side():
+                    launches.append((side, _prepare_batch(key, idx, params, grads, states, new_buffers, **hp)))
     except BaseException:
         if own:
             overlap.join()
@@ -204,6 +185,17 @@ def _prepare(params, grads, states, *, lr, momentum, dampening, nesterov, weight
             for st in states:
                 st["step"] += 1
     return launch
+
+
+@contextlib.contextmanager
+def _explained(params, grads, states, names):
+    """Errors of the ops inside, explained by the parameter they concern when ``names`` is given."""
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError):
+        if names is not None:
+            explain_step_failure(params, grads, states, names)
+        raise
 
 
 def _prepare_batch(key, idx, params, grads, states, new_buffers, *, lr, momentum, dampening, nesterov, weight_decay,
