@@ -9,8 +9,6 @@ than 64 entries go to the pure-torch backend.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 from collections import defaultdict
 
 import torch
@@ -157,25 +155,33 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
     hp = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
               group_clip=group_clip, stabilize=stabilize, cache=cache, views=views, group_index=group_index,
               capturable=capturable, found_inf=found_inf, grad_scale=grad_scale, staging=staging)
-    launches = []  # (stream context, launch) of every batch
+    launches = []  # (side-stream device or None, launch) of every batch
     try:
-        with _explained(params, grads, states, names):
-            for key, idx in batches.items():
-                side = (contextlib.nullcontext if largest is None or key == largest else
-                        functools.partial(overlap.side, params[idx[0]].device))
-                with side():
-                    launches.append((side, _prepare_batch(key, idx, params, grads, states, new_buffers, **hp)))
-    except BaseException:
+        for key, idx in batches.items():
+            side = None if largest is None or key == largest else params[idx[0]].device
+            if side is None:
+                run = _prepare_batch(key, idx, params, grads, states, new_buffers, **hp)
+            else:
+                with overlap.side(side):
+                    run = _prepare_batch(key, idx, params, grads, states, new_buffers, **hp)
+            launches.append((side, run))
+    except BaseException as e:
         if own:
             overlap.join()
+        _explain(e, params, grads, states, names)
         raise
 
     def launch() -> None:
         try:
-            with _explained(params, grads, states, names):
-                for side, run in launches:
-                    with side():
+            for side, run in launches:
+                if side is None:
+                    run()
+                else:
+                    with overlap.side(side):
                         run()
+        except BaseException as e:
+            _explain(e, params, grads, states, names)
+            raise
         finally:
             if own:
                 overlap.join()
@@ -187,15 +193,12 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
     return launch
 
 
-@contextlib.contextmanager
-def _explained(params, grads, states, names):
-    """Errors of the ops inside, explained by the parameter they concern when ``names`` is given."""
-    try:
-        yield
-    except (RuntimeError, ValueError, TypeError):
-        if names is not None:
-            explain_step_failure(params, grads, states, names)
-        raise
+def _explain(e: BaseException, params, grads, states, names) -> None:
+    """An op's error (RuntimeError, ValueError, TypeError) explained by the parameter it concerns, when ``names``
+    is given: raises the named error, or returns (the caller re-raises ``e``). Plain try/except at the call
+    sites: a context manager would cost every step ~2 µs of host time."""
+    if names is not None and isinstance(e, (RuntimeError, ValueError, TypeError)):
+        explain_step_failure(params, grads, states, names)
 
 
 def _prepare_batch(key, idx, params, grads, states, new_buffers, *, lr, momentum, dampening, nesterov, weight_decay,
@@ -205,25 +208,27 @@ def _prepare_batch(key, idx, params, grads, states, new_buffers, *, lr, momentum
     a, b, first, stab, has_r, name = key
     impl = dispatch.get(name, params[idx[0]].device)
     shape = (a, b)
-    # a conv weight (O, I, kh, kw) with kh×kw components is a (..., A, B) tensor the ops take as it is, and so are
-    # its gradient and momentum buffer (their shapes are its shape): no views to make; other layouts (the row
-    # view, n×1 rows of an (O, I, 1, 1) weight) go as (N, A, B) views
-    whole = [params[k].dim() >= 3 and params[k].shape[-2:] == shape for k in idx]
-    # a weight that is not contiguous (channels-last) steps in a contiguous copy, written back at the end, unless
-    # the backend reads it where it is
-    native = {k: w and in_place(impl, params[k], grads[k]) for k, w in zip(idx, whole)}
-    work = {k: params[k] if native[k] else staged(params[k], staging, ("p", id(params[k]))) for k in idx}
-    ps = [work[k] if w else cached_view(views if work[k] is params[k] else None, work[k], shape)
-          for k, w in zip(idx, whole)]
-    gs = [grads[k] if native[k] else staged(grads[k], staging, ("g", id(params[k]))) for k in idx]
-    gs = [g if w else component_view(g, shape) for g, w in zip(gs, whole)]
-    if momentum != 0:
-        bufs = [new_buffers[k] if first else states[k]["momentum_buffer"] for k in idx]
-        ms = [b if w else cached_view(None if first else views, b, shape) for b, w in zip(bufs, whole)]
-    else:
-        ms = []
-    codes = [states[k]["codes"] for k in idx]
-    rescale = [states[k]["rescale"] for k in idx] if has_r else []
+    ps, gs, ms, codes, rescale, work = [], [], [], [], [], {}
+    for k in idx:  # one pass: about 1 µs per tensor of an eager step's host time (benchmarks/host_overhead.py)
+        p, g, st = params[k], grads[k], states[k]
+        # a conv weight (O, I, kh, kw) with kh×kw components is a (..., A, B) tensor the ops take as it is, and so
+        # are its gradient and momentum buffer (their shapes are its shape): no views to make; other layouts (the
+        # row view, n×1 rows of an (O, I, 1, 1) weight) go as (N, A, B) views
+        whole = p.dim() >= 3 and p.shape[-2:] == shape
+        if not (p.is_contiguous() and g.is_contiguous()) and not (whole and in_place(impl, p, g)):
+            # steps in a contiguous copy, written back at the end (a channels-last weight the backend cannot read
+            # where it is, or a strided gradient)
+            p, g = staged(p, staging, ("p", id(params[k]))), staged(g, staging, ("g", id(params[k])))
+            if p is not params[k]:
+                work[k] = p
+        ps.append(p if whole else cached_view(views if p is params[k] else None, p, shape))
+        gs.append(g if whole else component_view(g, shape))
+        if momentum != 0:
+            m = new_buffers[k] if first else st["momentum_buffer"]
+            ms.append(m if whole else cached_view(None if first else views, m, shape))
+        codes.append(st["codes"])
+        if has_r:
+            rescale.append(st["rescale"])
     gidx, gscale = [], []
     if group_clip is not None:
         if group_index is None:
@@ -242,6 +247,6 @@ def _prepare_batch(key, idx, params, grads, states, new_buffers, *, lr, momentum
         else:
             impl.step_(ps, gs, ms, codes, rescale, gidx, gscale, lr, momentum, dampening, nesterov, weight_decay,
                        first, stab)
-        for k in idx:
-            unstage(params[k], work[k])
+        for k, copy in work.items():
+            unstage(params[k], copy)
     return run
