@@ -137,21 +137,23 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
     gradient or state does not fit it is named (fgsgd_cuda/state_checks.py explain_step_failure).
     """
     batches = defaultdict(list)
-    for k, (p, st) in enumerate(zip(params, states)):
-        a, b = st["shape"]
-        first = momentum != 0 and st.get("momentum_buffer") is None
-        # capturable: the kernels decide from the counts they read (csrc/fgsgd/step_control.h)
-        stab = None if capturable else bool(stabilize) and (st["step"] + 1) % int(stabilize) == 0
-        name = backend if checks.takes_step_kernels(a, b) else "torch"
-        batches[(a, b, first, stab, st.get("rescale") is not None, name)].append(k)
+    every = 0 if capturable or not stabilize else int(stabilize)  # capturable: the kernels count (step_control.h)
+    kernels = {}  # component shape (a tuple, the state's) -> the backend that steps it
+    for k, st in enumerate(states):  # a few hundred ns per tensor of an eager step's host time
+        shape = st["shape"]
+        name = kernels.get(shape)
+        if name is None:
+            name = kernels[shape] = backend if checks.takes_step_kernels(*shape) else "torch"
+        batches[(shape, momentum != 0 and st.get("momentum_buffer") is None,
+                 None if capturable else every > 0 and (st["step"] + 1) % every == 0,
+                 st.get("rescale") is not None, name)].append(k)
     # buffers made on the current stream, before any launch on the side stream; contiguous whatever the
     # weight's layout (the kernels index m by component, also when they read a channels-last weight in place)
     new_buffers = {k: torch.empty_like(params[k], memory_format=torch.contiguous_format)
-                   for (*_, first, _, _, _), idx in batches.items() if first for k in idx}
+                   for (_, first, *_), idx in batches.items() if first for k in idx}
     own = overlap is None
     overlap = streams.Overlap() if own else overlap
-    largest = (max(batches, key=lambda key: sum(params[k].numel() for k in batches[key])) if len(batches) > 1
-               else None)
+    largest = _largest(batches, params) if len(batches) > 1 else None
     hp = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
               group_clip=group_clip, stabilize=stabilize, cache=cache, views=views, group_index=group_index,
               capturable=capturable, found_inf=found_inf, grad_scale=grad_scale, staging=staging)
@@ -193,6 +195,18 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
     return launch
 
 
+def _largest(batches, params):
+    """The key of the batch with the most elements (it stays on the current stream)."""
+    best, most = None, -1
+    for key, idx in batches.items():
+        n = 0
+        for k in idx:
+            n += params[k].numel()
+        if n > most:
+            best, most = key, n
+    return best
+
+
 def _explain(e: BaseException, params, grads, states, names) -> None:
     """An op's error (RuntimeError, ValueError, TypeError) explained by the parameter it concerns, when ``names``
     is given: raises the named error, or returns (the caller re-raises ``e``). Plain try/except at the call
@@ -205,9 +219,8 @@ def _prepare_batch(key, idx, params, grads, states, new_buffers, *, lr, momentum
                    group_clip, stabilize, cache, views, group_index, capturable, found_inf, grad_scale, staging):
     """One batch of the step (one component shape and set of flags), prepared: returns its launch, one call of
     the backend and the write-back of its contiguous copies."""
-    a, b, first, stab, has_r, name = key
+    shape, first, stab, has_r, name = key
     impl = dispatch.get(name, params[idx[0]].device)
-    shape = (a, b)
     ps, gs, ms, codes, rescale, work = [], [], [], [], [], {}
     for k in idx:  # one pass: about 1 µs per tensor of an eager step's host time (benchmarks/host_overhead.py)
         p, g, st = params[k], grads[k], states[k]

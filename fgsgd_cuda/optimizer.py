@@ -281,6 +281,8 @@ class FGSGD(Optimizer):
             for k, v in ints[i].items():
                 st[k] = v.to(device=p.device).clone() if isinstance(v, torch.Tensor) else dict(v)
             st.pop("group_index", None)  # older checkpoints stored it; it is recomputed now
+            if "shape" in st:
+                st["shape"] = tuple(st["shape"])  # the step batches by it (a dict key)
             if "codes" in st and "membership" not in st and membership_now.get(i) is not None:
                 st["membership"] = dict(membership_now[i])
         for group in self.param_groups:  # step counts as this optimizer keeps them (a capturable one: tensors)
