@@ -478,7 +478,8 @@ class FGSGD(Optimizer):
     @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
-        """Performs one optimization step (nothing is changed when it raises).
+        """Performs one optimization step (one that raises while it prepares, or at its first launch, changes nothing:
+        _step_groups).
 
         Under ``torch.compile`` the step runs eagerly (a graph break): its work is already a few fused launches,
         and its host-side caches (groups, views, copies) and checks are not traceable."""
