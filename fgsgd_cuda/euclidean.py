@@ -19,14 +19,15 @@ def _one_device_and_dtype(params) -> bool:
     return len({p.device for p in params}) == 1 and len({p.dtype for p in params}) == 1
 
 
-def sgd_step(params, grads, bufs, *, weight_decay, momentum, lr, dampening, nesterov, foreach, fused) -> None:
+def sgd_step(params, grads, bufs, *, weight_decay, momentum, lr, dampening, nesterov, foreach, fused,
+             maximize=False) -> None:
     """SGD on ``params`` (their ``grads``; ``bufs`` the momentum buffers, None where there is none yet: torch's
     step fills them in, in place)."""
     direct = (fused and hasattr(torch, "_fused_sgd_") and not isinstance(lr, torch.Tensor)
               and (momentum == 0 or all(b is not None for b in bufs)) and _one_device_and_dtype(params))
     if direct:
         torch._fused_sgd_(params, grads, [] if momentum == 0 else bufs, weight_decay=weight_decay, momentum=momentum,
-                          lr=lr, dampening=dampening, nesterov=nesterov, maximize=False, is_first_step=False)
+                          lr=lr, dampening=dampening, nesterov=nesterov, maximize=maximize, is_first_step=False)
     else:
         sgd(params, grads, bufs, weight_decay=weight_decay, momentum=momentum, lr=lr, dampening=dampening,
-            nesterov=nesterov, maximize=False, foreach=foreach, fused=fused)
+            nesterov=nesterov, maximize=maximize, foreach=foreach, fused=fused)

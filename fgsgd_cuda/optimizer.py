@@ -55,7 +55,8 @@ class FGSGD(Optimizer):
     ξ = Π_ω(R·g), group step size s_g (``group_clip``), momentum with transport by projection,
     nesterov, dampening, retraction, rescale p = R·ω, re-projection every ``stabilize`` steps.
 
-    Groups with ``manifolds=None`` behave exactly as :class:`torch.optim.SGD`. Weight decay on a
+    Groups with ``manifolds=None`` behave exactly as :class:`torch.optim.SGD` (``maximize`` too; on a manifold group
+    ``maximize=True`` is an error, and ``differentiable=True`` everywhere). Weight decay on a
     group with a non-Euclidean manifold is an error (those norms are fixed); so is an option only manifold
     groups read (``MANIFOLD_ONLY``: ``group_clip``, ``retraction``, the grouping, ``stabilize``) given to an
     optimizer without any manifold group: ``FGSGD(model.parameters(), group_clip=1.0)`` would be unclipped SGD.
@@ -82,12 +83,16 @@ class FGSGD(Optimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 nesterov: bool = False, weight_decay: float = 0.0, *, init_projx: bool = True, **manifold_options):
+                 nesterov: bool = False, weight_decay: float = 0.0, *, maximize: bool = False,
+                 differentiable: bool = False, init_projx: bool = True, **manifold_options):
         unknown = set(manifold_options) - set(MANIFOLD_DEFAULTS)
         if unknown:
             raise TypeError(f"FGSGD got unknown options {sorted(unknown)}; known: {sorted(MANIFOLD_DEFAULTS)}")
+        if differentiable:  # torch.optim.SGD's keyword, accepted for a drop-in swap
+            raise ValueError("differentiable: FGSGD's step is not differentiable (it runs fused kernels in place); "
+                             "got differentiable=True")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                        weight_decay=weight_decay, maximize=False, **{**MANIFOLD_DEFAULTS, **manifold_options})
+                        weight_decay=weight_decay, maximize=maximize, **{**MANIFOLD_DEFAULTS, **manifold_options})
         self._init_projx = init_projx
         self._init_runtime()
         # the initial projections wait until every group is checked: a bad group leaves the weights alone
@@ -160,8 +165,14 @@ class FGSGD(Optimizer):
             raise ValueError("nesterov: needs momentum > 0 and dampening = 0")
         if group["backend"] not in dispatch.BACKENDS:
             raise ValueError(f"backend: unknown backend {group['backend']!r}; expected one of {dispatch.BACKENDS}")
+        if not isinstance(group["maximize"], bool):
+            raise ValueError(f"maximize: must be a bool, got {group['maximize']!r}")
         if not group["manifolds"]:
             return
+        if group["maximize"]:
+            raise ValueError("maximize: manifold groups minimize (FG-SGD's step descends along -Π(R·g)); got "
+                             "maximize=True on a group with manifolds=" + repr(group["manifolds"]) + ". Negate the "
+                             "loss, or keep maximize=True for Euclidean groups only (they run torch's SGD with it)")
         if isinstance(group["manifolds"], str):
             group["manifolds"] = [group["manifolds"]]
         group["manifolds"] = list(group["manifolds"])
@@ -469,8 +480,8 @@ class FGSGD(Optimizer):
                         st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             bufs = [st.get("momentum_buffer") for st in states]
             sgd(ps, gs, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
-                dampening=group["dampening"], nesterov=group["nesterov"], maximize=False, fused=True, found_inf=f,
-                grad_scale=_flag_for(grad_scale, device))
+                dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"], fused=True,
+                found_inf=f, grad_scale=_flag_for(grad_scale, device))
             if group["momentum"] != 0:
                 for st, buf in zip(states, bufs):
                     st["momentum_buffer"] = buf
@@ -525,7 +536,7 @@ class FGSGD(Optimizer):
                 new_buffers = any(b is None for b in bufs)
                 sgd_step(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
                          lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
-                         foreach=group["foreach"], fused=group["fused"])
+                         maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"])
                 if group["momentum"] != 0 and new_buffers:  # sgd made buffers where there were none
                     for p, buf in zip(params, bufs):
                         self.state[p]["momentum_buffer"] = buf

@@ -60,25 +60,28 @@ SGD_HYPER = [dict(), dict(momentum=0.9), dict(momentum=0.9, weight_decay=1e-2), 
              dict(momentum=0.9, nesterov=True, weight_decay=1e-3)]
 
 
+@pytest.mark.parametrize("maximize", [False, True], ids=["min", "max"])
 @pytest.mark.parametrize("impl", [dict(), dict(foreach=True), dict(fused=True)], ids=["default", "foreach", "fused"])
 @pytest.mark.parametrize("hyper", SGD_HYPER, ids=lambda h: "-".join(f"{k}{v}" for k, v in h.items()) or "plain")
-def test_euclidean_groups_are_sgd_bitwise(hyper, impl):
+def test_euclidean_groups_are_sgd_bitwise(hyper, impl, maximize):
     """A whole model in Euclidean groups, and the Euclidean group beside manifold groups, run side by side
     with torch.optim.SGD on a copy: bitwise equal weights and momentum buffers after every step, with torch's
-    default, foreach and fused SGD (fused: FGSGD calls its kernel directly, fgsgd_cuda/euclidean.py)."""
+    default, foreach and fused SGD (fused: FGSGD calls its kernel directly, fgsgd_cuda/euclidean.py), minimizing
+    and (``maximize=True``: the optimizer's keyword, or the Euclidean group's beside manifold groups) maximizing."""
     hyper = {**hyper, **impl}
     m_fg, m_sgd = small_cnn(1), small_cnn(1)
     m_mix, m_mix_sgd = small_cnn(1), small_cnn(1)
-    opt_fg = FGSGD(m_fg.parameters(), lr=0.05, **hyper)                                   # manifolds=None
-    opt_sgd = torch.optim.SGD(m_sgd.parameters(), lr=0.05, **hyper)
+    opt_fg = FGSGD(m_fg.parameters(), lr=0.05, maximize=maximize, **hyper)               # manifolds=None
+    opt_sgd = torch.optim.SGD(m_sgd.parameters(), lr=0.05, maximize=maximize, **hyper)
     groups = param_groups(m_mix, weight_decay=hyper.get("weight_decay", 0.0), group_size=4)
+    groups[-1]["maximize"] = maximize
     hyper_no_wd = {k: v for k, v in hyper.items() if k != "weight_decay"}
     opt_mix = FGSGD(groups, lr=0.05, **hyper_no_wd)
     euclid = groups[-1]["params"]
     assert groups[-1]["manifolds"] is None and len(euclid) > 4
     euclid_sgd = [dict(m_mix_sgd.named_parameters())[n] for n, p in m_mix.named_parameters()
                   if any(p is q for q in euclid)]
-    opt_mix_sgd = torch.optim.SGD(euclid_sgd, lr=0.05, **hyper)
+    opt_mix_sgd = torch.optim.SGD(euclid_sgd, lr=0.05, maximize=maximize, **hyper)
     for t in range(4):
         x, y = batch(t)
         for model, opt in ((m_fg, opt_fg), (m_sgd, opt_sgd), (m_mix, opt_mix), (m_mix_sgd, opt_mix_sgd)):
@@ -96,6 +99,36 @@ def test_euclidean_groups_are_sgd_bitwise(hyper, impl):
         for p, q in zip(euclid, euclid_sgd):
             assert torch.equal(p, q), f"step {t}: a Euclidean parameter beside manifold groups differs from SGD"
     assert not torch.equal(m_fg[0].weight, small_cnn(1)[0].weight)
+
+
+def test_maximize_on_a_manifold_group_is_refused():
+    """FG-SGD descends: maximize=True on a manifold group is an error naming the option (it was ignored: the group
+    minimized), at construction and through add_param_group, and nothing changes (no projection, no new group)."""
+    m = small_cnn(2)
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(ValueError, match=r"maximize: manifold groups minimize .* maximize=True on a group with "
+                                         r"manifolds=\['sphere'"):
+        FGSGD(param_groups(m, manifolds=["sphere", "oblique"]), lr=0.1, maximize=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    groups = param_groups(m, manifolds=["sphere", "oblique"])
+    opt = FGSGD(groups[-1:], lr=0.1, maximize=True)  # the Euclidean group alone: maximizes
+    snap = snapshot(list(m.parameters()), opt)
+    with pytest.raises(ValueError, match=r"maximize: manifold groups minimize"):
+        opt.add_param_group(dict(groups[0], maximize=True))
+    assert len(opt.param_groups) == 1
+    assert_same(snapshot(list(m.parameters()), opt), snap)
+
+
+@pytest.mark.parametrize("kw,error", [(dict(differentiable=True), r"differentiable: FGSGD's step is not differentiable"),
+                                      (dict(maximize="yes"), r"maximize: must be a bool, got 'yes'")],
+                         ids=["differentiable", "maximize-not-bool"])
+def test_sgd_keywords(kw, error):
+    """torch.optim.SGD's keywords work for a drop-in swap: maximize (Euclidean groups), differentiable=False; the
+    rest is an error naming the keyword."""
+    m = small_cnn(3)
+    FGSGD(m.parameters(), lr=0.1, differentiable=False, maximize=False)
+    with pytest.raises(ValueError, match=error):
+        FGSGD(m.parameters(), lr=0.1, **kw)
 
 
 def test_fused_euclidean_shortcut_and_its_fallback(monkeypatch):
