@@ -64,6 +64,13 @@ def is_packed(codes) -> bool:
     return codes.dtype == torch.int32
 
 
+def fits(codes, n: int) -> bool:
+    """Whether ``codes`` holds the codes of n components: a uint8 (n,) tensor or its packed int32 form."""
+    return isinstance(codes, torch.Tensor) and (
+        (codes.dtype == torch.uint8 and codes.shape == (n,)) or
+        (codes.dtype == torch.int32 and codes.shape == (packed_len(n),)))
+
+
 def pack(codes):
     """The packed form of a uint8 (N,) tensor of codes, or the tensor itself when it has more than 4 distinct
     codes (or no components)."""

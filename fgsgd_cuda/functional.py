@@ -161,12 +161,8 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
     try:
         for key, idx in batches.items():
             side = None if largest is None or key == largest else params[idx[0]].device
-            if side is None:
-                run = _prepare_batch(key, idx, params, grads, states, new_buffers, **hp)
-            else:
-                with overlap.side(side):
-                    run = _prepare_batch(key, idx, params, grads, states, new_buffers, **hp)
-            launches.append((side, run))
+            launches.append((side, _on(overlap, side, _prepare_batch, key, idx, params, grads, states, new_buffers,
+                                       **hp)))
     except BaseException as e:
         if own:
             overlap.join()
@@ -176,11 +172,7 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
     def launch() -> None:
         try:
             for side, run in launches:
-                if side is None:
-                    run()
-                else:
-                    with overlap.side(side):
-                        run()
+                _on(overlap, side, run)
         except BaseException as e:
             _explain(e, params, grads, states, names)
             raise
@@ -193,6 +185,14 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
             for st in states:
                 st["step"] += 1
     return launch
+
+
+def _on(overlap, side, fn, *args, **kw):
+    """fn(*args, **kw) on the side stream of device ``side``, or on the current stream when ``side`` is None."""
+    if side is None:
+        return fn(*args, **kw)
+    with overlap.side(side):
+        return fn(*args, **kw)
 
 
 def _largest(batches, params):

@@ -81,8 +81,7 @@ def check_lists(params: Tensors, grads: Tensors | None, momenta: Tensors | None,
         if momenta:
             checks.like(momenta[k], p, f"momentum_buffers[{k}]", f"params[{k}]")
         c = codes[k]
-        packed = c.dtype == torch.int32 and c.shape == (_codes.packed_len(nc),)
-        if not (packed or (c.dtype == torch.uint8 and c.shape == (nc,))) or c.device != p.device:
+        if not _codes.fits(c, nc) or c.device != p.device:
             raise ValueError(f"codes[{k}]: expected a uint8 tensor of shape ({nc},) or its packed int32 form "
                              f"of shape ({_codes.packed_len(nc)},) (fgsgd_cuda.codes.pack) on {p.device}, got "
                              f"{c.dtype} {tuple(c.shape)} on {c.device}")

@@ -39,18 +39,15 @@ def _check_manifold_state(saved: dict, p: torch.Tensor, own: dict, name: str) ->
                     f"{own['shape'][0]}x{own['shape'][1]}")
     n = p.numel() // (shape[0] * shape[1])
     codes = saved["codes"]
-    packed = isinstance(codes, torch.Tensor) and codes.dtype == torch.int32
-    expect = (_codes.packed_len(n),) if packed else (n,)
-    if not isinstance(codes, torch.Tensor) or codes.dtype not in (torch.uint8, torch.int32) or \
-            tuple(codes.shape) != expect:
+    if not _codes.fits(codes, n):
         got = f"{codes.dtype} {tuple(codes.shape)}" if isinstance(codes, torch.Tensor) else type(codes).__name__
         _fail(name, f"the saved codes are {got}, expected uint8 ({n},) or packed int32 ({_codes.packed_len(n)},) "
                     f"for its {n} components")
-    for code in torch.unique(_codes.unpack(codes, n)).tolist():
-        try:
-            checks.code_for_shape(code, shape[0], shape[1], "code")
-        except ValueError as e:
-            _fail(name, f"a saved {e}")
+    unpacked = _codes.unpack(codes, n)
+    try:
+        checks.codes_tensor(unpacked, n, shape[0], shape[1], unpacked.device, "code")
+    except ValueError as e:
+        _fail(name, f"a saved {e}")
     group_codes = saved.get("group_codes")
     if group_codes is not None and group_codes.numel() != saved.get("num_groups", group_codes.numel()):
         _fail(name, f"the saved group_codes hold {group_codes.numel()} groups, num_groups says "

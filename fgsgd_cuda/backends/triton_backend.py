@@ -40,10 +40,9 @@ class TritonBackend:
         if not params:
             return
         _k.step_(as_components(params, True), as_components(grads, True), as_components(momenta), list(codes),
-                 list(rescale),
-                 list(group_index), list(group_scale), float(lr), float(momentum), float(dampening), bool(nesterov),
-                 float(weight_decay), bool(first_step), bool(stabilize), list(steps), found_inf, lr_tensor,
-                 int(stabilize_every), grad_scale)
+                 list(rescale), list(group_index), list(group_scale), float(lr), float(momentum), float(dampening),
+                 bool(nesterov), float(weight_decay), bool(first_step), bool(stabilize), list(steps), found_inf,
+                 lr_tensor, int(stabilize_every), grad_scale)
 
     def tangent_sqnorm(self, params, grads, codes, rescale, weight_decay):
         return _k.tangent_sqnorm(as_components(params, True), as_components(grads, True), list(codes),
