@@ -9,6 +9,8 @@ than 64 entries go to the pure-torch backend.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections import defaultdict
 
 import torch
@@ -128,8 +130,9 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
     skips the step on the device, ``grad_scale`` (GradScaler's scale) is read by the kernels that unscale the
     gradients on the fly (fgsgd_cuda/controls.py): no host synchronisation.
 
-    On CUDA every batch but the largest runs on a side stream (fgsgd_cuda/streams.py), beside the largest, its
-    preparation too (the copies and s_g it launches): ``overlap`` is the caller's
+    On CUDA every batch but the largest runs on a side stream (fgsgd_cuda/streams.py), beside the largest, and so
+    does the device work of its preparation (the copies and s_g it launches; a batch without any enters the side
+    stream once, to launch): ``overlap`` is the caller's
     :class:`~fgsgd_cuda.streams.Overlap`, joined by the caller at the end of its step (None: one made here, joined
     by the launch).
 
@@ -157,12 +160,15 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
     hp = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
               group_clip=group_clip, stabilize=stabilize, cache=cache, views=views, group_index=group_index,
               capturable=capturable, found_inf=found_inf, grad_scale=grad_scale, staging=staging)
+    sides = [None if largest is None or key == largest else params[idx[0]].device for key, idx in batches.items()]
+    for side in sides:  # before anything of the step is launched: the side stream waits for none of it
+        if side is not None:
+            overlap.fork(side)
     launches = []  # (side-stream device or None, launch) of every batch
     try:
-        for key, idx in batches.items():
-            side = None if largest is None or key == largest else params[idx[0]].device
-            launches.append((side, _on(overlap, side, _prepare_batch, key, idx, params, grads, states, new_buffers,
-                                       **hp)))
+        for (key, idx), side in zip(batches.items(), sides):
+            stream = contextlib.nullcontext if side is None else functools.partial(overlap.side, side)
+            launches.append((side, _prepare_batch(key, idx, params, grads, states, new_buffers, stream=stream, **hp)))
     except BaseException as e:
         if own:
             overlap.join()
@@ -215,10 +221,13 @@ def _explain(e: BaseException, params, grads, states, names) -> None:
         explain_step_failure(params, grads, states, names)
 
 
-def _prepare_batch(key, idx, params, grads, states, new_buffers, *, lr, momentum, dampening, nesterov, weight_decay,
-                   group_clip, stabilize, cache, views, group_index, capturable, found_inf, grad_scale, staging):
+def _prepare_batch(key, idx, params, grads, states, new_buffers, *, stream, lr, momentum, dampening, nesterov,
+                   weight_decay, group_clip, stabilize, cache, views, group_index, capturable, found_inf, grad_scale,
+                   staging):
     """One batch of the step (one component shape and set of flags), prepared: returns its launch, one call of
-    the backend and the write-back of its contiguous copies."""
+    the backend and the write-back of its contiguous copies. ``stream()`` is the context of the batch's stream,
+    entered around the work that launches or allocates on the device (copies, s_g) and only then: on CUDA an
+    entry of a side stream costs host time (torch.cuda.StreamContext)."""
     shape, first, stab, has_r, name = key
     impl = dispatch.get(name, params[idx[0]].device)
     ps, gs, ms, codes, rescale, work = [], [], [], [], [], {}
@@ -231,7 +240,8 @@ def _prepare_batch(key, idx, params, grads, states, new_buffers, *, lr, momentum
         if not (p.is_contiguous() and g.is_contiguous()) and not (whole and in_place(impl, p, g)):
             # steps in a contiguous copy, written back at the end (a channels-last weight the backend cannot read
             # where it is, or a strided gradient)
-            p, g = staged(p, staging, ("p", id(params[k]))), staged(g, staging, ("g", id(params[k])))
+            with stream():
+                p, g = staged(p, staging, ("p", id(params[k]))), staged(g, staging, ("g", id(params[k])))
             if p is not params[k]:
                 work[k] = p
         ps.append(p if whole else cached_view(views if p is params[k] else None, p, shape))
@@ -246,10 +256,11 @@ def _prepare_batch(key, idx, params, grads, states, new_buffers, *, lr, momentum
     if group_clip is not None:
         if group_index is None:
             raise ValueError("group_index: group_clip needs the groups of every component")
-        gidx, gscale = group_step_sizes(impl, ps, gs, codes, rescale, lambda j: group_index(idx[j]),
-                                        [states[k]["num_groups"] for k in idx], weight_decay=weight_decay,
-                                        group_clip=group_clip, cache=cache,
-                                        key=tuple(id(params[k]) for k in idx))
+        with stream():
+            gidx, gscale = group_step_sizes(impl, ps, gs, codes, rescale, lambda j: group_index(idx[j]),
+                                            [states[k]["num_groups"] for k in idx], weight_decay=weight_decay,
+                                            group_clip=group_clip, cache=cache,
+                                            key=tuple(id(params[k]) for k in idx))
 
     def run() -> None:
         if capturable:

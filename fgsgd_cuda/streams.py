@@ -5,8 +5,8 @@ ResNet's 3×3 filters hold nearly every parameter, its 7×7 stem 0.2 %. The 3×3
 the stem's, one thread per 7×7 component on a few SMs, is latency-bound. On one stream the stem's launch
 runs after the others, alone on the GPU. On a side stream it runs beside them instead.
 
-``Overlap.side(device)`` forks: the side stream waits for the current stream, so everything launched
-before (gradients, buffers made by this step) is ready. ``Overlap.join()`` makes the current stream wait
+``Overlap.fork(device)`` (or the first ``Overlap.side(device)`` of a step) forks: the side stream waits for the
+current stream, so everything launched before (gradients, buffers made by this step) is ready. ``Overlap.join()`` makes the current stream wait
 for the side stream, so everything after the step (the next backward, a free of a gradient, a host
 read) is ordered after the side launches. A CUDA graph capture records the fork and the join as two
 branches of the graph. ``FGSGD_CUDA_OVERLAP=0`` runs everything on the current stream.
@@ -31,18 +31,25 @@ class Overlap:
         self._streams: dict = {}
         self._forked: list = []
 
-    def side(self, device: torch.device):
-        """A context that runs launches on ``device``'s side stream (the current stream off CUDA or when
-        disabled)."""
+    def fork(self, device: torch.device):
+        """The side stream of ``device``, made to wait for the current stream at its first use in a step (None off
+        CUDA or when disabled). A step forks before it launches anything, so that the side stream waits for
+        nothing of the step itself."""
         if device.type != "cuda" or not enabled():
-            return contextlib.nullcontext()
+            return None
         stream = self._streams.get(device)
         if stream is None:
             stream = self._streams[device] = torch.cuda.Stream(device)
         if device not in self._forked:
             stream.wait_stream(torch.cuda.current_stream(device))
             self._forked.append(device)
-        return torch.cuda.stream(stream)
+        return stream
+
+    def side(self, device: torch.device):
+        """A context that runs launches on ``device``'s side stream, forked (:meth:`fork`) if it was not yet (the
+        current stream off CUDA or when disabled)."""
+        stream = self.fork(device)
+        return contextlib.nullcontext() if stream is None else torch.cuda.stream(stream)
 
     def join(self) -> None:
         """The current stream of every forked device waits for its side stream."""

@@ -12,12 +12,19 @@ from fgsgd_cuda import FGSGD, dispatch, functional
 
 
 class RecordingOverlap:
-    """Overlap's interface; records which backend calls run inside side(), and the joins."""
+    """Overlap's interface; records which backend calls run inside side(), the forks (the first of a step per
+    device, as streams.Overlap does) and the joins."""
 
     def __init__(self):
-        self.inside, self.events = 0, []
+        self.inside, self.events, self.forked = 0, [], set()
+
+    def fork(self, device):
+        if device not in self.forked:
+            self.forked.add(device)
+            self.events.append(("fork", device.type))
 
     def side(self, device):
+        self.fork(device)
         overlap = self
 
         class Side:
@@ -30,19 +37,22 @@ class RecordingOverlap:
         return Side()
 
     def join(self):
+        self.forked.clear()
         self.events.append(("join",))
 
 
-def weights(gen):
+def weights(gen, largest_first=False):
     """ResNet-like: a large 3×3 filter bank (the largest batch), a 7×7 stem and a 5×5 bank (side batches)."""
-    return [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in ((4, 3, 7, 7), (16, 12, 3, 3), (3, 2, 5, 5))]
+    shapes = ((16, 12, 3, 3), (4, 3, 7, 7), (3, 2, 5, 5)) if largest_first else \
+        ((4, 3, 7, 7), (16, 12, 3, 3), (3, 2, 5, 5))
+    return [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
 
 
-def recorded_step(monkeypatch, overlap, group_clip, own=False):
+def recorded_step(monkeypatch, overlap, group_clip, own=False, largest_first=False):
     """One FGSGD step (after a first one) with the cpu backend's step_ and tangent_sqnorm recorded as
     (op, component shape, inside side())."""
     gen = make_gen(11)
-    ps = weights(gen)
+    ps = weights(gen, largest_first)
     opt = FGSGD([dict(params=ps, manifolds=["sphere", "oblique", "stiefel"], group_size=4, group_clip=group_clip)],
                 lr=0.1, momentum=0.9)
     for p in ps:
@@ -55,6 +65,7 @@ def recorded_step(monkeypatch, overlap, group_clip, own=False):
 
         def record(params, *a, _op=op, _real=real, **k):
             calls.append((_op, tuple(params[0].shape[-2:]), overlap.inside > 0))
+            overlap.events.append(_op)
             return _real(params, *a, **k)
         monkeypatch.setattr(impl, op, record)
     if own:
@@ -82,6 +93,50 @@ def test_side_batches_run_inside_side_the_largest_outside(monkeypatch, group_cli
     assert all(i > j for i in steps for j, c in enumerate(calls) if c[0] == "tangent_sqnorm"), \
         "a step was launched before every batch was prepared"
     assert overlap.events.count(("join",)) == 1 and overlap.events[-1] == ("join",)  # FGSGD.step joins once
+
+
+@pytest.mark.parametrize("largest_first", [False, True], ids=["stem-first", "largest-first"])
+@pytest.mark.parametrize("group_clip", [None, 1.0], ids=["plain", "group_clip"])
+def test_side_stream_forked_first_and_entered_once_per_side_batch(monkeypatch, group_clip, largest_first):
+    """The side stream forks (waits for the current stream) before anything of the step is launched, so that it
+    waits for none of it, whatever the order of the batches; a side batch enters side() to launch, and while
+    preparing only for device work (s_g here): on CUDA every entry costs host time."""
+    overlap = RecordingOverlap()
+    recorded_step(monkeypatch, overlap, group_clip, largest_first=largest_first)
+    ops = [e for e in overlap.events if e in ("step_", "tangent_sqnorm")]
+    assert overlap.events[0] == ("fork", "cpu") and overlap.events.count(("fork", "cpu")) == 1
+    assert len(ops) == (3 if group_clip is None else 6)
+    per_batch = 1 if group_clip is None else 2  # (the launch, and the preparation's s_g)
+    assert overlap.events.count(("side", "cpu")) == 2 * per_batch
+
+
+def test_side_batch_copies_are_made_inside_side(monkeypatch):
+    """A side batch whose gradient is not contiguous steps through a contiguous copy, made on the side stream (the
+    stream that uses it, so that no record_stream is needed); the largest batch's copy on the current stream."""
+    overlap = RecordingOverlap()
+    copies = []
+    real = functional.staged
+
+    def record(t, *a, **k):
+        if not t.is_contiguous():
+            copies.append((tuple(t.shape[-2:]), overlap.inside > 0))
+        return real(t, *a, **k)
+    monkeypatch.setattr(functional, "staged", record)
+    gen = make_gen(12)
+    ps = weights(gen)
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]  # the same step with contiguous gradients
+    opt, ref = (FGSGD([dict(params=w, manifolds=["sphere", "oblique", "stiefel"], group_size=4)], lr=0.1,
+                      momentum=0.9) for w in (ps, qs))
+    opt._overlap = overlap
+    for p, q in zip(ps, qs):  # gradients strided in their last two dimensions
+        p.grad = torch.randn(p.shape, generator=gen).transpose(-1, -2).contiguous().transpose(-1, -2)
+        q.grad = p.grad.contiguous()
+    opt.step()
+    ref.step()
+    assert sorted(copies) == [((3, 3), False), ((5, 5), True), ((7, 7), True)]
+    assert overlap.events.count(("side", "cpu")) == 4  # the two side batches' copies and launches
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
 
 
 def test_own_overlap_is_joined_after_the_launches(monkeypatch):
