@@ -105,3 +105,38 @@ def codes_tensor(codes: torch.Tensor, n: int, a: int, b: int, device, name: str 
 def finite(t: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: contains non-finite values (inf or nan)")
+
+
+def _memory_span(t: torch.Tensor) -> tuple[int, int] | None:
+    """[first byte, one past the last) of the memory t's elements occupy (its strides' extent); None when empty."""
+    if t.numel() == 0:
+        return None
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+def overlapping(tensors, wanted) -> tuple[int, int] | None:
+    """Indices (i, j) of two of ``tensors`` whose memory overlaps, one of them in the set ``wanted``; None when
+    there are none. Overlap is judged from each tensor's extent (first to last element), so two strided views
+    that interleave count too. One sort of the extents per device."""
+    if not wanted:
+        return None
+    by_device: dict = {}
+    for k, t in enumerate(tensors):
+        span = _memory_span(t)
+        if span is not None:
+            by_device.setdefault(t.device, []).append((*span, k))
+    for spans in by_device.values():
+        spans.sort()
+        end_all = end_wanted = -1  # the furthest end so far, over all spans and over the wanted ones, and whose
+        k_all = k_wanted = -1
+        for start, end, k in spans:
+            if k in wanted and start < end_all:
+                return k_all, k
+            if start < end_wanted:
+                return k_wanted, k
+            if end > end_all:
+                end_all, k_all = end, k
+            if k in wanted and end > end_wanted:
+                end_wanted, k_wanted = end, k
+    return None

@@ -135,6 +135,7 @@ class FGSGD(Optimizer):
         group = self.param_groups[-1]
         try:
             self._check_hyperparameters(group)
+            self._check_own_memory()
             if group["manifolds"]:
                 self._init_manifold_group(group, len(self.param_groups) - 1)
         except Exception:
@@ -187,6 +188,26 @@ class FGSGD(Optimizer):
         stab = group["stabilize"]
         if stab is not None and (not isinstance(stab, int) or isinstance(stab, bool) or stab < 0):
             raise ValueError(f"stabilize: must be a non-negative integer or None, got {stab!r}")
+
+    def _check_own_memory(self) -> None:
+        """No manifold parameter shares memory with another parameter of the optimizer (the same tensor twice in a
+        group, or views of one storage): one launch steps all of a group's parameters in parallel, so two that
+        overlap would be stepped in a race (a weight listed twice in a group came out different with 1 and 2 CPU
+        threads), and a Euclidean view of a manifold weight would move it off its manifold. torch.optim.SGD warns
+        about a duplicate and steps it twice; here it is an error. Run as each group is added (the pairs of the
+        earlier groups were checked then)."""
+        where = [(g, j) for g, group in enumerate(self.param_groups) for j in range(len(group["params"]))]
+        pair = checks.overlapping([self.param_groups[g]["params"][j] for g, j in where],
+                                  {k for k, (g, _) in enumerate(where) if self.param_groups[g]["manifolds"]})
+        if pair is not None:
+            (g0, j0), (g1, j1) = sorted(where[k] for k in pair)
+            same = self.param_groups[g0]["params"][j0] is self.param_groups[g1]["params"][j1]
+            raise ValueError(f"param_groups[{g1}]['params'][{j1}]: "
+                             f"{'is the same tensor as' if same else 'shares memory with'} "
+                             f"param_groups[{g0}]['params'][{j0}]; a manifold parameter must own its memory (one "
+                             "launch steps a group's parameters in parallel: two that overlap would be stepped in a "
+                             "race; a Euclidean view of a manifold weight would move it off its manifold). List each "
+                             "parameter once, each in memory of its own")
 
     @staticmethod
     def _component_layout(p: torch.Tensor, name: str) -> tuple[int, int, tuple[int, int], bool]:

@@ -105,6 +105,11 @@ CASES = [
      ValueError, r"stabilize"),
     ("unknown-option", lambda m: {"params": [m.b.weight], "manifolds": ["sphere"], "grouping": "PI"},
      TypeError, r"unknown options.*grouping"),
+    ("same-weight-twice", lambda m: {"params": [m.b.weight, m.c.weight, m.b.weight], "manifolds": ["sphere"]},
+     ValueError, r"\['params'\]\[2\]: is the same tensor as param_groups\[\d\]\['params'\]\[0\]"),
+    ("view-of-a-weight", lambda m: {"params": [m.b.weight, nn.Parameter(m.b.weight.data[2:])],
+                                    "manifolds": ["sphere"]},
+     ValueError, r"\['params'\]\[1\]: shares memory with param_groups\[\d\]\['params'\]\[0\]"),
 ]
 
 
@@ -191,3 +196,53 @@ def test_all_zero_filters_are_rejected_and_nothing_changes():
     with pytest.raises(ValueError, match=r"params'\]\[0\].*1 components have an all-zero column"):
         FGSGD(param_groups(conv, manifolds=["sphere"]), lr=0.1)
     assert torch.equal(conv.weight, before)
+
+
+@pytest.mark.parametrize("euclidean_first", [False, True], ids=["manifold-group-first", "euclidean-group-first"])
+def test_euclidean_view_of_a_manifold_weight_is_refused(euclidean_first):
+    """A Euclidean parameter that is a view of a manifold weight would move it off its manifold: refused, naming
+    both, and nothing changed, whichever group comes first (and through add_param_group)."""
+    m = model()
+    before = weights(m)
+    view = nn.Parameter(m.b.weight.data[1:2])
+    groups = [{"params": [m.a.weight, m.b.weight], "manifolds": ["sphere"]}, {"params": [m.a.bias, view]}]
+    if euclidean_first:
+        groups.reverse()
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[\d\]: shares memory with "
+                                         r"param_groups\[0\]\['params'\]\[\d\]; a manifold parameter must own"):
+        FGSGD(groups, lr=0.1)
+    assert_weights_unchanged(m, before)
+    opt = FGSGD([groups[0]], lr=0.1)
+    with pytest.raises(ValueError, match="shares memory"):
+        opt.add_param_group(groups[1])
+    assert len(opt.param_groups) == 1
+
+
+def test_euclidean_parameters_may_share_memory_as_in_torch_sgd():
+    """Only manifold parameters must own their memory: a Euclidean group keeps torch.optim.SGD's behaviour (a
+    duplicate is warned about and stepped twice)."""
+    p = nn.Parameter(torch.randn(5))
+    start = p.detach().clone()
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = FGSGD([p, p], lr=0.1)
+    p.grad = torch.ones(5)
+    opt.step()
+    assert torch.equal(p.detach(), start - 0.1 - 0.1)
+
+
+def test_overlapping_finds_every_kind_of_overlap():
+    """checks.overlapping on memory extents: the same tensor, views, interleaved strided views (their extents
+    overlap), only pairs with a wanted tensor, and no false alarm for adjacent or empty tensors."""
+    from fgsgd_cuda.checks import overlapping
+    base = torch.randn(10, 6)
+    a, b = base[:5], base[5:]  # adjacent halves
+    assert overlapping([a, b], {0, 1}) is None
+    assert overlapping([a, base[4:6]], {1}) == (0, 1)
+    assert overlapping([base[:, 0::2], base[:, 1::2]], {0}) == (0, 1)  # interleaved columns: extents overlap
+    other = torch.randn(3)
+    assert overlapping([other, a, a], {0}) is None  # the duplicate pair has no wanted tensor
+    assert overlapping([other, a, a], {2}) == (1, 2)
+    assert overlapping([torch.empty(0), base, base[:0]], {0, 1, 2}) is None
+    big, small = base, base[3:4]  # a span inside an earlier, longer one that is not wanted
+    assert overlapping([big, other, small], {2}) == (0, 2)
+    assert overlapping([big, base[9:], small], {1, 2}) in ((0, 1), (0, 2))
