@@ -100,6 +100,20 @@ def check_lists(params: Tensors, grads: Tensors | None, momenta: Tensors | None,
                 raise ValueError(f"group_scale[{k}]: expected a 1-D {p.dtype} tensor on {p.device}")
 
 
+def check_disjoint(written: dict, read: dict | None = None) -> None:
+    """No tensor that an op writes (``written``: list name -> tensors) shares memory with another tensor it is given
+    (``written`` or ``read``): one launch works on all of them in parallel, so an overlap (a weight listed twice, a
+    gradient that is a view of its weight) would be a race. Reads the tensors' addresses: real tensors only."""
+    named = [(f"{name}[{k}]", t) for lists in (written, read or {}) for name, lst in lists.items()
+             for k, t in enumerate(lst)]
+    pair = checks.overlapping([t for _, t in named], set(range(sum(len(lst) for lst in written.values()))))
+    if pair is not None:
+        i, j = sorted(pair)
+        raise ValueError(f"{named[j][0]}: shares memory with {named[i][0]}; the op writes {' and '.join(written)} "
+                         "in one parallel launch, so none of them may overlap another of its tensors (pass each "
+                         "tensor once, in memory of its own)")
+
+
 def _backend_of(backend: str, params: Tensors):
     """The backend that runs params (None when params[0] is no tensor: check_lists says so)."""
     return dispatch.get(backend, params[0].device) if isinstance(params[0], torch.Tensor) else None
@@ -140,6 +154,7 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
                          f"got {len(momentum_buffers)}")
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov: needs momentum > 0 and dampening = 0")
+    check_disjoint({"params": params, "momentum_buffers": momentum_buffers if momentum else ()}, {"grads": grads})
     controls.check(params, steps, found_inf, lr_tensor, stabilize_every, grad_scale, weight_decay)
     controls.step(impl, list(params), list(grads), list(momentum_buffers),
                   list(codes), list(rescale), list(group_index), list(group_scale), lr, momentum, dampening, nesterov,
@@ -189,6 +204,7 @@ def projx_(params: Tensors, codes: Tensors, *, rescale: Tensors = (), backend: s
     if not params:
         return
     check_lists(params, None, None, codes, rescale)
+    check_disjoint({"params": params})
     dispatch.get(backend, params[0].device).projx_(list(params), list(codes), list(rescale))
 
 
@@ -199,4 +215,5 @@ def rescale_(params: Tensors, codes: Tensors, ratio: Tensors, *, backend: str = 
     if len(ratio) != len(params):
         raise ValueError(f"ratio: expected one tensor per parameter ({len(params)}), got {len(ratio)}")
     check_lists(params, None, None, codes, ratio, rescale_name="ratio")
+    check_disjoint({"params": params})
     dispatch.get(backend, params[0].device).rescale_(list(params), list(codes), list(ratio))

@@ -200,6 +200,13 @@ def _set(key, k, fn):
     return mutate
 
 
+def _set_from(key, k, src_key, fn, src=2):
+    """A mutation: replace entry k of list ``key`` by fn(entry ``src`` of list ``src_key``)."""
+    def mutate(d):
+        d[key][k] = fn(d[src_key][src])
+    return mutate
+
+
 def _truncate(key, n):
     def mutate(d):
         d[key] = d[key][:n]
@@ -449,3 +456,42 @@ def test_other_multi_tensor_ops_meta_device(op):
                                              rf"\(5,\) torch.float32 on meta"):
             _run_other(path, op, d)
     _assert_nothing_written(d, before)
+
+
+# (id, op, mutation, Python message): a tensor the op writes shares memory with another of its tensors (the Python
+# ops refuse it; the C++ ops take such lists as given)
+OVERLAP_CASES = [
+    ("step-param-in-another", "step_", _set_from("params", 1, "params", lambda p: p[:5]),
+     r"^params\[2\]: shares memory with params\[1\]"),
+    ("step-grad-is-its-param", "step_", _set_from("grads", 1, "params", lambda p: p, src=1),
+     r"^grads\[1\]: shares memory with params\[1\]"),
+    ("step-momentum-is-a-param", "step_", _set_from("momentum_buffers", 2, "params", lambda p: p, src=2),
+     r"^momentum_buffers\[2\]: shares memory with params\[2\]"),
+    ("step-momentum-twice", "step_", _set_from("momentum_buffers", 1, "momentum_buffers", lambda m: m[1:]),
+     r"^momentum_buffers\[2\]: shares memory with momentum_buffers\[1\]"),
+    ("projx-param-in-another", "projx_", _set_from("params", 1, "params", lambda p: p[:5]),
+     r"^params\[2\]: shares memory with params\[1\]"),
+    ("rescale-param-in-another", "rescale_", _set_from("params", 1, "params", lambda p: p[1:]),
+     r"^params\[2\]: shares memory with params\[1\]"),
+]
+
+
+@pytest.mark.parametrize("op,mutate,py_msg", [pytest.param(*c[1:], id=c[0]) for c in OVERLAP_CASES])
+def test_python_ops_refuse_overlapping_tensors(op, mutate, py_msg):
+    """One launch steps every tensor in parallel: a written tensor that overlaps another would be a race."""
+    d, before = _prepared(mutate)
+    with pytest.raises(PY, match=py_msg + r"; the op writes params.* in one parallel launch"):
+        if op == "step_":
+            ops.step_(d["params"], d["grads"], d["momentum_buffers"], d["codes"], rescale=d["rescale"],
+                      group_index=d["group_index"], group_scale=d["group_scale"], **d["hp"])
+        else:
+            _run_other("python", op, d)
+    _assert_nothing_written(d, before)
+
+
+def test_python_step_takes_shared_gradients():
+    """Gradients are only read: two that share memory are fine (both steps read the same values)."""
+    d, before = _prepared(_set_from("grads", 1, "grads", lambda g: g[:5], src=2))
+    ops.step_(d["params"], d["grads"], d["momentum_buffers"], d["codes"], rescale=d["rescale"],
+              group_index=d["group_index"], group_scale=d["group_scale"], **d["hp"])
+    assert all(not torch.equal(a, b) for a, b in zip(d["params"], before["params"]))
