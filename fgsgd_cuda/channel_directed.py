@@ -96,7 +96,7 @@ def channel_directed_(parameters: torch.Tensor | Iterable[torch.Tensor], metric:
     check_options(metric, lam, dim)
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
-    grads = []
+    grads, seen = [], {}
     for k, p in enumerate(parameters):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"parameters[{k}]: expected a tensor, got {type(p).__name__}")
@@ -104,6 +104,10 @@ def channel_directed_(parameters: torch.Tensor | Iterable[torch.Tensor], metric:
         if g is None:
             continue
         name = f"parameters[{k}].grad"
+        j = seen.setdefault(id(g), k)
+        if j != k:  # one launch maps all gradients in parallel: twice would be a race, not two maps
+            raise ValueError(f"{name}: the same gradient as parameters[{j}].grad (a parameter listed twice); pass "
+                             "each parameter once")
         check_gradient(g, name, dim, checks.FLOAT_DTYPES + _TORCH_ONLY_DTYPES)
         if g.dtype in _TORCH_ONLY_DTYPES and backend not in ("auto", "torch"):
             raise TypeError(f"{name}: backend {backend!r} takes float32 and float64 gradients, got {g.dtype} "

@@ -238,6 +238,15 @@ def test_bad_gradient_changes_no_other_gradient():
     assert torch.equal(good.grad, before)
 
 
+def test_a_parameter_listed_twice_is_refused():
+    """One launch maps every gradient in parallel: a gradient listed twice would be mapped in a race."""
+    a, b = params_with(make_grads([(6, 2, 3, 3), (4, 2)], torch.float32, 7))
+    before = [a.grad.clone(), b.grad.clone()]
+    with pytest.raises(ValueError, match=r"parameters\[2\]\.grad: the same gradient as parameters\[0\]\.grad"):
+        channel_directed_([a, b, a])
+    assert torch.equal(a.grad, before[0]) and torch.equal(b.grad, before[1])
+
+
 @requires_cpu_kernels
 @pytest.mark.parametrize("args,match", [
     (([torch.randn(3, 3)], 0, "sobolev", -1.0), "lam must be finite and >= 0"),
