@@ -6,9 +6,9 @@ the stem's, one thread per 7×7 component on a few SMs, is latency-bound. On one
 runs after the others, alone on the GPU. On a side stream it runs beside them instead.
 
 ``Overlap.fork(device)`` (or the first ``Overlap.side(device)`` of a step) forks: the side stream waits for the
-current stream, so everything launched before (gradients, buffers made by this step) is ready. ``Overlap.join()`` makes the current stream wait
-for the side stream, so everything after the step (the next backward, a free of a gradient, a host
-read) is ordered after the side launches. A CUDA graph capture records the fork and the join as two
+current stream, so everything launched before (gradients, buffers made by this step) is ready.
+``Overlap.join()`` makes the current stream wait for the side stream, so everything after the step (the next
+backward, a free of a gradient, a host read) is ordered after the side launches. A CUDA graph capture records the fork and the join as two
 branches of the graph. ``FGSGD_CUDA_OVERLAP=0`` runs everything on the current stream.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def enabled() -> bool:
 
 
 class Overlap:
-    """One side stream per device, kept across steps; fork on first use in a step, join at its end."""
+    """One side stream per device, kept across steps; forked once per step, joined at its end."""
 
     def __init__(self):
         self._streams: dict = {}
