@@ -139,17 +139,24 @@ def test_torch_compile_fullgraph_proj_retr():
 
 
 @requires_cpu_kernels
-def test_torch_compile_fullgraph_multi_tensor_step():
-    """The mutating list op traces too (functionalized through its schema); aot_eager, to keep it quick."""
+@pytest.mark.parametrize("api", ["torch.ops", "fgsgd_cuda.ops"])
+def test_torch_compile_fullgraph_multi_tensor_step(api):
+    """The mutating list op traces too (functionalized through its schema), called directly or through the Python
+    ops and their checks (the overlap check, which reads addresses, stands aside); aot_eager, to keep it quick."""
     why = compile_unusable("aot_eager")
     if why:
         pytest.skip(why)
     torch._dynamo.reset()
+    from fgsgd_cuda import ops
 
     def run(params, grads, moms, codes, rescale):
-        torch.ops.fgsgd.step_(params, grads, moms, codes, rescale, [], [], 0.1, 0.9, 0.0, False, 0.0, False, True)
-        torch.ops.fgsgd.rescale_(params, codes, rescale)
-        return torch.ops.fgsgd.tangent_sqnorm(params, grads, codes, [], 0.0)
+        if api == "torch.ops":
+            torch.ops.fgsgd.step_(params, grads, moms, codes, rescale, [], [], 0.1, 0.9, 0.0, False, 0.0, False, True)
+            torch.ops.fgsgd.rescale_(params, codes, rescale)
+            return torch.ops.fgsgd.tangent_sqnorm(params, grads, codes, [], 0.0)
+        ops.step_(params, grads, moms, codes, rescale=rescale, lr=0.1, momentum=0.9, stabilize=True, backend="cpu")
+        ops.rescale_(params, codes, rescale, backend="cpu")
+        return ops.tangent_sqnorm(params, grads, codes, backend="cpu")
 
     gen = make_gen(22)
     sizes = (7, 30)
