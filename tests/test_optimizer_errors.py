@@ -119,6 +119,7 @@ def prepare(name, m):
             m.c.weight.view(-1)[3] = float("nan")
 
 
+@pytest.mark.filterwarnings("ignore:optimizer contains a parameter group with duplicate parameters")  # torch's
 @pytest.mark.parametrize("name,build,exc,match", CASES, ids=[c[0] for c in CASES])
 def test_bad_configuration_changes_nothing(name, build, exc, match):
     # 1. the only group of a new optimizer
