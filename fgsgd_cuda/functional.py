@@ -160,15 +160,18 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
     hp = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
               group_clip=group_clip, stabilize=stabilize, cache=cache, views=views, group_index=group_index,
               capturable=capturable, found_inf=found_inf, grad_scale=grad_scale, staging=staging)
-    sides = [None if largest is None or key == largest else params[idx[0]].device for key, idx in batches.items()]
-    for side in sides:  # before anything of the step is launched: the side stream waits for none of it
-        if side is not None:
-            overlap.fork(side)
-    launches = []  # (side-stream device or None, launch) of every batch
+    stream_of = {}  # batch -> the context of its stream: the current one for the largest, else the side stream
+    for key, idx in batches.items():
+        if largest is None or key == largest:
+            stream_of[key] = contextlib.nullcontext
+        else:  # forked before anything of the step is launched: the side stream waits for none of it
+            overlap.fork(params[idx[0]].device)
+            stream_of[key] = functools.partial(overlap.side, params[idx[0]].device)
+    launches = []  # (the context of its stream, launch) of every batch
     try:
-        for (key, idx), side in zip(batches.items(), sides):
-            stream = contextlib.nullcontext if side is None else functools.partial(overlap.side, side)
-            launches.append((side, _prepare_batch(key, idx, params, grads, states, new_buffers, stream=stream, **hp)))
+        for key, idx in batches.items():
+            stream = stream_of[key]
+            launches.append((stream, _prepare_batch(key, idx, params, grads, states, new_buffers, stream=stream, **hp)))
     except BaseException as e:
         if own:
             overlap.join()
@@ -177,8 +180,9 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
 
     def launch() -> None:
         try:
-            for side, run in launches:
-                _on(overlap, side, run)
+            for stream, run in launches:
+                with stream():
+                    run()
         except BaseException as e:
             _explain(e, params, grads, states, names)
             raise
@@ -191,14 +195,6 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
             for st in states:
                 st["step"] += 1
     return launch
-
-
-def _on(overlap, side, fn, *args, **kw):
-    """fn(*args, **kw) on the side stream of device ``side``, or on the current stream when ``side`` is None."""
-    if side is None:
-        return fn(*args, **kw)
-    with overlap.side(side):
-        return fn(*args, **kw)
 
 
 def _largest(batches, params):

@@ -8,8 +8,9 @@ runs after the others, alone on the GPU. On a side stream it runs beside them in
 ``Overlap.fork(device)`` (or the first ``Overlap.side(device)`` of a step) forks: the side stream waits for the
 current stream, so everything launched before (gradients, buffers made by this step) is ready.
 ``Overlap.join()`` makes the current stream wait for the side stream, so everything after the step (the next
-backward, a free of a gradient, a host read) is ordered after the side launches. A CUDA graph capture records the fork and the join as two
-branches of the graph. ``FGSGD_CUDA_OVERLAP=0`` runs everything on the current stream.
+backward, a free of a gradient, a host read) is ordered after the side launches. A CUDA graph capture records
+the fork and the join as two branches of the graph. ``FGSGD_CUDA_OVERLAP=0`` runs everything on the current
+stream.
 """
 from __future__ import annotations
 
