@@ -151,8 +151,11 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
                  None if capturable else every > 0 and (st["step"] + 1) % every == 0,
                  st.get("rescale") is not None, name)].append(k)
     # buffers made on the current stream, before any launch on the side stream; contiguous whatever the
-    # weight's layout (the kernels index m by component, also when they read a channels-last weight in place)
-    new_buffers = {k: torch.empty_like(params[k], memory_format=torch.contiguous_format)
+    # weight's layout (the kernels index m by component, also when they read a channels-last weight in place).
+    # Capturable: zeros, as the kernels may skip the step (found_inf) and leave them unwritten in the state, where
+    # a checkpoint would keep whatever memory held (the kernels tell a first step by its count, not by them)
+    new_buffer = torch.zeros_like if capturable else torch.empty_like
+    new_buffers = {k: new_buffer(params[k], memory_format=torch.contiguous_format)
                    for (_, first, *_), idx in batches.items() if first for k in idx}
     own = overlap is None
     overlap = streams.Overlap() if own else overlap

@@ -113,12 +113,17 @@ class FGSGD(Optimizer):
         self._overlap = streams.Overlap()  # CUDA: the small launches of a step on a side stream
         self._finite_flags: dict = {}  # capturable check_finite: device -> persistent (found_inf, one)
 
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_init_projx": self._init_projx}
+
     def __setstate__(self, state: dict) -> None:
-        """copy.deepcopy and pickle keep torch's Optimizer state (defaults, state, param_groups); the rest is made
-        anew here."""
+        """copy.deepcopy and pickle keep torch's Optimizer state (defaults, state, param_groups) and ``init_projx``;
+        the rest is made anew here. torch's load_state_dict calls this too, with the loaded state and groups only:
+        ``init_projx`` stays this optimizer's."""
+        init_projx = state.get("_init_projx", getattr(self, "_init_projx", True))
         super().__setstate__(state)
         self._init_runtime()
-        self._init_projx = True
+        self._init_projx = init_projx
         self._pending_projx = None
 
     @property
@@ -162,6 +167,9 @@ class FGSGD(Optimizer):
         if group["capturable"] and not group["manifolds"] and (group["foreach"] or group["fused"] is False):
             raise ValueError("capturable: Euclidean groups run torch's fused SGD (found_inf and a tensor lr without "
                              f"a host sync); got foreach={group['foreach']!r}, fused={group['fused']!r}")
+        if group["foreach"] and group["fused"]:
+            raise ValueError("foreach and fused: cannot both be True (as in torch.optim.SGD); got foreach=True, "
+                             "fused=True")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("nesterov: needs momentum > 0 and dampening = 0")
         if group["backend"] not in dispatch.BACKENDS:
@@ -212,12 +220,11 @@ class FGSGD(Optimizer):
     @staticmethod
     def _component_layout(p: torch.Tensor, name: str) -> tuple[int, int, tuple[int, int], bool]:
         """(O, I, (A, B), is_row_view): the grid of components of p, their shape, and whether they are rows."""
-        if p.dim() == 4 and (p.shape[2] > 1 or p.shape[3] > 1):
-            return p.shape[0], p.shape[1], (p.shape[2], p.shape[3]), False
         if p.dim() < 2:
             raise ValueError(f"{name}: a manifold parameter needs at least 2 dimensions (a weight), got shape "
                              f"{tuple(p.shape)}; put biases and norm parameters in a Euclidean group")
-        return p.shape[0], 1, (p.numel() // p.shape[0], 1), True
+        shape, is_row = checks.component_shape(p)
+        return p.shape[0], 1 if is_row else p.shape[1], shape, is_row
 
     def _init_manifold_group(self, group: dict, gi: int) -> None:
         kinds = group["manifolds"]
@@ -305,10 +312,12 @@ class FGSGD(Optimizer):
         # a checkpoint from before the membership options were kept: they are the ones this optimizer made
         membership_now = {i: self.state[p].get("membership") for i, p in zip(saved_ids, params) if p in self.state}
         capturable = self.defaults["capturable"]
-        super().load_state_dict(state_dict)
+        super().load_state_dict(_with_own_options(state_dict, self.param_groups))
         for group in self.param_groups:  # how the step runs is this optimizer's choice, not the checkpoint's
             group["capturable"] = capturable
         for i, p in zip(saved_ids, params):
+            if p not in self.state:  # nothing saved for it (a Euclidean parameter without momentum)
+                continue
             st = self.state[p]
             for k, v in ints[i].items():
                 st[k] = v.to(device=p.device).clone() if isinstance(v, torch.Tensor) else dict(v)
@@ -321,7 +330,12 @@ class FGSGD(Optimizer):
             for p in group["params"] if group["manifolds"] else ():
                 st = self.state.get(p, {})
                 if "step" in st and isinstance(st["step"], torch.Tensor) != group["capturable"]:
-                    st["step"] = self._new_step_count(group, p, float(st["step"]))
+                    count = float(st["step"])
+                    st["step"] = self._new_step_count(group, p, count)
+                    if count == 0 and not group["capturable"]:
+                        # a capturable step that was skipped (found_inf) made the buffer and never wrote it: this
+                        # optimizer tells a first step by a missing buffer, the capturable one by its count
+                        st.pop("momentum_buffer", None)
         self._group_cache.clear()  # keyed by the ids of the parameters: the groups are rebuilt from the state
         self._view_cache.clear()   # holds views of the old momentum buffers
 
@@ -493,7 +507,7 @@ class FGSGD(Optimizer):
         skipped, so that a skipped first step leaves buffers a later step can read."""
         for device, idx in _by_device(params).items():
             ps, gs = [params[k] for k in idx], [grads[k] for k in idx]
-            states = [self.state[p] for p in ps]
+            states = [self.state[p] for p in ps] if group["momentum"] != 0 else [{}] * len(ps)
             f = _flag_for(found_inf, device)
             if group["momentum"] != 0 and f is not None:
                 for p, st in zip(ps, states):
@@ -552,8 +566,9 @@ class FGSGD(Optimizer):
                 continue
             if group["capturable"]:
                 self._euclidean_capturable(group, params, grads, found_inf, grad_scale)
-            else:
-                bufs = [self.state[p].get("momentum_buffer") for p in params]
+            else:  # without momentum no state, as torch.optim.SGD keeps none
+                bufs = [self.state[p].get("momentum_buffer") for p in params] if group["momentum"] != 0 else \
+                    [None] * len(params)
                 new_buffers = any(b is None for b in bufs)
                 sgd_step(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
                          lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
@@ -565,12 +580,17 @@ class FGSGD(Optimizer):
     def _prepare_manifold_group(self, gi, group, params, grads, found_inf, grad_scale) -> list:
         """The launches of a manifold group's step (param_groups[gi]): one call for all its parameters, or one per
         device when a flag or scale (one tensor per device) goes with it."""
+        if group["maximize"] or group["capturable"] is not self.defaults["capturable"]:
+            self._refuse_changed_options(gi, group)
         by_device = _by_device(params) if found_inf or grad_scale else {None: None}
         launches = []
         for device, idx in by_device.items():
             ps, gs = (params, grads) if idx is None else ([params[k] for k in idx], [grads[k] for k in idx])
+            states = [self.state[p] for p in ps]
+            if "codes" not in states[0] or "codes" not in states[-1]:
+                self._refuse_changed_options(gi, group)
             launches.append(prepare_manifold_step(
-                ps, gs, [self.state[p] for p in ps], lr=group["lr"], momentum=group["momentum"],
+                ps, gs, states, lr=group["lr"], momentum=group["momentum"],
                 dampening=group["dampening"], nesterov=group["nesterov"], weight_decay=group["weight_decay"],
                 group_clip=group["group_clip"], stabilize=group["stabilize"], backend=group["backend"],
                 cache=self._group_cache, views=self._view_cache, group_index=lambda k, ps=ps: self._group_index(ps[k]),
@@ -579,10 +599,37 @@ class FGSGD(Optimizer):
                 overlap=self._overlap, staging=self._staging, names=lambda k, ps=ps: self._param_name(gi, ps[k])))
         return launches
 
+    def _refuse_changed_options(self, gi: int, group: dict) -> None:
+        """A manifold group's step refused, before anything changes, when options it was built with were changed
+        in ``param_groups`` to what the step cannot do: ``maximize`` or ``capturable`` (checked as at
+        construction), or ``manifolds`` given to a group built Euclidean (its parameters have no codes). Other
+        options are read at every step (lr, momentum, group_clip, stabilize, ...) or fix the grouping, which was
+        made at construction (manifolds, collection, group_size, seed)."""
+        try:
+            self._check_hyperparameters(group)
+        except ValueError as e:
+            raise ValueError(f"param_groups[{gi}] (changed after the optimizer was built): {e}") from None
+        for j, p in enumerate(group["params"]):
+            if "codes" not in self.state.get(p, {}):
+                raise ValueError(f"param_groups[{gi}]['params'][{j}]: has no manifold state (codes), but its group "
+                                 f"now has manifolds={group['manifolds']!r}; a group's manifolds are fixed when it is "
+                                 "added: give them to the optimizer's constructor or add_param_group")
+
     def _param_name(self, gi: int, p: torch.Tensor) -> str:
         """param_groups[gi]['params'][j] of p (errors only: a search)."""
         j = next(j for j, q in enumerate(self.param_groups[gi]["params"]) if q is p)
         return f"param_groups[{gi}]['params'][{j}]"
+
+
+def _with_own_options(state_dict: dict, own_groups: list) -> dict:
+    """The checkpoint with every option its groups lack (a torch.optim.SGD checkpoint has no ``manifolds``,
+    ``backend``, ...) taken from this optimizer's group at the same position, as torch's optimizers fill in the
+    options an older checkpoint lacks (check_loadable has judged the states by these groups)."""
+    saved_groups = state_dict.get("param_groups")
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(own_groups):
+        return state_dict  # torch's own check names this
+    groups = [{**{k: v for k, v in own.items() if k != "params"}, **saved} for own, saved in zip(own_groups, saved_groups)]
+    return {**state_dict, "param_groups": groups}
 
 
 def _refuse_manifold_only_options(options: dict) -> None:

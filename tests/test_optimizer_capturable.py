@@ -183,6 +183,35 @@ def test_state_dict_between_capturable_and_eager():
     assert_same(m1, o1, m3, o3)
 
 
+def test_skipped_first_step_resumes_in_an_eager_optimizer():
+    """A capturable optimizer whose first step was skipped (an inf gradient: GradScaler's usual start) has made
+    momentum buffers it never wrote: they are zeros (a checkpoint holds no stale memory), and an eager optimizer
+    that loads the checkpoint takes its first step as one (dampening τ: m = g, not (1−τ)·g), as a run that never
+    saw the bad step."""
+    m1, o1 = make(True, dampening=0.25)
+    grads_for(m1, 0)
+    m1[0].weight.grad[0, 0, 0, 0] = float("inf")
+    before = [p.detach().clone() for p in m1.parameters()]
+    o1.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, m1.parameters()))
+    for p in manifold_params(o1):
+        assert float(o1.state[p]["step"]) == 0 and torch.count_nonzero(o1.state[p]["momentum_buffer"]) == 0
+    m2, o2 = make(False, dampening=0.25)
+    m2.load_state_dict(m1.state_dict())
+    o2.load_state_dict(copy.deepcopy(o1.state_dict()))
+    m3, o3 = make(False, dampening=0.25)  # never saw the bad step
+    for k in range(1, 4):
+        for m in (m2, m3):
+            grads_for(m, k)
+        o2.step()
+        o3.step()
+    for p in manifold_params(o2):
+        assert o2.state[p]["step"] == 3
+    # the manifold weights (filters and rows); the Euclidean group's buffers start at zero in a capturable step
+    for a, b in zip(manifold_params(o2), manifold_params(o3)):
+        assert torch.equal(a, b) and torch.equal(o2.state[a]["momentum_buffer"], o3.state[b]["momentum_buffer"])
+
+
 def test_capturable_errors_name_the_problem():
     model = model_of()
     with pytest.raises(ValueError, match=r"capturable=True needs kernels that read the step's controls"):

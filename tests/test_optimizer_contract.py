@@ -2,6 +2,8 @@
 step(closure), parameters without gradients, GradScaler, sparse and non-finite gradients."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -330,7 +332,6 @@ def test_finite_screen_false_alarm_and_negative_inf(bad):
 def test_copied_optimizer_steps_like_the_original(how):
     """copy.deepcopy / pickle of a stepped FGSGD (torch keeps defaults, state and param_groups; the step's caches
     and side streams are made anew): the copy's next step equals the original's, bit for bit, with group_clip."""
-    import copy
     import pickle
     model = small_cnn()
     opt = FGSGD(param_groups(model, group_size=4, group_clip=1.0), lr=0.05, momentum=0.9)
@@ -349,3 +350,62 @@ def test_copied_optimizer_steps_like_the_original(how):
         for p, q in zip(a["params"], b["params"]):
             assert torch.equal(p, q)
             assert torch.equal(opt.state[p]["momentum_buffer"], twin.state[q]["momentum_buffer"])
+
+
+def test_foreach_and_fused_together_are_refused_as_in_sgd():
+    m = small_cnn(4)
+    with pytest.raises(RuntimeError):
+        torch.optim.SGD(m.parameters(), lr=0.1, foreach=True, fused=True)
+    for groups in (m.parameters(), param_groups(m)):
+        with pytest.raises(ValueError, match="foreach and fused: cannot both be True"):
+            FGSGD(groups, lr=0.1, momentum=0.9, foreach=True, fused=True)
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_no_state_without_momentum_as_in_sgd(capturable):
+    """Without momentum a Euclidean group keeps no state: its state_dict is SGD's (it held an empty entry per
+    parameter)."""
+    m, ref = small_cnn(5), small_cnn(5)
+    kw = dict(fused=True) if capturable else {}
+    opt = FGSGD(m.parameters(), lr=0.1, capturable=capturable, **kw)
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.1, **kw)
+    for o, model in ((opt, m), (sgd, ref)):
+        loss_of(model, *batch(1)).backward()
+        o.step()
+    assert opt.state_dict()["state"] == sgd.state_dict()["state"] == {}
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), ref.parameters()))
+
+
+def test_sgd_checkpoint_loads_into_a_euclidean_fgsgd():
+    """A torch.optim.SGD checkpoint resumes in FGSGD (the options SGD's groups lack are this optimizer's), exactly as
+    in SGD; loaded into a manifold group it is refused by name and nothing is loaded. (It raised a KeyError after
+    torch had replaced the state, leaving an optimizer that could not step.)"""
+    m1, m2 = small_cnn(6), small_cnn(6)
+    sgd1 = torch.optim.SGD(m1.parameters(), lr=0.05, momentum=0.9)
+    for k in range(2):
+        sgd1.zero_grad()
+        loss_of(m1, *batch(k)).backward()
+        sgd1.step()
+    m2.load_state_dict(m1.state_dict())
+    opt = FGSGD(m2.parameters(), lr=0.05, momentum=0.9, backend="torch")
+    opt.load_state_dict(copy.deepcopy(sgd1.state_dict()))  # a state_dict holds the optimizer's own tensors
+    assert opt.param_groups[0]["manifolds"] is None and opt.param_groups[0]["backend"] == "torch"
+    for k in range(2, 4):
+        for model, o in ((m1, sgd1), (m2, opt)):
+            o.zero_grad()
+            loss_of(model, *batch(k)).backward()
+            o.step()
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    # into a manifold group: refused, nothing loaded, the next step works
+    m3 = small_cnn(6)
+    filters = [p for p in m3.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    rest = [p for p in m3.parameters() if not any(p is q for q in filters)]
+    fg3 = FGSGD([{"params": filters, "manifolds": ["sphere"]}, {"params": rest}], lr=0.05, momentum=0.9)
+    sgd3 = torch.optim.SGD([{"params": filters}, {"params": rest}], lr=0.05, momentum=0.9)
+    loss_of(m3, *batch(0)).backward()
+    sgd3.step()
+    before = snapshot(list(m3.parameters()), fg3)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*no manifold codes.*nothing was loaded"):
+        fg3.load_state_dict(sgd3.state_dict())
+    assert_same(snapshot(list(m3.parameters()), fg3), before)
+    fg3.step()

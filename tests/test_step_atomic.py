@@ -108,6 +108,23 @@ def test_failure_while_preparing_a_later_batch_changes_nothing(monkeypatch, back
     assert not torch.equal(snap[0][0], filters(m)[0])
 
 
+def test_torch_backend_checks_every_tensor_before_it_writes():
+    """The torch backend (the reference) refuses a gradient that does not fit the second weight of a batch, by name,
+    before it writes the first (it stepped the first, then raised)."""
+    m = net(6)
+    opt = optimizer(m, backend="torch")
+    backward(m, 0)
+    opt.step()
+    backward(m, 1)
+    weight = filters(m)[2]
+    weight.grad.data = weight.grad.double()
+    snap = snapshot(m, opt)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[2\] \(shape \(5, 4, 3, 3\)\): its gradient is "
+                                         r"torch.float64"):
+        opt.step()
+    assert_same(m, opt, snap)
+
+
 def test_failure_of_a_copy_changes_nothing(monkeypatch):
     """The contiguous copy of a channels-last weight on the torch backend (the 3×2 filters, the last batch) fails to
     allocate, after the other batches were prepared: nothing changed, and no new momentum buffer was kept."""
@@ -228,13 +245,15 @@ def test_euclidean_buffer_of_another_shape_is_refused():
                                 r"the parameter changed dtype or device after the optimizer made its state"),
     (torch.bfloat16, TypeError, r"manifold parameters must be float32 or float64, got torch.bfloat16"),
 ], ids=["double", "bfloat16"])
-def test_model_moved_to_another_dtype_is_named_and_nothing_changes(order, to, exc, error):
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_model_moved_to_another_dtype_is_named_and_nothing_changes(backend, order, to, exc, error):
     """model.to(dtype) after the optimizer made its state: the step names the first manifold parameter and what does
     not fit it (the op's own error named only its place in the batch), and changes nothing, the Euclidean group
     either, whichever group comes first (the manifold groups launch before the Euclidean ones). Reloading the state
-    moves it to the parameters, and the step then works."""
+    moves it to the parameters, and the step then works. The torch backend checks its tensors as the compiled
+    kernels do (it stepped float64 weights with float32 buffers)."""
     m = net(4)
-    opt = optimizer(m)
+    opt = optimizer(m, backend=backend)
     if order == "euclidean-first":
         opt.param_groups.reverse()
     backward(m, 0)

@@ -11,6 +11,7 @@ from .. import checks
 from .. import codes as _codes
 from .. import manifolds as _m
 from .. import reference as _ref
+from ..ops import check_lists
 from . import as_components
 
 
@@ -62,18 +63,23 @@ class TorchBackend:
 
     def step_(self, params, grads, momenta, codes, rescale, group_index, group_scale, lr, momentum, dampening,
               nesterov, weight_decay, first_step, stabilize):
+        """As the compiled kernels: the tensors checked first (shapes, dtypes, devices), and every new value
+        computed before any is written, so a step that raises changes nothing."""
+        check_lists(params, grads, momenta if momentum else None, codes, rescale, group_index, group_scale, rows=True)
         params, grads, momenta = as_components(params), as_components(grads), as_components(momenta)
         codes = _codes.unpacked(codes, params)
+        new = []
         for k, p in enumerate(params):
             s = group_scale[k][group_index[k].long()] if group_scale else None
             r = rescale[k] if rescale else None
             m = momenta[k] if momentum else None
-            p_new, m_new = _ref.step(p, grads[k], m, codes[k], r, s, lr=lr, momentum=momentum,
-                                     dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
-                                     first_step=first_step, stabilize=stabilize)
-            p.copy_(p_new)
-            if m is not None:
-                m.copy_(m_new)
+            new.append(_ref.step(p, grads[k], m, codes[k], r, s, lr=lr, momentum=momentum, dampening=dampening,
+                                 nesterov=nesterov, weight_decay=weight_decay, first_step=first_step,
+                                 stabilize=stabilize))
+        for k, (p_new, m_new) in enumerate(new):
+            params[k].copy_(p_new)
+            if momentum:
+                momenta[k].copy_(m_new)
 
     def tangent_sqnorm(self, params, grads, codes, rescale, weight_decay):
         params, grads = as_components(params), as_components(grads)
