@@ -86,6 +86,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import checks
 from . import codes as _codes
 
 BOUNDS = ("nts", "bft", "grs")
@@ -191,9 +192,7 @@ def _bound_entry(log_value: float) -> dict:
 # ---------------------------------------------------------------- layers
 def _component_layout(p: torch.Tensor) -> tuple[int, int]:
     """(A, B) of the components of a weight that is not on manifolds (FGSGD's layout)."""
-    if p.dim() == 4 and (p.shape[2] > 1 or p.shape[3] > 1):
-        return int(p.shape[2]), int(p.shape[3])
-    return p.numel() // p.shape[0], 1
+    return checks.component_shape(p)[0]
 
 
 def weight_layers(model: nn.Module, optimizer=None) -> list[dict]:

@@ -10,6 +10,15 @@ MAX_CAYLEY_ROWS = 8     # the Cayley retraction solves an A×A system
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
+def component_shape(p: torch.Tensor) -> tuple[tuple[int, int], bool]:
+    """((A, B), is_row) of a weight's components, the one rule of every module: a 4-D weight (O, I, kh, kw) with a
+    kernel larger than 1×1 is its O·I kh×kw filters; any other weight (1×1 convs, Conv1d/3d, linear) its O rows,
+    n×1 each (the row view)."""
+    if p.dim() == 4 and (p.shape[2] > 1 or p.shape[3] > 1):
+        return (int(p.shape[2]), int(p.shape[3])), False
+    return (p.numel() // p.shape[0], 1), True
+
+
 def is_row_shape(a: int, b: int) -> bool:
     """n×1 components longer than MAX_ELEMS: the row view of 1×1 convs and linear weights, which every backend
     runs with a streaming kernel for step_ and tangent_sqnorm (csrc/fgsgd/row_step.h, triton_kernels/rows.py)."""

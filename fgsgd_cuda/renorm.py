@@ -64,6 +64,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from . import checks
 from . import codes as _codes
 
 DEFAULT_EPS = 1e-6
@@ -116,20 +117,29 @@ class _Stats:
     def state(self) -> dict:
         return {"n": self.n, "mean": self.mean, "m2": self.m2, "calls": self.calls}
 
-    def sums(self, channels: int, device) -> torch.Tensor:
-        """(3, C) float64: count, Σx and Σx² per channel (what torch.distributed sums over ranks)."""
+    def moments(self, channels: int, device) -> torch.Tensor:
+        """(2, C) float64: count and Σx per channel (the first sum over ranks: the mean of all their data)."""
         if self.n is None:
-            return torch.zeros(3, channels, dtype=torch.float64, device=device)
-        n, mean = self.n.to(device), self.mean.to(device)
-        return torch.stack([n, mean * n, self.m2.to(device) + n * mean * mean])
+            return torch.zeros(2, channels, dtype=torch.float64, device=device)
+        n = self.n.to(device)
+        return torch.stack([n, self.mean.to(device) * n])
+
+    def deviations(self, mean: torch.Tensor) -> torch.Tensor:
+        """(C,) float64: Σ(x − mean)² over the data seen here, about a given (all ranks') mean: m2 + n·(x̄ − mean)²
+        (the second sum over ranks; no cancellation, unlike Σx² − mean·Σx when the mean is large against the
+        spread)."""
+        if self.n is None:
+            return torch.zeros_like(mean)
+        d = self.mean.to(mean.device) - mean
+        return self.m2.to(mean.device) + self.n.to(mean.device) * d * d
 
     @classmethod
-    def from_sums(cls, sums: torch.Tensor, calls: int) -> "_Stats":
-        n, s1, s2 = sums
+    def summed(cls, moments: torch.Tensor, deviations: torch.Tensor, calls: int) -> "_Stats":
+        """The statistics of all ranks' data from the sums of :meth:`moments` and of :meth:`deviations`."""
+        n, s1 = moments
         if float(n.max()) == 0:
             return cls()
-        mean = s1 / n
-        return cls(n=n, mean=mean, m2=(s2 - s1 * mean).clamp_min(0), calls=calls)
+        return cls(n=n, mean=s1 / n, m2=deviations, calls=calls)
 
 
 @dataclass
@@ -157,7 +167,7 @@ def _layout(module: nn.Module, p: torch.Tensor, state: dict):
         out_ch, in_per_group = p.shape[0], p.shape[1]
         in_ch = in_per_group * groups
         per_block = out_ch // groups
-        row = (a, b) != tuple(p.shape[2:4]) or p.dim() != 4
+        row = checks.component_shape(p)[1]  # as the optimizer splits it (a 1×1 conv of one input: 1×1 rows)
         if not row:
             o = torch.arange(out_ch).repeat_interleave(in_per_group)
             c = torch.arange(in_per_group).repeat(out_ch)
@@ -337,14 +347,17 @@ class Renormalizer:
         return out
 
     def _sync(self) -> None:
-        """Sums the statistics over the ranks of torch.distributed (a no-op without it)."""
+        """Merges the statistics of the ranks of torch.distributed (a no-op without it): every rank gets those of
+        all their data."""
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        for layer in self.layers:
-            buf = layer.stats.sums(layer.in_channels, layer.param.device)
-            dist.all_reduce(buf)
-            layer.stats = _Stats.from_sums(buf, layer.stats.calls)
+        for layer in self.layers:  # two sums: the mean of all ranks' data, then the deviations about it
+            moments = layer.stats.moments(layer.in_channels, layer.param.device)
+            dist.all_reduce(moments)
+            deviations = layer.stats.deviations(moments[1] / moments[0].clamp_min(1))
+            dist.all_reduce(deviations)
+            layer.stats = _Stats.summed(moments, deviations, layer.stats.calls)
 
     # ---------------------------------------------------------------- the new scales
     def _gamma_table(self, a: int, b: int, dtype) -> torch.Tensor:

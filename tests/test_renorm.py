@@ -192,18 +192,77 @@ def test_lambda_running_equals_direct_std_and_hooks_stop():
     assert renorm.hooks_active == 4 and renorm.lambdas() == {}
 
 
-def test_stats_merge_by_sums_matches_single_pass():
-    """The torch.distributed path (sum count, Σx, Σx² over ranks) gives the same λ."""
+@pytest.mark.parametrize("offset,spread", [(2.0, 1.0), (1e4, 1e-3)], ids=["plain", "large-mean"])
+def test_stats_merged_over_ranks_match_single_pass(offset, spread):
+    """The torch.distributed path (count and Σx summed over ranks, then Σ(x − mean)² about the mean of all) gives the
+    single pass's λ, also when the mean is 1e7 times the spread (summing Σx² instead lost 1e-2 of λ there)."""
     gen = make_gen(3)
-    xs = [torch.randn(5, 4, 3, 3, generator=gen, dtype=torch.float64) * (k + 1) + 2.0 for k in range(4)]
+    xs = [torch.randn(5, 4, 3, 3, generator=gen, dtype=torch.float64) * (k + 1) * spread + offset for k in range(4)]
     a, b, whole = _Stats(), _Stats(), _Stats()
     for k, x in enumerate(xs):
         (a if k % 2 else b).add(x, 1)
         whole.add(x, 1)
-    merged = _Stats.from_sums(a.sums(4, "cpu") + b.sums(4, "cpu"), 4)
+    moments = a.moments(4, "cpu") + b.moments(4, "cpu")
+    mean = moments[1] / moments[0]
+    merged = _Stats.summed(moments, a.deviations(mean) + b.deviations(mean), 4)
     ref = direct_std(xs, conv=True)
-    torch.testing.assert_close(merged.std(), ref, rtol=1e-10, atol=0)
-    torch.testing.assert_close(whole.std(), ref, rtol=1e-10, atol=0)
+    torch.testing.assert_close(merged.std(), ref, rtol=1e-9, atol=0)
+    torch.testing.assert_close(whole.std(), ref, rtol=1e-9, atol=0)
+
+
+def _renorm_rank(rank: int, world: int, store_path: str, out: str) -> None:
+    """One gloo rank: calibrates on its own batches (large means, small spread, different sizes per rank)."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        net = make_net(0).double()
+        opt = make_opt(net)
+        renorm = F.Renormalizer(net, opt)
+        renorm.calibrate(_rank_batches(rank))
+        renorm._sync()  # what step_epoch does first
+        torch.save(renorm.lambdas(), out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank_batches(rank: int) -> list:
+    gen = make_gen(10 + rank)
+    return [torch.randn(2 + rank, 3, 6, 6, generator=gen, dtype=torch.float64) * 1e-3 + 1e4]
+
+
+def test_calibration_over_two_ranks_matches_one_process(tmp_path):
+    """Renormalizer under torch.distributed (two gloo ranks, different data): both ranks get the λ of one process
+    that saw all the data."""
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from conftest import run_ranks
+    store = str(tmp_path / "store")
+    run_ranks(_renorm_rank, 2, lambda r: (r, 2, store, str(tmp_path / f"lam{r}.pt")), tmp_path)
+    ranks = [torch.load(tmp_path / f"lam{r}.pt", weights_only=True) for r in range(2)]
+    net = make_net(0).double()
+    renorm = F.Renormalizer(net, make_opt(net))
+    renorm.calibrate(_rank_batches(0) + _rank_batches(1))
+    single = renorm.lambdas()
+    assert set(single) == {"conv1", "conv2", "conv3", "fc"}
+    for name, lam in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        torch.testing.assert_close(ranks[0][name], lam, rtol=1e-9, atol=0)
+
+
+def test_row_lambda_none_keeps_rows_of_one_input_channel():
+    """row_lambda="none" leaves every row-view weight alone, also a 1×1 conv with one input channel per group (its
+    components are 1×1 rows, as the optimizer splits it: the layout rule is checks.component_shape)."""
+    gen = make_gen(5)
+    for net in (nn.Sequential(nn.Conv2d(1, 4, 1)), nn.Sequential(nn.Conv2d(4, 4, 1, groups=4)),
+                nn.Sequential(nn.Conv2d(2, 4, 1))):
+        opt = F.FGSGD(F.param_groups(net, row_view=True), lr=0.1)
+        renorm = F.Renormalizer(net, opt, row_lambda="none")
+        assert renorm.layers[0].row_view
+        renorm.calibrate([torch.randn(8, net[0].in_channels, 4, 4, generator=gen) * 5 + 1])
+        renorm.step_epoch()
+        assert torch.equal(opt.rescale(net[0].weight), torch.ones(4))
 
 
 # ---------------------------------------------------------------- R = γ/λ, p = R·ω
