@@ -66,6 +66,11 @@ def check_gradient(g: torch.Tensor, name: str, dim: int, dtypes=checks.FLOAT_DTY
         raise TypeError(f"{name}: expected dtype one of {', '.join(str(d)[6:] for d in dtypes)}, got {g.dtype}")
     if g.dim() <= dim:
         raise ValueError(f"{name}: has shape {tuple(g.shape)}, which has no axis dim={dim}")
+    expanded = next((d for d in range(g.dim()) if g.stride(d) == 0 and g.shape[d] > 1), None)
+    if expanded is not None:
+        raise ValueError(f"{name}: is expanded (stride 0 along axis {expanded} of shape {tuple(g.shape)}): its "
+                         "entries share memory, so it cannot be written in place; give the parameter a gradient of "
+                         "its own (p.grad = p.grad.clone())")
 
 
 def _fiber_layout(g: torch.Tensor, dim: int) -> tuple[torch.Tensor, int] | None:

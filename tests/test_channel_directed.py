@@ -247,6 +247,21 @@ def test_a_parameter_listed_twice_is_refused():
     assert torch.equal(a.grad, before[0]) and torch.equal(b.grad, before[1])
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_an_expanded_gradient_is_refused_before_any_changes(backend):
+    """A gradient whose entries share memory (an expanded tensor, stride 0) cannot be written in place: it is refused
+    by name before any gradient is mapped (the kernels used to map the others, then the write-back raised)."""
+    a, b = params_with(make_grads([(6, 4, 3, 3), (6, 4, 3, 3)], torch.float32, 8))
+    b.grad = torch.randn(1, 4, 3, 3, generator=make_gen(9)).expand(6, 4, 3, 3)
+    before = [a.grad.clone(), b.grad.clone()]
+    with pytest.raises(ValueError, match=r"parameters\[1\]\.grad: is expanded \(stride 0 along axis 0"):
+        channel_directed_([a, b], backend=backend)
+    assert torch.equal(a.grad, before[0]) and torch.equal(b.grad, before[1])
+    b.grad = b.grad.clone()  # a gradient of its own: mapped as usual
+    channel_directed_([a, b], backend=backend)
+    assert not torch.equal(a.grad, before[0]) and not torch.equal(b.grad, before[1])
+
+
 @requires_cpu_kernels
 @pytest.mark.parametrize("args,match", [
     (([torch.randn(3, 3)], 0, "sobolev", -1.0), "lam must be finite and >= 0"),
