@@ -13,6 +13,7 @@ for several seeds each, and prints test accuracy (mean ± std over seeds) and th
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -143,6 +144,14 @@ def main(argv=None):
     parser.add_argument("--manifold-lr", type=float, default=5.0, help="lr of FG-SGD's manifold groups")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    for name in ("seeds", "epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
+    for name in ("lr", "manifold_lr", "momentum"):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and (v >= 0 if name == "momentum" else v > 0)):
+            parser.error(f"--{name.replace('_', '-')}: must be a finite number {'>=' if name == 'momentum' else '>'} "
+                         f"0, got {v}")
     device = torch.device(args.device)
     data = load_data(device)
     print(f"load_digits: {len(data[0][1])} train / {len(data[1][1])} test images, device {device}, "

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -138,8 +139,28 @@ def parse_args(argv=None) -> argparse.Namespace:
         v = getattr(args, name)
         if v is not None and v < 1:
             parser.error(f"--{name.replace('_', '-')}: must be at least 1, got {v}")
-    if args.workers < 0 or args.warmup_epochs < 0 or args.lr <= 0 or args.weight_decay < 0:
-        parser.error("--workers, --warmup-epochs and --weight-decay must be >= 0, --lr > 0")
+    if args.workers < 0:
+        parser.error(f"--workers: must be >= 0, got {args.workers}")
+    # (option, smallest value, whether that value itself is allowed); every one finite
+    for name, low, closed in (("lr", 0, False), ("manifold_lr", 0, False), ("momentum", 0, True),
+                              ("weight_decay", 0, True), ("warmup_epochs", 0, True), ("lr_gamma", 0, False),
+                              ("label_smoothing", 0, True), ("group_clip", 0, False),
+                              ("channel_directed_lam", -math.inf, True)):
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and (v >= low if closed else v > low)):
+            parser.error(f"--{name.replace('_', '-')}: must be a finite number {'>=' if closed else '>'} {low}, "
+                         f"got {v}")
+    if args.label_smoothing > 1:
+        parser.error(f"--label-smoothing: must be at most 1, got {args.label_smoothing}")
+    if any(m < 1 for m in args.lr_steps):
+        parser.error(f"--lr-steps: epochs must be at least 1, got {args.lr_steps}")
+    # an option whose feature is off would change nothing: say so (as for FG-SGD options with SGD below)
+    for key, needs, on in (("lr_steps", "--schedule step", args.schedule == "step"),
+                           ("lr_gamma", "--schedule step", args.schedule == "step"),
+                           ("renorm_batches", "--renorm running", args.renorm == "running"),
+                           ("channel_directed_lam", "--channel-directed", args.channel_directed != "none")):
+        if not on and getattr(args, key) != parser.get_default(key):
+            parser.error(f"--{key.replace('_', '-')}: changes nothing without {needs}")
     if args.compile != "none" and args.renorm == "running":
         parser.error("--renorm running measures with forward hooks that hold Python state, which a compiled model "
                      "does not run; leave out --compile or --renorm")

@@ -251,8 +251,19 @@ def test_learns_the_synthetic_classes(optimizer):
     (["--synthetic", "--optimizer", "sgd", "--row-view", "--manifold-lr", "3"], "--manifold-lr, --row-view"),
     (["--synthetic", "--channel-directed", "reweighted", "--channel-directed-lam", "0"], "--channel-directed-lam"),
     (["--synthetic", "--compile", "default", "--renorm", "running"], "--renorm running"),
+    (["--synthetic", "--schedule", "step", "--lr-gamma", "-1"], "--lr-gamma: must be a finite number > 0"),
+    (["--synthetic", "--schedule", "step", "--lr-steps", "30", "-5"], "--lr-steps: epochs must be at least 1"),
+    (["--synthetic", "--lr", "inf"], "--lr: must be a finite number > 0"),
+    (["--synthetic", "--warmup-epochs", "nan"], "--warmup-epochs: must be a finite number >= 0"),
+    (["--synthetic", "--label-smoothing", "nan"], "--label-smoothing: must be a finite number >= 0"),
+    (["--synthetic", "--manifold-lr", "0"], "--manifold-lr: must be a finite number > 0"),
+    (["--synthetic", "--lr-steps", "1", "2"], "--lr-steps: changes nothing without --schedule step"),
+    (["--synthetic", "--renorm-batches", "7"], "--renorm-batches: changes nothing without --renorm running"),
+    (["--synthetic", "--channel-directed-lam", "-5"], "--channel-directed-lam: changes nothing without"),
 ], ids=["no-data", "arch", "manifolds", "retraction", "batch-size", "resume-auto", "sgd-with-fgsgd-option",
-        "channel-directed-lam", "compile-with-renorm"])
+        "channel-directed-lam", "compile-with-renorm", "negative-lr-gamma", "negative-lr-step", "infinite-lr",
+        "nan-warmup", "nan-label-smoothing", "zero-manifold-lr", "lr-steps-with-cosine", "renorm-batches-off",
+        "channel-directed-lam-off"])
 def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         T.main(argv)
