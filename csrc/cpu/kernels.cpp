@@ -172,10 +172,24 @@ Transposer<T> transposer(int isa, int A, int B) {
 // other shapes (and the scalar choice) per component, each(s, t, i) with the shape policy s. A slot with
 // TensorSlot::interleave = L > 0 is a channels-last weight, run through tiles (interleaved.h); `writes_p`: the op
 // changes the weights.
+// Short rows (kMaxCayleyRows < A <= kMaxElems, B = 1) of a channels-last (O, I, kh, 1) weight are interleaved too
+// (op_impl.h is_interleaved): the row kernel reads a row as contiguous, so such slots go through tiles instead,
+// stepped per component as before the row kernel took short rows over.
 template <class T, class Rows, class Fast, class Each>
 void route(const std::vector<TensorSlot<T>>& slots, int A, int B, int isa,
            bool writes_p, Rows&& rows, Fast&& fast, Each&& each) {
-  if (takes_row_kernel(A, B)) return each_range(slots, row_grain(A), rows);  // rows are never interleaved (op_impl.h)
+  const std::vector<TensorSlot<T>>* tiled = &slots;
+  std::vector<TensorSlot<T>> interleaved;
+  if (takes_row_kernel(A, B)) {
+    for (const auto& t : slots)
+      if (t.interleave != 0) interleaved.push_back(t);
+    if (interleaved.empty()) return each_range(slots, row_grain(A), rows);
+    std::vector<TensorSlot<T>> plain;
+    for (const auto& t : slots)
+      if (t.interleave == 0) plain.push_back(t);
+    each_range(plain, row_grain(A), rows);
+    tiled = &interleaved;
+  }
   const bool use_fast = isa != kScalar && fast_shape(A, B);
   with_shape(A, B, [&](auto s) {
     auto dense = [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
@@ -183,7 +197,7 @@ void route(const std::vector<TensorSlot<T>>& slots, int A, int B, int isa,
       for (int64_t i = begin; i < end; ++i) each(s, t, i);
     };
     const Transposer<T> tr = transposer<T>(isa, A, B);
-    each_range(slots, kGrain, [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
+    each_range(*tiled, kGrain, [&](const TensorSlot<T>& t, int64_t begin, int64_t end) {
       if (t.interleave == 0) return dense(t, begin, end);
       interleaved_range(t, t.interleave, A * B, begin, end, writes_p, tr, dense);
     });
