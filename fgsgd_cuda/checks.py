@@ -101,6 +101,13 @@ def code_for_shape(code: int, a: int, b: int, name: str = "code") -> None:
         raise ValueError(f"{name}: the cayley retraction supports A <= {MAX_CAYLEY_ROWS}, got A = {a}")
 
 
+def code_limit(a: int, b: int) -> int:
+    """One past the largest code A×B components take: the codes a shape refuses are always the last ones (stiefel's
+    5 and 6 when A < B, cayley's 6 when A > MAX_CAYLEY_ROWS), so ``codes.max() < code_limit(a, b)`` checks them all
+    (code_for_shape names the one that does not fit)."""
+    return 5 if a < b else 6 if a > MAX_CAYLEY_ROWS else len(_codes.ALL_CODES)
+
+
 def codes_tensor(codes: torch.Tensor, n: int, a: int, b: int, device, name: str = "codes") -> None:
     """A uint8 (N,) tensor of valid codes for A×B components (reads the values: construction time only)."""
     if codes.dtype != torch.uint8 or codes.shape != (n,):

@@ -117,6 +117,21 @@ def check_disjoint(written: dict, read: dict | None = None) -> None:
                          "tensor once, in memory of its own)")
 
 
+def check_code_values(params: Tensors, codes: Tensors) -> None:
+    """Every code fits its tensor's components (stiefel needs A >= B, cayley A <= 8, codes 0..6): one max per tensor
+    (checks.code_limit; of the palette when packed), on the host for CPU tensors only: reading CUDA codes would
+    synchronise. There (and in torch.ops.fgsgd called directly) a component whose code does not fit its shape is
+    left as it is or comes out NaN. FGSGD checks its codes when it makes them and when it loads them."""
+    if torch.compiler.is_compiling():
+        return
+    for k, (p, c) in enumerate(zip(params, codes)):
+        if p.device.type != "cpu" or c.numel() == 0:
+            continue
+        top = int((c[:1].view(torch.uint8) if _codes.is_packed(c) else c).max())
+        if top >= checks.code_limit(p.shape[-2], p.shape[-1]):
+            checks.code_for_shape(top, p.shape[-2], p.shape[-1], f"codes[{k}]")
+
+
 def _backend_of(backend: str, params: Tensors):
     """The backend that runs params (None when params[0] is no tensor: check_lists says so)."""
     return dispatch.get(backend, params[0].device) if isinstance(params[0], torch.Tensor) else None
@@ -158,6 +173,7 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov: needs momentum > 0 and dampening = 0")
     check_disjoint({"params": params, "momentum_buffers": momentum_buffers if momentum else ()}, {"grads": grads})
+    check_code_values(params, codes)
     controls.check(params, steps, found_inf, lr_tensor, stabilize_every, grad_scale, weight_decay)
     controls.step(impl, list(params), list(grads), list(momentum_buffers),
                   list(codes), list(rescale), list(group_index), list(group_scale), lr, momentum, dampening, nesterov,
@@ -172,6 +188,7 @@ def tangent_sqnorm(params: Tensors, grads: Tensors, codes: Tensors, *, rescale: 
         raise ValueError("params: needs at least one tensor")
     impl = _backend_of(backend, params)
     check_lists(params, grads, None, codes, rescale, rows=True, interleaved=getattr(impl, "interleaved_weights", False))
+    check_code_values(params, codes)
     return impl.tangent_sqnorm(
         list(params), list(grads), list(codes), list(rescale), weight_decay)
 
@@ -208,6 +225,7 @@ def projx_(params: Tensors, codes: Tensors, *, rescale: Tensors = (), backend: s
         return
     check_lists(params, None, None, codes, rescale)
     check_disjoint({"params": params})
+    check_code_values(params, codes)
     dispatch.get(backend, params[0].device).projx_(list(params), list(codes), list(rescale))
 
 

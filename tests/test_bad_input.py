@@ -495,3 +495,48 @@ def test_python_step_takes_shared_gradients():
     ops.step_(d["params"], d["grads"], d["momentum_buffers"], d["codes"], rescale=d["rescale"],
               group_index=d["group_index"], group_scale=d["group_scale"], **d["hp"])
     assert all(not torch.equal(a, b) for a, b in zip(d["params"], before["params"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# codes that do not fit the components' shape
+# ----------------------------------------------------------------------------------------------
+CODE_SHAPE_CASES = [
+    ("stiefel-wide", (2, 3), C.STIEFEL_QR, r"codes\[1\]: the stiefel manifold needs components with A >= B, got 2x3"),
+    ("cayley-9x1", (9, 1), C.STIEFEL_CAYLEY, r"codes\[1\]: the cayley retraction supports A <= 8, got A = 9"),
+    ("cayley-10x2", (10, 2), C.STIEFEL_CAYLEY, r"codes\[1\]: the cayley retraction supports A <= 8, got A = 10"),
+    ("unknown-code", (3, 3), 9, r"codes\[1\]: must be in \[0, 6\], got 9"),
+]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["bytes", "packed"])
+@pytest.mark.parametrize("op", ["step_", "tangent_sqnorm", "projx_"])
+@pytest.mark.parametrize("shape,code,msg", [c[1:] for c in CODE_SHAPE_CASES], ids=[c[0] for c in CODE_SHAPE_CASES])
+def test_codes_that_do_not_fit_the_shape_are_refused(shape, code, msg, op, packed):
+    """The Python ops read the codes of CPU tensors (one max each): a code the components' shape cannot take is
+    refused by name, and nothing is written. (ops.step_ wrote NaN for stiefel on 2×3, did nothing for cayley on
+    9×1, and crashed the process for cayley on 10×2: its work matrix holds 8×8 entries.)"""
+    gen = make_gen(21)
+    ps = [_x(6, shape=shape, code=C.SPHERE_NORMALIZE), torch.randn(6, *shape, generator=gen)]
+    gs = [_u(p) for p in ps]
+    codes = [torch.full((6,), C.SPHERE_NORMALIZE, dtype=torch.uint8), torch.full((6,), code, dtype=torch.uint8)]
+    codes[1][0] = C.EUCLIDEAN  # a mix: the bad code is not the first
+    if packed:
+        codes = [C.pack(c) for c in codes]
+        assert all(C.is_packed(c) for c in codes)
+    before = [p.clone() for p in ps]
+    call = {"step_": lambda: ops.step_(ps, gs, [], codes, lr=0.1, backend="cpu"),
+            "tangent_sqnorm": lambda: ops.tangent_sqnorm(ps, gs, codes, backend="cpu"),
+            "projx_": lambda: ops.projx_(ps, codes, backend="cpu")}[op]
+    with pytest.raises(ValueError, match=msg):
+        call()
+    assert all(torch.equal(a, b) for a, b in zip(ps, before))
+
+
+def test_cayley_code_on_tall_components_leaves_them_in_the_kernel():
+    """torch.ops.fgsgd.step_ does not read the codes: a cayley code on 10×2 components (more rows than the Cayley
+    work matrix takes) leaves them as they are instead of writing past the work matrix."""
+    p = torch.randn(4, 10, 2, generator=make_gen(22))
+    before = p.clone()
+    torch.ops.fgsgd.step_([p], [_u(p)], [], [torch.full((4,), C.STIEFEL_CAYLEY, dtype=torch.uint8)], [], [], [], 0.1,
+                          0.0, 0.0, False, 0.0, False, False)
+    assert torch.equal(p, before)

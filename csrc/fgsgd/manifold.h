@@ -323,8 +323,11 @@ FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
       break;
     }
     case kStiefelCayley:
-      cayley(s, w, v, out);
-      break;
+      if (s.rows() <= kMaxCayleyRows) {  // its work matrix holds kMaxCayleyRows² entries: a code that does not fit
+        cayley(s, w, v, out);             // the shape (refused by the Python ops on the CPU) leaves ω as it is
+        break;
+      }
+      [[fallthrough]];
     default:  // unknown codes are rejected by the callers; never leave `out` unwritten
       FGSGD_UNROLL
       for (int i = 0; i < n; ++i) out[i] = w[i];
