@@ -56,6 +56,7 @@ ResNets. Under ``torch.distributed`` the statistics are summed over all ranks be
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -316,9 +317,11 @@ class Renormalizer:
         Each batch is passed as ``model(batch)``, or ``model(batch[0])`` when it is a tuple or list
         (a DataLoader's (inputs, targets)); ``forward(model, batch)`` overrides that. Statistics add
         up over the batches and over earlier calls since the last :meth:`step_epoch` / :meth:`reset`.
-        With ``restore_buffers`` the model's buffers (batch-norm running statistics) are put back.
+        With ``restore_buffers`` the model's buffers (batch-norm running statistics) are put back. A call that
+        raises (a bad batch) keeps the statistics as they were before it.
         """
         saved = [(b, b.detach().clone()) for b in self.model.buffers()] if restore_buffers else []
+        stats = [dataclasses.replace(layer.stats) for layer in self.layers]  # (add rebinds, never writes, tensors)
         self.stop()
         self._arm(running=False)
         try:
@@ -329,6 +332,10 @@ class Renormalizer:
                     self.model(batch[0])
                 else:
                     self.model(batch)
+        except BaseException:
+            for layer, st in zip(self.layers, stats):
+                layer.stats = st
+            raise
         finally:
             self.stop()
             for b, v in saved:

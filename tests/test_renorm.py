@@ -528,3 +528,28 @@ def test_training_with_renormalization_resumes_exactly(capsys):
         line = next(s for s in out.splitlines() if s.startswith(name + " "))
         assert f"{res['bounds']['p'][name]['log10']:.4f}" in line
     assert "PASS" in out
+
+
+def test_a_failed_calibration_keeps_the_statistics():
+    """calibrate on batches whose last one is bad (another channel count: the conv raises): the statistics are those
+    from before the call, which then continues as if it had not been made; the hooks are gone and the batch-norm
+    buffers restored."""
+    gen = make_gen(12)
+    net = make_net(2)
+    renorm = F.Renormalizer(net, make_opt(net))
+    first = [batch(gen), batch(gen)]
+    renorm.calibrate(first)
+    before = renorm.lambdas()
+    buffers = [b.clone() for b in net.buffers()]
+    with pytest.raises(RuntimeError):
+        renorm.calibrate([batch(gen), torch.randn(2, 4, 6, 6, generator=gen)])
+    assert renorm.hooks_active == 0
+    assert all(torch.equal(a, b) for a, b in zip(buffers, net.buffers()))
+    after = renorm.lambdas()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    more = [batch(gen)]
+    renorm.calibrate(more)
+    ref = F.Renormalizer(net, renorm.optimizer)  # one call on all the good batches
+    ref.calibrate(first + more)
+    for k, lam in renorm.lambdas().items():
+        torch.testing.assert_close(lam, ref.lambdas()[k], rtol=1e-12, atol=0)
