@@ -257,7 +257,8 @@ class FGSGD(Optimizer):
                 checks.code_for_shape(code, shape[0], shape[1], f"{name} ({_codes.manifold_of(code)})")
             checks.finite(p.detach(), name)
             curved = grouping.codes != _codes.EUCLIDEAN
-            zero_cols = (p.detach().reshape(-1, *shape).norm(dim=-2) == 0).any(-1).cpu() & curved
+            # columns of zeros by their largest entry (a norm underflows to 0 for entries of 1e-23 in fp32)
+            zero_cols = (p.detach().reshape(-1, *shape).abs().amax(dim=-2) == 0).any(-1).cpu() & curved
             if bool(zero_cols.any()):
                 raise ValueError(f"{name}: {int(zero_cols.sum())} components have an all-zero column (or are all "
                                  "zero) and cannot be moved onto the sphere/oblique/stiefel manifolds; initialise the "

@@ -319,23 +319,78 @@ def check_large_single_ops(backend, device, code, shape, dtype):
         assert e <= tol, f"projx {code} {shape} scale {scale:g}: relative error {e:.3g} > {tol:g}"
 
 
+UNEVEN = {torch.float32: [1e-10, 1e-20, 1e-30], torch.float64: [1e-100, 1e-160, 1e-250]}
+UNEVEN_SHAPES = [(3, 3), (5, 2), (7, 7), (6, 4)]
+
+
+def check_uneven_columns(backend, device, shape, dtype):
+    """Stiefel QR of components whose columns differ in size by up to most of the float range. Q of X·D is Q of X for
+    a positive diagonal D, so ``ops.projx`` of X·D must match the float64 reference's projx of X; and a QR step whose
+    gradient has one column that large against the others lands finite on the manifold. (Householder reflections
+    formed from the unscaled columns squared the small ones to subnormals, and β = 2/vᵀv came out inf: NaN columns,
+    csrc/fgsgd/small_linalg.h qr_q_inplace, triton codegen qr_q.)"""
+    from fgsgd_cuda import ops
+
+    a, b = shape
+    gen = make_gen(zlib.crc32(repr(("uneven", shape, str(dtype))).encode()))
+    n = 24
+    tol, bound = step_tolerances(dtype)
+    run = backend_step_pm(backend, device)
+    codes = torch.full((n,), C.STIEFEL_QR, dtype=torch.uint8)
+    for scale in UNEVEN[dtype]:
+        x = torch.randn(n, a, b, generator=gen, dtype=torch.float64)
+        d = scale ** (torch.arange(b, dtype=torch.float64) / max(b - 1, 1))  # columns from 1 down to scale
+        got = ops.projx((x * d).to(dtype).to(device), C.STIEFEL_QR, backend=backend).cpu()
+        e = rel_err(got, M.from_code(C.STIEFEL_QR).projx((x * d).to(dtype).double()))
+        assert e <= tol, f"projx {shape} columns down to {scale:g}: relative error {e:.3g} > {tol:g}"
+        p = random_points(n, a, b, C.STIEFEL_QR, gen)
+        v = random_tangents(p, C.STIEFEL_QR, gen)
+        v[..., 0] /= scale  # one column of the gradient 1/scale times the others
+        p, g = p.to(dtype), v.to(dtype)
+        run(p, g, torch.zeros_like(p), codes, dict(lr=1.0))
+        off = off_manifold(p, C.STIEFEL_QR)
+        assert off <= bound, f"step {shape} gradient column 1/{scale:g}: off the manifold by {off:.3g}"
+
+
+TINY = {torch.float32: [1e-18, 1e-23, 1e-30], torch.float64: [1e-160, 1e-170, 1e-250]}
+
+
+def check_tiny_components(backend, device, code, shape, dtype):
+    """``ops.projx`` of components whose entries are tiny (their squares underflow to subnormals or 0) equals the
+    float64 reference's projx of the same components (projections onto the sphere, oblique and Stiefel manifolds are
+    scale-invariant): normalize rescales where ‖x‖² underflows as it does where it overflows (a 1e-23 fp32 filter
+    came out NaN, one of 1e-22 with norm 1.01)."""
+    from fgsgd_cuda import ops
+
+    a, b = shape
+    gen = make_gen(zlib.crc32(repr(("tiny", code, shape, str(dtype))).encode()))
+    tol, _ = step_tolerances(dtype)
+    for scale in TINY[dtype]:
+        y = torch.randn(24, a, b, generator=gen, dtype=torch.float64)
+        x = (y * scale).to(dtype)
+        got = ops.projx(x.to(device), code, backend=backend).cpu()
+        e = rel_err(got, M.from_code(code).projx(x.double() / scale))
+        assert e <= tol, f"projx {code} {shape} entries of {scale:g}: relative error {e:.3g} > {tol:g}"
+
+
 RADIAL = {torch.float32: [10.0, 1e3, 1e5], torch.float64: [10.0, 1e6, 1e10]}
 RADIAL_SHAPES = [(3, 3), (5, 3), (7, 7), (100, 1)]  # (100, 1): a row component (csrc/fgsgd/row_step.h)
 
 
-def check_radial_gradients(run, code, shape, dtype):
+def check_radial_gradients(run, code, shape, dtype, lams=None):
     """Gradients mostly along the point, g = ξ + λ·ω with ‖ξ‖_F = 2 and λ up to 1e5 (fp32) or 1e10 (fp64): the
     tangent part is then known only to about ε‖g‖, and the rounding of its radial part must not take an exp step
     off the manifold (it did by sin 2t·ελ: 1e-2 in fp32 at λ = 1e5; csrc/fgsgd/manifold.h exp_of_large). Two
     steps of size about 1 (the momentum buffer written, then read and transported), each landing on the manifold
     at rounding level with a finite momentum; at λ = 10, where the rounding of ξ is below the tolerance, against
-    the float64 reference of the same rounded gradient. run(p, g, m, codes, hp) steps p and m in place."""
+    the float64 reference of the same rounded gradient. run(p, g, m, codes, hp) steps p and m in place. ``lams``: other
+    values of λ."""
     a, b = shape
     gen = make_gen(zlib.crc32(repr(("radial", code, shape, str(dtype))).encode()))
     n = 40 if b > 1 else 4
     codes = torch.full((n,), code, dtype=torch.uint8)
     tol, bound = step_tolerances(dtype)
-    for lam in RADIAL[dtype]:
+    for lam in lams or RADIAL[dtype]:
         p = random_points(n, a, b, codes, gen).to(dtype)
         m = torch.zeros_like(p)
         ref_m = torch.zeros(n, a, b, dtype=torch.float64)

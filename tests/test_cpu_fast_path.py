@@ -253,8 +253,9 @@ def _step_pm(dtype):
 
 @pytest.mark.parametrize("packed", [False, True], ids=["bytes", "packed"])
 def test_unknown_codes_match_scalar_path(isa, packed):
-    """Codes outside 0..6 (never produced by fgsgd_cuda, not checked per component for speed) take the
-    scalar path's default branches on every instruction set: the results are the scalar path's.
+    """Codes outside 0..6 (never produced by fgsgd_cuda, refused by ops.step_ on the CPU, not checked per component
+    by the kernels, for speed) take the scalar path's default branches on every instruction set, through the C++ op:
+    the results are the scalar path's.
     (With stabilize off, an unknown code leaves p where it was and keeps m as its tangent.) Packed: a palette
     with unknown codes (the fast path then classifies by code, not by palette slot)."""
     if isa == "default" or "scalar" not in ISAS:
@@ -269,10 +270,15 @@ def test_unknown_codes_match_scalar_path(isa, packed):
     if packed:
         codes = C.pack(codes)
         assert codes.dtype == torch.int32
-    (got_p,), (got_m,) = _run([p], [g], [m], [codes], [], [], [], torch.float32, CASES["momentum"])
+    def run():
+        p1, g1, m1 = p.clone(), g.clone(), m.clone()
+        torch.ops.fgsgd.step_([p1], [g1], [m1], [codes], [], [], [], 0.1, 0.9, 0.0, False, 0.0, False, False)
+        return p1, m1
+    assert CASES["momentum"] == dict(lr=0.1, momentum=0.9)
+    got_p, got_m = run()
     _ext._C._set_cpu_isa("scalar")
     try:
-        (want_p,), (want_m,) = _run([p], [g], [m], [codes], [], [], [], torch.float32, CASES["momentum"])
+        want_p, want_m = run()
     finally:
         _ext._C._set_cpu_isa(isa)
     # the same operations, up to rounding (the AVX2 and AVX-512 units contract a*b+c into FMAs)
@@ -378,15 +384,16 @@ def test_tangent_sqnorm_on_every_instruction_set(isa, wd, dtype):
                            torch.cat([c for *_, c, _ in tensors]).long(), torch.cat([r for *_, r in tensors]), wd)
     assert got.dtype == torch.float64  # for every dtype (ops.tangent_sqnorm)
     assert rel_err(got, ref) <= _tol(dtype), f"{isa}"
-    # codes outside 0..6 (the scalar path's default branch: no projection) agree with the scalar ISA
+    # codes outside 0..6 (the scalar path's default branch: no projection) agree with the scalar ISA; through the
+    # C++ op, as ops.tangent_sqnorm refuses them
     if isa != "default" and "scalar" in ISAS:
         codes = tensors[3][2].clone()
         codes[::7] = 9
-        args = ([tensors[3][0].to(dtype)], [tensors[3][1].to(dtype)], [codes])
-        fast = ops.tangent_sqnorm(*args, weight_decay=wd, backend="cpu")
+        args = ([tensors[3][0].to(dtype)], [tensors[3][1].to(dtype)], [codes], [], wd)
+        fast = torch.ops.fgsgd.tangent_sqnorm(*args)
         _ext._C._set_cpu_isa("scalar")
         try:
-            slow = ops.tangent_sqnorm(*args, weight_decay=wd, backend="cpu")
+            slow = torch.ops.fgsgd.tangent_sqnorm(*args)
         finally:
             _ext._C._set_cpu_isa(isa)
         assert rel_err(fast, slow) <= _tol(dtype)

@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (CLIP_SHAPES, FP32_RTOL, LARGE_SHAPES, RADIAL_SHAPES, SHAPES, backend_step, backend_step_pm,
-                      check_huge_group_clip, check_large_single_ops, check_large_steps, check_radial_gradients,
-                      check_step_sizes, codes_for, make_gen, make_row_tensors, make_step_tensors, random_points,
-                      random_tangents, rel_err, shape_code_cases)
+from conftest import (CLIP_SHAPES, FP32_RTOL, LARGE_SHAPES, RADIAL_SHAPES, SHAPES, UNEVEN_SHAPES, backend_step,
+                      backend_step_pm, check_huge_group_clip, check_large_single_ops, check_large_steps,
+                      check_radial_gradients, check_step_sizes, check_tiny_components, check_uneven_columns, codes_for,
+                      make_gen, make_row_tensors, make_step_tensors, random_points, random_tangents, rel_err,
+                      shape_code_cases)
 from fgsgd_cuda import codes as C, dispatch, manifolds as M, ops, reference as R
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
@@ -486,6 +487,19 @@ def test_large_single_ops_stay_on_the_manifold(device, code, shape, dtype):
     """The single-tensor retr and projx kernels (their code fixed in the source) with inputs up to near the largest
     float: conftest.check_large_single_ops."""
     check_large_single_ops("triton", device, code, shape, dtype)
+
+
+@shape_code_cases(LARGE_SHAPES)
+def test_tiny_components_are_projected(device, code, shape, dtype):
+    """Norms rescaled where their squares underflow: conftest.check_tiny_components."""
+    check_tiny_components("triton", device, code, shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("shape", UNEVEN_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_qr_of_columns_of_very_different_sizes(device, shape, dtype):
+    """Householder reflectors formed from their columns scaled to max-entry 1: conftest.check_uneven_columns."""
+    check_uneven_columns("triton", device, shape, dtype)
 
 
 @shape_code_cases(RADIAL_SHAPES)

@@ -62,15 +62,16 @@ FGSGD_HD void proj(const S& s, int code, const T* w, const T* u, T* out) {
   }
 }
 
-// nn[j] = ‖x_j‖² for every column j; true when any of them is above big_sq_ in any lane (the rescaling path).
+// nn[j] = ‖x_j‖² for every column j; true when any of them is above big_sq_ in any lane (the rescaling path), or
+// (``tiny_too``) below small_sq_.
 template <class S, class T>
-FGSGD_HD bool col_sq_norms_overflow(const S& s, const T* x, T* nn) {
+FGSGD_HD bool col_sq_norms_overflow(const S& s, const T* x, T* nn, bool tiny_too = false) {
   const int B = s.cols();
   bool large = false;
   FGSGD_UNROLL
   for (int j = 0; j < B; ++j) {
     nn[j] = col_dot(s, x, x, j);
-    large = large || any_(nn[j] > big_sq_<T>());
+    large = large || any_(nn[j] > big_sq_<T>()) || (tiny_too && any_(nn[j] < small_sq_<T>()));
   }
   return large;
 }
@@ -80,7 +81,8 @@ template <class S, class T>
 FGSGD_HD void normalize_columns(const S& s, T* y) {
   const int B = s.cols(), n = s.size();
   T nn[S::kCap], inv[S::kCap];
-  if (col_sq_norms_overflow(s, y, nn)) {  // a column norm overflows: rescale the columns first (normalising is scale-invariant)
+  // a column norm over- or underflows: rescale the columns first (normalising is scale-invariant)
+  if (col_sq_norms_overflow(s, y, nn, /*tiny_too=*/true)) {
     FGSGD_UNROLL
     for (int j = 0; j < B; ++j) inv[j] = inv_or_one_(col_max_abs(s, y, j));
     FGSGD_UNROLL
@@ -99,7 +101,7 @@ template <class S, class T>
 FGSGD_HD void normalize(const S& s, T* x) {
   const int n = s.size();
   T nn = dot(s, x, x);
-  if (any_(nn > big_sq_<T>())) {  // ‖x‖² overflows: rescale first (normalising is scale-invariant)
+  if (any_(nn > big_sq_<T>()) || any_(nn < small_sq_<T>())) {  // ‖x‖² over- or underflows: rescale first
     const T inv_m = inv_or_one_(max_abs(s, x));
     FGSGD_UNROLL
     for (int i = 0; i < n; ++i) x[i] *= inv_m;
@@ -116,26 +118,51 @@ FGSGD_HD void normalize(const S& s, T* x) {
 // gradient makes large relative to ‖V‖: cos t·ω + sin t·V/t then lands off the sphere by sin 2t·⟨ω,V⟩/t (1e-2 in fp32
 // for ‖g‖ = 1e5‖ξ‖). Along V⊥ the step lands on the manifold to rounding (tests/test_radial_gradients.py).
 
-// out = Exp_ω(V⊥) over the n_el entries at stride `stride` from 0 (the sphere's, one column of the oblique's), where
-// ‖V‖² may overflow: U = V/m with m = max|V_i|, U⊥ = U − ⟨ω,U⟩ω, t = m‖U⊥‖, V⊥/t = U⊥/‖U⊥‖.
+// |‖ω‖² − 1| up to which ω counts as on its sphere to rounding (64 ε).
+FGSGD_HD constexpr float on_sphere_tol_of(float) { return 0x1p-17f; }
+FGSGD_HD constexpr double on_sphere_tol_of(double) { return 0x1p-46; }
+
+// out = Exp_ω(V⊥) over the n_el entries at stride `stride` from 0 (the sphere's, one column of the oblique's) with
+// V⊥ formed, for the steps where ‖V‖² overflows or V lies mostly along ω (there ‖V‖² − a² cancels: an fp32 oblique
+// step off its manifold by 0.57): U = V/m with m = max|V_i|, U⊥ = U − ⟨ω,U⟩ω, t = m‖U⊥‖,
+// V⊥/t = U⊥/‖U⊥‖. Where ω is on its sphere to rounding, U⊥ is orthogonal to ω by definition, and the ω part that
+// rounding leaves in it (about ε·|⟨ω,U⟩|, which sin t/t turns into a step off the manifold) is removed again: a
+// second Gram–Schmidt pass. A point off its sphere (which the kernels take as it is) keeps U − ⟨ω,U⟩ω, the
+// formula's meaning there. U⊥ is kept in `out` (which may be v, not w).
 template <class T>
 FGSGD_HD void exp_of_large(const T* w, const T* v, T* out, int n_el, int stride) {
   const T m = max_abs_strided(v, n_el, stride);
   const T inv_m = inv_or_one_(m);
-  T wu = T(0);
+  T wu = T(0), ww = T(0);
   FGSGD_UNROLL
-  for (int i = 0; i < n_el; ++i) wu += w[i * stride] * (v[i * stride] * inv_m);
+  for (int i = 0; i < n_el; ++i) {
+    wu += w[i * stride] * (v[i * stride] * inv_m);
+    ww += w[i * stride] * w[i * stride];
+  }
+  T wu2 = T(0);
+  FGSGD_UNROLL
+  for (int i = 0; i < n_el; ++i) {
+    out[i * stride] = v[i * stride] * inv_m - wu * w[i * stride];
+    wu2 += w[i * stride] * out[i * stride];
+  }
+  wu2 = select_(abs_(ww - T(1)) <= T(on_sphere_tol_of(scalar_of<T>())), wu2, T(0));
   T uu = T(0);
   FGSGD_UNROLL
   for (int i = 0; i < n_el; ++i) {
-    const T u = v[i * stride] * inv_m - wu * w[i * stride];
-    uu += u * u;
+    out[i * stride] -= wu2 * w[i * stride];
+    uu += out[i * stride] * out[i * stride];
   }
   const T t = m * sqrt_(uu);
   const T k = select_(uu > T(0), sin_(t) * rsqrt_(uu), T(0));
   const T c = cos_(t);
   FGSGD_UNROLL
-  for (int i = 0; i < n_el; ++i) out[i * stride] = c * w[i * stride] + k * (v[i * stride] * inv_m - wu * w[i * stride]);
+  for (int i = 0; i < n_el; ++i) out[i * stride] = c * w[i * stride] + k * out[i * stride];
+}
+
+// Whether t² = ‖V‖² − a²(2 − ‖ω‖²) lost most of ‖V‖² = vv to cancellation (V mostly along ω): exp_of_large then.
+template <class T>
+FGSGD_HD bool mostly_radial_(T tt, T vv) {
+  return any_(tt < T(0.25) * vv);
 }
 
 // The large-step path of the Cayley retraction for A > 3, on M = I − K: K is scaled down to ‖K‖_F ≤ √2·τ,
@@ -298,8 +325,13 @@ FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
         break;
       }
       const T a = dot(s, w, v);
+      const T t2 = tangent_sq_(tt, a, dot(s, w, w));
+      if (mostly_radial_(t2, tt)) {
+        exp_of_large(w, v, out, n, 1);
+        break;
+      }
       T c, sc;
-      cos_sinc_sq_(tangent_sq_(tt, a, dot(s, w, w)), &c, &sc);
+      cos_sinc_sq_(t2, &c, &sc);
       c -= sc * a;  // c ω + sc V = cos t ω + sc V⊥
       FGSGD_UNROLL
       for (int i = 0; i < n; ++i) out[i] = c * w[i] + sc * v[i];
@@ -312,10 +344,23 @@ FGSGD_HD void retr(const S& s, int code, const T* w, const T* v, T* out) {
         for (int j = 0; j < B; ++j) exp_of_large(w + j, v + j, out + j, s.rows(), B);
         break;
       }
+      bool radial = false;
       FGSGD_UNROLL
       for (int j = 0; j < B; ++j) {
-        const T a = col_dot(s, w, v, j);
-        cos_sinc_sq_(tangent_sq_(c[j], a, col_dot(s, w, w, j)), &c[j], &sc[j]);
+        sc[j] = col_dot(s, w, v, j);  // a_j until cos_sinc_sq_ below
+        const T t2 = tangent_sq_(c[j], sc[j], col_dot(s, w, w, j));
+        radial = radial || mostly_radial_(t2, c[j]);
+        c[j] = t2;
+      }
+      if (radial) {
+        FGSGD_UNROLL
+        for (int j = 0; j < B; ++j) exp_of_large(w + j, v + j, out + j, s.rows(), B);
+        break;
+      }
+      FGSGD_UNROLL
+      for (int j = 0; j < B; ++j) {
+        const T a = sc[j];
+        cos_sinc_sq_(c[j], &c[j], &sc[j]);
         c[j] -= sc[j] * a;
       }
       FGSGD_UNROLL

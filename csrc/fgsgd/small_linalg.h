@@ -95,6 +95,12 @@ template <class T>
 FGSGD_HD T big_sq_() {
   return T(big_sq_of(scalar_of<T>()));
 }
+// And below its inverse (entries under about 2^-50, resp. 2^-450, as a tiny initial filter may have) a squared norm
+// loses its digits to subnormals: normalize rescales then too.
+template <class T>
+FGSGD_HD T small_sq_() {
+  return T(1 / big_sq_of(scalar_of<T>()));
+}
 
 // The row kernels' rescue pass (row_step.h): a power of two s such that (s·x)² of any finite x, summed over up to
 // 2^31 entries, stays finite (2^-80 in float, 2^-600 in double); what underflows is negligible beside an entry whose
@@ -140,11 +146,18 @@ FGSGD_HD void reflect_column(const S& s, const T* v, T beta, int j, T* x, int k)
   for (int i = j; i < A; ++i) x[i * B + k] -= f * v[i * B + j];
 }
 
+// The smallest normal number: a reflector's column below it (relative to the largest entry, 1) counts as empty.
+FGSGD_HD constexpr float tiny_of(float) { return 0x1p-126f; }
+FGSGD_HD constexpr double tiny_of(double) { return 0x1p-1022; }
+
 // x ← Q of the thin QR of x with diag(R) > 0, by Householder reflections on x/max|x| (Q does not change
 // when x is scaled, and the column norms cannot overflow). Q is orthogonal to rounding for every x, also
 // one that is numerically rank-deficient (a huge step: ω + a·V with ‖a·V‖ beyond 1/ε, where Gram–Schmidt
-// normalises rounding noise); a column with nothing left (R_jj = 0) becomes the reflectors' image of e_j. The
-// sign of each reflector is a select, so there is no branch on values.
+// normalises rounding noise); a column with nothing left (R_jj = 0, or below the smallest normal number) becomes
+// the reflectors' image of e_j. Each reflector is formed from its column scaled to max-entry 1 (H = I − 2vvᵀ/vᵀv
+// does not change when v is scaled, as LAPACK's larfg): a column far smaller than the largest entry (1e-20 in
+// float) squared to subnormals, and β = 2/vᵀv overflowed (NaN). The sign of each reflector is a select, so there
+// is no branch on values.
 template <class S, class T>
 FGSGD_HD void qr_q_inplace(const S& s, T* x) {
   const int A = s.rows(), B = s.cols(), n = s.size();
@@ -154,16 +167,21 @@ FGSGD_HD void qr_q_inplace(const S& s, T* x) {
   T v[S::kCap], beta[kMaxStiefelCols], flip[kMaxStiefelCols];  // v[i, j], i >= j: reflector j
   FGSGD_UNROLL
   for (int j = 0; j < B; ++j) {
-    const T x0 = x[j * B + j];
+    T cm = T(0);
+    FGSGD_UNROLL
+    for (int i = j; i < A; ++i) cm = select_(abs_(x[i * B + j]) > cm, abs_(x[i * B + j]), cm);
+    const T inv_c = select_(cm >= T(tiny_of(scalar_of<T>())), T(1) / cm, T(0));
+    const T x0 = x[j * B + j] * inv_c;
     T tail = T(0);
     FGSGD_UNROLL
-    for (int i = j + 1; i < A; ++i) tail += x[i * B + j] * x[i * B + j];
+    for (int i = j + 1; i < A; ++i) {
+      v[i * B + j] = x[i * B + j] * inv_c;
+      tail += v[i * B + j] * v[i * B + j];
+    }
     const T nrm = sqrt_(tail + x0 * x0);
-    const T alpha = select_(x0 < T(0), nrm, -nrm);  // H_j x_j = α e_j; v = x_j − α e_j, no cancellation
+    const T alpha = select_(x0 < T(0), nrm, -nrm);  // H_j x_j ∝ α e_j; v = x_j − α e_j, no cancellation
     const T v0 = x0 - alpha;
     v[j * B + j] = v0;
-    FGSGD_UNROLL
-    for (int i = j + 1; i < A; ++i) v[i * B + j] = x[i * B + j];
     const T vv = tail + v0 * v0;
     beta[j] = select_(vv > T(0), T(2) / vv, T(0));
     flip[j] = select_(alpha > T(0), T(1), T(-1));  // Q's column j times sign(R_jj): diag(R) > 0

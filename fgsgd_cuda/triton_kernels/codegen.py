@@ -39,6 +39,7 @@ TL_DTYPE = {"fp32": "tl.float32", "fp64": "tl.float64"}
 BIG_SQ = {"fp32": 2.0 ** 100, "fp64": 2.0 ** 900}
 CAYLEY_CLAMP = {"fp32": 2.0 ** 12, "fp64": 2.0 ** 26}
 ROW_RESCALE = {"fp32": 2.0 ** -80, "fp64": 2.0 ** -600}  # the row kernels' rescue pass (small_linalg.h row_rescale_of)
+TINY = {"fp32": 2.0 ** -126, "fp64": 2.0 ** -1022}  # the smallest normal number (small_linalg.h tiny_of)
 
 
 def jacobi_sweeps(m: int, dtype: str) -> int:
@@ -176,21 +177,25 @@ class Math:
         cols = [self.largest(f"tl.abs({x[self.ix(r, j)]})" for r in range(self.A)) for j in range(self.B)]
         return self.per_column(cols, sph, self.largest)
 
-    def overflows(self, sq, among: str | None = None):
-        """(per column: ‖·‖² > BIG_SQ [and ``among``], the lanes where any column's is), for a guarded rescaled path."""
+    def overflows(self, sq, among: str | None = None, tiny: bool = False):
+        """(per column: ‖·‖² > BIG_SQ [or, ``tiny``, < 1/BIG_SQ: underflowed to subnormals] [and ``among``], the lanes
+        where any column's is), for a guarded rescaled path."""
         cond = f" & ({among})" if among else ""
-        flags = {c: self.s.let(f"({c} > {BIG_SQ[self.dtype]!r}){cond}", "big") for c in dict.fromkeys(sq)}
+        small = f" | ({{c}} < {1 / BIG_SQ[self.dtype]!r})" if tiny else ""
+        flags = {c: self.s.let(f"(({c} > {BIG_SQ[self.dtype]!r}){small.format(c=c)}){cond}", "big")
+                 for c in dict.fromkeys(sq)}
         names = list(flags.values())
         return [flags[c] for c in sq], names[0] if len(names) == 1 else self.s.let(" | ".join(names), "big")
 
     def inv_norms(self, x, sph, among: str | None = None) -> list[str]:
         """1/‖·‖ per column (of the whole component where ``sph``, see per_column); where a squared norm would
-        overflow, from the norms of x/max|x| (csrc normalize, normalize_columns: normalising is scale-invariant).
-        ``among``: the lanes that use the result (others may overflow without taking the rescaled path)."""
+        overflow or underflow, from the norms of x/max|x| (csrc normalize, normalize_columns: normalising is
+        scale-invariant). ``among``: the lanes that use the result (others may overflow without taking the rescaled
+        path)."""
         B, n = self.B, self.A * self.B
         sq = self.per_column_sq(x, sph)
         inv = [self.s.let(f"1.0 / tl.sqrt({c})") for c in sq]
-        big, any_big = self.overflows(sq, among)
+        big, any_big = self.overflows(sq, among, tiny=True)
 
         def rescaled():
             im = [self.inv_or_one(m) for m in self.per_column_max(x, sph)]
@@ -300,16 +305,20 @@ class Math:
     def qr_q(self, x) -> list[str]:
         """Q of the thin QR of x with diag(R) > 0, by Householder reflections on x/max|x| (csrc qr_q_inplace): Q is
         orthogonal to rounding for every x, also a numerically rank-deficient one (a huge step ω + a·V), where
-        Gram-Schmidt normalises rounding noise; reflector signs by selects, no branch on values."""
+        Gram-Schmidt normalises rounding noise; each reflector formed from its column scaled to max-entry 1 (a tiny
+        column's squares underflowed and β = 2/vᵀv overflowed); reflector signs by selects, no branch on values."""
         A, B, n = self.A, self.B, self.A * self.B
         im = self.inv_or_one(self.largest(f"tl.abs({e})" for e in x))
         x = [self.s.let(f"{e} * {im}") for e in x]
         refl = []  # (v: rows j.. of reflector j, beta_j)
         flips = []
         for j in range(B):
-            x0 = x[self.ix(j, j)]
-            tail = self.s.let(_sum(f"{x[self.ix(i, j)]} * {x[self.ix(i, j)]}" for i in range(j + 1, A))) \
-                if j + 1 < A else None
+            cm = self.largest(f"tl.abs({x[self.ix(i, j)]})" for i in range(j, A))
+            big = self.s.let(f"{cm} >= {TINY[self.dtype]!r}")
+            ic = self.s.let(f"tl.where({big}, 1.0 / tl.where({big}, {cm}, 1.0), 0.0)")
+            col = {i: self.s.let(f"{x[self.ix(i, j)]} * {ic}") for i in range(j, A)}
+            x0 = col[j]
+            tail = self.s.let(_sum(f"{col[i]} * {col[i]}" for i in range(j + 1, A))) if j + 1 < A else None
             sq0 = f"{tail} + {x0} * {x0}" if tail else f"{x0} * {x0}"
             nrm = self.s.let(f"tl.sqrt({sq0})")
             alpha = self.s.let(f"tl.where({x0} < 0.0, {nrm}, -{nrm})")  # H_j x_j = α e_j; v = x_j − α e_j
@@ -318,7 +327,7 @@ class Math:
             pos = self.s.let(f"{vv} > 0.0")
             beta = self.s.let(f"tl.where({pos}, 2.0 / tl.where({pos}, {vv}, 1.0), 0.0)")
             flips.append(self.s.let(f"tl.where({alpha} > 0.0, 1.0, -1.0)"))  # Q_j·sign(R_jj): diag(R) > 0
-            refl.append(([v0] + [x[self.ix(i, j)] for i in range(j + 1, A)], beta))
+            refl.append(([v0] + [col[i] for i in range(j + 1, A)], beta))
             for k in range(j + 1, B):
                 self.reflect(refl[j], j, x, k)
         q = ["1.0" if i // B == i % B else "0.0" for i in range(n)]  # [I_B; 0], then H_0 ⋯ H_{B−1} applied to it
