@@ -237,12 +237,16 @@ class Renormalizer:
         self.gamma, self.eps, self.row_lambda, self.max_batches = gamma, float(eps), row_lambda, max_batches
         self.layers: list[_Layer] = []
         manifold = {id(p): st for _, p, st in optimizer.manifold_params()}
-        seen = set()
+        seen: dict = {}  # id of a weight -> the name of the first layer that holds it
         for name, module in model.named_modules():
             p = getattr(module, "weight", None)
-            if not isinstance(p, torch.Tensor) or id(p) not in manifold or id(p) in seen:
+            if not isinstance(p, torch.Tensor) or id(p) not in manifold:
                 continue
-            seen.add(id(p))
+            if id(p) in seen:
+                warnings.warn(f"Renormalizer: layer {name!r} shares its weight with layer {seen[id(p)]!r}; R is "
+                              f"measured from the inputs of {seen[id(p)]!r} only", RuntimeWarning, stacklevel=2)
+                continue
+            seen[id(p)] = name
             lay = _layout(module, p, manifold[id(p)])
             if lay is None:
                 warnings.warn(f"Renormalizer: layer {name!r} ({type(module).__name__}) has its weight on manifolds "

@@ -553,3 +553,15 @@ def test_a_failed_calibration_keeps_the_statistics():
     ref.calibrate(first + more)
     for k, lam in renorm.lambdas().items():
         torch.testing.assert_close(lam, ref.lambdas()[k], rtol=1e-12, atol=0)
+
+
+def test_a_weight_shared_by_two_layers_is_named_in_a_warning():
+    """Two layers holding one weight (tied weights): R is measured from the first layer's inputs, and a warning names
+    both (the second layer was ignored without a word)."""
+    net = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 3, padding=1))
+    net[2].weight = net[0].weight
+    opt = F.FGSGD(F.param_groups(net), lr=0.1)
+    with pytest.warns(RuntimeWarning, match=r"layer '2' shares its weight with layer '0'; R is measured from the "
+                                            r"inputs of '0' only"):
+        renorm = F.Renormalizer(net, opt)
+    assert [layer.name for layer in renorm.layers] == ["0"]
