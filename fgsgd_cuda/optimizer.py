@@ -587,9 +587,9 @@ class FGSGD(Optimizer):
         launches = []
         for device, idx in by_device.items():
             ps, gs = (params, grads) if idx is None else ([params[k] for k in idx], [grads[k] for k in idx])
+            if "codes" not in self.state.get(ps[0], ()) or "codes" not in self.state.get(ps[-1], ()):
+                self._refuse_changed_options(gi, group)  # (read with get: a refused step adds no state entry)
             states = [self.state[p] for p in ps]
-            if "codes" not in states[0] or "codes" not in states[-1]:
-                self._refuse_changed_options(gi, group)
             launches.append(prepare_manifold_step(
                 ps, gs, states, lr=group["lr"], momentum=group["momentum"],
                 dampening=group["dampening"], nesterov=group["nesterov"], weight_decay=group["weight_decay"],

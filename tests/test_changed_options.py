@@ -19,9 +19,9 @@ from fgsgd_cuda import FGSGD, param_groups
 from test_optimizer_contract import assert_same, batch, loss_of, small_cnn, snapshot
 
 
-def stepped(backend="cpu", **kw):
+def stepped(backend="cpu", momentum=0.9, **kw):
     model = small_cnn(7)
-    opt = FGSGD(param_groups(model, group_size=4, backend=backend), lr=0.05, momentum=0.9, **kw)
+    opt = FGSGD(param_groups(model, group_size=4, backend=backend), lr=0.05, momentum=momentum, **kw)
     loss_of(model, *batch(0)).backward()
     opt.step()
     opt.zero_grad()
@@ -47,8 +47,10 @@ def test_a_changed_option_the_step_cannot_honour_is_refused(backend, change, mat
     opt.step()
 
 
-def test_manifolds_given_to_a_euclidean_group_after_construction_are_refused():
-    model, opt = stepped("torch")
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_manifolds_given_to_a_euclidean_group_after_construction_are_refused(momentum):
+    """(momentum 0: the Euclidean parameters have no state entry, and the refused step adds none)"""
+    model, opt = stepped("torch", momentum=momentum)
     opt.param_groups[1]["manifolds"] = ["sphere"]
     before = snapshot(list(model.parameters()), opt)
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\]: has no manifold state \(codes\), but "
