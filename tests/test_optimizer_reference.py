@@ -392,3 +392,24 @@ def test_row_view_long_rows_follow_the_reference(dtype):
     for (name, o), r in zip(ours.named_parameters(), ref.parameters()):
         assert rel_err(o.detach(), r.detach()) <= tol, name
     assert rel_err(rows[0].detach(), build("cpu", dtype)[0][1].weight.detach()) > 1e-3  # the rows really moved
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_filters_of_more_than_64_entries_follow_the_reference(dtype):
+    """9×9 and 11×11 filters (more entries than the compiled and Triton kernels take: the torch backend steps them,
+    checking its own tensors) beside 3×3 ones, with group_clip, against Algorithm 1 in float64."""
+    manifolds = ["sphere", "oblique", "stiefel", "euclidean"]
+    shapes = [(3, 2, 3, 3), (2, 2, 9, 9), (2, 1, 11, 11)]
+    inits = make_inits(shapes, seed=4)
+    params = [nn.Parameter(x.to(dtype).clone()) for x in inits]
+    opt = FGSGD(params, lr=0.05, momentum=0.9, manifolds=manifolds, group_size=2, group_clip=20.0, stabilize=2)
+    groupings = stored_groupings(opt, params, manifolds, None)
+    assert [g[0] for g in groupings] == [(3, 3), (9, 9), (11, 11)]
+    grads_seq = make_grads(shapes, STEPS, seed=5)
+    run_optimizer(params, grads_seq, opt)
+    ref_p, ref_m, _ = reference_run([x.to(dtype) for x in inits], groupings, grads_seq, lrs=[0.05] * STEPS,
+                                    momentum=0.9, group_clip=20.0, stabilize=2)
+    for k, p in enumerate(params):
+        shape = groupings[k][0]
+        assert_close(p.detach().reshape(-1, *shape), ref_p[k], dtype, f"param {k} {tuple(p.shape)}")
+        assert_close(opt.state[p]["momentum_buffer"].reshape(-1, *shape), ref_m[k], dtype, f"momentum {k}")

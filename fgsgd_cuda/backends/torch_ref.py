@@ -11,7 +11,6 @@ from .. import checks
 from .. import codes as _codes
 from .. import manifolds as _m
 from .. import reference as _ref
-from ..ops import check_lists
 from . import as_components
 
 
@@ -43,6 +42,20 @@ def channel_directed_(grads, dim, metric, lam):
         g.copy_(out)
 
 
+def _check_fits(params, grads, momenta, rescale) -> None:
+    """Every gradient and momentum buffer has its weight's shape, dtype and device, and every rescale one entry per
+    component in the weight's dtype: checked before anything is written, as the compiled kernels do (for components
+    of any shape: this backend also steps those the kernels do not take, e.g. 11×11 filters)."""
+    for k, p in enumerate(params):
+        n = p.shape[:-2].numel()
+        wanted = [("grads", grads[k], p.shape)] + ([("momentum_buffers", momenta[k], p.shape)] if momenta else []) + \
+            ([("rescale", rescale[k], (n,))] if rescale else [])
+        for name, t, shape in wanted:
+            if tuple(t.shape) != tuple(shape) or t.dtype != p.dtype or t.device != p.device:
+                raise ValueError(f"{name}[{k}]: expected {p.dtype} of shape {tuple(shape)} on {p.device} (as "
+                                 f"params[{k}]), got {t.dtype} of shape {tuple(t.shape)} on {t.device}")
+
+
 class TorchBackend:
     name = "torch"
 
@@ -65,7 +78,7 @@ class TorchBackend:
               nesterov, weight_decay, first_step, stabilize):
         """As the compiled kernels: the tensors checked first (shapes, dtypes, devices), and every new value
         computed before any is written, so a step that raises changes nothing."""
-        check_lists(params, grads, momenta if momentum else None, codes, rescale, group_index, group_scale, rows=True)
+        _check_fits(params, grads, momenta if momentum else (), rescale)
         params, grads, momenta = as_components(params), as_components(grads), as_components(momenta)
         codes = _codes.unpacked(codes, params)
         new = []
