@@ -118,10 +118,6 @@ FGSGD_HD void normalize(const S& s, T* x) {
 // gradient makes large relative to ‖V‖: cos t·ω + sin t·V/t then lands off the sphere by sin 2t·⟨ω,V⟩/t (1e-2 in fp32
 // for ‖g‖ = 1e5‖ξ‖). Along V⊥ the step lands on the manifold to rounding (tests/test_radial_gradients.py).
 
-// |‖ω‖² − 1| up to which ω counts as on its sphere to rounding (64 ε).
-FGSGD_HD constexpr float on_sphere_tol_of(float) { return 0x1p-17f; }
-FGSGD_HD constexpr double on_sphere_tol_of(double) { return 0x1p-46; }
-
 // out = Exp_ω(V⊥) over the n_el entries at stride `stride` from 0 (the sphere's, one column of the oblique's) with
 // V⊥ formed, for the steps where ‖V‖² overflows or V lies mostly along ω (there ‖V‖² − a² cancels: an fp32 oblique
 // step off its manifold by 0.57): U = V/m with m = max|V_i|, U⊥ = U − ⟨ω,U⟩ω, t = m‖U⊥‖,

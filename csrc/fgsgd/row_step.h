@@ -160,7 +160,41 @@ FGSGD_HD void row_step_impl(Ctx& ctx, int code, T* p, const T* g, T* m, int64_t 
     }, q);
   }
   T alpha, beta;  // ω' = α·ω + β·d
-  if (exp_map) {
+  // An exp row far along ω: ‖d‖² − ⟨ω,d⟩² cancelled (a row near a coordinate axis with a large radial gradient
+  // landed 0.05 off its sphere, fp32). Then ω' = cos t·ω + sinc t·d⊥ with d⊥ = d − s·ω formed per element in
+  // double, s = ⟨ω,d⟩ (over ‖ω‖² where ω is on its sphere to rounding), and its ω part left by a float sum (the
+  // GPU's Acc) removed again (manifold.h exp_of_large): one more pass over the row, uniform per row.
+  // (With the rescue's sc: the sums are of sc·d, and t = ‖d⊥‖ is capped as below.)
+  double s_d = 0, cos_d = 0, k_d = 0;
+  const double sc_d = double(sc);
+  bool formed = false;
+  if (exp_map && T(tangent_sq_(T(q[0]), T(q[1]), ww)) < T(0.25) * T(q[0])) {
+    formed = true;
+    const double wwd = double(ww);
+    const bool on_sphere = abs_(wwd - 1.0) <= double(on_sphere_tol_of(T(0)));
+    s_d = double(q[1]) / (on_sphere ? wwd : 1.0);
+    Acc e[2];
+    ctx.reduce(n, [&](int64_t i, Acc& ee, Acc& ew) {
+      const T w = p[i] * inv_r;
+      T buf;
+      const double di = sc_d * double(d_again(i, w, buf)) - s_d * double(w);
+      ee = Acc(di * di);
+      ew = Acc(di * double(w));
+    }, e);
+    const double b = on_sphere ? double(e[1]) / wwd : 0.0;  // ‖d⊥ − bω‖² = Σd⊥² − b²‖ω‖²
+    s_d += b;
+    const double tt_d = double(e[0]) - b * b * wwd > 0.0 ? double(e[0]) - b * b * wwd : 0.0;
+    if (sc == T(1)) {
+      cos_sinc_sq_(tt_d, &cos_d, &k_d);
+    } else {
+      const double nu = sqrt_(tt_d), cap = double(big_sq_<T>()), t = nu / sc_d < cap ? nu / sc_d : cap;
+      cos_d = cos_(t);
+      k_d = nu > 0.0 ? sin_(t) / nu : 0.0;
+    }
+  }
+  if (formed) {
+    alpha = beta = T(0);
+  } else if (exp_map) {
     const T rad = T(q[1]), tt = tangent_sq_(T(q[0]), rad, ww);  // sc·⟨ω,d⟩, sc²‖d⊥‖²
     if (sc == T(1)) {
       cos_sinc_sq_(tt, &alpha, &beta);  // cos t ω + sin t d⊥/t, t = ‖d⊥‖
@@ -175,15 +209,22 @@ FGSGD_HD void row_step_impl(Ctx& ctx, int code, T* p, const T* g, T* m, int64_t 
     alpha = beta = rsqrt_(T(q[0])) * sc;  // (ω + V)/‖ω + V‖
   }
   Acc s[2];
-  ctx.reduce(n, [&](int64_t i, Acc& v0, Acc& v1) {
-    const T w = p[i] * inv_r;
-    T buf;
-    const T d = d_again(i, w, buf);
-    const T wn = alpha * w + beta * d;
-    p[i] = wn;
-    v0 = Acc(wn) * Acc(buf);
-    v1 = Acc(wn) * Acc(wn);
-  }, s);
+  auto pass3 = [&](auto wn_of) {  // ω' into p, ⟨ω', buf⟩ and ‖ω'‖²
+    ctx.reduce(n, [&](int64_t i, Acc& v0, Acc& v1) {
+      const T w = p[i] * inv_r;
+      T buf;
+      const T d = d_again(i, w, buf);
+      const T wn = wn_of(w, d);
+      p[i] = wn;
+      v0 = Acc(wn) * Acc(buf);
+      v1 = Acc(wn) * Acc(wn);
+    }, s);
+  };
+  if (formed) {
+    pass3([&](T w, T d) { return T(cos_d * double(w) + k_d * (sc_d * double(d) - s_d * double(w))); });
+  } else {
+    pass3([&](T w, T d) { return alpha * w + beta * d; });
+  }
   const T ns = h.stabilize ? rsqrt_(T(s[1])) : T(1);  // step 5: ω'' = ω'/‖ω'‖
   const T cb = T(s[0]) * ns;                            // ⟨ω'', buf⟩
   ctx.each(n, [&](int64_t i) {

@@ -146,6 +146,10 @@ FGSGD_HD void reflect_column(const S& s, const T* v, T beta, int j, T* x, int k)
   for (int i = j; i < A; ++i) x[i * B + k] -= f * v[i * B + j];
 }
 
+// |‖ω‖² − 1| up to which ω counts as on its sphere to rounding (64 ε): the exp retractions' second Gram–Schmidt pass.
+FGSGD_HD constexpr float on_sphere_tol_of(float) { return 0x1p-17f; }
+FGSGD_HD constexpr double on_sphere_tol_of(double) { return 0x1p-46; }
+
 // The smallest normal number: a reflector's column below it (relative to the largest entry, 1) counts as empty.
 FGSGD_HD constexpr float tiny_of(float) { return 0x1p-126f; }
 FGSGD_HD constexpr double tiny_of(double) { return 0x1p-1022; }
