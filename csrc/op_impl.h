@@ -4,6 +4,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -70,7 +71,10 @@ inline void check_components(const Tensor& x, const ArgName& name, bool rows = f
   TORCH_CHECK(x.is_contiguous() || (interleaved && is_interleaved(x)), "fgsgd: ", name.str(), " must be contiguous",
               interleaved ? " (or a channels-last (O, I, kh, kw) weight)" : "");
   const int64_t A = x.size(-2), B = x.size(-1);
-  if (rows && B == 1 && A > kMaxElems) return;
+  if (rows && B == 1 && A > kMaxElems) {  // the backends take A as an int (rows_of)
+    TORCH_CHECK(A <= INT32_MAX, "fgsgd: ", name.str(), " rows must have at most 2^31 - 1 entries, got ", num(A));
+    return;
+  }
   TORCH_CHECK(A >= 1 && B >= 1 && A * B <= kMaxElems, "fgsgd: ", name.str(), " components must have 1 <= A*B <= ",
               num(kMaxElems), rows ? " (or be n×1 rows of any length)" : "", ", got ", num(A), "x", num(B));
 }

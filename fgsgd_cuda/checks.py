@@ -56,6 +56,8 @@ def components(x: torch.Tensor, name: str, *, contiguous: bool = True, rows: boo
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected dtype float32 or float64, got {x.dtype}")
     a, b = x.shape[-2], x.shape[-1]
+    if rows and is_row_shape(a, b) and a > 2 ** 31 - 1:  # the compiled backends take A as an int
+        raise ValueError(f"{name}: rows must have at most 2^31 - 1 entries, got {a}")
     if (a < 1 or b < 1 or a * b > MAX_ELEMS) and not (rows and is_row_shape(a, b)):
         raise ValueError(f"{name}: components must have 1 <= A*B <= {MAX_ELEMS}"
                          f"{' (or be n×1 rows of any length)' if rows else ''}, got {a}x{b}")

@@ -540,3 +540,14 @@ def test_cayley_code_on_tall_components_leaves_them_in_the_kernel():
     torch.ops.fgsgd.step_([p], [_u(p)], [], [torch.full((4,), C.STIEFEL_CAYLEY, dtype=torch.uint8)], [], [], [], 0.1,
                           0.0, 0.0, False, 0.0, False, False)
     assert torch.equal(p, before)
+
+
+def test_rows_longer_than_an_int_are_refused():
+    """The compiled backends take a row's length as an int: a row of 2^32 + 100 entries went down the row path as
+    100 entries (and one of 2^31 + 5 as a negative length). Checked on meta tensors (no memory)."""
+    from fgsgd_cuda import checks
+    ok = torch.empty(1, 2 ** 31 - 1, 1, device="meta")
+    checks.components(ok, "params[0]", rows=True, leading=True)
+    for n in (2 ** 31 + 5, 2 ** 32 + 100):
+        with pytest.raises(ValueError, match=rf"^params\[0\]: rows must have at most 2\^31 - 1 entries, got {n}"):
+            checks.components(torch.empty(1, n, 1, device="meta"), "params[0]", rows=True, leading=True)

@@ -178,3 +178,19 @@ def test_compiled_op_checks_the_controls():
         torch.ops.fgsgd.step_(*wd, [], None, None, 0, torch.tensor(4.0))
     for a, t in zip(args[0], ts):
         assert torch.equal(a, t["p"])
+
+
+@pytest.mark.parametrize("shape", [pytest.param((3, 3), id="3x3"), pytest.param((100, 1), id="row100")])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_counts_of_empty_tensors_advance(backend, device, shape):
+    """An empty tensor's step count advances with the others', also when every tensor of a launch is empty (the
+    CUDA launches skipped a table without blocks, its count launch too: an empty parameter's count stayed 0 on
+    CUDA and became 1 on the CPU); found_inf skips them all."""
+    empty = [torch.zeros(0, *shape, device=device) for _ in range(3)]
+    codes = [torch.zeros(0, dtype=torch.uint8, device=device) for _ in empty]
+    for flag, want in ((0.0, 1.0), (1.0, 1.0)):
+        if flag == 0.0:
+            steps = [torch.zeros((), device=device) for _ in empty]
+        ops.step_(empty, [e.clone() for e in empty], [e.clone() for e in empty], codes, lr=0.1, momentum=0.9,
+                  steps=steps, stabilize_every=5, found_inf=torch.tensor([flag], device=device), backend=backend)
+        assert [float(s) for s in steps] == [want] * 3, (flag, steps)

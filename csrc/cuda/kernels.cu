@@ -157,7 +157,12 @@ cudaError_t launch_rows(const TensorSlot<T>* slots, int count, int64_t n, const 
   for (int first = 0; first < count; first += kSlotsPerLaunch) {
     const SlotTable<T> table = next_table(slots, count, first, 1);
     const int64_t blocks = table.block_start[table.count];
-    if (blocks == 0) continue;
+    if (blocks == 0) {  // only empty rows: their step counts still advance, as on the CPU
+      if constexpr (OP == Op::kStep) launch_count_steps(table, x.ctl, stream);
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+      continue;
+    }
     if constexpr (OP == Op::kStep) {
       row_step_kernel<<<unsigned(blocks), kRowThreads, 0, stream>>>(table, x, n);
       launch_count_steps(table, x.ctl, stream);
@@ -211,7 +216,12 @@ cudaError_t launch_tables(const TensorSlot<T>* slots, int count, int A, int B, c
   for (int first = 0; first < count; first += kSlotsPerLaunch) {
     const SlotTable<T> table = next_table(slots, count, first);
     const int64_t blocks = table.block_start[table.count];
-    if (blocks == 0) continue;
+    if (blocks == 0) {  // only empty tensors: their step counts still advance, as on the CPU
+      if constexpr (OP == Op::kStep) launch_count_steps(table, x.ctl, stream);
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+      continue;
+    }
     with_launch_shape(A, B, [&](auto s) {
       if constexpr (std::is_same_v<decltype(s), Dyn> && (OP == Op::kStep || OP == Op::kSqnorm)) {
         if (small_blocks(blocks)) {  // the same slots, kSmallBlock components per block
