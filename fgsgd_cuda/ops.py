@@ -117,19 +117,32 @@ def check_disjoint(written: dict, read: dict | None = None) -> None:
                          "tensor once, in memory of its own)")
 
 
+def _host_readable(t: torch.Tensor) -> bool:
+    """Whether a check may read t's values: a dense CPU tensor outside torch.compile (reading CUDA values would
+    synchronise; traced tensors have none)."""
+    return t.device.type == "cpu" and t.layout == torch.strided and not torch.compiler.is_compiling()
+
+
 def check_code_values(params: Tensors, codes: Tensors) -> None:
     """Every code fits its tensor's components (stiefel needs A >= B, cayley A <= 8, codes 0..6): one max per tensor
     (checks.code_limit; of the palette when packed), on the host for CPU tensors only: reading CUDA codes would
     synchronise. There (and in torch.ops.fgsgd called directly) a component whose code does not fit its shape is
     left as it is or comes out NaN. FGSGD checks its codes when it makes them and when it loads them."""
-    if torch.compiler.is_compiling():
-        return
     for k, (p, c) in enumerate(zip(params, codes)):
-        if p.device.type != "cpu" or c.layout != torch.strided or c.numel() == 0:
+        if c.numel() == 0 or not _host_readable(c):
             continue  # (a sparse tensor of codes: the op names it)
         top = int((c[:1].view(torch.uint8) if _codes.is_packed(c) else c).max())
         if top >= checks.code_limit(p.shape[-2], p.shape[-1]):
             checks.code_for_shape(top, p.shape[-2], p.shape[-1], f"codes[{k}]")
+
+
+def check_group_index_values(group_index: Tensors, group_scale: Tensors) -> None:
+    """Every group index of a CPU tensor points into its group_scale (the kernels read group_scale[group_index[i]]
+    without a bound: out of range is an out-of-bounds read, on CUDA an illegal address). CUDA values are not read."""
+    for k, (gi, gs) in enumerate(zip(group_index, group_scale)):
+        if gi.numel() and _host_readable(gi) and not (0 <= int(gi.min()) and int(gi.max()) < gs.numel()):
+            raise ValueError(f"group_index[{k}]: values must lie in [0, {gs.numel()}) (the length of group_scale[{k}]), "
+                             f"got [{int(gi.min())}, {int(gi.max())}]")
 
 
 def _backend_of(backend: str, params: Tensors):
@@ -174,6 +187,7 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
         raise ValueError("nesterov: needs momentum > 0 and dampening = 0")
     check_disjoint({"params": params, "momentum_buffers": momentum_buffers if momentum else ()}, {"grads": grads})
     check_code_values(params, codes)
+    check_group_index_values(group_index, group_scale)
     controls.check(params, steps, found_inf, lr_tensor, stabilize_every, grad_scale, weight_decay)
     controls.step(impl, list(params), list(grads), list(momentum_buffers),
                   list(codes), list(rescale), list(group_index), list(group_scale), lr, momentum, dampening, nesterov,
@@ -216,6 +230,13 @@ def group_scale(sqnorm: torch.Tensor, members: torch.Tensor, offsets: torch.Tens
     ``members[offsets[g]:offsets[g+1]]`` (indices into ``sqnorm``, the ‖ξ_i‖² of tangent_sqnorm) in that order;
     in ``dtype`` (the parameters' dtype, which the step reads; default: sqnorm's)."""
     check_group_scale(sqnorm, members, offsets, group_clip, dtype)
+    if _host_readable(offsets) and offsets.numel() > 1:  # the kernels read members[offsets[g] .. offsets[g+1]) unbounded
+        if int(offsets[0]) < 0 or bool((offsets[1:] < offsets[:-1]).any()) or int(offsets[-1]) > members.numel():
+            raise ValueError(f"offsets: must rise from >= 0 to at most {members.numel()} (the length of members), got "
+                             f"{offsets.tolist() if offsets.numel() <= 8 else tuple(offsets.shape)}")
+        if members.numel() and not (0 <= int(members.min()) and int(members.max()) < sqnorm.numel()):
+            raise ValueError(f"members: values must lie in [0, {sqnorm.numel()}) (the length of sqnorm), got "
+                             f"[{int(members.min())}, {int(members.max())}]")
     return dispatch.get(backend, sqnorm.device).group_scale(sqnorm, members, offsets, group_clip, dtype)
 
 

@@ -551,3 +551,29 @@ def test_rows_longer_than_an_int_are_refused():
     for n in (2 ** 31 + 5, 2 ** 32 + 100):
         with pytest.raises(ValueError, match=rf"^params\[0\]: rows must have at most 2\^31 - 1 entries, got {n}"):
             checks.components(torch.empty(1, n, 1, device="meta"), "params[0]", rows=True, leading=True)
+
+
+def test_group_values_out_of_range_are_refused():
+    """The kernels read group_scale[group_index[i]] and members[offsets[g] .. offsets[g+1]) without bounds: on CPU
+    tensors the Python ops read the values first and refuse those out of range by name, writing nothing."""
+    gen = make_gen(41)
+    p = _x(6)
+    g, before = _u(p), p.clone()
+    codes = torch.full((6,), C.SPHERE_NORMALIZE, dtype=torch.uint8)
+    gs = torch.rand(3, generator=gen) + 0.5
+    for bad in ([0, 1, 2, 3, 0, 1], [0, -1, 2, 0, 1, 2]):
+        with pytest.raises(ValueError, match=r"^group_index\[0\]: values must lie in \[0, 3\) \(the length of "
+                                             r"group_scale\[0\]\)"):
+            ops.step_([p], [g], [], [codes], lr=0.1, group_index=[torch.tensor(bad, dtype=torch.int32)],
+                      group_scale=[gs], backend="cpu")
+        assert torch.equal(p, before)
+    sq = torch.rand(6, generator=gen, dtype=torch.float64)
+    members = torch.arange(6)
+    with pytest.raises(ValueError, match=r"^offsets: must rise from >= 0 to at most 6"):
+        ops.group_scale(sq, members, torch.tensor([0, 4, 2, 6]), 1.0, backend="cpu")
+    with pytest.raises(ValueError, match=r"^offsets: must rise from >= 0 to at most 6"):
+        ops.group_scale(sq, members, torch.tensor([0, 3, 9]), 1.0, backend="cpu")
+    with pytest.raises(ValueError, match=r"^members: values must lie in \[0, 6\)"):
+        ops.group_scale(sq, torch.tensor([0, 1, 2, 3, 4, 7]), torch.tensor([0, 3, 6]), 1.0, backend="cpu")
+    good = ops.group_scale(sq, members, torch.tensor([0, 3, 6]), 1.0, backend="cpu")
+    assert good.shape == (2,)
