@@ -13,7 +13,6 @@ for several seeds each, and prints test accuracy (mean ± std over seeds) and th
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .cli_checks import check_numbers
 from .optimizer import FGSGD
 from .param_groups import param_groups
 
@@ -144,14 +144,8 @@ def main(argv=None):
     parser.add_argument("--manifold-lr", type=float, default=5.0, help="lr of FG-SGD's manifold groups")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    for name in ("seeds", "epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
-    for name in ("lr", "manifold_lr", "momentum"):
-        v = getattr(args, name)
-        if not (math.isfinite(v) and (v >= 0 if name == "momentum" else v > 0)):
-            parser.error(f"--{name.replace('_', '-')}: must be a finite number {'>=' if name == 'momentum' else '>'} "
-                         f"0, got {v}")
+    check_numbers(parser, args, at_least_one=("seeds", "epochs", "batch_size"),
+                  finite=(("lr", 0, False), ("manifold_lr", 0, False), ("momentum", 0, True)))
     device = torch.device(args.device)
     data = load_data(device)
     print(f"load_digits: {len(data[0][1])} train / {len(data[1][1])} test images, device {device}, "

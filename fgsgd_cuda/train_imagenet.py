@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import codes as _codes
 from .channel_directed import channel_directed_, check_options, conv_weights
+from .cli_checks import check_numbers
 from .dispatch import BACKENDS
 from .grouping import COLLECTIONS
 from .imagenet_data import ShardSampler, datasets_for
@@ -134,22 +135,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     for split in ("train", "val"):
         if args.data and not args.synthetic and not os.path.isdir(os.path.join(args.data, split)):
             parser.error(f"--data {args.data}: no {split}/ folder there (ImageFolder layout expected)")
-    for name in ("epochs", "batch_size", "print_freq", "group_size", "image_size", "num_classes", "synthetic_size",
-                 "synthetic_val_size", "renorm_batches", "max_steps_per_epoch", "max_val_steps", "stop_after"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            parser.error(f"--{name.replace('_', '-')}: must be at least 1, got {v}")
+    check_numbers(parser, args, at_least_one=(
+        "epochs", "batch_size", "print_freq", "group_size", "image_size", "num_classes", "synthetic_size",
+        "synthetic_val_size", "renorm_batches", "max_steps_per_epoch", "max_val_steps", "stop_after"))
     if args.workers < 0:
         parser.error(f"--workers: must be >= 0, got {args.workers}")
     # (option, smallest value, whether that value itself is allowed); every one finite
-    for name, low, closed in (("lr", 0, False), ("manifold_lr", 0, False), ("momentum", 0, True),
-                              ("weight_decay", 0, True), ("warmup_epochs", 0, True), ("lr_gamma", 0, False),
-                              ("label_smoothing", 0, True), ("group_clip", 0, False),
-                              ("channel_directed_lam", -math.inf, True)):
-        v = getattr(args, name)
-        if v is not None and not (math.isfinite(v) and (v >= low if closed else v > low)):
-            parser.error(f"--{name.replace('_', '-')}: must be a finite number {'>=' if closed else '>'} {low}, "
-                         f"got {v}")
+    check_numbers(parser, args, finite=(
+        ("lr", 0, False), ("manifold_lr", 0, False), ("momentum", 0, True), ("weight_decay", 0, True),
+        ("warmup_epochs", 0, True), ("lr_gamma", 0, False), ("label_smoothing", 0, True), ("group_clip", 0, False),
+        ("channel_directed_lam", -math.inf, True)))
     if args.label_smoothing > 1:
         parser.error(f"--label-smoothing: must be at most 1, got {args.label_smoothing}")
     if any(m < 1 for m in args.lr_steps):
