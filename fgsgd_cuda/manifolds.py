@@ -34,15 +34,30 @@ def _exp(x: torch.Tensor, v: torch.Tensor, dim) -> torch.Tensor:
     """cos(t)·x + sin(t)·u/t over ``dim`` (the exp map of the sphere, per column for the oblique manifold) along the
     tangent part u = v − ⟨x,v⟩x of v, t = ‖u‖: v is tangent, but its computed radial part is the rounding of the
     projection, which a mostly radial gradient makes large relative to ‖v‖ (csrc manifold.h exp_of_large; exact:
-    ⟨x,v⟩ = 0). Where ‖v‖ overflows, from v = m·w, m = max|v|: t = m‖w⊥‖, u/t = w⊥/‖w⊥‖."""
+    ⟨x,v⟩ = 0). Where ‖v‖ overflows, from v = m·w, m = max|v|: t = m‖w⊥‖, u/t = w⊥/‖w⊥‖. Where x is on its sphere to
+    rounding (``ON_SPHERE_TOL``), the x part that rounding leaves in w⊥ (ε·|⟨x,w⟩|, large against ‖w⊥‖ far along x)
+    is removed again: a second Gram–Schmidt pass, as exp_of_large does; off its sphere, x keeps the formula's meaning.
+    A tangent part at the rounding of v (``EXP_ROUNDING_SQ``; always for a one-entry column, whose tangent space is
+    {0}) is no step."""
     m = v.abs().amax(dim=dim, keepdim=True)
     big = ~torch.isfinite(v.square().sum(dim=dim, keepdim=True))
     scale = torch.where(big, _nonzero(m), torch.ones_like(m))  # ‖v/scale‖² is finite
     w = v / scale
     w = w - (x * w).sum(dim=dim, keepdim=True) * x
+    on_sphere = ((x * x).sum(dim=dim, keepdim=True) - 1).abs() <= ON_SPHERE_TOL.get(x.dtype, 0.0)
+    w = w - torch.where(on_sphere, (x * w).sum(dim=dim, keepdim=True), torch.zeros_like(m)) * x
     nw = w.norm(dim=dim, keepdim=True)
+    # a tangent part at the rounding of v (relative to max|v|) is no step: always so for a one-entry column
+    moves = nw.square() > EXP_ROUNDING_SQ.get(x.dtype, 0.0) * (m / scale).square()
+    nw = torch.where(moves, nw, torch.zeros_like(nw))
     t = scale * nw
     return torch.cos(t) * x + torch.sin(t) * (w / _nonzero(nw))
+
+
+# |‖x‖² − 1| up to which a point counts as on its sphere (csrc/fgsgd/small_linalg.h on_sphere_tol_of)
+ON_SPHERE_TOL = {torch.float32: 2.0 ** -17, torch.float64: 2.0 ** -46}
+# ‖v⊥‖²/max|v|² up to which an exp step's tangent part is the rounding of v: no step (small_linalg.h exp_rounding_sq_of)
+EXP_ROUNDING_SQ = {torch.float32: 2.0 ** -42, torch.float64: 2.0 ** -100}
 
 
 # Large Cayley steps: K = W/2 is scaled down to ‖K‖_F ≤ √2·τ, τ about 1/√ε (csrc/fgsgd/manifold.h, clamp_cayley)

@@ -410,6 +410,65 @@ def check_radial_gradients(run, code, shape, dtype, lams=None):
                 assert e <= tol, f"code {code} {shape} radial {lam:g} step {k}: relative error {e:.3g} > {tol:g}"
 
 
+# far along the point: ‖V‖² − a² cancels (λ²ε against ‖ξ‖²), so every backend forms V⊥ there with a second
+# Gram–Schmidt pass (csrc/fgsgd/manifold.h mostly_radial_ and exp_of_large, row_step.h, manifolds._exp, the Triton
+# codegen's exp_retr and rows): before, an fp32 2×6 oblique step landed 0.57 off its manifold at λ = 1e12 (C++), the
+# torch reference and Triton about 3e-5 off (components), Triton rows near an axis 8e-3 off.
+FAR_RADIAL = {torch.float32: [1e10, 1e20, 1e30], torch.float64: [1e20, 1e100, 1e200]}
+FAR_SHAPES = [(3, 3), (5, 3), (7, 7), (2, 2)]
+EXP_CODES = (2, 4)  # sphere and oblique with exp: the retractions that take V's direction
+
+
+def check_rows_near_an_axis(backend, device, dtype, n):
+    """n×1 exp rows near a coordinate axis, gradients λ·ω + noise: the rounding of the tangent projection falls on
+    the axis entry, so the direction is mostly radial and ‖d‖² − ⟨ω,d⟩² cancels in the streamed row kernels (a 9×1
+    row landed 0.05 off its sphere at λ = 1e20 in fp32, C++). They form d⊥ in double with a second Gram–Schmidt
+    pass (csrc/fgsgd/row_step.h, triton_kernels/rows.py); the bound is 1e-12 in fp64, where double is no wider
+    than the row."""
+    from fgsgd_cuda import ops
+
+    gen = make_gen(zlib.crc32(repr(("rows-axis", n, str(dtype))).encode()))
+    rows = 20
+    bound = 1e-6 if dtype == torch.float32 else 1e-12
+    for lam in FAR_RADIAL[dtype]:
+        w = 1e-3 * torch.randn(rows, n, 1, generator=gen, dtype=torch.float64)
+        w[:, 0] = 1.0
+        w = w / w.norm(dim=1, keepdim=True)
+        g = (lam * w + torch.randn(rows, n, 1, generator=gen, dtype=torch.float64)).to(dtype)
+        p = w.to(dtype).to(device)
+        codes = torch.tensor([2, 4] * (rows // 2), dtype=torch.uint8, device=device)
+        ops.step_([p], [g.to(device)], [torch.zeros_like(p)], [codes], lr=0.5, backend=backend)
+        off = float((p.double().norm(dim=1) - 1).abs().max())
+        assert off <= bound, f"n = {n}, λ = {lam:g}: off the sphere by {off:.3g}"
+
+
+ONE_ENTRY_CASES = [(2, (1, 1)), (4, (1, 3)), (4, (1, 1))]  # (code, shape): sphere 1×1, oblique 1×k (exp)
+
+
+def check_one_entry_columns(backend, device, code, shape, dtype):
+    """Exp steps of components whose columns have one entry (an oblique 1×k filter, a 1×1 sphere component): the
+    manifold is {±1}^k, its tangent space {0}, so no gradient moves them. The rounding that the tangent projection
+    leaves (ω as a kernel's projx makes it, e.g. −0.99999994 in fp32) is along ω, and stepping by it left the
+    manifold by O(1) for large gradients (cpu 0.2 at λ = 1e20 in fp32, Triton 1.6e-2 at 1e12): no step where
+    ‖U⊥‖ is rounding (csrc/fgsgd/small_linalg.h exp_rounding_sq_of)."""
+    from fgsgd_cuda import ops
+
+    gen = make_gen(zlib.crc32(repr(("one-entry", code, shape, str(dtype))).encode()))
+    n = 24
+    codes = torch.full((n,), code, dtype=torch.uint8, device=device)
+    bound = step_tolerances(dtype)[1]
+    for lam in [1.0, 1e5] + FAR_RADIAL[dtype]:
+        w = torch.randn(n, *shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
+        ops.projx_([w], [codes], backend=backend)  # the point as the backend makes it
+        p = w.clone()
+        g = (lam * torch.randn(n, *shape, generator=gen, dtype=torch.float64)).to(dtype).to(device)
+        ops.step_([p], [g], [torch.zeros_like(p)], [codes], lr=0.5, momentum=0.9, backend=backend)
+        off = off_manifold(p, code)
+        moved = float((p.double() - w.double()).abs().max())
+        assert off <= bound and moved <= bound, f"code {code} {shape} λ = {lam:g}: off the manifold by {off:.3g}, " \
+                                                f"moved by {moved:.3g} (no tangent space: no step)"
+
+
 CLIP_SCALES = {torch.float32: [1e15, 1e25, 1e36], torch.float64: [1e100, 1e150]}
 CLIP_SHAPES = [(3, 3), (5, 3), (100, 1)]  # (100, 1): a row component (csrc/fgsgd/row_step.h)
 
@@ -475,10 +534,11 @@ def check_huge_group_clip(backend, device, shape, dtype):
             assert e <= tol, f"{what}: momentum_buffers[{k}] relative error {e:.3g} > {tol:g}"
 
 
-def shape_code_cases(shapes):
-    """A decorator parametrizing a test over dtype × (code, shape) for ``shapes`` and every code of LARGE_CODES that
-    the shape allows (cayley needs A <= 8: no row component has it)."""
-    cases = [(code, shape) for shape in shapes for code in LARGE_CODES if code != 6 or shape[0] <= 8]
+def shape_code_cases(shapes, codes=None):
+    """A decorator parametrizing a test over dtype × (code, shape) for ``shapes`` and every code of LARGE_CODES (or
+    of ``codes``) that the shape allows (cayley needs A <= 8: no row component has it)."""
+    cases = [(code, shape) for shape in shapes for code in LARGE_CODES
+             if (code != 6 or shape[0] <= 8) and (codes is None or code in codes)]
     marks = (pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"]),
              pytest.mark.parametrize("code,shape", cases, ids=[f"{LARGE_CODES[c]}-{a}x{b}" for c, (a, b) in cases]))
 

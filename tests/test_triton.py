@@ -23,11 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (CLIP_SHAPES, FP32_RTOL, LARGE_SHAPES, RADIAL_SHAPES, SHAPES, UNEVEN_SHAPES, backend_step,
-                      backend_step_pm, check_huge_group_clip, check_large_single_ops, check_large_steps,
-                      check_radial_gradients, check_step_sizes, check_tiny_components, check_uneven_columns, codes_for,
-                      make_gen, make_row_tensors, make_step_tensors, random_points, random_tangents, rel_err,
-                      shape_code_cases)
+from conftest import (CLIP_SHAPES, EXP_CODES, FAR_RADIAL, FAR_SHAPES, FP32_RTOL, LARGE_SHAPES, ONE_ENTRY_CASES,
+                      RADIAL_SHAPES, SHAPES, UNEVEN_SHAPES, backend_step, backend_step_pm, check_huge_group_clip,
+                      check_large_single_ops, check_large_steps, check_one_entry_columns, check_radial_gradients,
+                      check_rows_near_an_axis, check_step_sizes, check_tiny_components,
+                      check_uneven_columns, codes_for, make_gen, make_row_tensors, make_step_tensors, random_points,
+                      random_tangents, rel_err, shape_code_cases)
 from fgsgd_cuda import codes as C, dispatch, manifolds as M, ops, reference as R
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
@@ -432,6 +433,9 @@ COMPILE_CASES = [
     ("projxm", 1, 1, "fp32", dict(rescale=True, log_tensors=2)),
     ("rescalem", 7, 7, "fp32", dict(log_tensors=1)),
     ("retr", 3, 3, "fp32", dict(code=C.STIEFEL_CAYLEY)),
+    ("retr", 2, 3, "fp64", dict(code=C.OBLIQUE_EXP)),  # exp far along ω: the guarded second Gram–Schmidt pass
+    ("rowstep", 0, 1, "fp64", dict(momentum=False, first_step=False, nesterov=False, stabilize=True, rescale=False,
+                                   group=False, weight_decay=True, log_tensors=0)),
     ("proj", 3, 3, "fp32", dict(code=C.OBLIQUE_EXP)),
     ("norms", 4, 2, "fp32", dict(code=None)),
 ]
@@ -504,9 +508,27 @@ def test_qr_of_columns_of_very_different_sizes(device, shape, dtype):
 
 @shape_code_cases(RADIAL_SHAPES)
 def test_radial_gradients_stay_on_the_manifold(device, code, shape, dtype):
-    """Gradients mostly along the point: exp steps along the tangent part of the direction (codegen exp_terms and
+    """Gradients mostly along the point: exp steps along the tangent part of the direction (codegen exp_retr and
     the row kernels): conftest.check_radial_gradients."""
     check_radial_gradients(backend_step_pm("triton", device), code, shape, dtype)
+
+
+@shape_code_cases(FAR_SHAPES + [(100, 1)], EXP_CODES)
+def test_gradients_far_along_the_point_stay_on_the_manifold(device, code, shape, dtype):
+    """V far along ω: V⊥ formed with a second Gram–Schmidt pass (codegen exp_retr, rows.py _formed_terms)."""
+    check_radial_gradients(backend_step_pm("triton", device), code, shape, dtype, lams=FAR_RADIAL[dtype])
+
+
+@pytest.mark.parametrize("n", [9, 100, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_rows_near_an_axis_far_along_the_point_stay_on_the_sphere(device, dtype, n):
+    check_rows_near_an_axis("triton", device, dtype, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("code,shape", ONE_ENTRY_CASES, ids=[f"{c}-{a}x{b}" for c, (a, b) in ONE_ENTRY_CASES])
+def test_one_entry_columns_do_not_move(device, code, shape, dtype):
+    check_one_entry_columns("triton", device, code, shape, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

@@ -148,8 +148,9 @@ FGSGD_HD void exp_of_large(const T* w, const T* v, T* out, int n_el, int stride)
     out[i * stride] -= wu2 * w[i * stride];
     uu += out[i * stride] * out[i * stride];
   }
-  const T t = m * sqrt_(uu);
-  const T k = select_(uu > T(0), sin_(t) * rsqrt_(uu), T(0));
+  const auto moves = uu > T(exp_rounding_sq_of(scalar_of<T>()));  // else U⊥ is rounding: ω stays
+  const T t = select_(moves, m * sqrt_(uu), T(0));
+  const T k = select_(moves, sin_(t) * rsqrt_(uu), T(0));
   const T c = cos_(t);
   FGSGD_UNROLL
   for (int i = 0; i < n_el; ++i) out[i * stride] = c * w[i * stride] + k * out[i * stride];

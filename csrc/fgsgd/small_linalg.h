@@ -150,6 +150,12 @@ FGSGD_HD void reflect_column(const S& s, const T* v, T beta, int j, T* x, int k)
 FGSGD_HD constexpr float on_sphere_tol_of(float) { return 0x1p-17f; }
 FGSGD_HD constexpr double on_sphere_tol_of(double) { return 0x1p-46; }
 
+// ‖U⊥‖² (U = V/max|V|) up to which an exp step's tangent part is the rounding of V (4ε relative): no step then. A
+// one-entry column (an oblique 1×k filter, a 1×1 sphere component) has no tangent space, and the rounding left in
+// U⊥ after both Gram–Schmidt passes is along ω, so stepping by it left the manifold by O(1) (manifold.h exp_of_large).
+FGSGD_HD constexpr float exp_rounding_sq_of(float) { return 0x1p-42f; }
+FGSGD_HD constexpr double exp_rounding_sq_of(double) { return 0x1p-100; }
+
 // The smallest normal number: a reflector's column below it (relative to the largest entry, 1) counts as empty.
 FGSGD_HD constexpr float tiny_of(float) { return 0x1p-126f; }
 FGSGD_HD constexpr double tiny_of(double) { return 0x1p-1022; }

@@ -40,6 +40,8 @@ BIG_SQ = {"fp32": 2.0 ** 100, "fp64": 2.0 ** 900}
 CAYLEY_CLAMP = {"fp32": 2.0 ** 12, "fp64": 2.0 ** 26}
 ROW_RESCALE = {"fp32": 2.0 ** -80, "fp64": 2.0 ** -600}  # the row kernels' rescue pass (small_linalg.h row_rescale_of)
 TINY = {"fp32": 2.0 ** -126, "fp64": 2.0 ** -1022}  # the smallest normal number (small_linalg.h tiny_of)
+ON_SPHERE_TOL = {"fp32": 2.0 ** -17, "fp64": 2.0 ** -46}  # |‖ω‖² − 1| of a point on its sphere (on_sphere_tol_of)
+EXP_ROUNDING_SQ = {"fp32": 2.0 ** -42, "fp64": 2.0 ** -100}  # ‖U⊥‖² of no step (small_linalg.h exp_rounding_sq_of)
 
 
 def jacobi_sweeps(m: int, dtype: str) -> int:
@@ -210,39 +212,51 @@ class Math:
                 for j in range(self.B)]
         return self.per_column(cols, sph, self.total)
 
-    def exp_terms(self, w, v, sph, among: str | None = None):
-        """(c, k) per column with Exp_ω(V⊥) = c·ω + k·V (of the whole component where ``sph``, see per_column): the
-        step along V⊥ = V − aω, a = ⟨ω,V⟩ (csrc manifold.h, before exp_of_large: V's computed radial part is rounding,
-        large relative to ‖V‖ for a mostly radial gradient), t = ‖V⊥‖, k = sinc t, c = cos t − k·a. Where ‖V⊥‖² or
-        a² would overflow, U = V/m with m = max|V|, U⊥ = U − ⟨ω,U⟩ω: t = m‖U⊥‖, k = sin t/(m‖U⊥‖),
-        c = cos t − sin t·⟨ω,U⟩/‖U⊥‖ (csrc exp_of_large)."""
+    def exp_retr(self, w, v, sph, among: str | None = None) -> list[str]:
+        """Exp_ω(V⊥) (of the whole component where ``sph``, else per column, see per_column) along V⊥ = V − aω,
+        a = ⟨ω,V⟩ (csrc manifold.h retr: V's computed radial part is rounding, large relative to ‖V‖ for a mostly
+        radial gradient): c·ω + k·V with t = ‖V⊥‖, k = sinc t, c = cos t − k·a. Where ‖V‖² would overflow or V lies
+        mostly along ω (‖V⊥‖² < ‖V‖²/4, where c's cancellation would take the step off the manifold; manifold.h
+        mostly_radial_), csrc exp_of_large: U = V/m with m = max|V|, U⊥ = U − ⟨ω,U⟩ω, its ω part removed again
+        where ω is on its sphere to rounding (ON_SPHERE_TOL; a second Gram–Schmidt pass), t = m‖U⊥‖, and
+        cos t·ω + sin t·U⊥/‖U⊥‖; no step where ‖U⊥‖² is rounding (EXP_ROUNDING_SQ; a one-entry column).
+        ``among``: the lanes that use the result."""
         B, n = self.B, self.A * self.B
         a = self.col_dots(w, v, sph)
         vp = [self.s.let(f"{v[i]} - {a[i % B]} * {w[i]}") for i in range(n)]
         sq = self.per_column_sq(vp, sph)
         ts = [self.s.let(f"tl.sqrt({c})") for c in sq]
         k = [self.sinc(t) for t in ts]
-        terms = [self.s.let(f"tl.cos({t}) - {kj} * {aj}") for t, kj, aj in zip(ts, k, a)] + k
-        a_sq = [self.s.let(f"tl.maximum({c}, {aj} * {aj})") for c, aj in zip(sq, a)]  # ⟨ω,V⟩ may overflow too
-        big, any_big = self.overflows(a_sq, among)
+        c = [self.s.let(f"tl.cos({t}) - {kj} * {aj}") for t, kj, aj in zip(ts, k, a)]
+        out = [self.s.let(f"{c[i % B]} * {w[i]} + {k[i % B]} * {v[i]}") for i in range(n)]
+        vv = self.per_column_sq(v, sph)
+        cond = f" & ({among})" if among else ""
+        flags = {(q, t): self.s.let(f"(({q} > {BIG_SQ[self.dtype]!r}) | ({t} < 0.25 * {q})){cond}", "far")
+                 for q, t in dict.fromkeys(zip(vv, sq))}
+        far = [flags[q, t] for q, t in zip(vv, sq)]
+        names = list(flags.values())
+        any_far = names[0] if len(names) == 1 else self.s.let(" | ".join(names), "far")
 
-        def rescaled():
+        def formed():
             ms = self.per_column_max(v, sph)
             im = [self.inv_or_one(m) for m in ms]
             u = [self.s.let(f"{v[i]} * {im[i % B]}") for i in range(n)]
             wu = self.col_dots(w, u, sph)
             up = [self.s.let(f"{u[i]} - {wu[i % B]} * {w[i]}") for i in range(n)]
-            cos, ks = [], []
+            ww = self.per_column_sq(w, sph)
+            on = [self.s.let(f"tl.abs({q} - 1.0) <= {ON_SPHERE_TOL[self.dtype]!r}") for q in ww]
+            wu2 = [self.s.let(f"tl.where({o}, {d}, 0.0)") for o, d in zip(on, self.col_dots(w, up, sph))]
+            up = [self.s.let(f"{up[i]} - {wu2[i % B]} * {w[i]}") for i in range(n)]
+            cos, sn = [], []
             for j, uu in enumerate(self.per_column_sq(up, sph)):
-                pos = self.s.let(f"{uu} > 0.0")
+                pos = self.s.let(f"{uu} > {EXP_ROUNDING_SQ[self.dtype]!r}")  # else U⊥ is rounding: no step
                 nu = self.s.let(f"tl.sqrt(tl.where({pos}, {uu}, 1.0))")
-                t = self.s.let(f"{ms[j]} * {nu}")
-                sn = self.s.let(f"tl.where({pos}, tl.sin({t}) / {nu}, 0.0)")
-                cos.append(self.s.let(f"tl.where({big[j]}, tl.cos({t}) - {sn} * {wu[j]}, {terms[j]})"))
-                ks.append(self.s.let(f"tl.where({big[j]}, {sn} * {im[j]}, {terms[B + j]})"))
-            return cos + ks
-        terms = self.s.guarded(any_big, terms, rescaled)
-        return terms[:B], terms[B:]
+                t = self.s.let(f"tl.where({pos}, {ms[j]} * {nu}, 0.0)")
+                cos.append(self.s.let(f"tl.cos({t})"))
+                sn.append(self.s.let(f"tl.where({pos}, tl.sin({t}) / {nu}, 0.0)"))
+            return [self.s.let(f"tl.where({far[i % B]}, {cos[i % B]} * {w[i]} + {sn[i % B]} * {up[i]}, {out[i]})")
+                    for i in range(n)]
+        return self.s.guarded(any_far, out, formed)
 
     def sinc(self, t: str) -> str:
         small = self.s.let(f"{t} > {SINC_SMALL}")
@@ -438,8 +452,7 @@ class Math:
                 return self.s.guarded(large, y, lambda: [self.s.let(f"tl.where({large}, {q}, {o})")
                                                          for q, o in zip(self.qr_q(y), y)])
             if code in (C.SPHERE_EXP, C.OBLIQUE_EXP):
-                cos, k = self.exp_terms(w, v, code == C.SPHERE_EXP)
-                return [self.s.let(f"{cos[i % B]} * {w[i]} + {k[i % B]} * {v[i]}") for i in range(n)]
+                return self.exp_retr(w, v, code == C.SPHERE_EXP)
             y = [self.s.let(f"{w[i]} + {v[i]}") for i in range(n)]
             return self.projx(y, code)
         y = [self.s.let(f"{w[i]} + {v[i]}") for i in range(n)]
@@ -450,9 +463,7 @@ class Math:
         # The exp, QR and Cayley retractions are computed only in blocks that hold such a component.
 
         def exp_branch():
-            cos, k = self.exp_terms(w, v, sph, among=exp)
-            return [self.s.let(f"tl.where({exp}, {cos[i % B]} * {w[i]} + {k[i % B]} * {v[i]}, {out[i]})")
-                    for i in range(n)]
+            return [self.s.let(f"tl.where({exp}, {e}, {o})") for e, o in zip(self.exp_retr(w, v, sph, among=exp), out)]
 
         out = self.s.guarded(exp, out, exp_branch)
         qr_of = None  # the lanes whose QR is taken: the qr retraction's, and large Cayley steps' (one QR for both)
@@ -742,8 +753,8 @@ def step_kernel_name(op, a, b, dtype, momentum, first_step, nesterov, stabilize,
 def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, rescale, group, weight_decay,
                 log_tensors, packed=False, controls="", interleaved=False):
     """The fused FG-SGD step (reference.step) over all tensors of a call: read p, g, m once, write p, m once.
-    ``controls`` (see _controls): "s" decides first_step and stabilize per tensor at run time (the flags are
-    then False). ``interleaved``: the tensors are channels-last conv weights whose p and g are read and written
+    ``controls`` (see _controls): "s" decides stabilize per tensor at run time (the flag is then False), and the
+    first step unless ``first_step`` forces it (buffers new at any count). ``interleaved``: the tensors are channels-last conv weights whose p and g are read and written
     where they are (Frame.interleaved; m and the per-component arrays are contiguous)."""
     name = step_kernel_name("step", a, b, dtype, momentum, first_step, nesterov, stabilize, rescale, group,
                             weight_decay, log_tensors, packed, controls, interleaved)

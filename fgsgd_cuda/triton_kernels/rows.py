@@ -76,6 +76,43 @@ def _xi(src: _cg.Src, weight_decay: bool) -> None:
         src.raw("xi = sg * (r * gv - a * w)")
 
 
+def _formed_terms(src: _cg.Src, dtype: str, load_pg, weight_decay: bool, d_again) -> None:
+    """An exp row far along ω (‖d⊥‖² < ‖d‖²/4: ‖d‖² − ⟨ω,d⟩² cancelled; a row near a coordinate axis landed 1e-2 off
+    its sphere in fp32): ``formed`` and ω' = cos_d·ω + k_d·(rs_d·d − s_d·ω), d⊥ formed per element in float64 with
+    s = ⟨ω,d⟩ (over ‖ω‖² where ω is on its sphere to rounding) and the ω part that its sum leaves removed again, as
+    csrc/fgsgd/row_step.h does: one more pass over such a row."""
+    big = repr(_cg.BIG_SQ[dtype])
+    src.raw("formed = expm & (q - rad * rad * (2.0 - ww) < 0.25 * q)")
+    src.raw("rs_d = rs.to(tl.float64)")
+    src.raw("s_d = tl.full((), 0.0, tl.float64)")
+    src.raw("cos_d = tl.full((), 1.0, tl.float64)")
+    src.raw("k_d = tl.full((), 0.0, tl.float64)")
+    src.raw("if formed:")
+    src.depth += 1
+    src.raw("wwd = ww.to(tl.float64)")
+    src.raw(f"on_sph = tl.abs(wwd - 1.0) <= {_cg.ON_SPHERE_TOL[dtype]!r}")
+    src.raw("s_d = rad.to(tl.float64) / tl.where(on_sph, wwd, 1.0)")
+    src.raw("acc_e = tl.zeros([BLOCK], tl.float64)")
+    src.raw("acc_f = tl.zeros([BLOCK], tl.float64)")
+
+    def body():
+        load_pg()
+        _xi(src, weight_decay)
+        d_again()
+        src.raw("w64 = w.to(tl.float64)")
+        src.raw("di = rs_d * d.to(tl.float64) - s_d * w64")
+        src.raw("acc_e += di * di")
+        src.raw("acc_f += di * w64")
+    _chunk_loop(src, body)
+    src.raw("b = tl.where(on_sph, tl.sum(acc_f, axis=0) / wwd, 0.0)  # ‖d⊥ − bω‖² = Σd⊥² − b²‖ω‖²")
+    src.raw("s_d = s_d + b")
+    src.raw("nu_d = tl.sqrt(tl.maximum(tl.sum(acc_e, axis=0) - b * b * wwd, 0.0))  # rs·‖d⊥‖")
+    src.raw(f"t_d = tl.minimum(nu_d / rs_d, {big})")
+    src.raw("cos_d = tl.cos(t_d)")
+    src.raw("k_d = tl.where(t_d > 1e-4, tl.sin(t_d) / tl.where(t_d > 1e-4, nu_d, 1.0), (1.0 - t_d * t_d / 6.0) / rs_d)")
+    src.depth -= 1
+
+
 def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale, group, weight_decay, log_tensors,
                     packed=False, controls=""):
     name = _cg.step_kernel_name("rowstep", 0, 1, dtype, momentum, first_step, nesterov, stabilize, rescale, group,
@@ -163,20 +200,30 @@ def row_step_source(dtype, *, momentum, first_step, nesterov, stabilize, rescale
     src.raw("sc_exp = tl.where(tq > 1e-4, tl.sin(tq) * rs / tl.where(tq > 1e-4, nu, 1.0), 1.0 - tq * tq / 6.0)")
     src.raw("c_exp = tl.cos(tq) - (sc_exp / rs) * rad")
     src.raw("inv = tl.where(curved, rs / tl.sqrt(tl.where(curved, q, 1.0)), 1.0)")
+    _formed_terms(src, dtype, load_pg, weight_decay, d_again)
     # pass 3: ω' into p; ⟨ω', buf⟩, ‖ω'‖²
     src.raw(f"acc_b = tl.zeros([BLOCK], {tl_dt})")
     src.raw(f"acc_w = tl.zeros([BLOCK], {tl_dt})")
 
-    def pass3():
-        load_pg()
-        _xi(src, weight_decay)
-        d_again()
-        src.raw("wn = tl.where(expm, c_exp * w + sc_exp * d, (w + d) * inv)")
-        src.raw("tl.store(p_ptr + offs, wn, mask=mks)")
-        if momentum:
-            src.raw("acc_b += wn * buf")
-        src.raw("acc_w += wn * wn")
-    _chunk_loop(src, pass3)
+    def pass3(wn):
+        def body():
+            load_pg()
+            _xi(src, weight_decay)
+            d_again()
+            src.raw(f"wn = {wn}")
+            src.raw("tl.store(p_ptr + offs, wn, mask=mks)")
+            if momentum:
+                src.raw("acc_b += wn * buf")
+            src.raw("acc_w += wn * wn")
+        _chunk_loop(src, body)
+    src.raw("if formed:")
+    src.depth += 1
+    pass3(f"(cos_d * w.to(tl.float64) + k_d * (rs_d * d.to(tl.float64) - s_d * w.to(tl.float64))).to({tl_dt})")
+    src.depth -= 1
+    src.raw("else:")
+    src.depth += 1
+    pass3("tl.where(expm, c_exp * w + sc_exp * d, (w + d) * inv)")
+    src.depth -= 1
     if stabilize or "s" in controls:
         on = "curved & stab_rt" if not stabilize else "curved"
         src.raw(f"ns = tl.where({on}, 1.0 / tl.sqrt(tl.where(curved, tl.sum(acc_w, axis=0), 1.0)), 1.0)")
