@@ -112,6 +112,7 @@ class FGSGD(Optimizer):
         self._staging: dict = {}  # contiguous copies of channels-last CPU weights and gradients (functional.staged)
         self._overlap = streams.Overlap()  # CUDA: the small launches of a step on a side stream
         self._finite_flags: dict = {}  # capturable check_finite: device -> persistent (found_inf, one)
+        self._mixed_groups: dict = {}  # gi -> whether a manifold group holds weights of several dtypes or devices
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_init_projx": self._init_projx}
@@ -284,12 +285,12 @@ class FGSGD(Optimizer):
         return torch.tensor(float(value), dtype=torch.float32, device=p.device) if group["capturable"] else int(value)
 
     def _projx(self, params, codes, backend) -> None:
-        """Moves every component of the manifold parameters onto its manifold, one call per shape (under
-        no_grad)."""
+        """Moves every component of the manifold parameters onto its manifold, one call per shape, device and dtype
+        (under no_grad)."""
         by_shape: dict = {}
         for k, p in enumerate(params):
-            by_shape.setdefault((self.state[p]["shape"], p.device), []).append(k)
-        for (shape, device), idx in by_shape.items():
+            by_shape.setdefault((self.state[p]["shape"], p.device, p.dtype), []).append(k)
+        for (shape, device, _), idx in by_shape.items():
             name = backend if shape[0] * shape[1] <= checks.MAX_ELEMS else "torch"
             targets = [params[k].detach() for k in idx]
             work = [staged(t) for t in targets]
@@ -313,9 +314,13 @@ class FGSGD(Optimizer):
         # a checkpoint from before the membership options were kept: they are the ones this optimizer made
         membership_now = {i: self.state[p].get("membership") for i, p in zip(saved_ids, params) if p in self.state}
         capturable = self.defaults["capturable"]
+        backends = [g["backend"] for g in self.param_groups]
         super().load_state_dict(_with_own_options(state_dict, self.param_groups))
-        for group in self.param_groups:  # how the step runs is this optimizer's choice, not the checkpoint's
+        # how the step runs is this optimizer's choice, not the checkpoint's (a GPU run's backend="cuda" resumes on
+        # a CPU optimizer, a reference run's "torch" does not slow down this one)
+        for group, backend in zip(self.param_groups, backends):
             group["capturable"] = capturable
+            group["backend"] = backend
         for i, p in zip(saved_ids, params):
             if p not in self.state:  # nothing saved for it (a Euclidean parameter without momentum)
                 continue
@@ -338,6 +343,7 @@ class FGSGD(Optimizer):
                         # optimizer tells a first step by a missing buffer, the capturable one by its count
                         st.pop("momentum_buffer", None)
         self._group_cache.clear()  # keyed by the ids of the parameters: the groups are rebuilt from the state
+        self._mixed_groups.clear()  # found again at the next step (the weights may have moved)
         self._view_cache.clear()   # holds views of the old momentum buffers
 
     # ---------------------------------------------------------------- access for the library's tools
@@ -392,7 +398,8 @@ class FGSGD(Optimizer):
 
     @torch.no_grad()
     def set_rescale(self, new_rescale: dict) -> None:
-        """Applies new scales R (DESIGN.md §1 "Rescaling"): p ← (R_new/R_old)·p, one launch per shape.
+        """Applies new scales R (DESIGN.md §1 "Rescaling"): p ← (R_new/R_old)·p, one launch per shape, device and
+        dtype.
 
         ``new_rescale`` maps manifold parameters to (N,) tensors of positive finite scales.
         """
@@ -410,8 +417,8 @@ class FGSGD(Optimizer):
                 raise ValueError("set_rescale: scales must be finite and positive")
             ratio = (r_new / self.rescale(p)).contiguous()
             backend = next(g["backend"] for g in self.param_groups if any(q is p for q in g["params"]))
-            groups.setdefault((st["shape"], p.device, backend), []).append((p, st, r_new, ratio))
-        for (shape, device, backend), items in groups.items():
+            groups.setdefault((st["shape"], p.device, p.dtype, backend), []).append((p, st, r_new, ratio))
+        for (shape, device, _, backend), items in groups.items():
             name = backend if shape[0] * shape[1] <= checks.MAX_ELEMS else "torch"
             work = [staged(p) for p, *_ in items]
             dispatch.get(name, device).rescale_([component_view(w, shape) for w in work],
@@ -580,12 +587,16 @@ class FGSGD(Optimizer):
 
     def _prepare_manifold_group(self, gi, group, params, grads, found_inf, grad_scale) -> list:
         """The launches of a manifold group's step (param_groups[gi]): one call for all its parameters, or one per
-        device when a flag or scale (one tensor per device) goes with it."""
+        device and dtype when the group holds several (a call takes one dtype and device: a model split over
+        devices, or a float64 layer in a float32 model) or a flag or scale (one tensor per device) goes with it."""
         if group["maximize"] or group["capturable"] is not self.defaults["capturable"]:
             self._refuse_changed_options(gi, group)
-        by_device = _by_device(params) if found_inf or grad_scale else {None: None}
+        mixed = self._mixed_groups.get(gi)
+        if mixed is None:  # once per group: a read of every weight's dtype and device costs host time at each step
+            mixed = self._mixed_groups[gi] = len({(p.dtype, p.device) for p in params}) > 1
+        by_device = _by_device_and_dtype(params) if mixed or found_inf or grad_scale else {(None, None): None}
         launches = []
-        for device, idx in by_device.items():
+        for (device, _), idx in by_device.items():
             ps, gs = (params, grads) if idx is None else ([params[k] for k in idx], [grads[k] for k in idx])
             if "codes" not in self.state.get(ps[0], ()) or "codes" not in self.state.get(ps[-1], ()):
                 self._refuse_changed_options(gi, group)  # (read with get: a refused step adds no state entry)
@@ -648,6 +659,14 @@ def _by_device(tensors) -> dict:
     out: dict = {}
     for k, t in enumerate(tensors):
         out.setdefault(t.device, []).append(k)
+    return out
+
+
+def _by_device_and_dtype(tensors) -> dict:
+    """(device, dtype) -> indices of the tensors of that device and dtype, in order."""
+    out: dict = {}
+    for k, t in enumerate(tensors):
+        out.setdefault((t.device, t.dtype), []).append(k)
     return out
 
 

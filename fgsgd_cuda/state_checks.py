@@ -99,3 +99,8 @@ def explain_step_failure(params, grads, states, names) -> None:
         if st["codes"].device != p.device:
             raise ValueError(f"{name}: its manifold codes are on {st['codes'].device}, the parameter on {p.device}; "
                              f"{fix}")
+    for k, p in enumerate(params[1:], 1):  # one call takes one dtype and device: the group's split is found once
+        if p.dtype != params[0].dtype or p.device != params[0].device:
+            raise ValueError(f"{names(k)} (shape {tuple(p.shape)}): is {p.dtype} on {p.device}, but {names(0)} of "
+                             f"the same step call is {params[0].dtype} on {params[0].device}; the optimizer splits a "
+                             f"group by dtype and device when it first steps it, so {fix}")

@@ -10,6 +10,7 @@ import zlib
 
 import pytest
 import torch
+from torch import nn
 
 from fgsgd_cuda import _ext, codes as C, manifolds as M, reference as R
 
@@ -547,6 +548,42 @@ def shape_code_cases(shapes, codes=None):
             test = mark(test)
         return test
     return decorate
+
+
+def _two_dtype_weights(seed, device):
+    torch.manual_seed(seed)
+    return [nn.Parameter(nn.Conv2d(3, 4, 3).weight.detach().clone().to(device)),
+            nn.Parameter(nn.Conv2d(4, 5, 3).weight.detach().double().clone().to(device))]
+
+
+def _two_dtype_steps(params, backend, steps=3):
+    """Three steps with group_clip (s_g per group, in the weight's dtype) and momentum; a grouping that does not
+    depend on a weight's position in its group (sphere only, deterministic selection)."""
+    from fgsgd_cuda import FGSGD
+    opt = FGSGD([{"params": params, "manifolds": ["sphere"], "selection": "deterministic", "group_size": 3,
+                  "group_clip": 0.05, "backend": backend}], lr=0.1, momentum=0.9)
+    for k in range(steps):
+        for p in params:  # each weight's own gradients, wherever it is in the group
+            p.grad = torch.randn(p.shape, generator=make_gen(50 + k + 100 * p.shape[0]),
+                                 dtype=torch.float64).to(p.dtype).to(p.device)
+        opt.step()
+    return opt
+
+
+def check_two_dtype_group(backend, device, order):
+    """A manifold group of a float32 and a float64 weight (tests/test_mixed_dtypes.py): each weight follows the same
+    weight stepped alone, and stays on the sphere."""
+    together = _two_dtype_weights(0, device)
+    if order == "fp64-first":
+        together = together[::-1]
+    _two_dtype_steps(together, backend)
+    for p in together:
+        alone = [nn.Parameter(q.detach().clone()) for q in _two_dtype_weights(0, device) if q.dtype == p.dtype]
+        _two_dtype_steps(alone, backend)
+        tol = 1e-6 if p.dtype == torch.float32 else 1e-14
+        assert float((p.detach() - alone[0].detach()).abs().max()) <= tol, f"{p.dtype} weight"
+        norms = p.detach().double().reshape(-1, 9).norm(dim=1)
+        assert float((norms - 1).abs().max()) <= 10 * torch.finfo(p.dtype).eps
 
 
 def _rank_main(target, rank: int, out_dir: str, args) -> None:

@@ -259,3 +259,34 @@ def test_an_inconsistent_grouping_is_refused_before_anything_changes():
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all("momentum_buffer" not in opt.state[p] for p in model.parameters())
+
+
+def test_the_backend_is_this_optimizers_not_the_checkpoints():
+    """A checkpoint's backend does not replace the loading optimizer's: a GPU run's backend="cuda" resumes on a CPU
+    optimizer (it made every step fail), and a reference run's "torch" does not move a "cpu" optimizer onto the
+    reference (silently slower). The resumed run steps as an uninterrupted one on the loading backend."""
+    from fgsgd_cuda import dispatch
+    own = "cpu" if dispatch.available("cpu", torch.device("cpu")) else "torch"
+    straight = cnn(0)
+    opt_s, _ = make_optimizer(straight, seed=1, sched=False)
+    for g in opt_s.param_groups:
+        g["backend"] = own
+    train(straight, opt_s, torch.optim.lr_scheduler.LambdaLR(opt_s, lambda _: 1.0), N + M, 0)
+    first = cnn(0)
+    opt_a, _ = make_optimizer(first, seed=1, sched=False)
+    for g in opt_a.param_groups:
+        g["backend"] = own
+    train(first, opt_a, torch.optim.lr_scheduler.LambdaLR(opt_a, lambda _: 1.0), N, 0)
+    saved = roundtrip(opt_a.state_dict())
+    for g in saved["param_groups"]:
+        g["backend"] = "cuda"  # as a GPU run saves it
+    fresh = cnn(5)
+    opt_b, _ = make_optimizer(fresh, seed=1, sched=False)
+    for g in opt_b.param_groups:
+        g["backend"] = own
+    fresh.load_state_dict(first.state_dict())
+    opt_b.load_state_dict(saved)
+    assert [g["backend"] for g in opt_b.param_groups] == [own] * len(opt_b.param_groups)
+    train(fresh, opt_b, torch.optim.lr_scheduler.LambdaLR(opt_b, lambda _: 1.0), M, N)
+    for (name, p), q in zip(straight.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), f"{name}: resumed training differs from training straight through"

@@ -26,7 +26,7 @@ import torch
 from conftest import (CLIP_SHAPES, EXP_CODES, FAR_RADIAL, FAR_SHAPES, FP32_RTOL, LARGE_SHAPES, ONE_ENTRY_CASES,
                       RADIAL_SHAPES, SHAPES, UNEVEN_SHAPES, backend_step, backend_step_pm, check_huge_group_clip,
                       check_large_single_ops, check_large_steps, check_one_entry_columns, check_radial_gradients,
-                      check_rows_near_an_axis, check_step_sizes, check_tiny_components,
+                      check_rows_near_an_axis, check_step_sizes, check_tiny_components, check_two_dtype_group,
                       check_uneven_columns, codes_for, make_gen, make_row_tensors, make_step_tensors, random_points,
                       random_tangents, rel_err, shape_code_cases)
 from fgsgd_cuda import codes as C, dispatch, manifolds as M, ops, reference as R
@@ -523,6 +523,12 @@ def test_gradients_far_along_the_point_stay_on_the_manifold(device, code, shape,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_rows_near_an_axis_far_along_the_point_stay_on_the_sphere(device, dtype, n):
     check_rows_near_an_axis("triton", device, dtype, n)
+
+
+@pytest.mark.parametrize("order", ["fp32-first", "fp64-first"])
+def test_a_group_of_two_dtypes_steps_each_weight_as_alone(device, order):
+    """FGSGD splits a group by dtype (the kernels had read a float64 weight as float32): conftest.check_two_dtype_group."""
+    check_two_dtype_group("triton", device, order)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

@@ -1,11 +1,14 @@
 """The ``triton`` backend: the generated Triton kernels of :mod:`fgsgd_cuda.triton_kernels`.
 
-Same methods and semantics as :class:`fgsgd_cuda.backends.torch_ref.TorchBackend`; the inputs are
-checked by :mod:`fgsgd_cuda.ops` before they get here. The kernels read packed codes (2 bits per
-component, fgsgd_cuda/codes.py) as they are.
+Same methods and semantics as :class:`fgsgd_cuda.backends.torch_ref.TorchBackend`. The multi-tensor methods check
+their lists (shapes, dtypes, devices: :func:`fgsgd_cuda.ops.check_lists`) before they launch, as the compiled
+backends do in C++: one launch reads every tensor through one kernel of one dtype, so a tensor that does not fit
+would be read and written out of bounds (FGSGD calls the backends directly, not through the ops). The kernels read
+packed codes (2 bits per component, fgsgd_cuda/codes.py) as they are.
 """
 from __future__ import annotations
 
+from .. import ops as _ops
 from ..triton_kernels import launch as _k
 from . import as_components
 from .torch_ref import group_scale as _torch_group_scale
@@ -39,21 +42,26 @@ class TritonBackend:
               stabilize_every=0, grad_scale=None):
         if not params:
             return
+        _ops.check_lists(params, grads, momenta if momentum else None, codes, rescale, group_index, group_scale,
+                         rows=True, interleaved=True)
         _k.step_(as_components(params, True), as_components(grads, True), as_components(momenta), list(codes),
                  list(rescale), list(group_index), list(group_scale), float(lr), float(momentum), float(dampening),
                  bool(nesterov), float(weight_decay), bool(first_step), bool(stabilize), list(steps), found_inf,
                  lr_tensor, int(stabilize_every), grad_scale)
 
     def tangent_sqnorm(self, params, grads, codes, rescale, weight_decay):
+        _ops.check_lists(params, grads, None, codes, rescale, rows=True, interleaved=True)
         return _k.tangent_sqnorm(as_components(params, True), as_components(grads, True), list(codes),
                                  list(rescale), float(weight_decay))
 
     def projx_(self, params, codes, rescale):
         if params:
+            _ops.check_lists(params, None, None, codes, rescale)
             _k.projx_(as_components(params), list(codes), list(rescale))
 
     def rescale_(self, params, codes, ratio):
         if params:
+            _ops.check_lists(params, None, None, codes, ratio, rescale_name="ratio")
             _k.rescale_(as_components(params), list(codes), list(ratio))  # the kernel does not read the codes
 
     def group_scale(self, sqnorm, members, offsets, group_clip, dtype=None):
