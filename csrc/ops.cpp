@@ -13,8 +13,8 @@
 //       group_index int32 (N,) with group_scale (G,): the group step size s_g, or both empty (s_g = 1).
 //       Run-time controls (csrc/fgsgd/step_control.h), read when the step runs, never on the host of a CUDA
 //       step: found_inf (float32, one element) skips the whole step when nonzero; lr_tensor replaces lr;
-//       steps (one float32 count per tensor) replace first_step and stabilize (stabilize_every) and are
-//       incremented by a step that is not skipped; grad_scale (float32, one element: GradScaler's scale) makes
+//       steps (one float32 count per tensor) replace stabilize (stabilize_every) and decide first_step (count
+//       0), which first_step = true still forces (new buffers), and are incremented by a step that is not skipped; grad_scale (float32, one element: GradScaler's scale) makes
 //       the step read g / grad_scale (weight_decay must be 0).
 //   tangent_sqnorm(params, grads, codes, rescale, weight_decay) -> ‖Π_ω(R·g)‖² of every component,
 //       concatenated over the tensors (the input of the group step size, step 2), float64 for every dtype.

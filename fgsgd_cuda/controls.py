@@ -59,7 +59,8 @@ def step_on_host(impl, params, grads, momenta, codes, rescale, group_index, grou
         first, stab = first_step, stabilize
         if steps:
             n = int(float(steps[k]))
-            first, stab = momentum != 0 and n == 0, stabilize_every > 0 and (n + 1) % stabilize_every == 0
+            first = momentum != 0 and (bool(first_step) or n == 0)  # first_step: new buffers at any count
+            stab = stabilize_every > 0 and (n + 1) % stabilize_every == 0
         parts.setdefault((first, stab), []).append(k)
     for (first, stab), idx in parts.items():
         pick = lambda lst: [lst[k] for k in idx] if lst else []  # noqa: E731

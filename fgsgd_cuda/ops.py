@@ -170,8 +170,9 @@ def step_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, codes: Ten
     momentum buffers are written, not read (m = s_g·ξ).
 
     Run-time controls (:mod:`fgsgd_cuda.controls`): ``found_inf`` skips the step when nonzero, ``lr_tensor``
-    replaces ``lr``, per-tensor ``steps`` counts replace ``first_step`` and ``stabilize``
-    (``stabilize_every``) and are incremented, and ``grad_scale`` (GradScaler's scale) makes the step read
+    replaces ``lr``, per-tensor ``steps`` counts replace ``stabilize`` (``stabilize_every``) and decide the
+    first step (count 0), which ``first_step=True`` still forces (buffers that are new whatever the count: momentum
+    switched on later), and are incremented, and ``grad_scale`` (GradScaler's scale) makes the step read
     g / grad_scale. The ``cpu``, ``cuda`` and ``triton`` backends read them in the step (no host
     synchronisation: capturable in a CUDA graph); ``torch`` reads them on the host.
     """

@@ -269,3 +269,28 @@ def test_capturable_euclidean_group_maximizes_like_the_eager_one():
         runs.append(model)
     for (n, a), b in zip(runs[0].named_parameters(), runs[1].parameters()):
         assert torch.equal(a, b), n
+
+
+def test_momentum_switched_on_later_starts_its_buffer_as_a_first_step():
+    """Momentum (with dampening) set in param_groups after some steps: the manifold weights' new buffers start as
+    m = s_g·ξ, a first step, as the eager optimizer and torch.optim.SGD start a missing buffer. The capturable step
+    told a first step by the count alone, so it took μ·0 + (1 − τ)·s_g·ξ (0.2 off after two more steps with
+    τ = 0.5); the host's flag of new buffers now forces the first step at any count (csrc step_control.h)."""
+    runs = []
+    for capturable in (False, True):
+        model = model_of()
+        opt = FGSGD(param_groups(model, group_size=4, stabilize=3), lr=0.05, momentum=0.0, capturable=capturable,
+                    fused=True)
+        for k in range(4):
+            if k == 2:
+                for g in opt.param_groups:
+                    g.update(momentum=0.9, dampening=0.5)
+            grads_for(model, k)
+            opt.step()
+        runs.append((model, opt))
+    (m1, o1), (m2, o2) = runs
+    for a, b in zip(manifold_params(o1), manifold_params(o2)):
+        assert torch.equal(o1.state[a]["momentum_buffer"], o2.state[b]["momentum_buffer"])
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        if any(a is p for p in manifold_params(o1)):
+            assert torch.equal(a, b), n

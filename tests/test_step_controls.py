@@ -1,6 +1,6 @@
 """The step's run-time controls (fgsgd_cuda/controls.py, csrc/fgsgd/step_control.h) on every backend: found_inf
-skips the whole step, a tensor lr replaces lr, per-tensor step counts decide first_step and stabilize and are
-incremented. A controlled step must give the same bits as the plain step with the flags the counts imply (to
+skips the whole step, a tensor lr replaces lr, per-tensor step counts decide first_step (which the launch's
+first_step=True forces) and stabilize and are incremented. A controlled step must give the same bits as the plain step with the flags the counts imply (to
 rounding for Triton on a GPU: _same)."""
 from __future__ import annotations
 
@@ -73,6 +73,25 @@ def test_counts_and_lr_tensor_follow_the_plain_step(backend, device, dtype, shap
         p_ref, m_ref = R.step(t["p"].double(), t["g"].double(), t["m"].double(), t["codes"], t["r"].double(), None,
                               lr=float(lr_t), first_step=STEPS[k] == 0, stabilize=(STEPS[k] + 1) % EVERY == 0, **HP)
         assert rel_err(a["p"], p_ref) <= tol and rel_err(a["m"], m_ref) <= tol, f"tensor {k}"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_first_step_forces_a_first_step_at_any_count(backend, device, dtype, shape):
+    """first_step=True with counts [0, 4, 9, 2]: new buffers whatever the count (FGSGD's momentum switched on after
+    some steps, whose capturable step had read a zeroed buffer as m and started it as (1 − τ)·s_g·ξ): every tensor
+    takes a first step (m = s_g·ξ), and the counts still decide stabilize."""
+    ts = _tensors(shape, dtype, device, zlib.crc32(repr(("first", backend, dtype, shape)).encode()))
+    hp = dict(lr=0.07, dampening=0.5)
+    plain = _clone(ts)
+    for k, t in enumerate(plain):
+        _call([t], backend, first_step=True, stabilize=(STEPS[k] + 1) % EVERY == 0, **hp)
+    steps = [torch.tensor(float(s), device=device) for s in STEPS]
+    got = _clone(ts)
+    _call(got, backend, first_step=True, stabilize=False, steps=steps, stabilize_every=EVERY, **hp)
+    for k, (a, b) in enumerate(zip(got, plain)):
+        assert _same(a["p"], b["p"], backend, device) and _same(a["m"], b["m"], backend, device), f"tensor {k}"
 
 
 @pytest.mark.parametrize("shape", SHAPES)

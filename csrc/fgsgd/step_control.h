@@ -13,7 +13,8 @@ FGSGD_HD bool step_skipped(const StepControl& c) { return c.found_inf != nullptr
 
 // The hyper-parameters of one tensor's step: the launch's `h`, with the learning rate from c.lr and the
 // gradients' unscale factor 1 / c.grad_scale (when given) and, when the tensor carries its own step count (TensorSlot::step = k, the steps it has taken),
-// first_step = (momentum != 0 and k == 0) and stabilize = ((k + 1) mod stabilize_every == 0), as
+// first_step = (momentum != 0 and (k == 0 or the launch's first_step: buffers that are new whatever the count, as when
+// momentum is switched on after some steps)) and stabilize = ((k + 1) mod stabilize_every == 0), as
 // fgsgd_cuda/functional.py decides them on the host from its own counts.
 template <class T>
 FGSGD_HD StepHParams<T> resolve_step(const StepHParams<T>& h, const StepControl& c, const float* step) {
@@ -24,7 +25,7 @@ FGSGD_HD StepHParams<T> resolve_step(const StepHParams<T>& h, const StepControl&
   if (step != nullptr) {
     // counts are float32 (exact below 2^24) and stabilize_every < 2^31 (op_impl.h): 32-bit arithmetic
     const uint32_t k = uint32_t(*step);
-    r.first_step = h.momentum != T(0) && k == 0;
+    r.first_step = h.momentum != T(0) && (h.first_step || k == 0);  // the launch's: buffers new at any count
     r.stabilize = c.stabilize_every > 0 && (k + 1) % uint32_t(c.stabilize_every) == 0;
   }
   return r;

@@ -212,7 +212,7 @@ def step_(params, grads, momenta, codes, rescale, group_index, group_scale, lr, 
     controls = "".join(ch for ch, on in (("f", found_inf is not None), ("l", lr_tensor is not None),
                                          ("u", grad_scale is not None), ("s", bool(steps))) if on)
     if "s" in controls:
-        first_step = stabilize = False  # decided per tensor in the kernel
+        stabilize = False  # decided per tensor in the kernel, and so is the first step unless first_step forces it
     rows = []
     gs0 = group_scale[0] if group_index else None  # the s_g columns: element offsets from group_scale[0]
     il, layouts = _by_layout(params)
