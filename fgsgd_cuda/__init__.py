@@ -12,6 +12,7 @@ from .optimizer import FGSGD
 from .param_groups import param_groups
 from .renorm import Renormalizer
 from .channel_directed import channel_directed_, conv_weights
+from .zero_sync import sync_zero_weights
 
 if _ext.HAS_CPU_KERNELS:
     from . import _fake
@@ -20,5 +21,5 @@ if _ext.HAS_CPU_KERNELS:
 
 __version__ = "0.1.0"
 
-__all__ = ["FGSGD", "param_groups", "Renormalizer", "channel_directed_", "conv_weights", "Grouping", "make_grouping", "codes", "manifolds", "reference", "dispatch", "ops", "manifold", "Sphere", "Oblique", "Stiefel",
+__all__ = ["FGSGD", "param_groups", "Renormalizer", "channel_directed_", "conv_weights", "sync_zero_weights", "Grouping", "make_grouping", "codes", "manifolds", "reference", "dispatch", "ops", "manifold", "Sphere", "Oblique", "Stiefel",
            "Euclidean"]

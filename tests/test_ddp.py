@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from conftest import run_ranks
-from fgsgd_cuda import FGSGD, codes as C, manifolds as M, param_groups
+from fgsgd_cuda import FGSGD, codes as C, manifolds as M, param_groups, sync_zero_weights
 
 WORLD = 2
 STEPS = 6
@@ -116,6 +116,7 @@ def zero_worker(rank: int, world: int, store_path: str, out_dir: str) -> None:
                                       **{k: v for k, v in filters.items() if k != "params"})
         for group in rest:
             opt.add_param_group(group)
+        sync_zero_weights(opt)
         return model, ddp, opt
 
     def train(ddp, opt, steps):
@@ -160,3 +161,57 @@ def test_zero_redundancy_optimizer_over_fgsgd(tmp_path):
         for r in res:
             assert torch.equal(r["continued"][name], p), name
             assert torch.equal(r["resumed"][name], p), name
+
+
+def zero_matches_plain_worker(rank: int, world: int, store_path: str, out_dir: str, mode: str) -> None:
+    """One rank of DDP + FGSGD (``mode`` "plain") or DDP + ZeroRedundancyOptimizer(FGSGD) + sync_zero_weights
+    ("zero"), with a grouping that does not depend on a weight's position in its group (sphere only, deterministic
+    selection): the model before the first forward pass and after three steps."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(1234 + rank)   # DDP broadcasts rank 0's weights
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                              nn.Conv2d(8, 6, 3), nn.Flatten(), nn.Linear(6 * 4 * 4, 4))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        filters, *rest = param_groups(model, manifolds=["sphere"], selection="deterministic", group_size=3)
+        if mode == "zero":
+            opt = ZeroRedundancyOptimizer(filters["params"], optimizer_class=FGSGD, lr=0.1, momentum=0.9,
+                                          **{k: v for k, v in filters.items() if k != "params"})
+            for group in rest:
+                opt.add_param_group(group)
+            sync_zero_weights(opt)
+        else:
+            opt = FGSGD([filters, *rest], lr=0.1, momentum=0.9)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for s in range(3):
+            gen = torch.Generator().manual_seed(100 * s + rank)   # different data per rank
+            x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+            opt.zero_grad()
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            opt.step()
+        torch.save({"before": before, "after": {n: p.detach() for n, p in model.named_parameters()}},
+                   os.path.join(out_dir, f"{mode}{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(gloo_missing() is not None, reason=str(gloo_missing()))
+def test_zero_with_synced_weights_trains_as_plain_fgsgd(tmp_path):
+    """Each rank's FGSGD inside ZeRO projects only the weights it owns when it is built: without
+    sync_zero_weights the ranks entered the first forward pass with different models and ended 1.4 away from
+    DDP + FGSGD after three steps. With it, every rank holds the same model before the first step, and the run
+    follows the unsharded one (to rounding: DDP's reductions over other buckets)."""
+    for mode in ("plain", "zero"):
+        run_ranks(zero_matches_plain_worker, WORLD, lambda r: (r, WORLD, str(tmp_path / f"store-{mode}"),
+                                                                str(tmp_path), mode), tmp_path)
+    plain = [torch.load(tmp_path / f"plain{r}.pt", weights_only=True) for r in range(WORLD)]
+    zero = [torch.load(tmp_path / f"zero{r}.pt", weights_only=True) for r in range(WORLD)]
+    for name, p in plain[0]["before"].items():
+        for r in range(WORLD):
+            assert torch.equal(zero[r]["before"][name], p), f"{name}: rank {r} starts from another model"
+            assert torch.equal(zero[r]["after"][name], zero[0]["after"][name]), name
+        assert float((zero[0]["after"][name] - plain[0]["after"][name]).abs().max()) <= 1e-5, name
