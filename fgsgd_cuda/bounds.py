@@ -447,8 +447,12 @@ def load_checkpoint(path, *, map_location="cpu", weights_only: bool = True, buil
         known = {"lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize", *MANIFOLD_DEFAULTS}
         groups = []
         for names, g in zip(ckpt["param_names"], ckpt["optimizer"]["param_groups"]):
-            groups.append({**{k: v for k, v in g.items() if k in known}, "params": [named[n] for n in names]})
-        optimizer = FGSGD(groups, init_projx=False)
+            # the backend is where the report runs ("auto"), not the training run's (a GPU's "cuda")
+            groups.append({**{k: v for k, v in g.items() if k in known and k != "backend"},
+                           "params": [named[n] for n in names]})
+        # a capturable optimizer's checkpoint: the optimizer-wide option, which every group must match
+        capturable = any(g.get("capturable", False) for g in ckpt["optimizer"]["param_groups"])
+        optimizer = FGSGD(groups, init_projx=False, capturable=capturable)
         optimizer.load_state_dict(ckpt["optimizer"])
     return model, optimizer, ckpt
 

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--group-size", type=int, default=16)
     g.add_argument("--group-clip", type=float, default=None, help="c of the group step size (default: off)")
     g.add_argument("--retraction", default=None, help="e.g. stiefel=cayley,sphere=exp (default normalize/qr)")
-    g.add_argument("--stabilize", type=int, default=50, help="re-project onto the manifolds every k steps")
+    g.add_argument("--stabilize", type=int, default=50, help="re-project onto the manifolds every k steps (0: never)")
     g.add_argument("--row-view", action="store_true", help="1×1 convs and linear weights on sphere/oblique rows")
     g.add_argument("--backend", default="auto", choices=BACKENDS)
     g.add_argument("--capturable", action="store_true", help="a step without host sync (GradScaler on device)")
@@ -144,7 +144,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_numbers(parser, args, finite=(
         ("lr", 0, False), ("manifold_lr", 0, False), ("momentum", 0, True), ("weight_decay", 0, True),
         ("warmup_epochs", 0, True), ("lr_gamma", 0, False), ("label_smoothing", 0, True), ("group_clip", 0, False),
-        ("channel_directed_lam", -math.inf, True)))
+        ("channel_directed_lam", -math.inf, True), ("stabilize", 0, True)))
     if args.label_smoothing > 1:
         parser.error(f"--label-smoothing: must be at most 1, got {args.label_smoothing}")
     if any(m < 1 for m in args.lr_steps):

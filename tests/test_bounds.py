@@ -21,7 +21,7 @@ from fgsgd_cuda import bounds
 from fgsgd_cuda import codes as C
 from fgsgd_cuda import manifolds as M
 
-from conftest import make_gen, random_points
+from conftest import make_gen, random_points, requires_cpu_kernels
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is much faster on a shared CPU
@@ -303,11 +303,11 @@ def builder_module(tmp_path, monkeypatch):
     sys.modules.pop("fgsgd_test_builder", None)
 
 
-def trained_checkpoint(mod, path, **kw):
+def trained_checkpoint(mod, path, capturable=False, **kw):
     with torch.random.fork_rng():
         torch.manual_seed(11)
         net = mod.build(width=6)
-    opt = F.FGSGD(F.param_groups(net, group_size=4, row_view=True), lr=0.05, momentum=0.9)
+    opt = F.FGSGD(F.param_groups(net, group_size=4, row_view=True), lr=0.05, momentum=0.9, capturable=capturable)
     renorm = F.Renormalizer(net, opt)
     gen = make_gen(12)
     for epoch in range(2):
@@ -384,3 +384,23 @@ def test_checkpoint_builder_must_be_marked_and_pickles_need_trust(builder_module
     net3, opt3, _ = bounds.load_checkpoint(pickled, weights_only=False)
     assert torch.equal(net3.conv2.weight, net.conv2.weight)
     assert bounds.main([str(pickled), "--trust-pickle"]) == 0
+
+
+@requires_cpu_kernels
+def test_checkpoint_of_a_capturable_gpu_run_loads(builder_module, tmp_path):
+    """A checkpoint of a capturable optimizer (whose groups say capturable=True) loads into the report's optimizer,
+    which had been built non-capturable and refused every such group; a GPU run's backend="cuda" does not reach
+    the CPU optimizer the report builds."""
+    path = tmp_path / "ckpt.pt"
+    net, opt = trained_checkpoint(builder_module, path, capturable=True)
+    ckpt = torch.load(path, weights_only=True)
+    for g in ckpt["optimizer"]["param_groups"]:
+        g["backend"] = "cuda"  # as a GPU run saves it
+    torch.save(ckpt, path)
+    net2, opt2, _ = bounds.load_checkpoint(path)
+    assert opt2.defaults["capturable"] and all(g["backend"] == "auto" for g in opt2.param_groups)
+    ref = bounds.report(net, opt, 4321, print_table=False)
+    got = bounds.report(net2, opt2, 4321, print_table=False)
+    for which in ("p", "omega"):
+        for name in bounds.BOUNDS:
+            assert got["bounds"][which][name]["log"] == ref["bounds"][which][name]["log"], (which, name)
