@@ -260,10 +260,11 @@ def test_learns_the_synthetic_classes(optimizer):
     (["--synthetic", "--lr-steps", "1", "2"], "--lr-steps: changes nothing without --schedule step"),
     (["--synthetic", "--renorm-batches", "7"], "--renorm-batches: changes nothing without --renorm running"),
     (["--synthetic", "--channel-directed-lam", "-5"], "--channel-directed-lam: changes nothing without"),
+    (["--synthetic", "--stabilize", "-1"], "--stabilize: must be a finite number >= 0"),
 ], ids=["no-data", "arch", "manifolds", "retraction", "batch-size", "resume-auto", "sgd-with-fgsgd-option",
         "channel-directed-lam", "compile-with-renorm", "negative-lr-gamma", "negative-lr-step", "infinite-lr",
         "nan-warmup", "nan-label-smoothing", "zero-manifold-lr", "lr-steps-with-cosine", "renorm-batches-off",
-        "channel-directed-lam-off"])
+        "channel-directed-lam-off", "negative-stabilize"])
 def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         T.main(argv)
