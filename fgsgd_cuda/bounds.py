@@ -98,6 +98,7 @@ BOUND_NAMES = {
 NORMS = ("frobenius", "spectral", "l21")
 CHECKPOINT_FORMAT = "fgsgd_cuda.checkpoint"
 CHECKPOINT_VERSION = 1
+TRAINING_FORMAT = "fgsgd_cuda.train_imagenet"  # train_imagenet.save_checkpoint's checkpoint.pt
 DEFAULT_TOL = 1e-5
 
 
@@ -412,7 +413,9 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, *, builder: str, bui
 
 
 def load_checkpoint(path, *, map_location="cpu", weights_only: bool = True, builder: str | None = None):
-    """(model, optimizer or None, checkpoint dict) from a file of :func:`save_checkpoint`.
+    """(model, optimizer or None, checkpoint dict) from a file of :func:`save_checkpoint`, or of
+    ``python -m fgsgd_cuda.train_imagenet`` (its ``checkpoint.pt``: the model and optimizer are built from the run's
+    arguments, as the training script builds them).
 
     ``builder`` ("module:function") overrides the checkpoint's; a builder named by the file must be
     marked with :func:`model_builder`. ``weights_only=False`` allows a pickled ``nn.Module`` under
@@ -421,6 +424,9 @@ def load_checkpoint(path, *, map_location="cpu", weights_only: bool = True, buil
     from .optimizer import FGSGD, MANIFOLD_DEFAULTS
 
     ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
+    if isinstance(ckpt, dict) and (ckpt.get("format") == TRAINING_FORMAT or (  # or one written before it said so
+            "format" not in ckpt and {"args", "model", "optimizer", "steps_per_epoch"} <= set(ckpt))):
+        return _load_training_checkpoint(ckpt, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an fgsgd_cuda checkpoint (expected a dict with format={CHECKPOINT_FORMAT!r})")
     if ckpt.get("version", 1) > CHECKPOINT_VERSION:
@@ -453,6 +459,30 @@ def load_checkpoint(path, *, map_location="cpu", weights_only: bool = True, buil
         # a capturable optimizer's checkpoint: the optimizer-wide option, which every group must match
         capturable = any(g.get("capturable", False) for g in ckpt["optimizer"]["param_groups"])
         optimizer = FGSGD(groups, init_projx=False, capturable=capturable)
+        optimizer.load_state_dict(ckpt["optimizer"])
+    return model, optimizer, ckpt
+
+
+def _load_training_checkpoint(ckpt: dict, map_location):
+    """(model, optimizer or None, checkpoint) of a train_imagenet checkpoint: the model of its ``arch`` and the
+    optimizer of its command line (FGSGD, or None for the SGD baseline: the report then has no manifold state), built
+    before the saved states are loaded into them, as a resumed run does (FGSGD projects its weights when it is
+    built; the saved ones carry R). The backend is where the report runs ("auto")."""
+    from argparse import Namespace
+
+    from .imagenet_models import build_model
+    from .imagenet_optim import build_optimizer
+
+    args = Namespace(**{**ckpt["args"], "backend": "auto"})
+    model = build_model(args.arch, int(ckpt.get("num_classes", args.num_classes)))
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = None
+    if args.optimizer == "fgsgd":
+        optimizer = build_optimizer(args, model, args.lr, args.lr if args.manifold_lr is None else args.manifold_lr)
+    model.load_state_dict(ckpt["model"])
+    model = model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+    if optimizer is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
     return model, optimizer, ckpt
 

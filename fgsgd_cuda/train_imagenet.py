@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import codes as _codes
 from .channel_directed import channel_directed_, check_options, conv_weights
+from .bounds import TRAINING_FORMAT
 from .cli_checks import check_numbers
 from .dispatch import BACKENDS
 from .grouping import COLLECTIONS
@@ -286,11 +287,14 @@ class Run:
     val_loader: DataLoader
     steps_per_epoch: int
     cd_params: list  # the conv weights of --channel-directed
+    num_classes: int = 1000
 
 
 def save_checkpoint(run, epoch: int, path: str) -> None:
-    """checkpoint.pt, atomically: a temporary file, then os.replace."""
-    state = dict(model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
+    """checkpoint.pt, atomically: a temporary file, then os.replace. ``python -m fgsgd_cuda.bounds`` reads it
+    (bounds.TRAINING_FORMAT: the model and optimizer rebuilt from ``args``; n_samples: the training set's size)."""
+    state = dict(format=TRAINING_FORMAT, num_classes=run.num_classes, n_samples=len(run.train_loader.dataset),
+                 model=run.model.state_dict(), optimizer=run.optimizer.state_dict(),
                  scheduler=run.scheduler.state_dict(), scaler=run.scaler.state_dict(), epoch=epoch,
                  steps_per_epoch=run.steps_per_epoch, args=vars(run.args),
                  renorm=run.renorm.state_dict() if run.renorm is not None else None)
@@ -342,7 +346,7 @@ def setup(args, d: Dist) -> Run:
     return Run(args, d, model, model, optimizer, build_scheduler(args, optimizer, steps),
                torch.amp.GradScaler(d.device.type, enabled=args.amp == "fp16"), renorm,
                nn.CrossEntropyLoss(label_smoothing=args.label_smoothing), train_loader, val_loader, steps,
-               conv_weights(model))
+               conv_weights(model), num_classes)
 
 
 def train(args, d: Dist) -> dict:

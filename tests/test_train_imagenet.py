@@ -340,3 +340,24 @@ def test_torchvision_resnet():
     assert sum(p.numel() for p in build_model("resnet18").parameters()) == 11_689_512
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+
+
+@pytest.mark.parametrize("optimizer", ["fgsgd", "sgd"])
+def test_bounds_report_of_a_training_checkpoint(tmp_path, optimizer, capsys):
+    """python -m fgsgd_cuda.bounds reads the training script's checkpoint.pt (it had refused it as 'not an fgsgd_cuda
+    checkpoint'): the model and optimizer are rebuilt from the run's arguments and give the report of the run's own
+    model and optimizer, with the training set's size as n."""
+    from fgsgd_cuda import bounds
+    argv = (FG if optimizer == "fgsgd" else TINY) + ["--optimizer", optimizer, "--epochs", "1",
+                                                     "--max-steps-per-epoch", "3", "--output", str(tmp_path)]
+    if optimizer == "fgsgd":
+        argv += ["--renorm", "running", "--row-view"]
+    out = T.main(argv)
+    ref = bounds.report(out["model"], out["optimizer"] if optimizer == "fgsgd" else None, 96, print_table=False)
+    capsys.readouterr()
+    assert bounds.main([str(tmp_path / "checkpoint.pt"), "--json", str(tmp_path / "b.json")]) == 0
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["n_samples"] == 96
+    for which in ("p", "omega"):
+        for name in bounds.BOUNDS:
+            assert data["bounds"][which][name]["log"] == pytest.approx(ref["bounds"][which][name]["log"], rel=1e-12)
