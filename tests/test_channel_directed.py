@@ -104,6 +104,20 @@ def test_against_reference(backend, device, dtype, metric, lam, key):
 
 
 @pytest.mark.parametrize("backend,device", CPU_TORCH_CUDA)
+@pytest.mark.parametrize("metric,lam", [("sobolev", 0.0), ("sobolev", 2.0), ("reweighted", 3.0)])
+def test_huge_fp32_gradients_stay_finite(backend, device, metric, lam):
+    """fp32 gradients of 3e37 along 64 output channels: their sums overflow float32 (the torch backend's FFT turned
+    a fiber of 2e38 into NaN, even at λ = 0, the identity); the result is finite and matches the float64
+    reference."""
+    g = make_grads([(64, 5, 3, 3)], torch.float64, 21, device)[0]
+    g = (g / g.abs().max() * 3e37).float()
+    ref = R.channel_directed(g.double().cpu(), metric, lam, 0)
+    channel_directed_(params_with([g]), metric, lam, backend=backend)
+    assert bool(torch.isfinite(g).all())
+    assert rel_err(g.cpu(), ref) <= tolerance(torch.float32, lam)
+
+
+@pytest.mark.parametrize("backend,device", CPU_TORCH_CUDA)
 def test_linear_in_the_gradient(backend, device):
     """cd(a·g1 + b·g2) = a·cd(g1) + b·cd(g2): hence it commutes with DDP's averaging and GradScaler's scale."""
     g1, g2 = make_grads([(24, 6, 3, 3)] * 2, torch.float64, 11, device)

@@ -26,9 +26,16 @@ def group_scale(sqnorm, members, offsets, group_clip, dtype=None):
 def channel_directed_(grads, dim, metric, lam):
     """Channel-directed gradients in torch ops (the torch backend, and float16/bfloat16 on every backend): the
     re-weighted metric directly, the Sobolev metric by FFT along ``dim``: (I − λΔ) is circulant, its eigenvalue
-    at frequency k is 1 + 4λ sin²(πk/L). Computed in float32 at least, written back in place."""
+    at frequency k is 1 + 4λ sin²(πk/L). Computed in float32 at least, written back in place. Both are linear, so a
+    float32/float64 fiber is mapped as x/m with m = max|x| and scaled back: its sums (the mean, the FFT) cannot
+    overflow (a fiber of 2e38 had come out NaN, even at λ = 0); float16/bfloat16 ones, upcast, cannot."""
     for g in grads:
         x = g if g.dtype in checks.FLOAT_DTYPES else g.float()
+        m = None
+        if g.dtype in checks.FLOAT_DTYPES:
+            m = x.abs().amax(dim=dim, keepdim=True)
+            m = torch.where(m > 0, m, torch.ones_like(m))  # inf and nan fibers stay non-finite
+            x = x / m
         L = x.shape[dim]
         if metric == "reweighted":
             mean = x.mean(dim=dim, keepdim=True)
@@ -39,7 +46,7 @@ def channel_directed_(grads, dim, metric, lam):
             shape = [1] * x.dim()
             shape[dim] = gain.numel()
             out = torch.fft.irfft(torch.fft.rfft(x, dim=dim) * gain.view(shape), n=L, dim=dim)
-        g.copy_(out)
+        g.copy_(out if m is None else out * m)
 
 
 def _check_fits(params, grads, momenta, rescale) -> None:
