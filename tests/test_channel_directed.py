@@ -271,7 +271,8 @@ def test_an_expanded_gradient_is_refused_before_any_changes(backend):
     with pytest.raises(ValueError, match=r"parameters\[1\]\.grad: is expanded \(stride 0 along axis 0"):
         channel_directed_([a, b], backend=backend)
     assert torch.equal(a.grad, before[0]) and torch.equal(b.grad, before[1])
-    b.grad = b.grad.clone()  # a gradient of its own: mapped as usual
+    b.grad = torch.randn(6, 4, 3, 3, generator=make_gen(10))  # a gradient of its own: mapped as usual (a clone of
+    before[1] = b.grad.clone()  # the expanded one is constant along the channels, which the map leaves as it is)
     channel_directed_([a, b], backend=backend)
     assert not torch.equal(a.grad, before[0]) and not torch.equal(b.grad, before[1])
 
