@@ -21,7 +21,9 @@ def param_groups(model: nn.Module, *, manifolds=DEFAULT_MANIFOLDS, row_view: boo
                  row_manifolds=DEFAULT_ROW_MANIFOLDS, weight_decay: float = 0.0, **options) -> list[dict]:
     """Param groups for ``FGSGD(param_groups(model), lr=..., momentum=...)``.
 
-    - every k×k ``nn.Conv2d`` weight with k > 1 goes to a manifold group with ``manifolds``;
+    - every kh×kw ``nn.Conv2d`` weight with kh or kw > 1 goes to a manifold group with ``manifolds``; those whose
+      filters are wider than tall (kh < kw, e.g. Inception's 1×7), which cannot be on the stiefel manifold (it needs
+      kh >= kw), go to a group of their own with ``manifolds`` less "stiefel" (when that leaves any);
     - with ``row_view=True``, 1×1 conv and ``nn.Linear`` weights go to a second manifold group with
       ``row_manifolds`` (each output channel's weight vector is one component);
     - everything else that requires grad (biases, norm layers, the rest) goes to a Euclidean group,
@@ -42,8 +44,13 @@ def param_groups(model: nn.Module, *, manifolds=DEFAULT_MANIFOLDS, row_view: boo
                 seen.add(id(p))
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
     groups = []
+    no_stiefel = [m for m in manifolds if m != "stiefel"]
+    wide = [p for p in filters if p.shape[2] < p.shape[3]] if len(no_stiefel) < len(manifolds) and no_stiefel else []
+    filters = [p for p in filters if all(p is not q for q in wide)]
     if filters:
         groups.append({"params": filters, "manifolds": list(manifolds), **options})
+    if wide:
+        groups.append({"params": wide, "manifolds": no_stiefel, **options})
     if rows:
         groups.append({"params": rows, "manifolds": list(row_manifolds), **options})
     if rest:

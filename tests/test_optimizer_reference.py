@@ -362,6 +362,27 @@ def test_param_groups_helper_splits_model():
     assert float((rows.norm(dim=1) - 1).abs().max()) <= FP32_RTOL
 
 
+def test_param_groups_gives_wide_filters_a_group_without_stiefel():
+    """1×7 and 3×5 filters (kh < kw) cannot be on the stiefel manifold: the default manifolds had refused them as
+    soon as a group of them drew stiefel ('needs components with A >= B'). They get a group of their own with the
+    other kinds; the tall 7×1 and square filters keep stiefel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 64, (1, 7)), nn.Conv2d(64, 64, (7, 1)), nn.Conv2d(64, 16, (3, 5)),
+                          nn.Conv2d(16, 16, 3), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(1, 32, 16, 20))
+    groups = param_groups(model)
+    assert groups[0]["params"] == [model[1].weight, model[3].weight]
+    assert groups[0]["manifolds"] == ["sphere", "oblique", "stiefel"]
+    assert groups[1]["params"] == [model[0].weight, model[2].weight] and groups[1]["manifolds"] == ["sphere", "oblique"]
+    assert groups[2]["manifolds"] is None
+    opt = FGSGD(groups, lr=0.1)
+    kinds = {C.manifold_of(c) for _, p, _ in opt.manifold_params() for c in opt.codes(p).tolist()}
+    assert kinds == {"sphere", "oblique", "stiefel"}
+    assert {C.manifold_of(c) for c in opt.codes(model[0].weight).tolist()} == {"sphere", "oblique"}
+    # only stiefel itself: nothing left for the wide filters, which stay in the group (refused by name there)
+    assert len(param_groups(model, manifolds=["stiefel"])) == 2
+
+
 @requires_cpu_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_row_view_long_rows_follow_the_reference(dtype):
