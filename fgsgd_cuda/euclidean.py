@@ -20,14 +20,15 @@ def _one_device_and_dtype(params) -> bool:
 
 
 def sgd_step(params, grads, bufs, *, weight_decay, momentum, lr, dampening, nesterov, foreach, fused,
-             maximize=False) -> None:
+             maximize=False, has_sparse_grad=False) -> None:
     """SGD on ``params`` (their ``grads``; ``bufs`` the momentum buffers, None where there is none yet: torch's
-    step fills them in, in place)."""
-    direct = (fused and hasattr(torch, "_fused_sgd_") and not isinstance(lr, torch.Tensor)
+    step fills them in, in place). ``has_sparse_grad``: some gradients are sparse (torch's step then adds them one
+    by one, as torch.optim.SGD does)."""
+    direct = (fused and not has_sparse_grad and hasattr(torch, "_fused_sgd_") and not isinstance(lr, torch.Tensor)
               and (momentum == 0 or all(b is not None for b in bufs)) and _one_device_and_dtype(params))
     if direct:
         torch._fused_sgd_(params, grads, [] if momentum == 0 else bufs, weight_decay=weight_decay, momentum=momentum,
                           lr=lr, dampening=dampening, nesterov=nesterov, maximize=maximize, is_first_step=False)
     else:
-        sgd(params, grads, bufs, weight_decay=weight_decay, momentum=momentum, lr=lr, dampening=dampening,
-            nesterov=nesterov, maximize=maximize, foreach=foreach, fused=fused)
+        sgd(params, grads, bufs, has_sparse_grad=has_sparse_grad, weight_decay=weight_decay, momentum=momentum, lr=lr,
+            dampening=dampening, nesterov=nesterov, maximize=maximize, foreach=foreach, fused=fused)

@@ -430,17 +430,24 @@ class FGSGD(Optimizer):
 
     # ---------------------------------------------------------------- the step
     def _gather(self):
-        work, finite_checks = [], []
+        """(work, finite_checks, sparse): per group (group, params with a gradient, their gradients); the groups
+        whose gradients check_finite reads; the indices of the Euclidean groups with sparse gradients (an
+        nn.Embedding(sparse=True)), which step as torch.optim.SGD steps them."""
+        work, finite_checks, sparse = [], [], set()
         for gi, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             grads = [p.grad for p in params]
             if any(g.is_sparse for g in grads):
                 j = next(j for j, p in enumerate(group["params"]) if p.grad is not None and p.grad.is_sparse)
-                raise RuntimeError(f"param_groups[{gi}]['params'][{j}]: FGSGD does not support sparse gradients")
+                if group["manifolds"] or group["capturable"]:
+                    raise RuntimeError(f"param_groups[{gi}]['params'][{j}]: has a sparse gradient, which "
+                                       + ("a manifold group's kernels cannot read" if group["manifolds"] else
+                                          "a capturable step cannot take (torch's fused SGD reads dense ones)"))
+                sparse.add(gi)
             if group["check_finite"] and grads:
                 finite_checks.append((gi, group, params, grads))
             work.append((group, params, grads))
-        return work, finite_checks
+        return work, finite_checks, sparse
 
     @staticmethod
     def _check_finite(finite_checks) -> None:
@@ -456,7 +463,7 @@ class FGSGD(Optimizer):
         if norms and not bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all()):
             for gi, group, params, grads in finite_checks:
                 for p, g in zip(params, grads):
-                    if not bool(torch.isfinite(g).all()):
+                    if not bool(torch.isfinite(g.coalesce().values() if g.is_sparse else g).all()):
                         j = next(k for k, q in enumerate(group["params"]) if q is p)
                         raise ValueError(f"param_groups[{gi}]['params'][{j}]: the gradient holds inf or nan; the step "
                                          "was not taken (use torch.amp.GradScaler, or check_finite=False to allow it)")
@@ -541,7 +548,7 @@ class FGSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work, finite_checks = self._gather()
+        work, finite_checks, sparse = self._gather()
         grad_scale, found_inf = self._amp_prologue(work)
         if self.defaults["capturable"]:
             if found_inf is None and finite_checks:
@@ -555,12 +562,12 @@ class FGSGD(Optimizer):
                 for p in params:
                     self._group_index(p)
         try:
-            self._step_groups(work, found_inf, grad_scale)
+            self._step_groups(work, found_inf, grad_scale, sparse)
         finally:
             self._overlap.join()  # the side stream's launches are part of this step
         return loss
 
-    def _step_groups(self, work, found_inf, grad_scale) -> None:
+    def _step_groups(self, work, found_inf, grad_scale, sparse=frozenset()) -> None:
         """The groups' steps: every manifold group prepared (all that allocates or may fail:
         functional.prepare_manifold_step), then launched, then the Euclidean groups: a failure while preparing, or
         an op that refuses the first batch's tensors (a model moved to another dtype or device after its state was
@@ -569,7 +576,7 @@ class FGSGD(Optimizer):
                     for launch in self._prepare_manifold_group(gi, group, params, grads, found_inf, grad_scale)]
         for launch in launches:
             launch()
-        for group, params, grads in work:
+        for gi, (group, params, grads) in enumerate(work):
             if not params or group["manifolds"]:
                 continue
             if group["capturable"]:
@@ -580,7 +587,8 @@ class FGSGD(Optimizer):
                 new_buffers = any(b is None for b in bufs)
                 sgd_step(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
                          lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
-                         maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"])
+                         maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
+                         has_sparse_grad=gi in sparse)
                 if group["momentum"] != 0 and new_buffers:  # sgd made buffers where there were none
                     for p, buf in zip(params, bufs):
                         self.state[p]["momentum_buffer"] = buf

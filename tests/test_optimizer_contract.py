@@ -263,20 +263,53 @@ def test_grad_scaler_skips_inf_and_matches_unscaled_step():
     assert opt.state[params[0]]["step"] == 2
 
 
-def test_sparse_gradients_are_rejected():
+@pytest.mark.parametrize("foreach", [None, False, True])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sparse_gradients_in_euclidean_groups_step_as_in_sgd(momentum, foreach):
+    """An nn.Embedding(sparse=True) in a Euclidean group steps as torch.optim.SGD steps it (FGSGD had refused every
+    sparse gradient), bit for bit, beside a manifold group; inf in a sparse gradient is refused by name."""
+    def build(cls):
+        torch.manual_seed(0)
+        emb, conv = nn.Embedding(10, 4, sparse=True), nn.Conv2d(2, 3, 3)
+        groups = [{"params": [emb.weight, conv.bias]}]
+        if cls is FGSGD:
+            groups.insert(0, {"params": [conv.weight], "manifolds": ["sphere"]})
+        return emb, conv, cls(groups, lr=0.1, momentum=momentum, foreach=foreach)
+    (e1, c1, o1), (e2, c2, o2) = build(FGSGD), build(torch.optim.SGD)
+    for k in range(3):
+        for emb, conv in ((e1, c1), (e2, c2)):
+            emb.zero_grad()
+            emb(torch.tensor([1, 2, 3 + k, 3 + k])).sum().backward()
+            conv.bias.grad = torch.randn(3, generator=make_gen(k))
+        assert e1.weight.grad.is_sparse
+        o1.step()
+        o2.step()
+    assert torch.equal(e1.weight, e2.weight) and torch.equal(c1.bias, c2.bias)
+    e1.weight.grad = torch.sparse_coo_tensor([[1]], [[float("inf")] * 4], (10, 4), check_invariants=True)
+    before = e1.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\]: the gradient holds inf"):
+        o1.step()
+    assert torch.equal(e1.weight, before)
+
+
+def test_sparse_gradients_in_manifold_or_capturable_groups_are_refused():
     emb = nn.Embedding(10, 4, sparse=True)
     conv = nn.Conv2d(2, 3, 3)
+    emb(torch.tensor([1, 2, 3])).sum().backward()
+    conv.bias.grad = torch.randn_like(conv.bias)
+    conv.weight.grad = emb.weight.grad.new_zeros(conv.weight.shape).to_sparse()
     opt = FGSGD([{"params": [conv.weight], "manifolds": ["sphere"]}, {"params": [emb.weight, conv.bias]}],
                 lr=0.1, momentum=0.9)
-    conv.weight.grad = torch.randn_like(conv.weight)
-    conv.bias.grad = torch.randn_like(conv.bias)
-    emb(torch.tensor([1, 2, 3])).sum().backward()
-    assert emb.weight.grad.is_sparse
     params = [conv.weight, emb.weight, conv.bias]
     before = snapshot(params, opt)
-    with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[0\].*sparse"):
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\]: has a sparse gradient, which a "
+                                           "manifold group's kernels cannot read"):
         opt.step()
     assert_same(snapshot(params, opt), before)
+    opt = FGSGD([{"params": [emb.weight, conv.bias]}], lr=0.1, momentum=0.9, capturable=True)
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\]: has a sparse gradient, which a "
+                                           "capturable step cannot take"):
+        opt.step()
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
