@@ -113,6 +113,7 @@ class FGSGD(Optimizer):
         self._overlap = streams.Overlap()  # CUDA: the small launches of a step on a side stream
         self._finite_flags: dict = {}  # capturable check_finite: device -> persistent (found_inf, one)
         self._mixed_groups: dict = {}  # gi -> whether a manifold group holds weights of several dtypes or devices
+        self._checked_options: dict = {}  # gi -> the _CHECKED_OPTIONS of a manifold group at its last checked step
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_init_projx": self._init_projx}
@@ -344,6 +345,7 @@ class FGSGD(Optimizer):
                         st.pop("momentum_buffer", None)
         self._group_cache.clear()  # keyed by the ids of the parameters: the groups are rebuilt from the state
         self._mixed_groups.clear()  # found again at the next step (the weights may have moved)
+        self._checked_options.clear()
         self._view_cache.clear()   # holds views of the old momentum buffers
 
     # ---------------------------------------------------------------- access for the library's tools
@@ -597,8 +599,10 @@ class FGSGD(Optimizer):
         """The launches of a manifold group's step (param_groups[gi]): one call for all its parameters, or one per
         device and dtype when the group holds several (a call takes one dtype and device: a model split over
         devices, or a float64 layer in a float32 model) or a flag or scale (one tensor per device) goes with it."""
-        if group["maximize"] or group["capturable"] is not self.defaults["capturable"]:
+        options = tuple(group[k] for k in _CHECKED_OPTIONS)
+        if self._checked_options.get(gi) != options:  # set or changed in param_groups since its last step
             self._refuse_changed_options(gi, group)
+            self._checked_options[gi] = options
         mixed = self._mixed_groups.get(gi)
         if mixed is None:  # once per group: a read of every weight's dtype and device costs host time at each step
             mixed = self._mixed_groups[gi] = len({(p.dtype, p.device) for p in params}) > 1
@@ -621,10 +625,12 @@ class FGSGD(Optimizer):
 
     def _refuse_changed_options(self, gi: int, group: dict) -> None:
         """A manifold group's step refused, before anything changes, when options it was built with were changed
-        in ``param_groups`` to what the step cannot do: ``maximize`` or ``capturable`` (checked as at
-        construction), or ``manifolds`` given to a group built Euclidean (its parameters have no codes). Other
-        options are read at every step (lr, momentum, group_clip, stabilize, ...) or fix the grouping, which was
-        made at construction (manifolds, collection, group_size, seed)."""
+        in ``param_groups`` to what the step cannot do: the _CHECKED_OPTIONS, checked as at construction whenever
+        they differ from the group's last checked step (nesterov with dampening, weight decay, maximize, a flipped
+        capturable, a bad group_clip, stabilize or backend), or ``manifolds`` given to a group built Euclidean (its
+        parameters have no codes). lr is read at every step unchecked, as torch's optimizers read it (a scheduler
+        sets it at every step); the options that fix the grouping (manifolds, collection, group_size, seed) were
+        used at construction."""
         try:
             self._check_hyperparameters(group)
         except ValueError as e:
@@ -668,6 +674,12 @@ def _by_device(tensors) -> dict:
     for k, t in enumerate(tensors):
         out.setdefault(t.device, []).append(k)
     return out
+
+
+# the options of a manifold group checked again (_check_hyperparameters) when they change after construction: a
+# tuple of them per step is cheap, a full check is not (lr changes at every step under a scheduler: not among them)
+_CHECKED_OPTIONS = ("momentum", "dampening", "nesterov", "weight_decay", "maximize", "capturable", "group_clip",
+                    "stabilize", "backend")
 
 
 def _by_device_and_dtype(tensors) -> dict:
