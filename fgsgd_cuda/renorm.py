@@ -59,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -185,6 +186,14 @@ def _layout(module: nn.Module, p: torch.Tensor, state: dict):
     return None
 
 
+def _remove_hooks(layers) -> None:
+    """Removes the forward pre-hooks of ``layers`` (Renormalizer.stop, and its finalizer)."""
+    for layer in layers:
+        if layer.handle is not None:
+            layer.handle.remove()
+            layer.handle = None
+
+
 class Renormalizer:
     """Sets the rescale R = γ/λ of every manifold component once per epoch (see the module docstring).
 
@@ -259,12 +268,20 @@ class Renormalizer:
         if len(seen) < len(manifold):
             warnings.warn(f"Renormalizer: {len(manifold) - len(seen)} manifold parameter(s) of the optimizer are not "
                           "the weight of a layer of this model: their R is never changed", RuntimeWarning, stacklevel=2)
+        # the hooks hold the Renormalizer weakly: one that is dropped (del, out of scope) is collected and its hooks
+        # removed, where a strong reference from the model's hooks had kept it measuring every forward pass
+        weakref.finalize(self, _remove_hooks, self.layers)
         if mode == "running":
             self.start()
 
     # ---------------------------------------------------------------- hooks
     def _hook(self, layer: _Layer, running: bool):
+        owner = weakref.ref(self)
+
         def hook(module, args):
+            me = owner()
+            if me is None:  # collected before its finalizer ran (interpreter shutdown)
+                return None
             if running and not module.training:
                 return None
             if not args or not isinstance(args[0], torch.Tensor):
@@ -277,7 +294,7 @@ class Renormalizer:
                 return None
             with torch.no_grad():
                 layer.stats.add(x, axis)
-            if running and self.max_batches is not None and layer.stats.calls >= self.max_batches:
+            if running and me.max_batches is not None and layer.stats.calls >= me.max_batches:
                 layer.handle.remove()
                 layer.handle = None
             return None
@@ -292,10 +309,7 @@ class Renormalizer:
 
     def stop(self) -> None:
         """Removes every hook (the forward pass then costs nothing extra)."""
-        for layer in self.layers:
-            if layer.handle is not None:
-                layer.handle.remove()
-                layer.handle = None
+        _remove_hooks(self.layers)
 
     remove = stop
 

@@ -565,3 +565,23 @@ def test_a_weight_shared_by_two_layers_is_named_in_a_warning():
                                             r"inputs of '0' only"):
         renorm = F.Renormalizer(net, opt)
     assert [layer.name for layer in renorm.layers] == ["0"]
+
+
+def test_a_dropped_running_renormalizer_removes_its_hooks():
+    """The model's hooks hold the Renormalizer weakly: once dropped (del, out of scope) it is collected and its hooks
+    are removed; they had kept it alive and measuring every training forward pass until stop()."""
+    import gc
+    import weakref
+
+    net = make_net(3)
+    opt = make_opt(net)
+    renorm = F.Renormalizer(net, opt, mode="running")
+    assert renorm.hooks_active > 0
+    modules = [layer.module for layer in renorm.layers]
+    assert all(len(m._forward_pre_hooks) == 1 for m in modules)
+    ref = weakref.ref(renorm)
+    del renorm
+    gc.collect()
+    assert ref() is None
+    assert all(len(m._forward_pre_hooks) == 0 for m in modules)
+    net(batch(make_gen(4)))  # the forward pass runs without them
