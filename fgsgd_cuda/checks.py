@@ -1,6 +1,8 @@
 """Input checks shared by every backend: errors name the argument and what is wrong."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import codes as _codes
@@ -16,7 +18,7 @@ def component_shape(p: torch.Tensor) -> tuple[tuple[int, int], bool]:
     n×1 each (the row view)."""
     if p.dim() == 4 and (p.shape[2] > 1 or p.shape[3] > 1):
         return (int(p.shape[2]), int(p.shape[3])), False
-    return (p.numel() // p.shape[0], 1), True
+    return (math.prod(p.shape[1:]), 1), True
 
 
 def is_row_shape(a: int, b: int) -> bool:
@@ -126,8 +128,9 @@ def finite(t: torch.Tensor, name: str) -> None:
 
 
 def _memory_span(t: torch.Tensor) -> tuple[int, int] | None:
-    """[first byte, one past the last) of the memory t's elements occupy (its strides' extent); None when empty."""
-    if t.numel() == 0:
+    """[first byte, one past the last) of the memory t's elements occupy (its strides' extent); None when empty or on
+    the meta device (no memory: every data_ptr is 0)."""
+    if t.numel() == 0 or t.is_meta:
         return None
     extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
     return t.data_ptr(), t.data_ptr() + extent * t.element_size()

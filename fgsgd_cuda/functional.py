@@ -173,6 +173,7 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
     launches = []  # (the context of its stream, launch) of every batch
     try:
         for key, idx in batches.items():
+            _check_first_state(params, states, idx[0])
             stream = stream_of[key]
             launches.append((stream, _prepare_batch(key, idx, params, grads, states, new_buffers, stream=stream, **hp)))
     except BaseException as e:
@@ -198,6 +199,21 @@ def prepare_manifold_step(params, grads, states, *, lr, momentum, dampening, nes
             for st in states:
                 st["step"] += 1
     return launch
+
+
+def _check_first_state(params, states, k) -> None:
+    """The state of a batch's first weight is where the weight is (a momentum buffer of its dtype and device, else
+    its codes on its device): a model moved after the optimizer made its state is refused while preparing, before
+    any batch or group launches (the ops check every tensor, but only when their batch launches: a later batch's
+    refusal came after earlier ones had stepped). Two attribute reads per batch, not per tensor."""
+    p, st = params[k], states[k]
+    ref = st.get("momentum_buffer")
+    if ref is None:
+        ref = st["codes"]
+    elif ref.dtype is not p.dtype:
+        raise ValueError("momentum buffer: not of its weight's dtype")  # named by _explain
+    if ref.device != p.device:
+        raise ValueError("state: not on its weight's device")
 
 
 def _largest(batches, params):

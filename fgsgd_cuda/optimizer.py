@@ -5,6 +5,8 @@ A thin class over :func:`fgsgd_cuda.functional.manifold_step` (manifold groups) 
 """
 from __future__ import annotations
 
+import numbers
+from collections.abc import Mapping
 from typing import Iterator
 
 import torch
@@ -164,7 +166,8 @@ class FGSGD(Optimizer):
                     raise ValueError(f"lr: a tensor learning rate must be a one-element float32 or float64 tensor, "
                                      f"got {v.dtype} of shape {tuple(v.shape)}")
                 v = float(v)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0 or v != v:
+            # numbers.Real: numpy scalars too (np.float32(0.1)), as torch.optim.SGD takes them
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or v < 0 or v != v:
                 raise ValueError(f"{key}: must be a non-negative number, got {v!r}")
         if group["capturable"] and not group["manifolds"] and (group["foreach"] or group["fused"] is False):
             raise ValueError("capturable: Euclidean groups run torch's fused SGD (found_inf and a tensor lr without "
@@ -186,7 +189,18 @@ class FGSGD(Optimizer):
                              "loss, or keep maximize=True for Euclidean groups only (they run torch's SGD with it)")
         if isinstance(group["manifolds"], str):
             group["manifolds"] = [group["manifolds"]]
+        if not isinstance(group["manifolds"], (list, tuple)):
+            # the kinds go to the groups in this order: a set's order changes with PYTHONHASHSEED (other kinds for
+            # the same filters on another rank or in a resumed run)
+            raise TypeError(f"manifolds: must be a list or tuple of kinds (in the order the groups get them), got "
+                            f"{type(group['manifolds']).__name__} {group['manifolds']!r}")
         group["manifolds"] = list(group["manifolds"])
+        if group["retraction"] is not None and not isinstance(group["retraction"], Mapping):
+            raise TypeError(f"retraction: must be a dict of kind -> retraction (e.g. {{'sphere': 'exp'}}) or None, "
+                            f"got {group['retraction']!r}")
+        seed = group["seed"]
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2 ** 62:
+            raise ValueError(f"seed: must be an integer in [0, 2**62), got {seed!r}")
         curved = [m for m in group["manifolds"] if m != "euclidean"]
         if group["weight_decay"] != 0 and curved:
             raise ValueError(
@@ -225,7 +239,14 @@ class FGSGD(Optimizer):
         if p.dim() < 2:
             raise ValueError(f"{name}: a manifold parameter needs at least 2 dimensions (a weight), got shape "
                              f"{tuple(p.shape)}; put biases and norm parameters in a Euclidean group")
+        if p.is_meta:
+            raise ValueError(f"{name}: is on the meta device (it holds no values to move onto a manifold); build "
+                             "the optimizer once the model is materialized (to_empty and its initialisation)")
         shape, is_row = checks.component_shape(p)
+        if shape[0] * shape[1] == 0 and p.shape[0] > 0:
+            raise ValueError(f"{name}: its components have no entries (shape {tuple(p.shape)}: {p.shape[0]} "
+                             f"components of {shape[0]}x{shape[1]}), which no manifold holds; put it in a "
+                             "Euclidean group")
         return p.shape[0], 1 if is_row else p.shape[1], shape, is_row
 
     def _init_manifold_group(self, group: dict, gi: int) -> None:
@@ -571,13 +592,18 @@ class FGSGD(Optimizer):
 
     def _step_groups(self, work, found_inf, grad_scale, sparse=frozenset()) -> None:
         """The groups' steps: every manifold group prepared (all that allocates or may fail:
-        functional.prepare_manifold_step), then launched, then the Euclidean groups: a failure while preparing, or
-        an op that refuses the first batch's tensors (a model moved to another dtype or device after its state was
-        made), leaves every group as it was."""
+        functional.prepare_manifold_step, with the options and the state of each batch's first weight checked),
+        then launched, then the Euclidean groups: a failure while preparing (a model moved to another dtype or
+        device after its state was made, a changed option the step cannot honour), or an op that refuses the first
+        batch's tensors, leaves every group as it was. (Torch's SGD checks the Euclidean tensors as it steps them:
+        one Euclidean layer moved alone fails after the manifold launches.)"""
         launches = [launch for gi, (group, params, grads) in enumerate(work) if params and group["manifolds"]
                     for launch in self._prepare_manifold_group(gi, group, params, grads, found_inf, grad_scale)]
         for launch in launches:
             launch()
+        self._step_euclidean_groups(work, found_inf, grad_scale, sparse)
+
+    def _step_euclidean_groups(self, work, found_inf, grad_scale, sparse) -> None:
         for gi, (group, params, grads) in enumerate(work):
             if not params or group["manifolds"]:
                 continue
@@ -603,9 +629,13 @@ class FGSGD(Optimizer):
         if self._checked_options.get(gi) != options:  # set or changed in param_groups since its last step
             self._refuse_changed_options(gi, group)
             self._checked_options[gi] = options
+        lr = group["lr"]  # set by schedulers at every step: only its type (a float is one check)
+        if type(lr) is not float and (isinstance(lr, bool) or not isinstance(lr, (numbers.Real, torch.Tensor))):
+            raise TypeError(f"param_groups[{gi}]['lr']: must be a number (or, capturable, a one-element tensor), got "
+                            f"{lr!r}")
         mixed = self._mixed_groups.get(gi)
         if mixed is None:  # once per group: a read of every weight's dtype and device costs host time at each step
-            mixed = self._mixed_groups[gi] = len({(p.dtype, p.device) for p in params}) > 1
+            mixed = self._mixed_groups[gi] = len({(p.dtype, p.device) for p in group["params"]}) > 1
         by_device = _by_device_and_dtype(params) if mixed or found_inf or grad_scale else {(None, None): None}
         launches = []
         for (device, _), idx in by_device.items():

@@ -31,6 +31,8 @@ def param_groups(model: nn.Module, *, manifolds=DEFAULT_MANIFOLDS, row_view: boo
     ``options`` (collection, group_size, selection, seed, retraction, group_clip, ...) apply to the
     manifold groups.
     """
+    manifolds = [manifolds] if isinstance(manifolds, str) else manifolds  # one kind, as FGSGD takes it
+    row_manifolds = [row_manifolds] if isinstance(row_manifolds, str) else row_manifolds
     filters, rows, seen = [], [], set()
     for module in model.modules():
         for p in module.parameters(recurse=False):

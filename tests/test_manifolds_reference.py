@@ -360,3 +360,16 @@ def test_stiefel_shape_check():
     with pytest.raises(ValueError, match=r"x: expected a batch of matrices"):
         M.Sphere().check_shape(torch.ones(2, 9, dtype=F64))
     M.Stiefel().check_shape(torch.ones(2, 3, 2, dtype=F64))
+
+
+@pytest.mark.parametrize("code", [C.STIEFEL_QR, C.STIEFEL_CAYLEY])
+def test_torch_backend_ops_return_contiguous_results_the_ops_take(code):
+    """ops.projx/retr/proj on the torch backend return contiguous tensors, as the compiled and Triton ops do: the
+    stiefel results came out of torch.linalg.qr column-major, and the same ops then refused them as input."""
+    from fgsgd_cuda import ops
+    gen = make_gen(31)
+    x = ops.projx(torch.randn(9, 3, 2, generator=gen), code, backend="torch")
+    u = torch.randn(9, 3, 2, generator=gen)
+    for out in (x, ops.retr(x, ops.proj(x, u, code, backend="torch"), code, backend="torch")):
+        assert out.is_contiguous()
+    ops.proj(x, u, code, backend="torch")

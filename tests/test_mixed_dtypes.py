@@ -61,3 +61,20 @@ def test_a_weight_moved_to_another_dtype_after_the_first_step_is_named():
     opt.load_state_dict(opt.state_dict())
     opt.step()
     assert not torch.equal(ws[1].detach(), before[1])
+
+
+def test_the_split_is_found_from_every_weight_not_those_with_gradients():
+    """A group of a float32 and a float64 weight whose float64 weight has no gradient at its first step: the split
+    is found from all the group's weights (it had been found from those with gradients, one dtype, and every later
+    step was refused as if a weight had changed dtype)."""
+    from fgsgd_cuda import FGSGD
+    a = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+    b = torch.nn.Parameter(torch.randn(5, 4, 3, 3, dtype=torch.float64))
+    opt = FGSGD([{"params": [a, b], "manifolds": ["sphere"]}], lr=0.1, momentum=0.9)
+    a.grad = torch.randn_like(a)
+    opt.step()
+    for _ in range(2):
+        before = b.detach().clone()
+        a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+        opt.step()
+        assert not torch.equal(b.detach(), before)

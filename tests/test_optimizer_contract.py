@@ -442,3 +442,20 @@ def test_sgd_checkpoint_loads_into_a_euclidean_fgsgd():
         fg3.load_state_dict(sgd3.state_dict())
     assert_same(snapshot(list(m3.parameters()), fg3), before)
     fg3.step()
+
+
+def test_numpy_scalars_as_options_step_as_floats():
+    """lr and momentum given as numpy scalars (as torch.optim.SGD takes them; FGSGD had refused np.float32(0.1) with
+    'must be a non-negative number') give the bits of the same floats; param_groups takes one kind as a string."""
+    np = pytest.importorskip("numpy")
+    runs = []
+    for lr, mom in ((0.1, 0.9), (np.float64(0.1), np.float64(0.9))):
+        model = small_cnn(3)
+        opt = FGSGD(param_groups(model, manifolds="sphere", group_size=4), lr=lr, momentum=mom)
+        for k in range(2):
+            opt.zero_grad()
+            loss_of(model, *batch(k)).backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert param_groups(small_cnn(), manifolds="sphere")[0]["manifolds"] == ["sphere"]

@@ -110,6 +110,21 @@ CASES = [
     ("view-of-a-weight", lambda m: {"params": [m.b.weight, nn.Parameter(m.b.weight.data[2:])],
                                     "manifolds": ["sphere"]},
      ValueError, r"\['params'\]\[1\]: shares memory with param_groups\[\d\]\['params'\]\[0\]"),
+    # a set's order (the kinds go to the groups in order) changes with PYTHONHASHSEED
+    ("manifolds-set", lambda m: {"params": [m.b.weight], "manifolds": {"sphere", "oblique"}},
+     TypeError, r"manifolds: must be a list or tuple"),
+    ("retraction-string", lambda m: {"params": [m.b.weight], "manifolds": ["sphere"], "retraction": "exp"},
+     TypeError, r"retraction: must be a dict"),
+    ("seed-too-large", lambda m: {"params": [m.b.weight], "manifolds": ["sphere"], "seed": 2 ** 64},
+     ValueError, r"seed: must be an integer in \[0, 2\*\*62\)"),
+    ("seed-float", lambda m: {"params": [m.b.weight], "manifolds": ["sphere"], "seed": 1.5},
+     ValueError, r"seed: must be an integer"),
+    ("meta-weight", lambda m: {"params": [m.b.weight, nn.Parameter(torch.empty(4, 4, 3, 3, device="meta"))],
+                               "manifolds": ["sphere"]},
+     ValueError, r"\['params'\]\[1\]: is on the meta device"),
+    ("rows-of-no-entries", lambda m: {"params": [m.b.weight, nn.Parameter(torch.empty(4, 0))],
+                                      "manifolds": ["sphere"]},
+     ValueError, r"\['params'\]\[1\]: its components have no entries"),
 ]
 
 
@@ -247,3 +262,20 @@ def test_overlapping_finds_every_kind_of_overlap():
     big, small = base, base[3:4]  # a span inside an earlier, longer one that is not wanted
     assert overlapping([big, other, small], {2}) == (0, 2)
     assert overlapping([big, base[9:], small], {1, 2}) in ((0, 1), (0, 2))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")  # torch's
+def test_zero_size_weights_take_no_step_and_need_no_check():
+    """Weights without components (a Linear(100, 0) in the row view, a Conv2d with no output channels) are accepted
+    and stepped as nothing; the row view had divided by zero finding their component shape."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 0))
+    empty = nn.Parameter(torch.empty(0, 3, 3, 3))
+    groups = param_groups(net, row_view=True) + [{"params": [empty], "manifolds": ["sphere", "stiefel"]}]
+    opt = FGSGD(groups, lr=0.1, momentum=0.9)
+    net(torch.randn(2, 3, 6, 6)).sum().backward()
+    empty.grad = torch.zeros_like(empty)
+    before = net[0].weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, net[0].weight) and net[2].weight.shape == (0, 64)
+    assert opt.state[net[2].weight]["shape"] == (64, 1)

@@ -249,7 +249,7 @@ def test_euclidean_buffer_of_another_shape_is_refused():
 def test_model_moved_to_another_dtype_is_named_and_nothing_changes(backend, order, to, exc, error):
     """model.to(dtype) after the optimizer made its state: the step names the first manifold parameter and what does
     not fit it (the op's own error named only its place in the batch), and changes nothing, the Euclidean group
-    either, whichever group comes first (the manifold groups launch before the Euclidean ones). Reloading the state
+    either, whichever group comes first (the state of each batch's first weight is checked while preparing). Reloading the state
     moves it to the parameters, and the step then works. The torch backend checks its tensors as the compiled
     kernels do (it stepped float64 weights with float32 buffers)."""
     m = net(4)
@@ -272,3 +272,51 @@ def test_model_moved_to_another_dtype_is_named_and_nothing_changes(backend, orde
         opt.step()
         assert all(not torch.equal(a, b) for a, b in zip(snap[0], m.parameters()))
         assert all(bool(torch.isfinite(p).all()) for p in m.parameters())
+
+
+def rows_model():
+    """A filter group, a row-view group (the classifier) and a Euclidean group."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+
+
+def stepped_rows_model(backend, fused=None):
+    from fgsgd_cuda import param_groups
+    m = rows_model()
+    groups = param_groups(m, row_view=True, backend=backend)
+    groups[-1]["fused"] = fused
+    opt = FGSGD(groups, lr=0.1, momentum=0.9)
+    backward_rows(m, 0)
+    opt.step()
+    return m, opt
+
+
+def backward_rows(m, seed, dtype=torch.float32):
+    m.zero_grad()
+    m(torch.randn(2, 3, 6, 6, generator=make_gen(seed), dtype=dtype)).float().square().mean().backward()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_a_later_group_moved_to_another_dtype_changes_nothing(backend):
+    """Only the classifier (the row-view group, launched after the filters) moved to float64: refused by name while
+    preparing, before the filter group launched (it had stepped the filters, then refused the rows)."""
+    m, opt = stepped_rows_model(backend)
+    m[3].to(torch.float64)
+    m.zero_grad()
+    x = torch.randn(2, 3, 6, 6, generator=make_gen(1))
+    m[3](m[2](m[1](m[0](x))).double()).square().mean().backward()
+    snap = snapshot(m, opt)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] \(shape \(5, 128\)\): its momentum "
+                                         r"buffer is torch.float32"):
+        opt.step()
+    assert_same(m, opt, snap)
+
+
+def test_a_bad_lr_in_a_later_group_changes_nothing():
+    m, opt = stepped_rows_model("cpu")
+    backward_rows(m, 1)
+    snap = snapshot(m, opt)
+    opt.param_groups[1]["lr"] = None
+    with pytest.raises(TypeError, match=r"param_groups\[1\]\['lr'\]: must be a number"):
+        opt.step()
+    assert_same(m, opt, snap)

@@ -69,14 +69,16 @@ class TorchBackend:
     def channel_directed_(self, grads, dim, metric, lam):
         channel_directed_(grads, dim, metric, lam)
 
+    # contiguous results, as the compiled and Triton ops return (the stiefel ones come out of torch.linalg.qr
+    # column-major, which the ops then refused as input)
     def proj(self, x, u, code):
-        return _m.from_code(code).proj(x, u)
+        return _m.from_code(code).proj(x, u).contiguous()
 
     def retr(self, x, v, code):
-        return _m.from_code(code).retr(x, v)
+        return _m.from_code(code).retr(x, v).contiguous()
 
     def projx(self, x, code):
-        return _m.from_code(code).projx(x)
+        return _m.from_code(code).projx(x).contiguous()
 
     def norms(self, x):
         return _m.norms(x)
