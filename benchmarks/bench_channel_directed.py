@@ -111,8 +111,14 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = args.backends.split(",") if args.backends else ["cpu", "cuda", "triton", "torch"]
+    names = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else \
+        ["cpu", "cuda", "triton", "torch"]
+    for b in names:
+        if b not in dispatch.BACKENDS:
+            raise SystemExit(f"--backends: unknown backend {b!r}; expected {', '.join(dispatch.BACKENDS)}")
     backends = [b for b in names if dispatch.available(b, device)]
+    if args.backends and len(backends) < len(names):  # asked for by name: say which cannot run here
+        print(f"skipped (not available on {device}): {', '.join(b for b in names if b not in backends)}")
     timer = B.Timer(device)
     report = {"environment": B.environment(device, args), "backends": backends,
               "copy": B.copy_bandwidth(device, timer, args.repeats, (4 if args.quick else 256) << 20), "models": []}

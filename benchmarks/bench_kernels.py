@@ -119,9 +119,8 @@ def main(argv=None):
     if not torch.cuda.is_available() or not fgsgd_cuda._ext.HAS_CUDA_KERNELS:
         raise SystemExit("bench_kernels.py needs a CUDA GPU and fgsgd_cuda._C built with CUDA")
     device = torch.device("cuda")
-    report = {"environment": dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                  cuda=torch.version.cuda, date=datetime.datetime.now().isoformat(),
-                                  command=" ".join([sys.executable] + sys.argv)),
+    # bench_step.environment: device, versions, date, command, and which fgsgd_cuda (path, commit, changed files)
+    report = {"environment": B.environment(device, args),
               "settings": dict(repeats=args.repeats, inner=args.inner, dtype="float32", lr=0.01, momentum=0.9,
                                timer="CUDA graph replays between CUDA events, interleaved rounds, median"),
               "models": {}}

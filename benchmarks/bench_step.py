@@ -316,7 +316,7 @@ def build_geoopt(kinds, retraction):
                                      selection="random", seed=7919 * j, retraction=dict(retraction))
             j += 1
             codes = grouping.codes.to(dev)
-            pv, gv = p.view(-1, a, b), g.view(-1, a, b)
+            pv, gv = p.reshape(-1, a, b), g.reshape(-1, a, b)  # channels-last: copies (geoopt's are copies anyway)
             for code in torch.unique(codes).tolist():
                 sel = codes == code
                 bp, bg = buckets.setdefault((code, a, b), ([], []))
@@ -789,9 +789,11 @@ def environment(device, args) -> dict:
         env["fgsgd_cuda_path"] = str(root)
         env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                            timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root, capture_output=True, text=True,
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
                                timeout=10).stdout.split("\n")
-        env["git_modified_tracked_files"] = [line[3:] for line in dirty if line.strip()]
+        env["git_modified_tracked_files"] = [line[3:] for line in dirty if line.strip() and not line.startswith("??")]
+        # new files the commit does not have (an untracked module the run imported: its code is not in git_commit)
+        env["git_untracked_files"] = [line[3:] for line in dirty if line.startswith("??")]
         so = next(Path(fgsgd_cuda.__file__).parent.glob("_C*.so"), None)
         if so is not None:
             env["fgsgd_C_so_mtime"] = datetime.datetime.fromtimestamp(so.stat().st_mtime).isoformat()
@@ -983,6 +985,10 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
+    for opt, v, low in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
+                        ("--slow-repeats", args.slow_repeats, 1), ("--slow-warmup", args.slow_warmup, 0)):
+        if v is not None and v < low:
+            raise SystemExit(f"{opt}: must be at least {low}, got {v}")
     if args.repeats is None:
         args.repeats = 5 if args.quick else (50 if cuda else 15)
     if args.quick:
@@ -999,8 +1005,15 @@ def main(argv=None) -> dict:
     for m in models:
         if m not in RESNETS:
             raise SystemExit(f"--models: unknown model {m!r}; expected {', '.join(RESNETS)}")
+    for b in backends:
+        if b not in dispatch.BACKENDS:  # an unavailable one is skipped with its reason; an unknown one is a typo
+            raise SystemExit(f"--backends: unknown backend {b!r}; expected {', '.join(dispatch.BACKENDS)}")
     mixes = [m.strip() for m in args.mixes.split(",") if m.strip()]
     retractions = [r.strip() for r in args.retractions.split(",") if r.strip()]
+    for opt, given, known in (("--mixes", mixes, MIXES), ("--retractions", retractions, RETRACTION_SETS)):
+        for v in given:
+            if v not in known:
+                raise SystemExit(f"{opt}: unknown value {v!r}; expected {', '.join(known)}")
     torch_models = models if args.torch_backend_models == "all" else args.torch_backend_models.split(",")
     geoopt_models = {"all": models, "none": []}.get(args.geoopt_models, args.geoopt_models.split(","))
 

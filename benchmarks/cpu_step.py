@@ -129,13 +129,11 @@ def main(argv=None):
             results.append(dict(codes=spec, packed=a.packed, isa=name or default_isa, fgsgd_ms=tf, fgsgd_cpu_ms=cf, sgd_foreach_ms=ts,
                                 sgd_foreach_cpu_ms=cs, ratio=tf / ts))
     if a.out:
-        import datetime
         import json
         import platform
-        import sys
-        from bench_step import cpu_family, cpu_model_name
-        env = dict(date=datetime.datetime.now().isoformat(), command=" ".join([sys.executable] + sys.argv),
-                   torch=torch.__version__, threads=torch.get_num_threads(), platform=platform.platform(),
+        from bench_step import cpu_family, cpu_model_name, environment
+        # bench_step.environment: versions, date, command, and which fgsgd_cuda (path, commit, changed files)
+        env = dict(environment(torch.device("cpu"), a), threads=torch.get_num_threads(), platform=platform.platform(),
                    cpu=cpu_model_name(), cpu_family=cpu_family(), default_isa=default_isa)
         settings = dict(n=n, shape=list(shape), dtype=a.dtype, reps=a.reps,
                         timer="min over reps of interleaved calls, wall clock (perf_counter) and process CPU time")

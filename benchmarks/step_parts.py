@@ -95,9 +95,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("step_parts.py needs a CUDA GPU")
-    report = {"environment": dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                                  date=datetime.datetime.now().isoformat(),
-                                  command=" ".join([sys.executable] + sys.argv)),
+    # bench_step.environment: device, versions, date, command, and which fgsgd_cuda (path, commit, changed files)
+    report = {"environment": B.environment(torch.device("cuda"), args),
               "settings": dict(repeats=args.repeats, inner=args.inner, mix=B.MAIN_MIX, retraction="normalize/qr",
                                timer="CUDA graph replays between CUDA events, interleaved rounds, median"),
               "models": {}}
