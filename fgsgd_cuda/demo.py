@@ -146,7 +146,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_numbers(parser, args, at_least_one=("seeds", "epochs", "batch_size"),
                   finite=(("lr", 0, False), ("manifold_lr", 0, False), ("momentum", 0, True)))
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)  # the device exists here (cuda without a GPU, a bad index)
+    except (RuntimeError, AssertionError) as e:
+        parser.error(f"--device: cannot use {args.device!r}: {str(e).splitlines()[0]}")
     data = load_data(device)
     print(f"load_digits: {len(data[0][1])} train / {len(data[1][1])} test images, device {device}, "
           f"{args.seeds} seeds x {args.epochs} epochs")

@@ -13,6 +13,7 @@ from fgsgd_cuda import demo
     (["--lr", "nan"], "--lr: must be a finite number > 0, got nan"),
     (["--manifold-lr", "0"], "--manifold-lr: must be a finite number > 0, got 0.0"),
     (["--momentum", "-0.5"], "--momentum: must be a finite number >= 0, got -0.5"),
+    (["--device", "bogus"], "--device: cannot use 'bogus'"),
 ])
 def test_bad_arguments_are_refused(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(demo, "load_data", lambda device: pytest.fail("loaded data despite a bad argument"))
