@@ -114,8 +114,10 @@ class FGSGD(Optimizer):
         self._staging: dict = {}  # contiguous copies of channels-last CPU weights and gradients (functional.staged)
         self._overlap = streams.Overlap()  # CUDA: the small launches of a step on a side stream
         self._finite_flags: dict = {}  # capturable check_finite: device -> persistent (found_inf, one)
-        self._mixed_groups: dict = {}  # gi -> whether a manifold group holds weights of several dtypes or devices
-        self._checked_options: dict = {}  # gi -> the _CHECKED_OPTIONS of a manifold group at its last checked step
+        # per manifold group gi, with the group dict they were found for (param_groups reordered or replaced: found
+        # again): whether it holds weights of several dtypes or devices; its _CHECKED_OPTIONS at its last check
+        self._mixed_groups: dict = {}  # gi -> (group, mixed)
+        self._checked_options: dict = {}  # gi -> (group, options)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_init_projx": self._init_projx}
@@ -626,16 +628,20 @@ class FGSGD(Optimizer):
         device and dtype when the group holds several (a call takes one dtype and device: a model split over
         devices, or a float64 layer in a float32 model) or a flag or scale (one tensor per device) goes with it."""
         options = tuple(group[k] for k in _CHECKED_OPTIONS)
-        if self._checked_options.get(gi) != options:  # set or changed in param_groups since its last step
+        checked = self._checked_options.get(gi)
+        if checked is None or checked[0] is not group or checked[1] != options:  # set or changed since its last step
             self._refuse_changed_options(gi, group)
-            self._checked_options[gi] = options
+            self._checked_options[gi] = (group, options)
         lr = group["lr"]  # set by schedulers at every step: only its type (a float is one check)
         if type(lr) is not float and (isinstance(lr, bool) or not isinstance(lr, (numbers.Real, torch.Tensor))):
             raise TypeError(f"param_groups[{gi}]['lr']: must be a number (or, capturable, a one-element tensor), got "
                             f"{lr!r}")
-        mixed = self._mixed_groups.get(gi)
-        if mixed is None:  # once per group: a read of every weight's dtype and device costs host time at each step
-            mixed = self._mixed_groups[gi] = len({(p.dtype, p.device) for p in group["params"]}) > 1
+        found = self._mixed_groups.get(gi)
+        if found is not None and found[0] is group:
+            mixed = found[1]
+        else:  # once per group: a read of every weight's dtype and device costs host time at each step
+            mixed = len({(p.dtype, p.device) for p in group["params"]}) > 1
+            self._mixed_groups[gi] = (group, mixed)
         by_device = _by_device_and_dtype(params) if mixed or found_inf or grad_scale else {(None, None): None}
         launches = []
         for (device, _), idx in by_device.items():

@@ -78,3 +78,18 @@ def test_the_split_is_found_from_every_weight_not_those_with_gradients():
         a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
         opt.step()
         assert not torch.equal(b.detach(), before)
+
+
+def test_reordered_param_groups_are_split_as_they_are_now():
+    """The split found for param_groups[i] belongs to that group dict: groups reordered after a step (a uniform group
+    now where a mixed one was, and the other way round) are split by what they hold now."""
+    from fgsgd_cuda import FGSGD
+    a = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+    b = torch.nn.Parameter(torch.randn(5, 4, 3, 3, dtype=torch.float64))
+    c = torch.nn.Parameter(torch.randn(6, 5, 3, 3))
+    opt = FGSGD([{"params": [c], "manifolds": ["sphere"]}, {"params": [a, b], "manifolds": ["sphere"]}], lr=0.1)
+    for _ in range(2):
+        for p in (a, b, c):
+            p.grad = torch.randn_like(p)
+        opt.step()
+        opt.param_groups.reverse()
