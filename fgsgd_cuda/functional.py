@@ -214,6 +214,9 @@ def _check_first_state(params, states, k) -> None:
         raise ValueError("momentum buffer: not of its weight's dtype")  # named by _explain
     if ref.device != p.device:
         raise ValueError("state: not on its weight's device")
+    r = st.get("rescale")  # R of a Renormalizer (momentum 0 leaves it as the only float state)
+    if r is not None and r.dtype is not p.dtype:
+        raise ValueError("rescale: not of its weight's dtype")
 
 
 def _largest(batches, params):

@@ -209,7 +209,7 @@ class FGSGD(Optimizer):
                 f"weight_decay: {group['weight_decay']} on a manifold group ({curved}) is meaningless (the norms of "
                 "its components are fixed); set weight_decay=0 there and put weight decay on the Euclidean group")
         clip = group["group_clip"]
-        if clip is not None and (not isinstance(clip, (int, float)) or not clip > 0):
+        if clip is not None and (not isinstance(clip, numbers.Real) or isinstance(clip, bool) or not clip > 0):
             raise ValueError(f"group_clip: must be a positive number or None, got {clip!r}")
         stab = group["stabilize"]
         if stab is not None and (not isinstance(stab, int) or isinstance(stab, bool) or stab < 0):
@@ -470,7 +470,9 @@ class FGSGD(Optimizer):
                                           "a capturable step cannot take (torch's fused SGD reads dense ones)"))
                 sparse.add(gi)
             if group["check_finite"] and grads:
-                finite_checks.append((gi, group, params, grads))
+                # a sparse gradient's values (no multi-tensor norm takes sparse tensors on CUDA)
+                finite_checks.append((gi, group, params, grads if gi not in sparse else
+                                      [g.coalesce().values() if g.is_sparse else g for g in grads]))
             work.append((group, params, grads))
         return work, finite_checks, sparse
 
@@ -488,7 +490,7 @@ class FGSGD(Optimizer):
         if norms and not bool(torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all()):
             for gi, group, params, grads in finite_checks:
                 for p, g in zip(params, grads):
-                    if not bool(torch.isfinite(g.coalesce().values() if g.is_sparse else g).all()):
+                    if not bool(torch.isfinite(g).all()):
                         j = next(k for k, q in enumerate(group["params"]) if q is p)
                         raise ValueError(f"param_groups[{gi}]['params'][{j}]: the gradient holds inf or nan; the step "
                                          "was not taken (use torch.amp.GradScaler, or check_finite=False to allow it)")
@@ -669,8 +671,8 @@ class FGSGD(Optimizer):
         used at construction."""
         try:
             self._check_hyperparameters(group)
-        except ValueError as e:
-            raise ValueError(f"param_groups[{gi}] (changed after the optimizer was built): {e}") from None
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"param_groups[{gi}] (changed after the optimizer was built): {e}") from None
         for j, p in enumerate(group["params"]):
             if "codes" not in self.state.get(p, {}):
                 raise ValueError(f"param_groups[{gi}]['params'][{j}]: has no manifold state (codes), but its group "

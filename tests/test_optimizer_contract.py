@@ -459,3 +459,4 @@ def test_numpy_scalars_as_options_step_as_floats():
         runs.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     assert param_groups(small_cnn(), manifolds="sphere")[0]["manifolds"] == ["sphere"]
+    FGSGD(param_groups(small_cnn(), group_clip=np.float32(1.0)), lr=0.1)  # group_clip too

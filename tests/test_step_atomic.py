@@ -320,3 +320,21 @@ def test_a_bad_lr_in_a_later_group_changes_nothing():
     with pytest.raises(TypeError, match=r"param_groups\[1\]\['lr'\]: must be a number"):
         opt.step()
     assert_same(m, opt, snap)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_a_model_moved_with_only_its_rescale_as_float_state_changes_nothing(backend):
+    """Momentum 0 and R set on the second group's weight: R is then its only float state. model.double() is refused
+    by name while preparing (R's dtype is read there too), before the first group launched (it had stepped)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Conv2d(3, 4, 5))
+    opt = FGSGD([{"params": [m[0].weight], "manifolds": ["sphere"]},
+                 {"params": [m[1].weight], "manifolds": ["sphere"]}], lr=0.1, backend=backend)
+    opt.set_rescale({m[1].weight: torch.full((12,), 2.0)})
+    m.double()
+    m(torch.randn(1, 2, 9, 9, dtype=torch.float64, generator=make_gen(2))).sum().backward()
+    snap = snapshot(m, opt)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[0\] \(shape \(4, 3, 5, 5\)\): its rescale is "
+                                         r"torch.float32"):
+        opt.step()
+    assert_same(m, opt, snap)
