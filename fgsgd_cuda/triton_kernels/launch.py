@@ -121,6 +121,10 @@ def _table(rows, block: int, device, hyper=None):
     # per stream: a table is first used on the stream that copied it there
     key = (str(device), torch.cuda.current_stream(device).cuda_stream, tuple(vals))
     tab = _table_cache.get(key)
+    if tab is None and torch.cuda.is_current_stream_capturing():
+        # torch.cuda.graph captures on a stream of its own, where a copy cannot be made: the table an eager step
+        # made on another stream (a blocking copy: complete when .to() returned), which stays cached
+        tab = next((t for k, t in reversed(_table_cache.items()) if k[0] == key[0] and k[2] == key[2]), None)
     if tab is None:
         tab = torch.tensor(vals, dtype=torch.int64).to(device)
         _table_cache[key] = tab
