@@ -20,9 +20,8 @@ def test_a_group_of_two_dtypes_steps_each_weight_as_alone(backend, device, order
 
 
 def test_triton_backend_refuses_tensors_that_do_not_fit_by_name():
-    """The backend object itself (FGSGD calls it directly, not through fgsgd_cuda.ops): a momentum buffer of
-    another dtype, a second weight of another dtype, and a rescale of the wrong length are refused before any
-    launch (no Triton run needed)."""
+    """The backend object itself (FGSGD calls it directly, not through fgsgd_cuda.ops): a momentum buffer, a second
+    weight, a rescale or a gradient of another dtype is refused before any launch (no Triton run needed)."""
     pytest.importorskip("triton")
     from fgsgd_cuda.backends.triton_backend import TritonBackend
     b = TritonBackend()
@@ -37,7 +36,7 @@ def test_triton_backend_refuses_tensors_that_do_not_fit_by_name():
         b.step_([p, p.double()], [g, g.double()], [torch.zeros_like(p), torch.zeros_like(p).double()],
                 [codes, codes], [], [], [], **hp)
     with pytest.raises((TypeError, ValueError), match=r"rescale\[0\]"):
-        b.projx_([p], [codes], [torch.ones(3)])
+        b.projx_([p], [codes], [torch.ones(4, dtype=torch.float64)])
     with pytest.raises((TypeError, ValueError), match=r"grads\[0\]"):
         b.tangent_sqnorm([p], [g.double()], [codes], [], 0.0)
 
