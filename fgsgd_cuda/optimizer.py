@@ -603,8 +603,12 @@ class FGSGD(Optimizer):
         one Euclidean layer moved alone fails after the manifold launches.)"""
         launches = [launch for gi, (group, params, grads) in enumerate(work) if params and group["manifolds"]
                     for launch in self._prepare_manifold_group(gi, group, params, grads, found_inf, grad_scale)]
-        for launch in launches:
-            launch()
+        try:
+            for launch in launches:
+                launch()
+        except Exception:
+            self._mixed_groups.clear()  # a weight moved to another dtype or device: the groups are split anew
+            raise
         self._step_euclidean_groups(work, found_inf, grad_scale, sparse)
 
     def _step_euclidean_groups(self, work, found_inf, grad_scale, sparse) -> None:

@@ -102,5 +102,7 @@ def explain_step_failure(params, grads, states, names) -> None:
     for k, p in enumerate(params[1:], 1):  # one call takes one dtype and device: the group's split is found once
         if p.dtype != params[0].dtype or p.device != params[0].device:
             raise ValueError(f"{names(k)} (shape {tuple(p.shape)}): is {p.dtype} on {p.device}, but {names(0)} of "
-                             f"the same step call is {params[0].dtype} on {params[0].device}; the optimizer splits a "
-                             f"group by dtype and device when it first steps it, so {fix}")
+                             f"the same step call is {params[0].dtype} on {params[0].device}: it moved after the "
+                             "group's first step, where the optimizer splits a group by dtype and device (reading "
+                             "every weight's at each step would cost host time). The groups are split anew at the "
+                             "next step; the batches launched before this one have stepped")
