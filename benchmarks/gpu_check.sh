@@ -51,7 +51,8 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # the scripts in benchmarks/ import fgsgd_cuda from here
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfE)
 FIRST=(tests/test_cuda_step.py tests/test_step_controls.py tests/test_packed_codes.py tests/test_leading_dims.py
-       tests/test_channel_directed.py tests/test_channels_last.py)
+       tests/test_channel_directed.py tests/test_channels_last.py tests/test_radial_gradients.py
+       tests/test_mixed_dtypes.py)
 
 # The CUDA kernels against the reference first, so that a broken kernel shows before any timing.
 # Beside them, the same checks of the Triton backend on the GPU (small shapes: compiling takes most of it).
