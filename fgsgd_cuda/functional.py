@@ -205,7 +205,7 @@ def _check_first_state(params, states, k) -> None:
     """The state of a batch's first weight is where the weight is (a momentum buffer of its dtype and device, else
     its codes on its device): a model moved after the optimizer made its state is refused while preparing, before
     any batch or group launches (the ops check every tensor, but only when their batch launches: a later batch's
-    refusal came after earlier ones had stepped). Two attribute reads per batch, not per tensor."""
+    refusal came after earlier ones had stepped). A few attribute reads per batch, not per tensor."""
     p, st = params[k], states[k]
     ref = st.get("momentum_buffer")
     if ref is None:

@@ -648,7 +648,8 @@ class FGSGD(Optimizer):
         else:  # once per group: a read of every weight's dtype and device costs host time at each step
             mixed = len({(p.dtype, p.device) for p in group["params"]}) > 1
             self._mixed_groups[gi] = (group, mixed)
-        by_device = _by_device_and_dtype(params) if mixed or found_inf or grad_scale else {(None, None): None}
+        by_device = (_by_device(params, lambda t: (t.device, t.dtype)) if mixed or found_inf or grad_scale
+                     else {(None, None): None})
         launches = []
         for (device, _), idx in by_device.items():
             ps, gs = (params, grads) if idx is None else ([params[k] for k in idx], [grads[k] for k in idx])
@@ -670,8 +671,8 @@ class FGSGD(Optimizer):
         in ``param_groups`` to what the step cannot do: the _CHECKED_OPTIONS, checked as at construction whenever
         they differ from the group's last checked step (nesterov with dampening, weight decay, maximize, a flipped
         capturable, a bad group_clip, stabilize or backend), or ``manifolds`` given to a group built Euclidean (its
-        parameters have no codes). lr is read at every step unchecked, as torch's optimizers read it (a scheduler
-        sets it at every step); the options that fix the grouping (manifolds, collection, group_size, seed) were
+        parameters have no codes). lr, which a scheduler sets at every step, only has its type checked there
+        (_prepare_manifold_group), as torch's optimizers do not check it; the options that fix the grouping (manifolds, collection, group_size, seed) were
         used at construction."""
         try:
             self._check_hyperparameters(group)
@@ -710,11 +711,11 @@ def _refuse_manifold_only_options(options: dict) -> None:
                              "build the groups with fgsgd_cuda.param_groups(model)), or drop the option")
 
 
-def _by_device(tensors) -> dict:
-    """device -> indices of the tensors on it, in order."""
+def _by_device(tensors, key=lambda t: t.device) -> dict:
+    """key(t) (default: its device) -> indices of the tensors with it, in order."""
     out: dict = {}
     for k, t in enumerate(tensors):
-        out.setdefault(t.device, []).append(k)
+        out.setdefault(key(t), []).append(k)
     return out
 
 
@@ -722,14 +723,6 @@ def _by_device(tensors) -> dict:
 # tuple of them per step is cheap, a full check is not (lr changes at every step under a scheduler: not among them)
 _CHECKED_OPTIONS = ("momentum", "dampening", "nesterov", "weight_decay", "maximize", "capturable", "group_clip",
                     "stabilize", "backend")
-
-
-def _by_device_and_dtype(tensors) -> dict:
-    """(device, dtype) -> indices of the tensors of that device and dtype, in order."""
-    out: dict = {}
-    for k, t in enumerate(tensors):
-        out.setdefault((t.device, t.dtype), []).append(k)
-    return out
 
 
 def _flag_for(found_inf: dict | None, device):

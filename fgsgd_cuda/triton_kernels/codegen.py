@@ -23,11 +23,15 @@ of all four manifolds shares one B×B product ωᵀU, see ``Math.proj``; the cos
 retractions run only in blocks that hold a component needing them, behind a block-uniform ``if``,
 see ``Src.guarded``; a model typically uses one retraction per manifold).
 
-This module only builds strings; it does not import triton.
+This module only builds strings; it does not import triton. The constants shared with the torch reference
+(CAYLEY_CLAMP, ON_SPHERE_TOL, EXP_ROUNDING_SQ) are read from fgsgd_cuda.manifolds.
 """
 from __future__ import annotations
 
+import torch
+
 from .. import codes as C
+from .. import manifolds as _M
 
 MAX_CAYLEY_ROWS = 8     # the Cayley retraction solves an A×A system (checks.MAX_CAYLEY_ROWS)
 SINC_SMALL = 1e-4       # sinc(t) = 1 − t²/6 below this (csrc/fgsgd/small_linalg.h)
@@ -37,11 +41,18 @@ TL_DTYPE = {"fp32": "tl.float32", "fp64": "tl.float64"}
 # Overflow guards (csrc/fgsgd/small_linalg.h big_sq_, manifold.h clamp_cayley): squared norms above BIG_SQ take the
 # rescaled path; a large Cayley step's K = W/2 is scaled down to ‖K‖_F ≤ √2·CAYLEY_CLAMP (manifolds.CAYLEY_CLAMP).
 BIG_SQ = {"fp32": 2.0 ** 100, "fp64": 2.0 ** 900}
-CAYLEY_CLAMP = {"fp32": 2.0 ** 12, "fp64": 2.0 ** 26}
+
+
+def _by_name(table: dict) -> dict:
+    """A torch-dtype-keyed constant of fgsgd_cuda.manifolds (the torch reference's) keyed "fp32"/"fp64" as here."""
+    return {"fp32": table[torch.float32], "fp64": table[torch.float64]}
+
+
+CAYLEY_CLAMP = _by_name(_M.CAYLEY_CLAMP)
 ROW_RESCALE = {"fp32": 2.0 ** -80, "fp64": 2.0 ** -600}  # the row kernels' rescue pass (small_linalg.h row_rescale_of)
 TINY = {"fp32": 2.0 ** -126, "fp64": 2.0 ** -1022}  # the smallest normal number (small_linalg.h tiny_of)
-ON_SPHERE_TOL = {"fp32": 2.0 ** -17, "fp64": 2.0 ** -46}  # |‖ω‖² − 1| of a point on its sphere (on_sphere_tol_of)
-EXP_ROUNDING_SQ = {"fp32": 2.0 ** -42, "fp64": 2.0 ** -100}  # ‖U⊥‖² of no step (small_linalg.h exp_rounding_sq_of)
+ON_SPHERE_TOL = _by_name(_M.ON_SPHERE_TOL)  # |‖ω‖² − 1| of a point on its sphere (on_sphere_tol_of)
+EXP_ROUNDING_SQ = _by_name(_M.EXP_ROUNDING_SQ)  # ‖U⊥‖² of no step (small_linalg.h exp_rounding_sq_of)
 
 
 def jacobi_sweeps(m: int, dtype: str) -> int:
@@ -754,7 +765,8 @@ def step_source(a, b, dtype, *, momentum, first_step, nesterov, stabilize, resca
                 log_tensors, packed=False, controls="", interleaved=False):
     """The fused FG-SGD step (reference.step) over all tensors of a call: read p, g, m once, write p, m once.
     ``controls`` (see _controls): "s" decides stabilize per tensor at run time (the flag is then False), and the
-    first step unless ``first_step`` forces it (buffers new at any count). ``interleaved``: the tensors are channels-last conv weights whose p and g are read and written
+    first step unless ``first_step`` forces it (buffers new at any count). ``interleaved``: the tensors are
+    channels-last conv weights whose p and g are read and written
     where they are (Frame.interleaved; m and the per-component arrays are contiguous)."""
     name = step_kernel_name("step", a, b, dtype, momentum, first_step, nesterov, stabilize, rescale, group,
                             weight_decay, log_tensors, packed, controls, interleaved)
